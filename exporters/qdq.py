@@ -1,0 +1,190 @@
+"""Write QuantizeLinear/DequantizeLinear into an exported FP32 graph with params computed in torch.
+
+`find_sites` locates, for each torch Conv/Linear, the ONNX node that consumes its weight (matched
+by content, so it works whatever names the exporter chose and whether it stored W or W^T).
+`insert_qdq` then stores the weight as int8 + per-channel DequantizeLinear, the bias as int32 where
+the op takes one (Conv, Gemm), and adds Q/DQ pairs on the activations the plan names.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from toolchain.quantization.params import ActQuant
+from toolchain.quantization.static import QuantParams
+
+__all__ = ["Site", "find_sites", "insert_qdq", "toposort"]
+
+
+@dataclass(frozen=True)
+class Site:
+    node: str  # ONNX node name
+    op_type: str
+    weight: str  # initializer name
+    activation: str  # the node's activation input tensor
+    transposed: bool  # ONNX stores W^T (in, out): per-channel axis 1
+    bias: str | None  # bias initializer consumed by the node itself (Conv / Gemm)
+    rectified_output: str | None  # output of a Relu that alone consumes the node's output
+
+
+def _digest(arr: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(arr, dtype=np.float32)
+    return a.shape, hashlib.sha1(a.tobytes()).hexdigest()
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            out[name].append(node)
+    return out
+
+
+def _ensure_node_names(graph: onnx.GraphProto) -> None:
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, Site]:
+    """Map torch module name -> Site for every weight found as a Conv/Gemm/MatMul initializer."""
+    graph = model.graph
+    _ensure_node_names(graph)
+    inits = {i.name: i for i in graph.initializer}
+    by_digest = {}
+    for module, w in weights.items():
+        by_digest[_digest(w)] = (module, False)
+        if w.ndim == 2:
+            by_digest.setdefault(_digest(w.T), (module, True))
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    sites = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w_name = node.input[1]
+        if w_name not in inits or len(consumers[w_name]) != 1:
+            continue
+        hit = by_digest.get(_digest(numpy_helper.to_array(inits[w_name])))
+        if hit is None:
+            continue
+        module, transposed = hit
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                continue
+            if transposed == bool(attrs.get("transB", 0)):
+                continue  # the stored layout disagrees with how Gemm reads it
+        elif node.op_type == "MatMul" and not transposed:
+            continue
+        elif node.op_type == "Conv" and transposed:
+            continue
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        rectified = None
+        nxt = consumers[node.output[0]]
+        if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in graph_outputs:
+            rectified = nxt[0].output[0]
+        sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified)
+    return sites
+
+
+class _GraphEditor:
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.act_cache: dict[tuple, str] = {}
+
+    def add_init(self, arr: np.ndarray, name: str) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def qdq_activation(self, tensor: str, p: ActQuant) -> str:
+        """Q/DQ pair on `tensor`; shared by every consumer that asks with the same params."""
+        key = (tensor, p.scale, p.zero_point)
+        if key in self.act_cache:
+            return self.act_cache[key]
+        tag = f"{tensor}_q{len(self.act_cache)}"
+        s = self.add_init(np.array(p.scale, np.float32), f"{tag}_scale")
+        z = self.add_init(np.array(p.zero_point, np.uint8), f"{tag}_zero_point")
+        self.new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s, z], [f"{tag}_quantized"], name=f"{tag}_Q"))
+        self.new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_quantized", s, z], [f"{tag}_dequantized"],
+                                               name=f"{tag}_DQ"))
+        self.act_cache[key] = f"{tag}_dequantized"
+        return self.act_cache[key]
+
+    def dq_constant(self, q: np.ndarray, scale: np.ndarray, axis: int, tag: str) -> str:
+        qn = self.add_init(q, f"{tag}_quantized")
+        sn = self.add_init(scale.astype(np.float32), f"{tag}_scale")
+        zn = self.add_init(np.zeros(scale.shape, q.dtype), f"{tag}_zero_point")
+        self.new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [f"{tag}_dequantized"],
+                                               name=f"{tag}_DQ", axis=axis))
+        return f"{tag}_dequantized"
+
+
+def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    _ensure_node_names(graph)
+    nodes = {n.name: n for n in graph.node}
+    ed = _GraphEditor(graph)
+    replaced: set[str] = set()
+    rewire: dict[str, str] = {}
+    for anchor in params.anchors:
+        site = sites[anchor.module]
+        node = nodes[site.node]
+        wq = params.weights[anchor.module]
+        q, axis = (wq.q.T.copy(), 1) if site.transposed else (wq.q, 0)
+        node.input[1] = ed.dq_constant(q, wq.scale, axis, site.weight)
+        replaced.add(site.weight)
+        if anchor.module in params.biases and site.bias:
+            bq, bscale = params.biases[anchor.module]
+            node.input[2] = ed.dq_constant(bq, bscale, 0, site.bias)
+            replaced.add(site.bias)
+        node.input[0] = ed.qdq_activation(site.activation, params.inputs[anchor.module])
+        if anchor.module in params.outputs and site.rectified_output:
+            rewire[site.rectified_output] = ed.qdq_activation(site.rectified_output, params.outputs[anchor.module])
+    new_names = {n.name for n in ed.new_nodes}
+    for node in graph.node:
+        if node.name in new_names:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+    kept = [i for i in graph.initializer if i.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    all_nodes = list(graph.node) + ed.new_nodes
+    del graph.node[:]
+    graph.node.extend(toposort(all_nodes, graph))
+    return out
+
+
+def toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, keeping the original order among ready nodes (stable, no recursion)."""
+    producer = {o: idx for idx, n in enumerate(nodes) for o in n.output}
+    deps = [{producer[i] for i in n.input if i in producer} for n in nodes]
+    users = defaultdict(list)
+    for idx, d in enumerate(deps):
+        for p in d:
+            users[p].append(idx)
+    pending = [len(d) for d in deps]
+    ready = [idx for idx, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        idx = heapq.heappop(ready)
+        ordered.append(nodes[idx])
+        for u in users[idx]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(ordered) != len(nodes):
+        raise ValueError("graph has a cycle after QDQ insertion")
+    return ordered

@@ -1,0 +1,32 @@
+"""Apply --calib-data / --eval-data to a ModelSpec."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from models.spec import ModelSpec
+from toolchain.errors import DataError
+
+__all__ = ["apply_user_data"]
+
+
+def _load(path: str, spec: ModelSpec):
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"no such data file: {p}")
+    if spec.load_data is not None:
+        return spec.load_data(p)
+    from models.tensor_data import load_tensor_data
+
+    return load_tensor_data(p, spec)
+
+
+def apply_user_data(spec: ModelSpec, calib_data: str | None, eval_data: str | None) -> ModelSpec:
+    changes = {}
+    if calib_data:
+        batches, _ = _load(calib_data, spec)
+        changes["calib_batches"] = batches
+    if eval_data:
+        batches, labels = _load(eval_data, spec)
+        changes["eval_batches"], changes["eval_labels"] = batches, labels
+    return dataclasses.replace(spec, **changes) if changes else spec

@@ -1,0 +1,55 @@
+"""ModelSpec: everything the pipeline needs to know about a model, whatever its origin."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["Batch", "ModelSpec", "TASKS"]
+
+Batch = dict  # input name -> np.ndarray, one batch
+
+TASKS = ("image-classification", "sequence-classification", "feature-extraction")
+
+
+def _first_output(outputs: list[np.ndarray], batch: Batch) -> np.ndarray:
+    return outputs[0]
+
+
+@dataclass
+class ModelSpec:
+    """A loaded model plus its data.
+
+    `postprocess(outputs, batch)` turns raw model outputs (ONNX or torch, as numpy) into what the
+    metric compares: logits for classifiers, pooled embeddings for encoders.
+    """
+
+    name: str
+    model: torch.nn.Module
+    task: str
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: Batch
+    calib_batches: list[Batch]
+    eval_batches: list[Batch]
+    eval_labels: np.ndarray | None = None
+    dynamic_axes: dict = field(default_factory=dict)
+    postprocess: Callable[[list[np.ndarray], Batch], np.ndarray] = _first_output
+    exporter: str = "torch"  # "torch" or "optimum"
+    hf_folder: str | None = None  # set for Hugging Face models (optimum export, config reload)
+    description: str = ""
+    prune_prefix: str = ""
+    # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
+    load_data: Callable | None = None  # restrict pruning to modules under this name prefix
+
+    def torch_outputs(self, model: torch.nn.Module, batch: Batch) -> list[np.ndarray]:
+        """Run a torch model on one batch and return outputs as numpy, in output_names order."""
+        with torch.no_grad():
+            out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+        if isinstance(out, torch.Tensor):
+            return [out.numpy()]
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            return [out[k].numpy() for k in self.output_names]
+        return [t.numpy() for t in out]

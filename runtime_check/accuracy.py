@@ -1,0 +1,64 @@
+"""Task metrics and fidelity against the FP32 reference."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman"]
+
+
+def run_session(session: ort.InferenceSession, batches: list[dict], postprocess: Callable) -> np.ndarray:
+    names = {i.name for i in session.get_inputs()}
+    outs = []
+    for batch in batches:
+        feed = {k: v for k, v in batch.items() if k in names}
+        outs.append(postprocess(session.run(None, feed), batch))
+    return np.concatenate(outs)
+
+
+def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
+                           labels: np.ndarray | None) -> dict:
+    """top-1 vs labels when there are labels, else agreement with the FP32 model's argmax."""
+    base_pred, model_pred = base_logits.argmax(-1), model_logits.argmax(-1)
+    agreement = float((base_pred == model_pred).mean())
+    if labels is not None:
+        base, model = float((base_pred == labels).mean()), float((model_pred == labels).mean())
+        metric = "top1"
+    else:
+        base, model, metric = 1.0, agreement, "top1_agreement"
+    return {"metric": metric, "baseline": base, "model": model, "drop": base - model,
+            "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement}
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x))
+    # average ranks over ties so equal similarities do not create spurious order
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    return (sums / counts)[inv]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = _rank(np.asarray(a, np.float64)), _rank(np.asarray(b, np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else 1.0
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def embedding_metrics(base: np.ndarray, model: np.ndarray) -> dict:
+    """Cosine of each embedding to its FP32 reference, and Spearman correlation of the pairwise
+    similarity matrices (upper triangle): does the compressed model rank pairs the same way?"""
+    b, m = _normalize(base.astype(np.float64)), _normalize(model.astype(np.float64))
+    cos = (b * m).sum(-1)
+    iu = np.triu_indices(len(b), k=1)
+    rho = spearman((b @ b.T)[iu], (m @ m.T)[iu]) if len(b) > 2 else 1.0
+    return {"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()), "drop": float(1.0 - cos.mean()),
+            "min_cosine": float(cos.min()), "spearman": rho}

@@ -1,0 +1,96 @@
+"""`sqexport check`: verify an existing ONNX model, optionally against an FP32 baseline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session
+from runtime_check.gates import Gates, evaluate_gates
+from runtime_check.inspect_model import load_onnx
+from runtime_check.latency import measure_interleaved, measure_pair
+from runtime_check.session import make_session
+from toolchain.errors import DataError
+
+__all__ = ["check_model"]
+
+_NP_TYPES = {1: np.float32, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
+
+
+def _synthetic_batches(model, n: int = 64, seed: int = 0) -> list[dict]:
+    """Seeded random inputs shaped like the graph inputs (dynamic dims: batch 1, others 16)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n):
+        feed = {}
+        for inp in model.graph.input:
+            tt = inp.type.tensor_type
+            dims = [d.dim_value if d.dim_value > 0 else (1 if i == 0 else 16) for i, d in enumerate(tt.shape.dim)]
+            dtype = _NP_TYPES.get(tt.elem_type, np.float32)
+            if np.issubdtype(dtype, np.integer):
+                feed[inp.name] = (np.ones(dims, dtype) if "mask" in inp.name else
+                                  np.zeros(dims, dtype) if "type" in inp.name else
+                                  rng.integers(0, 1000, dims).astype(dtype))
+            else:
+                feed[inp.name] = rng.random(dims, dtype=np.float32).astype(dtype)
+        batches.append(feed)
+    return batches
+
+
+def _tensor_batches(path: Path, model) -> tuple[list[dict], np.ndarray | None]:
+    names = [i.name for i in model.graph.input]
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, np.ndarray):
+        if len(names) != 1:
+            raise DataError(f"{path}: a .npy holds one input, the model takes {', '.join(names)}")
+        arrays, labels = {names[0]: data}, None
+    else:
+        missing = [n for n in names if n not in data.files]
+        if missing:
+            raise DataError(f"{path}: missing array(s) {', '.join(missing)}")
+        arrays, labels = {n: data[n] for n in names}, data["labels"] if "labels" in data.files else None
+    n = len(next(iter(arrays.values())))
+    return [{k: v[i:i + 64] for k, v in arrays.items()} for i in range(0, n, 64)], labels
+
+
+def _first(outputs, batch):
+    return outputs[0].reshape(len(outputs[0]), -1) if outputs[0].ndim > 2 else outputs[0]
+
+
+def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | None,
+                threads: int, gates: Gates) -> dict:
+    model = load_onnx(model_path)
+    if baseline_path is not None:
+        load_onnx(baseline_path)
+    batches, labels = _tensor_batches(Path(eval_data), model) if eval_data else (_synthetic_batches(model), None)
+    try:
+        model_out = run_session(make_session(model_path, threads), batches, _first)
+        base_out = (run_session(make_session(baseline_path, threads), batches, _first)
+                    if baseline_path is not None else None)
+    except Exception as exc:  # onnxruntime reports shape/type mismatches as its own exception types
+        raise DataError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
+    if base_out is not None and base_out.shape != model_out.shape:
+        raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
+    if model_out.ndim == 2 and (labels is not None or base_out is not None):
+        accuracy = classification_metrics(base_out if base_out is not None else model_out, model_out, labels)
+        if base_out is None:
+            accuracy.update(baseline=None, drop=0.0, drop_points=0.0)
+    elif base_out is not None:
+        accuracy = embedding_metrics(base_out, model_out)
+    else:
+        accuracy = {"metric": "none", "baseline": None, "model": None, "drop": 0.0}
+    feed = batches[0]
+    feed = {k: v[:1] for k, v in feed.items()}
+    if baseline_path is not None:
+        latency = measure_pair(baseline_path, model_path, feed, threads)
+    else:
+        latency = {"threads": threads, "model": measure_interleaved({"model": model_path}, feed, threads)["model"]}
+    if baseline_path is None and gates.min_speedup is not None:
+        raise DataError("--min-speedup needs --baseline to compare against")
+    checks = evaluate_gates(gates, accuracy, latency)
+    return {"model": str(model_path), "baseline": str(baseline_path) if baseline_path else None,
+            "passed": all(c["passed"] for c in checks), "accuracy": accuracy, "latency_ms": latency,
+            "checks": checks, "data": str(eval_data) if eval_data else "synthetic"}

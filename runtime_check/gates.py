@@ -1,0 +1,45 @@
+"""Thresholds -> pass/fail checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Gates", "evaluate_gates", "DEFAULT_DROP"]
+
+# Used when no --max-accuracy-drop is given, so a broken model never passes silently.
+DEFAULT_DROP = {"points": 1.0, "1-cosine": 0.01}
+
+
+@dataclass(frozen=True)
+class Gates:
+    """`max_accuracy_drop` is in the metric's own unit: percentage points for top-1 metrics
+    (1.0 = one point), 1 - mean cosine for embeddings. None = the default in DEFAULT_DROP."""
+
+    max_accuracy_drop: float | None = None
+    min_speedup: float | None = None
+    max_latency_ms: float | None = None
+
+
+def _drop_in_unit(accuracy: dict) -> tuple[float, str] | None:
+    if accuracy.get("metric") == "cosine":
+        return accuracy["drop"], "1-cosine"
+    if "drop_points" in accuracy:
+        return accuracy["drop_points"], "points"
+    return None
+
+
+def evaluate_gates(gates: Gates, accuracy: dict, latency: dict) -> list[dict]:
+    checks = []
+    drop = _drop_in_unit(accuracy)
+    if drop is not None:
+        value, unit = drop
+        limit = gates.max_accuracy_drop if gates.max_accuracy_drop is not None else DEFAULT_DROP[unit]
+        checks.append({"name": "accuracy_drop", "passed": value <= limit + 1e-9, "value": value,
+                       "limit": limit, "unit": unit})
+    if gates.min_speedup is not None:
+        checks.append({"name": "speedup", "passed": latency["speedup"] >= gates.min_speedup,
+                       "value": latency["speedup"], "limit": gates.min_speedup, "unit": "x"})
+    if gates.max_latency_ms is not None:
+        p50 = latency["model"]["p50"]
+        checks.append({"name": "latency_p50_ms", "passed": p50 <= gates.max_latency_ms,
+                       "value": p50, "limit": gates.max_latency_ms, "unit": "ms"})
+    return checks

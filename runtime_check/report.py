@@ -1,0 +1,53 @@
+"""Report -> report.json and report.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_report", "render_markdown"]
+
+
+def _fmt(x, digits=4):
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def render_markdown(r: dict) -> str:
+    lines = [f"# sqexport report: {r['model']} ({r['target']})", "",
+             f"**{'PASSED' if r['passed'] else 'FAILED'}**", ""]
+    lines += ["## Checks", "", "| check | value | limit | passed |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {_fmt(c['value'])} | {_fmt(c['limit'])} | {'yes' if c['passed'] else 'NO'} |"
+              for c in r["checks"]] or ["| (no gates) | | | |"]
+    acc = r["accuracy"]
+    lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {_fmt(acc['baseline'])}, "
+              f"model {_fmt(acc['model'])}, drop {_fmt(acc['drop'])}"]
+    for k in ("min_cosine", "spearman", "agreement_with_baseline"):
+        if k in acc:
+            lines.append(f"- {k}: {_fmt(acc[k])}")
+    if "max_abs_deviation" in r.get("fidelity", {}):
+        f = r["fidelity"]
+        lines.append(f"- onnxruntime vs torch quantized model: max |deviation| {f['max_abs_deviation']:.3g}"
+                     + (f", argmax agreement {f['argmax_agreement']:.4f}" if "argmax_agreement" in f else ""))
+    lat = r["latency_ms"]
+    lines += ["", "## Latency (p50 / p90 ms, interleaved, same run)", "",
+              "| threads | baseline | model | speedup |", "|---|---|---|---|"]
+    for entry in [lat] + [lat["at_1_thread"]] * ("at_1_thread" in lat):
+        lines.append(f"| {entry['threads']} | {entry['baseline']['p50']:.3f} / {entry['baseline']['p90']:.3f} | "
+                     f"{entry['model']['p50']:.3f} / {entry['model']['p90']:.3f} | {entry['speedup']:.2f}x |")
+    s = r["size_bytes"]
+    lines += ["", "## Size", "", f"- baseline.onnx: {s['baseline']:,} bytes "
+              f"({s.get('baseline_compressed', 0):,} zipped)",
+              f"- model.onnx: {s['model']:,} bytes ({s['compressed']:,} zipped)"]
+    sp = r["sparsity"]
+    lines += ["", "## Sparsity", "", f"overall {sp['overall']:.4f} of prunable weights", "",
+              "| layer | sparsity |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sp["layers"].items()]
+    if r.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    lines += ["", "## Stages", ""] + [f"- {st['name']} ({st['seconds']:.2f}s): {json.dumps(st['params'])}"
+                                      for st in r["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, outdir: Path) -> None:
+    (Path(outdir) / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    (Path(outdir) / "report.md").write_text(render_markdown(report))

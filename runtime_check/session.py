@@ -1,0 +1,23 @@
+"""onnxruntime sessions per target profile."""
+from __future__ import annotations
+
+import os
+
+import onnxruntime as ort
+
+__all__ = ["make_session", "default_threads"]
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_session(model, threads: int | None = None) -> ort.InferenceSession:
+    """CPUExecutionProvider with all graph optimizations; `model` is a path or serialized bytes."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(model) if not isinstance(model, bytes) else model, so,
+                                providers=["CPUExecutionProvider"])

@@ -1,0 +1,51 @@
+"""Accuracy, fidelity, latency and size of baseline.onnx vs model.onnx: the report's numbers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exporters.sparse import file_sizes
+from models.spec import ModelSpec
+from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session
+from runtime_check.latency import measure_pair
+from runtime_check.session import make_session
+
+__all__ = ["accuracy_of", "fidelity_of", "latency_of", "sizes_of"]
+
+
+def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int) -> tuple[dict, np.ndarray]:
+    """Metrics of model.onnx against baseline.onnx on the eval batches; also returns model outputs."""
+    base_out = run_session(make_session(baseline, threads), spec.eval_batches, spec.postprocess)
+    model_out = run_session(make_session(model, threads), spec.eval_batches, spec.postprocess)
+    if spec.task == "feature-extraction":
+        return embedding_metrics(base_out, model_out), model_out
+    return classification_metrics(base_out, model_out, spec.eval_labels), model_out
+
+
+def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray) -> dict:
+    """Max deviation of onnxruntime's model.onnx from the torch model it was built from."""
+    ref = np.concatenate([spec.postprocess(reference(b), b) for b in spec.eval_batches])
+    dev = np.abs(ref.astype(np.float64) - onnx_out.astype(np.float64))
+    out = {"max_abs_deviation": float(dev.max()), "mean_abs_deviation": float(dev.mean()),
+           "reference_max_abs": float(np.abs(ref).max())}
+    if spec.task != "feature-extraction":
+        out["argmax_agreement"] = float((ref.argmax(-1) == onnx_out.argmax(-1)).mean())
+    return out
+
+
+def latency_of(spec: ModelSpec, baseline: Path, model: Path, threads: int) -> dict:
+    """Interleaved latency at `threads`, plus at 1 thread when that differs."""
+    feed = spec.example_inputs
+    lat = measure_pair(baseline, model, feed, threads)
+    if threads != 1:
+        lat["at_1_thread"] = measure_pair(baseline, model, feed, 1)
+    return lat
+
+
+def sizes_of(baseline: Path, model: Path) -> dict:
+    b, m = file_sizes(baseline), file_sizes(model)
+    return {"baseline": b["raw"], "model": m["raw"], "compressed": m["compressed"],
+            "baseline_compressed": b["compressed"],
+            "ratio_compressed": b["raw"] / m["compressed"] if m["compressed"] else None}

@@ -1,0 +1,295 @@
+"""Click commands; thin: parse, build a Recipe, call the library, map errors to exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from toolchain.errors import SqexportError
+
+__all__ = ["main", "cli"]
+
+
+class ToolError(click.ClickException):
+    """A domain error shown as one line; exit 2 (bad input) unless the error says otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class DefaultGroup(click.Group):
+    """`sqexport MODEL ...` means `sqexport export MODEL ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+
+def _log(msg: str) -> None:
+    click.echo(click.style(f"  · {msg}", dim=True), err=True)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run library code; domain errors become one-line messages with the right exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except SqexportError as exc:
+        raise ToolError(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise ToolError("interrupted; no output was written", 130) from None
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sqexport")
+def cli():
+    """sqexport: prune, quantize (int8 QDQ), export to ONNX and verify on onnxruntime.
+
+    `sqexport MODEL [options]` is short for `sqexport export MODEL [options]`.
+    """
+
+
+def _methods(kind: str) -> list[str]:
+    from toolchain.registry import names
+
+    return names(kind) + ["none"]
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+
+
+def build_recipe(ctx: click.Context, opts: dict):
+    """The recipe file (if any), then every flag the user actually typed on top of it."""
+    from runtime_check.gates import Gates
+    from toolchain.pruning.nm import parse_nm
+    from toolchain.recipe import Recipe, Stage, load_recipe
+    from toolchain.registry import lookup
+
+    recipe = load_recipe(opts["recipe"]) if opts["recipe"] else None
+    if recipe is None:
+        recipe = Recipe()
+        flags_win = {"prune", "quant"}  # without a recipe the defaults build the stages
+    else:
+        flags_win = {k for k in ("prune", "quant") if _given(ctx, k)}
+    prune = recipe.stage("prune")
+    if "prune" in flags_win or (prune and (_given(ctx, "sparsity") or _given(ctx, "nm"))):
+        name = opts["prune"] if "prune" in flags_win or not prune else prune.name
+        if name == "none":
+            recipe = recipe.with_stage("prune", None)
+        else:
+            entry = lookup("prune", name)
+            base = prune.config if prune and prune.name == name else entry.config_cls()
+            params = dict(base.__dict__)
+            if name == "nm":
+                params["n"], params["m"] = parse_nm(opts["nm"]) if ("prune" in flags_win or _given(ctx, "nm")) \
+                    else (base.n, base.m)
+            elif "sparsity" in params and (_given(ctx, "sparsity") or recipe.stage("prune") is None):
+                params["sparsity"] = opts["sparsity"]
+            recipe = recipe.with_stage("prune", Stage("prune", name, entry.config_cls(**params)))
+    quant = recipe.stage("quantize")
+    if "quant" in flags_win or (quant and _given(ctx, "observer")):
+        name = opts["quant"] if "quant" in flags_win or not quant else quant.name
+        if name == "none":
+            recipe = recipe.with_stage("quantize", None)
+        else:
+            entry = lookup("quantize", name)
+            base = quant.config if quant and quant.name == name else entry.config_cls()
+            params = dict(base.__dict__)
+            if opts["observer"] and "observer" in params:
+                params["observer"] = opts["observer"]
+            recipe = recipe.with_stage("quantize", Stage("quantize", name, entry.config_cls(**params)))
+    gates = recipe.gates
+    gate_flags = {k: opts[k] for k in ("max_accuracy_drop", "min_speedup", "max_latency_ms") if opts[k] is not None}
+    changes = {}
+    if gate_flags:
+        changes["gates"] = Gates(**{**gates.__dict__, **gate_flags})
+    if opts["threads"] is not None:
+        changes["threads"] = opts["threads"]
+    if _given(ctx, "seed") or not opts["recipe"]:
+        changes["seed"] = opts["seed"]
+    if _given(ctx, "target") or not opts["recipe"]:
+        changes["target"] = opts["target"]
+    if changes:
+        recipe = Recipe(**{**recipe.__dict__, **changes})
+    return recipe
+
+
+def _validate_sparsity(ctx, param, value):
+    if value is not None and not 0.0 <= value < 1.0:
+        raise click.BadParameter(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _validate_positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+@cli.command("export")
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
+              help="Deployment target profile.")
+@click.option("--prune", default="magnitude", show_default=True, type=click.Choice(_methods("prune")),
+              help="Pruning method (`sqexport methods` explains each).")
+@click.option("--sparsity", default=0.5, show_default=True, type=float, callback=_validate_sparsity,
+              help="Fraction of prunable weights removed (magnitude).")
+@click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
+@click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
+              help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
+@click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="Activation range observer for static int8 [percentile].")
+@click.option("--calib-data", type=click.Path(dir_okay=False), help="Calibration inputs (.npy/.npz).")
+@click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation inputs (.npy/.npz, optional 'labels').")
+@click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive,
+              help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
+@click.option("--min-speedup", type=float, default=None, callback=_validate_positive,
+              help="Gate: p50 speedup vs baseline.onnx, measured in the same run.")
+@click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive,
+              help="Gate: p50 latency of model.onnx at --threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads for checks [all cores]; latency is also reported at 1.")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="YAML recipe with the same settings; flags given on the command line override it.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Output folder [./sqexport-out/MODEL].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def export_cmd(ctx, model, **opts):
+    """Prune, quantize, export and verify MODEL; write the output folder and report."""
+    from models.zoo import load_model
+    from toolchain import pipeline
+
+    recipe = _guard(build_recipe, ctx, opts)
+    outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
+    _log(f"loading {model}")
+    spec = _guard(load_model, model)
+    spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
+    report = _guard(pipeline.run, recipe, spec, outdir, _log)
+    _print_summary(report, outdir)
+    if not report["passed"]:
+        failed = ", ".join(f"{c['name']} {c['value']:.4g} (limit {c['limit']:.4g})"
+                           for c in report["checks"] if not c["passed"])
+        raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
+
+
+def _with_user_data(spec, calib_data, eval_data):
+    from models.data import apply_user_data
+
+    return apply_user_data(spec, calib_data, eval_data)
+
+
+def _print_summary(report: dict, outdir: Path) -> None:
+    acc, lat, size = report["accuracy"], report["latency_ms"], report["size_bytes"]
+    click.echo(f"{report['model']} -> {outdir}")
+    click.echo(f"  accuracy  {acc['metric']}: baseline {acc['baseline']:.4f}  model {acc['model']:.4f}  "
+               f"drop {acc['drop']:.4f}")
+    click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
+    click.echo(f"  size      {size['baseline']:,} B -> {size['model']:,} B ({size['compressed']:,} B zipped)")
+    for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):
+        click.echo(f"  latency   {entry['threads']} thread(s): p50 {entry['baseline']['p50']:.3f} ms -> "
+                   f"{entry['model']['p50']:.3f} ms ({entry['speedup']:.2f}x)")
+    for c in report["checks"]:
+        click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} "
+                   f"{'ok' if c['passed'] else 'FAILED'}")
+
+
+@cli.command("check")
+@click.argument("model_onnx", type=click.Path(dir_okay=False))
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="FP32 reference ONNX.")
+@click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
+              help=".npy/.npz inputs (optional 'labels'); without it, seeded synthetic inputs.")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
+@click.option("--min-speedup", type=float, default=None, callback=_validate_positive)
+@click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_cmd(model_onnx, baseline, eval_data, target, threads, max_accuracy_drop, min_speedup,
+              max_latency_ms, as_json):
+    """Verify an existing ONNX model (accuracy vs --baseline, latency, gates)."""
+    from runtime_check.check import check_model
+    from runtime_check.gates import Gates
+    from runtime_check.session import default_threads
+
+    gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
+    result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else None,
+                    Path(eval_data) if eval_data else None, threads or default_threads(), gates)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        acc, lat = result["accuracy"], result["latency_ms"]
+        click.echo(f"{model_onnx}: data {result['data']}")
+        if acc.get("model") is not None:
+            click.echo(f"  accuracy  {acc['metric']}: model {acc['model']:.4f}"
+                       + (f"  baseline {acc['baseline']:.4f}" if acc.get("baseline") is not None else ""))
+        click.echo(f"  latency   p50 {lat['model']['p50']:.3f} ms at {lat['threads']} thread(s)"
+                   + (f", {lat['speedup']:.2f}x vs baseline" if "speedup" in lat else ""))
+        for c in result["checks"]:
+            click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} "
+                       f"{'ok' if c['passed'] else 'FAILED'}")
+    if not result["passed"]:
+        raise ToolError("gate failed", 1)
+
+
+@cli.command("inspect")
+@click.argument("model_onnx", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def inspect_cmd(model_onnx, as_json):
+    """Per-weight sparsity, QDQ coverage, dtypes and sizes of an ONNX model."""
+    from runtime_check.inspect_model import inspect_onnx
+
+    info = _guard(inspect_onnx, Path(model_onnx))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}  opset {info['opset']}  {info['nodes']} nodes")
+    click.echo(f"  QuantizeLinear {info['quantize_linear']}  DequantizeLinear {info['dequantize_linear']}  "
+               f"quantized compute nodes {info['quantized_compute_nodes']}/{info['compute_nodes']}")
+    click.echo(f"  size {info['size_bytes']['raw']:,} B ({info['size_bytes']['compressed']:,} B zipped); "
+               f"weights {info['weight_bytes']:,} B, sparsity {info['weight_sparsity']:.3f}")
+    click.echo(f"  {'weight':<48} {'op':<7} {'dtype':<7} {'shape':<18} {'sparsity':>8} {'act QDQ':>7}")
+    for w in info["weights"]:
+        click.echo(f"  {w['name'][:48]:<48} {w['op']:<7} {w['dtype']:<7} {str(w['shape']):<18} "
+                   f"{w['sparsity']:>8.3f} {'yes' if w['activation_qdq'] else 'no':>7}")
+
+
+@cli.command("models")
+def models_cmd():
+    """List the built-in models."""
+    from models.zoo import BUILTIN_MODELS, DEFAULT_MODEL
+
+    for name, (summary, _) in sorted(BUILTIN_MODELS.items()):
+        click.echo(f"{name:<12} {summary}{'  [default]' if name == DEFAULT_MODEL else ''}")
+
+
+@cli.command("methods")
+def methods_cmd():
+    """List the pruning and quantization methods."""
+    from toolchain.registry import entries
+
+    for e in entries():
+        click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
+    click.echo(f"{'prune':<9} {'none':<12} no pruning")
+    click.echo(f"{'quantize':<9} {'none':<12} FP32 export of the (pruned) model")
+
+
+def main(argv=None):
+    debug = os.environ.get("SQEXPORT_DEBUG")
+    try:
+        cli.main(args=argv, prog_name="sqexport", standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug, not bad input: keep it to one line unless debugging
+        if debug:
+            raise
+        click.echo(f"Error: internal error ({type(exc).__name__}: {exc}); rerun with SQEXPORT_DEBUG=1 "
+                   "for a traceback", err=True)
+        sys.exit(3)
+
+

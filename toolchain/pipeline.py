@@ -1,0 +1,164 @@
+"""run(recipe, spec, outdir) -> report: prune -> fold -> quantize -> export -> verify -> report.
+
+Everything is built in a temporary folder next to `outdir` and renamed into place at the end, so
+a failed or interrupted run never leaves a half-written output folder behind.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from exporters.export import export_model
+from exporters.qdq import find_sites, insert_qdq
+from models.spec import ModelSpec
+from runtime_check.gates import evaluate_gates
+from runtime_check.report import write_report
+from runtime_check.session import default_threads
+from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
+from toolchain.bn_recalibration import recalibrate_batchnorm
+from toolchain.errors import OutputError
+from toolchain.folding import copy_for_compression, fold_batchnorm
+from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
+from toolchain.quantization import fake_quant_model
+from toolchain.quantization.plan import Anchor
+from toolchain.recipe import Recipe
+from toolchain.registry import lookup
+
+__all__ = ["run", "atomic_output"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class QuantContext:
+    anchors: list[Anchor]
+    calib_batches: list[dict]
+    run: Callable
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def atomic_output(outdir: Path):
+    """Yield a temp folder beside `outdir`; on success it replaces `outdir`, on error it vanishes."""
+    outdir = Path(outdir).absolute()
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write output folder {outdir}: {exc.strerror}") from None
+    try:
+        yield tmp
+        old = None
+        if outdir.exists():
+            old = outdir.with_name(f".{outdir.name}.old-{tmp.name[-8:]}")
+            outdir.rename(old)
+        tmp.rename(outdir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _Stages:
+    """Times each stage and records it for the report."""
+
+    def __init__(self, log: Log):
+        self.records, self.log = [], log
+
+    @contextmanager
+    def stage(self, name: str, params: dict | None = None):
+        self.log(f"{name} ...")
+        t0 = time.perf_counter()
+        record = {"name": name, "params": dict(params or {}), "seconds": 0.0}
+        yield record
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        self.records.append(record)
+
+
+def _torch_runner(spec: ModelSpec):
+    def run(model, batch):
+        return spec.torch_outputs(model, batch)
+    return run
+
+
+def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None) -> dict:
+    seed_everything(recipe.seed)
+    threads = recipe.threads or default_threads()
+    st = _Stages(log)
+    notes: list[str] = []
+    with atomic_output(outdir) as tmp:
+        with st.stage("export.baseline", {"exporter": spec.exporter}):
+            export_model(spec, spec.model, tmp / "baseline.onnx")
+
+        work = copy_for_compression(spec.model)
+        layers = prunable_layers(work, spec.prune_prefix)
+        for stage in [s for s in recipe.stages if s.kind == "prune"]:
+            with st.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+                result = lookup("prune", stage.name).handler(layers, stage.config, None)
+                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers), 6)
+            notes.append(result.speed_note)
+        sparsity = {"overall": overall_sparsity(layers), "layers": layer_sparsity(layers)}
+
+        if recipe.stage("prune") is not None:
+            with st.stage("recalibrate_batchnorm") as rec:
+                rec["params"]["layers"] = recalibrate_batchnorm(work, spec.calib_batches, _torch_runner(spec))
+        with st.stage("fold_batchnorm") as rec:
+            work, folded = fold_batchnorm(work)
+            rec["params"]["folded"] = folded
+
+        quant = recipe.stage("quantize")
+        reference = None
+        with st.stage("export.model", {"exporter": spec.exporter}):
+            prepared = export_model(spec, work, tmp / "prepared.onnx")
+        if quant is not None:
+            with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
+                weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
+                sites = find_sites(prepared, weights)
+                anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None)
+                           for name, s in sites.items()]
+                ctx = QuantContext(anchors, spec.calib_batches, _torch_runner(spec))
+                params = lookup("quantize", quant.name).handler(work, quant.config, ctx)
+                qmodel = insert_qdq(prepared, sites, params)
+                onnx.save(qmodel, str(tmp / "model.onnx"))
+                onnx.checker.check_model(str(tmp / "model.onnx"))
+                rec["params"]["quantized_layers"] = len(anchors)
+                fq = fake_quant_model(work, params)
+                reference = lambda b: spec.torch_outputs(fq, b)  # noqa: E731
+            (tmp / "prepared.onnx").unlink()
+        else:
+            (tmp / "prepared.onnx").rename(tmp / "model.onnx")
+            reference = lambda b: spec.torch_outputs(work, b)  # noqa: E731
+
+        with st.stage("verify.accuracy"):
+            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+            fidelity = fidelity_of(spec, reference, onnx_out)
+        with st.stage("verify.latency", {"threads": threads}):
+            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+        sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
+        checks = evaluate_gates(recipe.gates, accuracy, latency)
+        report = {
+            "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
+            "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
+            "fidelity": fidelity, "latency_ms": latency, "checks": checks, "notes": notes,
+            "recipe": recipe.to_dict(), "task": spec.task,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": __import__("onnxruntime").__version__},
+        }
+        write_report(report, tmp)
+    return report

@@ -1,0 +1,54 @@
+"""Unstructured magnitude pruning: zero the fraction `sparsity` of smallest |w|."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from toolchain.errors import ConfigError
+from toolchain.pruning.masks import apply_masks, smallest_k_mask
+from toolchain.pruning.result import PruneResult
+from toolchain.registry import register
+
+__all__ = ["MagnitudePruneConfig", "magnitude_masks"]
+
+
+@dataclass(frozen=True)
+class MagnitudePruneConfig:
+    """`scope`: "global" (default) ranks all prunable weights together, so layers with more
+    redundancy give up more; "layer" prunes every layer to exactly `sparsity`. Global is the
+    default because it keeps accuracy better at the same overall sparsity (digits-cnn, 50%:
+    99.6% vs 98.9% top-1 after BN re-estimation, see the README)."""
+
+    sparsity: float = 0.5
+    scope: str = "global"
+    VERSION = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in ("layer", "global"):
+            raise ConfigError(f"scope must be 'layer' or 'global', got '{self.scope}'")
+
+
+@torch.no_grad()
+def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    if scope == "layer":
+        return {n: smallest_k_mask(w.abs(), math.floor(sparsity * w.numel())) for n, w in weights.items()}
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    keep = smallest_k_mask(flat, math.floor(sparsity * flat.numel()))
+    masks, start = {}, 0
+    for n, w in weights.items():
+        masks[n] = keep[start:start + w.numel()].view_as(w)
+        start += w.numel()
+    return masks
+
+
+@register("prune", "magnitude", MagnitudePruneConfig,
+          "unstructured magnitude pruning (layer-wise or global); zeros = size, not CPU speed")
+def prune_magnitude(layers, config: MagnitudePruneConfig, ctx=None) -> PruneResult:
+    masks = magnitude_masks({n: m.weight for n, m in layers.items()}, config.sparsity, config.scope)
+    apply_masks(layers, masks)
+    return PruneResult(masks=masks, speed_note="unstructured zeros shrink the compressed download; "
+                       "onnxruntime's CPU kernels do not skip them, so they add no speed")

@@ -1,0 +1,97 @@
+"""Static int8: calibrate activation ranges in torch, quantize weights per channel, and build the
+torch fake-quant model that the exported QDQ graph must reproduce."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.quantization.observers import RangeObserver, compute_range
+from toolchain.quantization.params import (
+    ActQuant, WeightQuant, act_params_from_range, fake_quant_act, quantize_bias,
+    quantize_weight_per_channel,
+)
+from toolchain.quantization.plan import Anchor
+
+__all__ = ["QuantParams", "calibrate", "quantize_weights", "fake_quant_model"]
+
+
+@dataclass
+class QuantParams:
+    """Everything the QDQ writer needs; keyed by torch module name."""
+
+    inputs: dict[str, ActQuant] = field(default_factory=dict)
+    outputs: dict[str, ActQuant] = field(default_factory=dict)
+    weights: dict[str, WeightQuant] = field(default_factory=dict)
+    biases: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # int32 q, scale
+    anchors: list[Anchor] = field(default_factory=list)
+
+
+def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
+              observer: str | dict[str, str] = "percentile", percentile: float = 99.99,
+              ) -> tuple[dict[str, ActQuant], dict[str, ActQuant]]:
+    """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
+
+    `observer` may map a module name to its own method (e.g. entropy after GELU).
+    """
+    modules = dict(model.named_modules())
+    obs_in = {a.module: RangeObserver() for a in anchors}
+    obs_out = {a.module: RangeObserver() for a in anchors if a.quantize_output}
+    handles = []
+    for a in anchors:
+        mod = modules[a.module]
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, args, o=obs_in[a.module]: o.update(args[0].detach().numpy())))
+        if a.quantize_output:
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, o=obs_out[a.module]: o.update(torch.relu(out).detach().numpy())))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def method(name):
+        return observer.get(name, "percentile") if isinstance(observer, dict) else observer
+
+    ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
+    outs = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_out.items()}
+    return ins, outs
+
+
+def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant]) -> QuantParams:
+    modules = dict(model.named_modules())
+    params = QuantParams(inputs=dict(inputs), anchors=list(anchors))
+    for a in anchors:
+        mod = modules[a.module]
+        wq = quantize_weight_per_channel(mod.weight.detach().numpy())
+        params.weights[a.module] = wq
+        if a.quantize_bias and mod.bias is not None:
+            params.biases[a.module] = quantize_bias(mod.bias.detach().numpy(), inputs[a.module].scale, wq.scale)
+    return params
+
+
+def fake_quant_model(model: nn.Module, params: QuantParams) -> nn.Module:
+    """A copy of `model` computing exactly what the QDQ graph computes (up to int8 kernel rounding):
+    dequantized int8 weights and int32 biases, fake-quantized inputs and rectified outputs."""
+    fq = copy.deepcopy(model).eval()
+    modules = dict(fq.named_modules())
+    with torch.no_grad():
+        for a in params.anchors:
+            mod = modules[a.module]
+            mod.weight.copy_(torch.from_numpy(params.weights[a.module].dequantized()))
+            if a.module in params.biases:
+                q, scale = params.biases[a.module]
+                mod.bias.copy_(torch.from_numpy(q.astype(np.float32) * scale))
+            p_in = params.inputs[a.module]
+            mod.register_forward_pre_hook(lambda m, args, p=p_in: (fake_quant_act(args[0], p),) + tuple(args[1:]))
+            if a.module in params.outputs:
+                p_out = params.outputs[a.module]
+                mod.register_forward_hook(lambda m, args, out, p=p_out: fake_quant_act(torch.relu(out), p))
+    return fq
