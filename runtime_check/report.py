@@ -30,7 +30,7 @@ def render_markdown(r: dict) -> str:
     lat = r["latency_ms"]
     lines += ["", "## Latency (p50 / p90 ms, interleaved, same run)", "",
               "| threads | baseline | model | speedup |", "|---|---|---|---|"]
-    for entry in [lat] + [lat["at_1_thread"]] * ("at_1_thread" in lat):
+    for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):
         lines.append(f"| {entry['threads']} | {entry['baseline']['p50']:.3f} / {entry['baseline']['p90']:.3f} | "
                      f"{entry['model']['p50']:.3f} / {entry['model']['p90']:.3f} | {entry['speedup']:.2f}x |")
     s = r["size_bytes"]

@@ -144,8 +144,12 @@ def _validate_positive(ctx, param, value):
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
               help="Activation range observer for static int8 [percentile].")
-@click.option("--calib-data", type=click.Path(dir_okay=False), help="Calibration inputs (.npy/.npz).")
-@click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation inputs (.npy/.npz, optional 'labels').")
+@click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
+              help="Override the task detected from a Hugging Face config.")
+@click.option("--calib-data", type=click.Path(dir_okay=False),
+              help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz.")
+@click.option("--eval-data", type=click.Path(dir_okay=False),
+              help="Evaluation data, same formats; .jsonl may carry 'label', .npz 'labels'.")
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive,
               help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
 @click.option("--min-speedup", type=float, default=None, callback=_validate_positive,
@@ -168,7 +172,7 @@ def export_cmd(ctx, model, **opts):
     recipe = _guard(build_recipe, ctx, opts)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
     _log(f"loading {model}")
-    spec = _guard(load_model, model)
+    spec = _guard(load_model, model, opts["task"])
     spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
     report = _guard(pipeline.run, recipe, spec, outdir, _log)
     _print_summary(report, outdir)

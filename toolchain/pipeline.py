@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from exporters.export import export_model
-from exporters.qdq import find_sites, insert_qdq
+from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
 from models.spec import ModelSpec
 from runtime_check.gates import evaluate_gates
 from runtime_check.report import write_report
@@ -134,7 +134,9 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
                            for name, s in sites.items()]
                 ctx = QuantContext(anchors, spec.calib_batches, _torch_runner(spec))
                 params = lookup("quantize", quant.name).handler(work, quant.config, ctx)
-                qmodel = insert_qdq(prepared, sites, params)
+                tables = {n: m.weight.detach().numpy() for n, m in work.named_modules()
+                          if isinstance(m, torch.nn.Embedding)}
+                qmodel = insert_qdq(prepared, sites, params, find_embedding_sites(prepared, tables))
                 onnx.save(qmodel, str(tmp / "model.onnx"))
                 onnx.checker.check_model(str(tmp / "model.onnx"))
                 rec["params"]["quantized_layers"] = len(anchors)

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from toolchain.errors import ConfigError
 from toolchain.quantization.observers import OBSERVERS
-from toolchain.quantization.static import QuantParams, calibrate, fake_quant_model, quantize_weights
+from toolchain.quantization.static import (
+    QuantParams, calibrate, fake_quant_model, quantize_embeddings, quantize_weights,
+)
 from toolchain.registry import register
 
 __all__ = ["Int8StaticConfig", "QuantParams", "quantize_static"]
@@ -20,6 +22,7 @@ class Int8StaticConfig:
 
     observer: str = "percentile"
     percentile: float = 99.99
+    embeddings: bool = True  # int8 embedding tables (per-tensor, gathered as int8 by onnxruntime)
     VERSION = 1
 
     def __post_init__(self):
@@ -36,6 +39,8 @@ def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
     ins, outs = calibrate(model, ctx.anchors, ctx.calib_batches, ctx.run, config.observer, config.percentile)
     params = quantize_weights(model, ctx.anchors, ins)
     params.outputs = outs
+    if config.embeddings:
+        params.embeddings = quantize_embeddings(model)
     return params
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 __all__ = ["ActQuant", "WeightQuant", "act_params_from_range", "quantize_weight_per_channel",
-           "quantize_bias", "fake_quant_act"]
+           "quantize_bias", "fake_quant_act", "quantize_per_tensor_symmetric"]
 
 INT8_MAX = 127  # symmetric weights use [-127, 127] so that -w quantizes to -q exactly
 
@@ -54,6 +54,15 @@ def quantize_weight_per_channel(weight: np.ndarray) -> WeightQuant:
     shape = (-1,) + (1,) * (w.ndim - 1)
     q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
     return WeightQuant(q=q, scale=scale)
+
+
+def quantize_per_tensor_symmetric(weight: np.ndarray) -> tuple[np.ndarray, float]:
+    """int8 with one scale = max|w| / 127 (embedding tables: onnxruntime gathers int8 rows only
+    when the DequantizeLinear before Gather and the QuantizeLinear after it share one scale)."""
+    w = np.asarray(weight, dtype=np.float32)
+    absmax = float(np.abs(w).max()) if w.size else 0.0
+    scale = float(np.float32(absmax / INT8_MAX)) if absmax > 0 else 1.0
+    return np.clip(np.rint(w / np.float32(scale)), -INT8_MAX, INT8_MAX).astype(np.int8), scale
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

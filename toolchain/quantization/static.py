@@ -13,11 +13,11 @@ from torch import nn
 from toolchain.quantization.observers import RangeObserver, compute_range
 from toolchain.quantization.params import (
     ActQuant, WeightQuant, act_params_from_range, fake_quant_act, quantize_bias,
-    quantize_weight_per_channel,
+    quantize_per_tensor_symmetric, quantize_weight_per_channel,
 )
 from toolchain.quantization.plan import Anchor
 
-__all__ = ["QuantParams", "calibrate", "quantize_weights", "fake_quant_model"]
+__all__ = ["QuantParams", "calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model"]
 
 
 @dataclass
@@ -28,6 +28,7 @@ class QuantParams:
     outputs: dict[str, ActQuant] = field(default_factory=dict)
     weights: dict[str, WeightQuant] = field(default_factory=dict)
     biases: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # int32 q, scale
+    embeddings: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)  # int8 q, scale
     anchors: list[Anchor] = field(default_factory=list)
 
 
@@ -77,12 +78,19 @@ def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, 
     return params
 
 
+def quantize_embeddings(model: nn.Module) -> dict[str, tuple[np.ndarray, float]]:
+    return {name: quantize_per_tensor_symmetric(mod.weight.detach().numpy())
+            for name, mod in model.named_modules() if isinstance(mod, nn.Embedding)}
+
+
 def fake_quant_model(model: nn.Module, params: QuantParams) -> nn.Module:
     """A copy of `model` computing exactly what the QDQ graph computes (up to int8 kernel rounding):
     dequantized int8 weights and int32 biases, fake-quantized inputs and rectified outputs."""
     fq = copy.deepcopy(model).eval()
     modules = dict(fq.named_modules())
     with torch.no_grad():
+        for name, (q, scale) in params.embeddings.items():
+            modules[name].weight.copy_(torch.from_numpy(q.astype(np.float32) * np.float32(scale)))
         for a in params.anchors:
             mod = modules[a.module]
             mod.weight.copy_(torch.from_numpy(params.weights[a.module].dequantized()))

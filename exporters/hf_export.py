@@ -1,0 +1,49 @@
+"""Hugging Face models through optimum's ONNX exporter (dynamic batch and sequence axes, the
+input names optimum uses); the exported file is moved to `path`."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+
+from exporters.onnx_export import check_model
+from models.hf import HF_TASKS
+from models.spec import ModelSpec
+from toolchain.errors import ExportError
+
+__all__ = ["export_hf"]
+
+
+def export_hf(spec: ModelSpec, model, path: Path) -> onnx.ModelProto:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".optimum-") as tmp:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    _quiet("optimum", "transformers", "torch.onnx"):
+                warnings.simplefilter("ignore")
+                onnx_export_from_model(model.eval(), tmp, task=HF_TASKS[spec.task], do_validation=False)
+        except Exception as exc:
+            raise ExportError(f"optimum export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        shutil.move(str(Path(tmp) / "model.onnx"), path)
+    return check_model(path)
+
+
+@contextlib.contextmanager
+def _quiet(*names):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)

@@ -1,0 +1,104 @@
+"""Hugging Face model folders (config.json + weights + tokenizer), loaded offline."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from models.spec import ModelSpec
+from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
+from toolchain.errors import ModelLoadError
+
+__all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
+
+CORPUS = Path(__file__).parent / "corpus" / "sentences.txt"
+HF_TASKS = {"feature-extraction": "feature-extraction", "sequence-classification": "text-classification"}
+
+
+def is_hf_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def detect_task(config: dict) -> str:
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence-classification"
+    return "feature-extraction"
+
+
+def mean_pool(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
+    """Attention-mask-weighted mean of the token embeddings (sentence-transformers' pooling)."""
+    hidden = outputs[0].astype(np.float32)
+    mask = batch["attention_mask"][..., None].astype(np.float32)
+    return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+
+
+def _logits(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
+    return outputs[0]
+
+
+def default_corpus() -> tuple[list[str], list[str]]:
+    """The repo's own corpus, split deterministically: 2 of every 5 lines are held out for eval."""
+    lines = [t.strip() for t in CORPUS.read_text(encoding="utf-8").splitlines() if t.strip()]
+    calib = [t for i, t in enumerate(lines) if i % 5 not in (1, 3)]
+    evals = [t for i, t in enumerate(lines) if i % 5 in (1, 3)]
+    return calib, evals
+
+
+def _encoder_prefix(model) -> str:
+    for name, _ in model.named_modules():
+        if name == "encoder" or name.endswith(".encoder"):
+            return name + "."
+    return ""
+
+
+def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None) -> ModelSpec:
+    folder = Path(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{folder}/config.json is unreadable: {exc}") from None
+    task = task or detect_task(config)
+    try:
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        cls = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModel
+        model = cls.from_pretrained(str(folder), local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
+        raise ModelLoadError(f"cannot load the Hugging Face model in {folder}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                   if n in tokenizer.model_input_names or n == "input_ids"]
+    output_names = ["logits"] if task == "sequence-classification" else ["last_hidden_state"]
+    calib, evals = default_corpus()
+    label2id = getattr(model.config, "label2id", None)
+
+    def load_data(path: Path):
+        texts, labels = read_texts(path, label2id)
+        return tokenize_batches(tokenizer, texts, input_names), labels
+
+    example = tokenize_batches(tokenizer, evals[:1], input_names, max_length=MAX_LENGTH, pad_to_max=True)[0]
+    return ModelSpec(
+        name=name or folder.name,
+        model=model,
+        task=task,
+        input_names=input_names,
+        output_names=output_names,
+        example_inputs=example,
+        calib_batches=tokenize_batches(tokenizer, calib, input_names),
+        eval_batches=tokenize_batches(tokenizer, evals, input_names),
+        eval_labels=None,
+        postprocess=_logits if task == "sequence-classification" else mean_pool,
+        exporter="optimum",
+        hf_folder=str(folder),
+        description=f"{config.get('model_type', '?')} ({task})",
+        prune_prefix=_encoder_prefix(model),
+        load_data=load_data,
+    )
+
+

@@ -1,0 +1,93 @@
+"""Shared fixtures: a CLI runner, ONNX inspection helpers and one default `export digits-cnn` run
+that every end-to-end test reuses (the run takes a few seconds, so it happens once per session)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from toolchain.cli import cli
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def invoke_cli(args, **kwargs):
+    """Run the click group in-process; every argument is stringified (paths are fine)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def quantized_weights(model) -> list[SimpleNamespace]:
+    """Every Conv/Gemm/MatMul whose weight input comes from a DequantizeLinear of an initializer.
+
+    Returns the node, the stored integer tensor, its scale / zero point, the per-channel `axis`
+    of the DequantizeLinear and `in_axis`, the axis that runs over input channels in the stored
+    layout (Conv (out,in,kh,kw): 1; Gemm transB=1 (out,in): 1; Gemm transB=0 / MatMul (in,out): 0).
+    """
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rows = []
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        if node.op_type == "Conv":
+            in_axis = 1
+        elif node.op_type == "Gemm":
+            in_axis = 1 if _attrs(node).get("transB", 0) else 0
+        else:
+            in_axis = 0
+        rows.append(SimpleNamespace(
+            node=node, q=inits[dq.input[0]], scale=inits[dq.input[1]],
+            zero_point=inits[dq.input[2]] if len(dq.input) > 2 else None,
+            axis=_attrs(dq).get("axis", 1), in_axis=in_axis, dq=dq))
+    return rows
+
+
+def op_count(model, op_type: str) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    return invoke_cli
+
+
+@pytest.fixture(scope="session")
+def onnx_tools():
+    return SimpleNamespace(quantized_weights=quantized_weights, op_count=op_count)
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    from models.digits import digits_split as split
+
+    return split()
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory):
+    """`sqexport export digits-cnn -o OUT` with every default, run once."""
+    out = tmp_path_factory.mktemp("default-export") / "digits-cnn"
+    result = invoke_cli(["export", "digits-cnn", "-o", out])
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return SimpleNamespace(result=result, out=out, report=report)
+
+
+@pytest.fixture(scope="session")
+def eval_npz(tmp_path_factory, digits_split) -> Path:
+    """The digits eval split as a --eval-data file (inputs under the graph's input name, labels)."""
+    path = tmp_path_factory.mktemp("data") / "digits-eval.npz"
+    np.savez(path, pixels=digits_split.x_eval, labels=digits_split.y_eval)
+    return path
