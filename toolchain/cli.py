@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.errors import SqexportError
+from toolchain.errors import ConfigError, SqexportError
 
 __all__ = ["main", "cli"]
 
@@ -77,6 +77,8 @@ def build_recipe(ctx: click.Context, opts: dict):
     else:
         flags_win = {k for k in ("prune", "quant") if _given(ctx, k)}
     prune = recipe.stage("prune")
+    if opts["recipe"] and not prune and "prune" not in flags_win and (_given(ctx, "sparsity") or _given(ctx, "nm")):
+        raise ConfigError("--sparsity/--nm need a pruning stage: the recipe has none, so add --prune")
     if "prune" in flags_win or (prune and (_given(ctx, "sparsity") or _given(ctx, "nm"))):
         name = opts["prune"] if "prune" in flags_win or not prune else prune.name
         if name == "none":
@@ -143,7 +145,7 @@ def _validate_positive(ctx, param, value):
 @click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-              help="Activation range observer for static int8 [percentile].")
+              help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
               help="Override the task detected from a Hugging Face config.")
 @click.option("--calib-data", type=click.Path(dir_okay=False),

@@ -5,6 +5,7 @@ a failed or interrupted run never leaves a half-written output folder behind.
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantization import fake_quant_model
 from toolchain.quantization.plan import Anchor
+from toolchain.quantization.smoothing import smooth_model
 from toolchain.recipe import Recipe
 from toolchain.registry import lookup
 
@@ -52,17 +54,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+MARKER = "report.json"  # a folder holding one is an earlier sqexport output and may be replaced
+
+
+def _check_replaceable(outdir: Path) -> None:
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"output {outdir} exists and is not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / MARKER).is_file():
+        raise OutputError(f"output folder {outdir} already holds files that are not an sqexport output; "
+                          "choose another -o")
+
+
 @contextmanager
 def atomic_output(outdir: Path):
-    """Yield a temp folder beside `outdir`; on success it replaces `outdir`, on error it vanishes."""
+    """Yield a temp folder beside `outdir`; on success it replaces `outdir` (only an earlier
+    sqexport output or an empty folder), on error it vanishes."""
     outdir = Path(outdir).absolute()
+    _check_replaceable(outdir)
+    blocker = next((p for p in outdir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"cannot write output folder {outdir}: {blocker} is a file, not a folder")
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
     except OSError as exc:
         raise OutputError(f"cannot write output folder {outdir}: {exc.strerror}") from None
     try:
         yield tmp
+        _check_replaceable(outdir)
         old = None
         if outdir.exists():
             old = outdir.with_name(f".{outdir.name}.old-{tmp.name[-8:]}")
@@ -124,6 +146,12 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
 
         quant = recipe.stage("quantize")
         reference = None
+        alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
+        if alpha > 0:
+            with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
+                groups = smooth_model(work, spec.calib_batches, _torch_runner(spec), alpha)
+                rec["params"]["groups"] = len(groups)
+                rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
         with st.stage("export.model", {"exporter": spec.exporter}):
             prepared = export_model(spec, work, tmp / "prepared.onnx")
         if quant is not None:

@@ -103,11 +103,11 @@ def test_registered_handler_zeroes_weights_and_leaves_bias_alone():
         lin.bias.copy_(torch.tensor([0.01, -0.02]))
     layers = {"lin": lin}
     result = lookup("prune", "magnitude").handler(layers, MagnitudePruneConfig(0.5, "layer"))
-    assert lin.weight.tolist() == pytest.approx([[0.5, 0.0, 0.3], [-0.7, 0.0, 0.0]])
+    torch.testing.assert_close(lin.weight, torch.tensor([[0.5, 0.0, 0.3], [-0.7, 0.0, 0.0]]))
     assert (lin.weight == 0).sum() == 3  # exact zeros
     assert lin.bias.tolist() == pytest.approx([0.01, -0.02])
     assert result.masks["lin"].tolist() == [[True, False, True], [True, False, False]]
-    assert "speed" in result.speed_note or "size" in result.speed_note or "download" in result.speed_note
+    assert "speed" in result.speed_note
 
 
 def test_sparsity_accounting():

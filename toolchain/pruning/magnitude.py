@@ -32,12 +32,17 @@ class MagnitudePruneConfig:
             raise ConfigError(f"scope must be 'layer' or 'global', got '{self.scope}'")
 
 
+def _count(sparsity: float, n: int) -> int:
+    # round first: 0.29 * 100 is 28.999999999999996 in binary floating point
+    return math.floor(round(sparsity * n, 6))
+
+
 @torch.no_grad()
 def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
     if scope == "layer":
-        return {n: smallest_k_mask(w.abs(), math.floor(sparsity * w.numel())) for n, w in weights.items()}
+        return {n: smallest_k_mask(w.abs(), _count(sparsity, w.numel())) for n, w in weights.items()}
     flat = torch.cat([w.abs().flatten() for w in weights.values()])
-    keep = smallest_k_mask(flat, math.floor(sparsity * flat.numel()))
+    keep = smallest_k_mask(flat, _count(sparsity, flat.numel()))
     masks, start = {}, 0
     for n, w in weights.items():
         masks[n] = keep[start:start + w.numel()].view_as(w)

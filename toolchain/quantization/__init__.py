@@ -10,6 +10,8 @@ from toolchain.quantization.static import (
 )
 from toolchain.registry import register
 
+ACT_OBSERVERS = OBSERVERS
+
 __all__ = ["Int8StaticConfig", "QuantParams", "quantize_static"]
 
 
@@ -17,17 +19,24 @@ __all__ = ["Int8StaticConfig", "QuantParams", "quantize_static"]
 class Int8StaticConfig:
     """Static QDQ int8: weights per-channel symmetric int8, activations per-tensor uint8.
 
-    `observer` picks the activation range method; `percentile` is used by the percentile observer.
+    `observer` picks the activation range method (minmax, percentile, entropy, mse). Min-max is
+    the default: clipping transformer activations (percentile, entropy) cut the mean cosine of
+    all-MiniLM-L6-v2 from 0.992 to 0.906 / 0.947, because BERT's few huge channels matter.
+    `percentile` is used by the percentile observer. `smoothquant` (alpha) moves activation
+    outliers of token-sequence Linears into their weights first (see smoothing.py); 0 disables.
     """
 
-    observer: str = "percentile"
+    observer: str = "minmax"
     percentile: float = 99.99
     embeddings: bool = True  # int8 embedding tables (per-tensor, gathered as int8 by onnxruntime)
+    smoothquant: float = 0.85  # SmoothQuant alpha for Linears on token sequences; 0 disables
     VERSION = 1
 
     def __post_init__(self):
-        if self.observer not in OBSERVERS:
-            raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(OBSERVERS)}")
+        if self.observer not in ACT_OBSERVERS:
+            raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(ACT_OBSERVERS)}")
+        if not 0.0 <= self.smoothquant <= 1.0:
+            raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
 

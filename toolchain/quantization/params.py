@@ -68,7 +68,9 @@ def quantize_per_tensor_symmetric(weight: np.ndarray) -> tuple[np.ndarray, float
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int32 bias with scale = input_scale * weight_scale[c] (what QLinearConv/QGemm consume)."""
     scale = (np.float32(input_scale) * weight_scale).astype(np.float32)
-    q = np.clip(np.rint(np.asarray(bias, np.float32) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    # float64: 2**31 - 1 is not representable in float32 and would wrap to -2**31 on the cast
+    q = np.clip(np.rint(np.asarray(bias, np.float64) / scale.astype(np.float64)), -(2**31), 2**31 - 1)
+    q = q.astype(np.int32)
     return q, scale
 
 

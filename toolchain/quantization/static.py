@@ -33,11 +33,12 @@ class QuantParams:
 
 
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
-              observer: str | dict[str, str] = "percentile", percentile: float = 99.99,
+              observer: str | dict[str, str] = "minmax", percentile: float = 99.99,
               ) -> tuple[dict[str, ActQuant], dict[str, ActQuant]]:
     """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
 
-    `observer` may map a module name to its own method (e.g. entropy after GELU).
+    `observer` is a method of observers.OBSERVERS, or a dict mapping module names to methods
+    (modules not in it use min-max).
     """
     modules = dict(model.named_modules())
     obs_in = {a.module: RangeObserver() for a in anchors}
@@ -59,7 +60,7 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
             h.remove()
 
     def method(name):
-        return observer.get(name, "percentile") if isinstance(observer, dict) else observer
+        return observer.get(name, "minmax") if isinstance(observer, dict) else observer
 
     ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
     outs = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_out.items()}

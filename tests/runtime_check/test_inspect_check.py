@@ -1,0 +1,100 @@
+"""`sqexport inspect` and `sqexport check` on the files a default export produced."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from runtime_check.inspect_model import inspect_onnx, load_onnx
+from toolchain.errors import ModelLoadError
+
+
+def test_inspect_text(run_cli, default_export):
+    result = run_cli(["inspect", default_export.out / "model.onnx"])
+    assert result.exit_code == 0, result.output
+    assert "QuantizeLinear" in result.output and "int8" in result.output
+    assert "quantized compute nodes 4/4" in result.output
+
+
+def test_inspect_json_model(run_cli, default_export, onnx_tools):
+    path = default_export.out / "model.onnx"
+    result = run_cli(["inspect", path, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    model = onnx.load(str(path))
+    assert info["quantize_linear"] == onnx_tools.op_count(model, "QuantizeLinear") > 0
+    assert info["dequantize_linear"] == onnx_tools.op_count(model, "DequantizeLinear")
+    assert info["nodes"] == len(model.graph.node) and info["opset"] == 17
+    assert info["compute_nodes"] == info["quantized_compute_nodes"] == 4
+    assert {w["op"] for w in info["weights"]} == {"Conv", "Gemm"}
+    assert all(w["dtype"] == "int8" and w["activation_qdq"] for w in info["weights"])
+    rows = onnx_tools.quantized_weights(model)
+    zeros, total = sum(int((r.q == 0).sum()) for r in rows), sum(r.q.size for r in rows)
+    assert info["weight_sparsity"] == pytest.approx(zeros / total) and info["weight_sparsity"] >= 0.5
+    assert info["weight_bytes"] == total  # one byte per int8 weight
+    assert info["size_bytes"]["raw"] == path.stat().st_size
+    assert info["size_bytes"]["compressed"] == default_export.report["size_bytes"]["compressed"]
+    assert info["inputs"][0]["name"] == "pixels" and info["outputs"] == ["logits"]
+
+
+def test_inspect_json_baseline(default_export):
+    info = inspect_onnx(default_export.out / "baseline.onnx")
+    assert info["quantize_linear"] == info["dequantize_linear"] == info["quantized_compute_nodes"] == 0
+    assert info["compute_nodes"] == 4
+    assert all(w["dtype"] == "float32" and not w["activation_qdq"] for w in info["weights"])
+    assert info["weight_sparsity"] < 0.01
+
+
+def test_load_onnx_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_onnx(tmp_path / "x.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x99garbage")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        load_onnx(tmp_path / "bad.onnx")
+
+
+def test_check_with_baseline_and_labelled_eval_data(run_cli, default_export, eval_npz):
+    out = default_export.out
+    result = run_cli(["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--eval-data", eval_npz,
+                      "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.output)
+    assert res["passed"] is True and res["data"] == str(eval_npz)
+    acc, rep_acc = res["accuracy"], default_export.report["accuracy"]
+    assert acc["metric"] == "top1"
+    assert acc["model"] == pytest.approx(rep_acc["model"]) and acc["baseline"] == pytest.approx(rep_acc["baseline"])
+    assert acc["drop_points"] <= 1.0
+    lat = res["latency_ms"]
+    assert lat["threads"] == 1 and lat["speedup"] == pytest.approx(lat["baseline"]["p50"] / lat["model"]["p50"])
+    assert [c["name"] for c in res["checks"]] == ["accuracy_drop"]
+
+
+def test_check_with_baseline_synthetic_data(run_cli, default_export):
+    out = default_export.out
+    result = run_cli(["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--threads", "1", "--json"])
+    assert result.exit_code in (0, 1), result.output
+    res = json.loads(result.output[:result.output.rindex("}") + 1])
+    assert res["data"] == "synthetic" and res["accuracy"]["metric"] == "top1_agreement"
+    assert res["accuracy"]["baseline"] == 1.0 and 0.5 <= res["accuracy"]["model"] <= 1.0
+    assert (result.exit_code == 0) == res["passed"]
+
+
+def test_check_text_output_with_baseline(run_cli, default_export, eval_npz):
+    out = default_export.out
+    result = run_cli(["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--eval-data", eval_npz,
+                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "latency" in result.output and "vs baseline" in result.output
+
+
+def test_check_without_baseline(run_cli, default_export):
+    result = run_cli(["check", default_export.out / "model.onnx", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.output)
+    assert res["baseline"] is None and res["checks"] == [] and "speedup" not in res["latency_ms"]
+
+
+def test_check_failing_latency_gate(run_cli, default_export):
+    result = run_cli(["check", default_export.out / "model.onnx", "--threads", "1", "--max-latency-ms", "0.000001"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and "FAILED" in result.output

@@ -1,0 +1,36 @@
+"""Latency percentiles and interleaved measurement."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from exporters.onnx_export import export_torch
+from runtime_check.latency import measure_interleaved, measure_pair, percentiles
+
+
+def test_percentiles_hand_values():
+    p = percentiles([0.001, 0.002, 0.003, 0.004])  # seconds
+    assert p["p50"] == pytest.approx(2.5) and p["p90"] == pytest.approx(3.7)  # linear interpolation, in ms
+    assert p["mean"] == pytest.approx(2.5) and p["n"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lat") / "tiny.onnx"
+    export_torch(nn.Linear(4, 2), {"x": np.zeros((1, 4), np.float32)}, ["x"], ["y"], {}, path)
+    return path
+
+
+def test_measure_pair_is_bounded_and_reports_speedup(tiny_onnx):
+    feed = {"x": np.ones((1, 4), np.float32)}
+    res = measure_pair(tiny_onnx, tiny_onnx, feed, 1, warmup=2, max_iters=25, budget_s=0.5)
+    assert res["threads"] == 1
+    assert res["baseline"]["n"] == res["model"]["n"] == 25
+    assert res["speedup"] == pytest.approx(res["baseline"]["p50"] / res["model"]["p50"])
+    assert 0 < res["model"]["p50"] <= res["model"]["p90"]
+
+
+def test_time_budget_stops_after_21_rounds(tiny_onnx):
+    res = measure_interleaved({"a": tiny_onnx}, {"x": np.ones((1, 4), np.float32)}, 1,
+                              warmup=1, max_iters=10_000, budget_s=0.0)
+    assert res["a"]["n"] == 21  # rounds 0..20: the budget is first checked after round 20 (i >= 20)

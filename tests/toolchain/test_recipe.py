@@ -1,0 +1,92 @@
+"""Recipe: ordered stages + target + gates; YAML round trip and order validation."""
+import pytest
+
+from runtime_check.gates import Gates
+from toolchain.errors import ConfigError
+from toolchain.pruning.magnitude import MagnitudePruneConfig
+from toolchain.pruning.nm import NMPruneConfig
+from toolchain.quantization import Int8StaticConfig
+from toolchain.recipe import Recipe, Stage, load_recipe
+
+PRUNE = Stage("prune", "magnitude", MagnitudePruneConfig(0.7, "layer"))
+QUANT = Stage("quantize", "int8", Int8StaticConfig(observer="minmax", percentile=99.9))
+
+
+def test_yaml_dump_load_round_trip(tmp_path):
+    recipe = Recipe(stages=(PRUNE, QUANT), target="cpu", gates=Gates(0.5, 1.2, 3.0), threads=2, seed=7)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.dump())
+    loaded = load_recipe(path)
+    assert loaded == recipe
+    assert loaded.stage("prune").config == MagnitudePruneConfig(0.7, "layer")
+    assert loaded.gates == Gates(0.5, 1.2, 3.0)
+    # and again: dump(load(dump(r))) is stable
+    assert loaded.dump() == recipe.dump()
+
+
+def test_default_recipe_round_trip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(Recipe().dump())
+    assert load_recipe(path) == Recipe()
+
+
+def test_hand_written_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - prune.nm\n  - type: quantize.int8\n    params: {observer: mse}\n"
+                    "gates:\n  max_accuracy_drop: 0.5\nseed: 3\n")
+    r = load_recipe(path)
+    assert [s.qualified for s in r.stages] == ["prune.nm", "quantize.int8"]
+    assert r.stage("prune").config == NMPruneConfig(2, 4)
+    assert r.stage("quantize").config.observer == "mse"
+    assert r.gates.max_accuracy_drop == 0.5 and r.seed == 3 and r.target == "cpu"
+
+
+def test_quantize_before_prune_is_rejected():
+    with pytest.raises(ConfigError, match="prun"):
+        Recipe(stages=(QUANT, PRUNE))
+
+
+def test_quantize_before_prune_is_rejected_when_loading(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - type: quantize.int8\n  - type: prune.magnitude\n")
+    with pytest.raises(ConfigError):
+        load_recipe(path)
+
+
+def test_at_most_one_quantization_stage():
+    with pytest.raises(ConfigError):
+        Recipe(stages=(PRUNE, QUANT, QUANT))
+
+
+def test_with_stage_keeps_the_order_rule():
+    r = Recipe(stages=(QUANT,)).with_stage("prune", PRUNE)
+    assert r.stages == (PRUNE, QUANT)
+    assert r.with_stage("prune", None).stages == (QUANT,)
+
+
+@pytest.mark.parametrize("text", [
+    "target: gpu\n",
+    "stagez: []\n",
+    "threads: 0\n",
+    "gates: {max_drop: 1}\n",
+    "- just\n- a list\n",
+    "stages:\n  - type: prune.magnitude\n    params: {sparsity: 2.0}\n",
+    "stages: [prune.unknown]\n",
+    "key: [unclosed\n",
+])
+def test_bad_recipes_are_config_errors(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_empty_file_is_the_default_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("")
+    assert load_recipe(path) == Recipe()
