@@ -98,6 +98,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         hf_folder=str(folder),
         description=f"{config.get('model_type', '?')} ({task})",
         prune_prefix=_encoder_prefix(model),
+        default_prune="none",
         load_data=load_data,
     )
 

@@ -41,6 +41,9 @@ class ModelSpec:
     hf_folder: str | None = None  # set for Hugging Face models (optimum export, config reload)
     description: str = ""
     prune_prefix: str = ""
+    # pruning method used when neither --prune nor a recipe names one ("none" for transformers:
+    # unstructured zeros without recovery cost fidelity and buy only size)
+    default_prune: str = "magnitude"
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
     load_data: Callable | None = None  # restrict pruning to modules under this name prefix
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Gates", "evaluate_gates", "DEFAULT_DROP"]
+__all__ = ["Gates", "evaluate_gates", "accuracy_limit", "DEFAULT_DROP"]
 
 # Used when no --max-accuracy-drop is given, so a broken model never passes silently.
 DEFAULT_DROP = {"points": 1.0, "1-cosine": 0.01}
@@ -17,6 +17,13 @@ class Gates:
     max_accuracy_drop: float | None = None
     min_speedup: float | None = None
     max_latency_ms: float | None = None
+
+
+def accuracy_limit(gates: Gates, task: str) -> float:
+    """The accuracy-drop limit in the unit of `task`'s metric (explicit or default)."""
+    if gates.max_accuracy_drop is not None:
+        return gates.max_accuracy_drop
+    return DEFAULT_DROP["1-cosine" if task == "feature-extraction" else "points"]
 
 
 def _drop_in_unit(accuracy: dict) -> tuple[float, str] | None:

@@ -63,8 +63,11 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
 
 
-def build_recipe(ctx: click.Context, opts: dict):
-    """The recipe file (if any), then every flag the user actually typed on top of it."""
+def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude"):
+    """The recipe file (if any), then every flag the user actually typed on top of it.
+
+    `default_prune` is the model's default method, used when neither --prune, --sparsity, --nm
+    nor a recipe says otherwise."""
     from runtime_check.gates import Gates
     from toolchain.pruning.nm import parse_nm
     from toolchain.recipe import Recipe, Stage, load_recipe
@@ -80,7 +83,9 @@ def build_recipe(ctx: click.Context, opts: dict):
     if opts["recipe"] and not prune and "prune" not in flags_win and (_given(ctx, "sparsity") or _given(ctx, "nm")):
         raise ConfigError("--sparsity/--nm need a pruning stage: the recipe has none, so add --prune")
     if "prune" in flags_win or (prune and (_given(ctx, "sparsity") or _given(ctx, "nm"))):
-        name = opts["prune"] if "prune" in flags_win or not prune else prune.name
+        typed = opts["prune"] or ("magnitude" if _given(ctx, "sparsity") else "nm" if _given(ctx, "nm")
+                                  else default_prune)
+        name = typed if "prune" in flags_win or not prune else prune.name
         if name == "none":
             recipe = recipe.with_stage("prune", None)
         else:
@@ -137,8 +142,9 @@ def _validate_positive(ctx, param, value):
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
               help="Deployment target profile.")
-@click.option("--prune", default="magnitude", show_default=True, type=click.Choice(_methods("prune")),
-              help="Pruning method (`sqexport methods` explains each).")
+@click.option("--prune", default=None, type=click.Choice(_methods("prune")),
+              help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
+                   "unstructured zeros without recovery cost fidelity and buy only size].")
 @click.option("--sparsity", default=0.5, show_default=True, type=float, callback=_validate_sparsity,
               help="Fraction of prunable weights removed (magnitude).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
@@ -175,6 +181,8 @@ def export_cmd(ctx, model, **opts):
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
     _log(f"loading {model}")
     spec = _guard(load_model, model, opts["task"])
+    if spec.default_prune != "magnitude":
+        recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
     spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
     report = _guard(pipeline.run, recipe, spec, outdir, _log)
     _print_summary(report, outdir)

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +19,8 @@ import onnx
 import torch
 
 from exporters.export import export_model
-from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
 from models.spec import ModelSpec
-from runtime_check.gates import evaluate_gates
+from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
@@ -30,22 +28,14 @@ from toolchain.bn_recalibration import recalibrate_batchnorm
 from toolchain.errors import OutputError
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
-from toolchain.quantization import fake_quant_model
-from toolchain.quantization.plan import Anchor
 from toolchain.quantization.smoothing import smooth_model
+from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
 from toolchain.registry import lookup
 
 __all__ = ["run", "atomic_output"]
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class QuantContext:
-    anchors: list[Anchor]
-    calib_batches: list[dict]
-    run: Callable
 
 
 def seed_everything(seed: int) -> None:
@@ -113,12 +103,6 @@ class _Stages:
         self.records.append(record)
 
 
-def _torch_runner(spec: ModelSpec):
-    def run(model, batch):
-        return spec.torch_outputs(model, batch)
-    return run
-
-
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None) -> dict:
     seed_everything(recipe.seed)
     threads = recipe.threads or default_threads()
@@ -139,7 +123,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
 
         if recipe.stage("prune") is not None:
             with st.stage("recalibrate_batchnorm") as rec:
-                rec["params"]["layers"] = recalibrate_batchnorm(work, spec.calib_batches, _torch_runner(spec))
+                rec["params"]["layers"] = recalibrate_batchnorm(work, spec.calib_batches, spec.torch_outputs)
         with st.stage("fold_batchnorm") as rec:
             work, folded = fold_batchnorm(work)
             rec["params"]["folded"] = folded
@@ -149,27 +133,20 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
         if alpha > 0:
             with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
-                groups = smooth_model(work, spec.calib_batches, _torch_runner(spec), alpha)
+                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha)
                 rec["params"]["groups"] = len(groups)
                 rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
         with st.stage("export.model", {"exporter": spec.exporter}):
             prepared = export_model(spec, work, tmp / "prepared.onnx")
+        quant_info = {}
         if quant is not None:
             with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
-                weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
-                sites = find_sites(prepared, weights)
-                anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None)
-                           for name, s in sites.items()]
-                ctx = QuantContext(anchors, spec.calib_batches, _torch_runner(spec))
-                params = lookup("quantize", quant.name).handler(work, quant.config, ctx)
-                tables = {n: m.weight.detach().numpy() for n, m in work.named_modules()
-                          if isinstance(m, torch.nn.Embedding)}
-                qmodel = insert_qdq(prepared, sites, params, find_embedding_sites(prepared, tables))
-                onnx.save(qmodel, str(tmp / "model.onnx"))
-                onnx.checker.check_model(str(tmp / "model.onnx"))
-                rec["params"]["quantized_layers"] = len(anchors)
-                fq = fake_quant_model(work, params)
-                reference = lambda b: spec.torch_outputs(fq, b)  # noqa: E731
+                limit = accuracy_limit(recipe.gates, spec.task)
+                reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit)
+                rec["params"]["quantized_layers"] = quant_info["quantized_layers"]
+                if quant_info.get("fallback"):
+                    notes.append(f"accuracy-aware fallback: {len(quant_info['fallback'])} layer(s) kept in FP32: "
+                                 + ", ".join(f["layer"] for f in quant_info["fallback"]))
             (tmp / "prepared.onnx").unlink()
         else:
             (tmp / "prepared.onnx").rename(tmp / "model.onnx")
@@ -185,7 +162,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         report = {
             "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
             "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
-            "fidelity": fidelity, "latency_ms": latency, "checks": checks, "notes": notes,
+            "fidelity": fidelity, "quantization": quant_info, "latency_ms": latency, "checks": checks, "notes": notes,
             "recipe": recipe.to_dict(), "task": spec.task,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": __import__("onnxruntime").__version__},

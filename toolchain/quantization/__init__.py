@@ -30,6 +30,8 @@ class Int8StaticConfig:
     percentile: float = 99.99
     embeddings: bool = True  # int8 embedding tables (per-tensor, gathered as int8 by onnxruntime)
     smoothquant: float = 0.85  # SmoothQuant alpha for Linears on token sequences; 0 disables
+    fallback: bool = True  # accuracy-aware fallback of the worst layers to FP32 (see fallback.py)
+    max_fallback_fraction: float = 0.25  # at most this share of the quantized layers falls back
     VERSION = 1
 
     def __post_init__(self):
@@ -37,6 +39,8 @@ class Int8StaticConfig:
             raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(ACT_OBSERVERS)}")
         if not 0.0 <= self.smoothquant <= 1.0:
             raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
+        if not 0.0 <= self.max_fallback_fraction <= 1.0:
+            raise ConfigError(f"max_fallback_fraction must be in [0, 1], got {self.max_fallback_fraction}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
 

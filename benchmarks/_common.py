@@ -1,0 +1,99 @@
+"""Shared helpers for the side-by-side benchmarks: machine info, latency over many models,
+file sizes, Markdown tables and the results folder."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+
+import onnxruntime as ort
+
+from exporters.sparse import file_sizes
+from runtime_check.latency import measure_interleaved
+from runtime_check.session import default_threads
+
+__all__ = ["RESULTS_DIR", "machine_info", "thread_settings", "latency_table", "size_of",
+           "markdown_table", "write_results"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MB = 1e6
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(packages: tuple[str, ...] = ("onnxruntime", "onnx", "torch")) -> dict:
+    """CPU model, core counts, int8-relevant instruction sets and library versions."""
+    info = _cpuinfo()
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flag_set = set(flags.group(1).split()) if flags else set()
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "usable_cores": default_threads(),
+        "isa": [f for f in ISA_FLAGS if f in flag_set],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "versions": {p: _version(p) for p in packages},
+    }
+
+
+def thread_settings() -> list[int]:
+    """1 thread and all usable cores (one entry when they coincide)."""
+    return sorted({1, default_threads()})
+
+
+def latency_table(paths: dict[str, Path], feed: dict, threads: list[int], max_iters: int,
+                  budget_s: float, log=print) -> dict[int, dict]:
+    """{threads: {name: {p50, p90, mean, n, speedup}}}: every model in one interleaved run per
+    thread setting; speedup = p50 of the first model (the baseline) / p50 of this one."""
+    baseline = next(iter(paths))
+    out = {}
+    for t in threads:
+        log(f"latency at {t} thread(s): {len(paths)} models interleaved, "
+            f"up to {max_iters} rounds / {budget_s:.0f} s")
+        res = measure_interleaved(paths, feed, t, max_iters=max_iters, budget_s=budget_s)
+        for stats in res.values():
+            stats["speedup"] = res[baseline]["p50"] / stats["p50"]
+        out[t] = res
+    return out
+
+
+def size_of(path: Path) -> dict:
+    """Raw and zip-deflated (level 9) size of one file."""
+    s = file_sizes(path)
+    return {"bytes": s["raw"], "zipped_bytes": s["compressed"],
+            "mb": s["raw"] / MB, "zipped_mb": s["compressed"] / MB}
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    align = ["---" if i < 2 else "---:" for i in range(len(headers))]
+    return "\n".join([line(headers), line(align), *(line(r) for r in rows)])
+
+
+def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path.write_text(markdown + "\n")
+    return json_path, md_path

@@ -1,0 +1,95 @@
+"""The quantization step of the pipeline: params in torch -> (fallback) -> QDQ ONNX + torch reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
+from models.spec import ModelSpec
+from runtime_check.accuracy import classification_metrics, embedding_metrics
+from toolchain.errors import ExportError
+from toolchain.pruning import prunable_layers
+from toolchain.quantization import fake_quant_model
+from toolchain.quantization.fallback import fallback_until, local_snr_db
+from toolchain.quantization.plan import Anchor
+from toolchain.recipe import Stage
+from toolchain.registry import lookup
+
+__all__ = ["QuantContext", "quantize_to_onnx", "predicted_drop"]
+
+
+@dataclass
+class QuantContext:
+    anchors: list[Anchor]
+    calib_batches: list[dict]
+    run: Callable
+
+
+FALLBACK_SAMPLES = 128  # calibration samples used to predict the gate during fallback
+
+
+def _fallback_batches(spec: ModelSpec) -> list[dict]:
+    batches, n = [], 0
+    for b in spec.calib_batches:
+        if n >= FALLBACK_SAMPLES:
+            break
+        batches.append(b)
+        n += len(next(iter(b.values())))
+    return batches
+
+
+def _calib_outputs(spec: ModelSpec, model: torch.nn.Module) -> np.ndarray:
+    return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in _fallback_batches(spec)])
+
+
+def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
+    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit."""
+    out = _calib_outputs(spec, model)
+    if spec.task == "feature-extraction":
+        return embedding_metrics(fp_outputs, out)["drop"]
+    return 100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
+
+
+def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
+                     out_path: Path, accuracy_limit: float) -> tuple[Callable, dict]:
+    """Write the QDQ model to out_path; return (torch reference runner, report info)."""
+    run = spec.torch_outputs
+    weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
+    sites = find_sites(prepared, weights)
+    if not sites:
+        raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
+    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None) for name, s in sites.items()]
+    params = lookup("quantize", stage.name).handler(work, stage.config, QuantContext(anchors, spec.calib_batches, run))
+    info: dict = {"quantized_layers": len(anchors)}
+    snr = local_snr_db(work, params, spec.calib_batches, run)
+    info["worst_layers_snr_db"] = [{"layer": n, "snr_db": round(v, 2)} for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
+    if getattr(stage.config, "fallback", False):
+        # Measured against the dense model, as the gate is; if pruning alone already exceeds the
+        # limit, returning layers to FP32 cannot help and would only cost speed.
+        dense = _calib_outputs(spec, spec.model)
+        pruned_drop = predicted_drop(spec, dense, work)
+        info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
+        if pruned_drop <= accuracy_limit:
+            max_layers = int(len(anchors) * stage.config.max_fallback_fraction)
+            params, fallen, trace = fallback_until(
+                params, snr, lambda p: predicted_drop(spec, dense, fake_quant_model(work, p)),
+                accuracy_limit, max_layers)
+            info.update(fallback=fallen, predicted_drop_trace=[round(t, 6) for t in trace],
+                        quantized_layers=len(params.anchors))
+        else:
+            info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
+    tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
+    qmodel = insert_qdq(prepared, sites, params, find_embedding_sites(prepared, tables))
+    info["int8_embeddings"] = sorted(params.embeddings)
+    onnx.save(qmodel, str(out_path))
+    try:
+        onnx.checker.check_model(str(out_path))
+    except Exception as exc:
+        raise ExportError(f"the QDQ model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+    fq = fake_quant_model(work, params)
+    return (lambda b: run(fq, b)), info
