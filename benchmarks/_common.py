@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from exporters.sparse import file_sizes
 from runtime_check.latency import measure_interleaved
 from runtime_check.session import default_threads
 
-__all__ = ["RESULTS_DIR", "machine_info", "thread_settings", "latency_table", "size_of",
+__all__ = ["RESULTS_DIR", "machine_info", "thread_settings", "other_cpu_load", "wait_for_quiet", "latency_table", "size_of",
            "markdown_table", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -60,20 +61,61 @@ def thread_settings() -> list[int]:
     return sorted({1, default_threads()})
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes spent busy since boot (user+nice+system+irq+softirq+steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def other_cpu_load(fn):
+    """Run fn(); return (its result, CPU cores used meanwhile by *other* processes, or None)."""
+    busy0, own0, wall0 = _busy_seconds(), _own_seconds(), time.perf_counter()
+    result = fn()
+    busy1, own1, wall = _busy_seconds(), _own_seconds(), time.perf_counter() - wall0
+    if busy0 is None or busy1 is None:
+        return result, None
+    return result, max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, log=print) -> float | None:
+    """Wait (up to max_wait_s) until other processes use less than `threshold` CPU cores over a
+    2 s window; returns the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    _, others = other_cpu_load(lambda: time.sleep(2.0))
+    while others is not None and others >= threshold and time.monotonic() < deadline:
+        log(f"other processes use {others:.2f} cores; waiting for a quiet machine "
+            f"({deadline - time.monotonic():.0f} s left)")
+        _, others = other_cpu_load(lambda: time.sleep(10.0))
+    return others
+
+
 def latency_table(paths: dict[str, Path], feed: dict, threads: list[int], max_iters: int,
-                  budget_s: float, log=print) -> dict[int, dict]:
-    """{threads: {name: {p50, p90, mean, n, speedup}}}: every model in one interleaved run per
-    thread setting; speedup = p50 of the first model (the baseline) / p50 of this one."""
+                  budget_s: float, max_wait_s: float = 0.0, log=print) -> tuple[dict[int, dict], dict[int, float | None]]:
+    """Every model in one interleaved run per thread setting. Returns
+    ({threads: {name: {p50, p90, mean, n, speedup}}}, {threads: cores other processes used}),
+    speedup = p50 of the first model (the baseline) / p50 of this one."""
     baseline = next(iter(paths))
-    out = {}
+    table, others = {}, {}
     for t in threads:
+        if max_wait_s > 0:
+            wait_for_quiet(max_wait_s, log=log)
         log(f"latency at {t} thread(s): {len(paths)} models interleaved, "
             f"up to {max_iters} rounds / {budget_s:.0f} s")
-        res = measure_interleaved(paths, feed, t, max_iters=max_iters, budget_s=budget_s)
+        res, others[t] = other_cpu_load(
+            lambda: measure_interleaved(paths, feed, t, max_iters=max_iters, budget_s=budget_s))
         for stats in res.values():
             stats["speedup"] = res[baseline]["p50"] / stats["p50"]
-        out[t] = res
-    return out
+        table[t] = res
+    return table, others
 
 
 def size_of(path: Path) -> dict:

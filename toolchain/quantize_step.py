@@ -9,12 +9,13 @@ import numpy as np
 import onnx
 import torch
 
+from exporters.dynamic import insert_dynamic
 from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
 from models.spec import ModelSpec
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from toolchain.errors import ExportError
 from toolchain.pruning import prunable_layers
-from toolchain.quantization import fake_quant_model
+from toolchain.quantization import QuantParams, fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
 from toolchain.quantization.plan import Anchor
 from toolchain.recipe import Stage
@@ -55,6 +56,13 @@ def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Modu
     return 100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
 
 
+def _check(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ExportError(f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+
+
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
                      out_path: Path, accuracy_limit: float) -> tuple[Callable, dict]:
     """Write the QDQ model to out_path; return (torch reference runner, report info)."""
@@ -63,9 +71,19 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     sites = find_sites(prepared, weights)
     if not sites:
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
-    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None) for name, s in sites.items()]
+    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
+               for name, s in sites.items()]
     params = lookup("quantize", stage.name).handler(work, stage.config, QuantContext(anchors, spec.calib_batches, run))
-    info: dict = {"quantized_layers": len(anchors)}
+    info: dict = {"quantized_layers": len(params.anchors)}
+    tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
+    embedding_sites = find_embedding_sites(prepared, tables)
+    info["int8_embeddings"] = sorted(set(params.embeddings) & set(embedding_sites))
+    if params.dynamic:
+        with_tables = insert_qdq(prepared, sites, QuantParams(embeddings=params.embeddings), embedding_sites)
+        onnx.save(insert_dynamic(with_tables, sites, params), str(out_path))
+        _check(out_path)
+        fq = fake_quant_model(work, params)
+        return (lambda b: run(fq, b)), info
     snr = local_snr_db(work, params, spec.calib_batches, run)
     info["worst_layers_snr_db"] = [{"layer": n, "snr_db": round(v, 2)} for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
     if getattr(stage.config, "fallback", False):
@@ -83,13 +101,8 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                         quantized_layers=len(params.anchors))
         else:
             info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
-    tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
-    qmodel = insert_qdq(prepared, sites, params, find_embedding_sites(prepared, tables))
-    info["int8_embeddings"] = sorted(params.embeddings)
+    qmodel = insert_qdq(prepared, sites, params, embedding_sites)
     onnx.save(qmodel, str(out_path))
-    try:
-        onnx.checker.check_model(str(out_path))
-    except Exception as exc:
-        raise ExportError(f"the QDQ model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+    _check(out_path)
     fq = fake_quant_model(work, params)
     return (lambda b: run(fq, b)), info

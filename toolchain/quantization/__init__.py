@@ -1,7 +1,7 @@
 """Quantization methods; importing this package registers them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from toolchain.errors import ConfigError
 from toolchain.quantization.observers import OBSERVERS
@@ -57,4 +57,30 @@ def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
     return params
 
 
-__all__ += ["calibrate", "fake_quant_model", "quantize_weights"]
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    """Dynamic int8 for MatMul/Gemm (transformer Linears): weights per-channel symmetric int8
+    computed here, activations quantized per tensor at run time. Convolutions stay FP32: use
+    static int8 for CNNs. `smoothquant` as in static int8 (helps the per-tensor activation scale)."""
+
+    smoothquant: float = 0.85
+    embeddings: bool = True  # int8 embedding tables, as in static int8
+    VERSION = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.smoothquant <= 1.0:
+            raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
+
+
+@register("quantize", "int8-dynamic", Int8DynamicConfig,
+          "dynamic int8 for MatMul/Gemm: per-channel int8 weights, activations quantized at run time")
+def quantize_dynamic(model, config: Int8DynamicConfig, ctx) -> QuantParams:
+    anchors = [a for a in ctx.anchors if a.dynamic_ok]
+    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False) for a in anchors], {})
+    params.dynamic = True
+    if config.embeddings:
+        params.embeddings = quantize_embeddings(model)
+    return params
+
+
+__all__ += ["calibrate", "fake_quant_model", "quantize_weights", "Int8DynamicConfig"]

@@ -16,3 +16,4 @@ class Anchor:
     module: str  # qualified torch module name
     quantize_output: bool = False  # quantize relu(output) too
     quantize_bias: bool = False  # bias as int32 with scale s_in * s_w (Conv / Gemm)
+    dynamic_ok: bool = False  # MatMul / Gemm: can take run-time (dynamic) activation quantization
