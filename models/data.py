@@ -24,8 +24,8 @@ def _load(path: str, spec: ModelSpec):
 def apply_user_data(spec: ModelSpec, calib_data: str | None, eval_data: str | None) -> ModelSpec:
     changes = {}
     if calib_data:
-        batches, _ = _load(calib_data, spec)
-        changes["calib_batches"] = batches
+        batches, labels = _load(calib_data, spec)
+        changes["calib_batches"], changes["calib_labels"] = batches, labels
     if eval_data:
         batches, labels = _load(eval_data, spec)
         changes["eval_batches"], changes["eval_labels"] = batches, labels

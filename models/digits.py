@@ -135,6 +135,7 @@ def build_digits_spec(name: str) -> ModelSpec:
         calib_batches=_batches(split.x_calib, 50),
         eval_batches=_batches(split.x_eval, 150),
         eval_labels=split.y_eval,
+        calib_labels=split.y_calib,
         dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
         description=f"{ARCHITECTURES[name].__doc__.splitlines()[0]} (sklearn digits, 8x8)",
     )

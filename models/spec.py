@@ -35,6 +35,7 @@ class ModelSpec:
     calib_batches: list[Batch]
     eval_batches: list[Batch]
     eval_labels: np.ndarray | None = None
+    calib_labels: np.ndarray | None = None  # lets the fallback predict a label-accuracy gate
     dynamic_axes: dict = field(default_factory=dict)
     postprocess: Callable[[list[np.ndarray], Batch], np.ndarray] = _first_output
     exporter: str = "torch"  # "torch" or "optimum"

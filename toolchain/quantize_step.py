@@ -53,7 +53,9 @@ def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Modu
     out = _calib_outputs(spec, model)
     if spec.task == "feature-extraction":
         return embedding_metrics(fp_outputs, out)["drop"]
-    return 100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
+    labels = spec.calib_labels[:len(out)] if spec.calib_labels is not None else None
+    return classification_metrics(fp_outputs, out, labels)["drop_points"] if labels is not None else \
+        100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
 
 
 def _check(path: Path) -> None:
