@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/digits.py
+	$(BIN)/python benchmarks/minilm.py
 
 clean:
 	rm -rf $(VENV) sqexport-out build *.egg-info
