@@ -9,11 +9,14 @@ import numpy as np
 from models.spec import ModelSpec
 from toolchain.errors import DataError
 
-__all__ = ["load_tensor_data"]
+__all__ = ["load_tensor_data", "load_tensor_batches"]
 
 
-def load_tensor_data(path: Path, spec: ModelSpec, batch_size: int = 64) -> tuple[list[dict], np.ndarray | None]:
+def load_tensor_batches(path: Path, inputs: dict[str, tuple[tuple, np.dtype]],
+                        batch_size: int = 64) -> tuple[list[dict], np.ndarray | None]:
+    """`inputs` maps each input name to (per-sample shape, dtype); a None dim accepts any size."""
     path = Path(path)
+    names = list(inputs)
     if path.suffix not in (".npy", ".npz"):
         raise DataError(f"{path}: tensor data must be .npy or .npz, got '{path.suffix or 'no suffix'}'")
     try:
@@ -21,22 +24,22 @@ def load_tensor_data(path: Path, spec: ModelSpec, batch_size: int = 64) -> tuple
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     if isinstance(loaded, np.ndarray):
-        if len(spec.input_names) != 1:
-            raise DataError(f"{path}: a .npy holds one input, the model takes {', '.join(spec.input_names)}")
-        arrays, labels = {spec.input_names[0]: loaded}, None
+        if len(names) != 1:
+            raise DataError(f"{path}: a .npy holds one input, the model takes {', '.join(names)}")
+        arrays, labels = {names[0]: loaded}, None
     else:
-        missing = [n for n in spec.input_names if n not in loaded.files]
+        missing = [n for n in names if n not in loaded.files]
         if missing:
             raise DataError(f"{path}: missing array(s) {', '.join(missing)} (has {', '.join(loaded.files)})")
-        arrays = {n: loaded[n] for n in spec.input_names}
+        arrays = {n: loaded[n] for n in names}
         labels = loaded["labels"] if "labels" in loaded.files else None
     n = None
     for name, arr in arrays.items():
-        want = spec.example_inputs[name]
-        if arr.ndim != want.ndim or arr.shape[1:] != want.shape[1:]:
-            raise DataError(f"{path}: '{name}' has shape {tuple(arr.shape)}, the model expects "
-                            f"(N, {', '.join(map(str, want.shape[1:]))})")
-        arrays[name] = arr.astype(want.dtype, copy=False)
+        shape, dtype = inputs[name]
+        if arr.ndim != len(shape) + 1 or any(w is not None and w != g for w, g in zip(shape, arr.shape[1:])):
+            want = ", ".join("?" if d is None else str(d) for d in shape)
+            raise DataError(f"{path}: '{name}' has shape {tuple(arr.shape)}, the model expects (N, {want})")
+        arrays[name] = arr.astype(dtype, copy=False)
         n = len(arr) if n is None else n
         if len(arr) != n or n == 0:
             raise DataError(f"{path}: arrays must have the same, non-zero number of rows")
@@ -44,3 +47,8 @@ def load_tensor_data(path: Path, spec: ModelSpec, batch_size: int = 64) -> tuple
         raise DataError(f"{path}: {len(labels)} labels for {n} inputs")
     batches = [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
     return batches, (labels.astype(np.int64) if labels is not None else None)
+
+
+def load_tensor_data(path: Path, spec: ModelSpec, batch_size: int = 64) -> tuple[list[dict], np.ndarray | None]:
+    inputs = {n: (spec.example_inputs[n].shape[1:], spec.example_inputs[n].dtype) for n in spec.input_names}
+    return load_tensor_batches(path, inputs, batch_size)

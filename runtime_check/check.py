@@ -38,22 +38,14 @@ def _synthetic_batches(model, n: int = 64, seed: int = 0) -> list[dict]:
 
 
 def _tensor_batches(path: Path, model) -> tuple[list[dict], np.ndarray | None]:
-    names = [i.name for i in model.graph.input]
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    if isinstance(data, np.ndarray):
-        if len(names) != 1:
-            raise DataError(f"{path}: a .npy holds one input, the model takes {', '.join(names)}")
-        arrays, labels = {names[0]: data}, None
-    else:
-        missing = [n for n in names if n not in data.files]
-        if missing:
-            raise DataError(f"{path}: missing array(s) {', '.join(missing)}")
-        arrays, labels = {n: data[n] for n in names}, data["labels"] if "labels" in data.files else None
-    n = len(next(iter(arrays.values())))
-    return [{k: v[i:i + 64] for k, v in arrays.items()} for i in range(0, n, 64)], labels
+    from models.tensor_data import load_tensor_batches
+
+    inputs = {}
+    for inp in model.graph.input:
+        tt = inp.type.tensor_type
+        shape = tuple(d.dim_value if d.dim_value > 0 else None for d in tt.shape.dim)[1:]
+        inputs[inp.name] = (shape, _NP_TYPES.get(tt.elem_type, np.float32))
+    return load_tensor_batches(path, inputs)
 
 
 def _first(outputs, batch):
