@@ -37,6 +37,21 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Size", "", f"- baseline.onnx: {s['baseline']:,} bytes "
               f"({s.get('baseline_compressed', 0):,} zipped)",
               f"- model.onnx: {s['model']:,} bytes ({s['compressed']:,} zipped)"]
+    q = r.get("quantization") or {}
+    if q:
+        lines += ["", "## Quantization", "", f"- int8 layers: {q.get('quantized_layers', 0)}"]
+        if q.get("int8_embeddings"):
+            lines.append(f"- int8 embedding tables: {', '.join(q['int8_embeddings'])}")
+        if "fallback" in q:
+            fallen = ", ".join(f"{f['layer']} ({f['snr_db']} dB)" for f in q["fallback"]) or "none needed"
+            lines.append(f"- fallback to FP32: {fallen}; predicted drop on calibration data "
+                         f"{' -> '.join(f'{t:.4g}' for t in q.get('predicted_drop_trace', []))} "
+                         f"(limit {q.get('predicted_drop_limit')})")
+        elif q.get("fallback_skipped"):
+            lines.append(f"- fallback skipped: {q['fallback_skipped']}")
+        if q.get("worst_layers_snr_db"):
+            lines.append("- lowest local SNR: " + ", ".join(f"{w['layer']} {w['snr_db']} dB"
+                                                          for w in q["worst_layers_snr_db"][:5]))
     sp = r["sparsity"]
     lines += ["", "## Sparsity", "", f"overall {sp['overall']:.4f} of prunable weights", "",
               "| layer | sparsity |", "|---|---|"]
