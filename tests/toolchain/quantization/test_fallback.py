@@ -1,0 +1,172 @@
+"""Accuracy-aware fallback: local SNR per layer computed by hand, and the worst-first loop."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from toolchain.quantization import calibrate, quantize_weights
+from toolchain.quantization.fallback import fallback_until, local_snr_db
+from toolchain.quantization.params import ActQuant, WeightQuant
+from toolchain.quantization.plan import Anchor
+from toolchain.quantization.static import QuantParams
+
+
+def _run(model, batch):
+    return model(torch.from_numpy(batch["x"]))
+
+
+def _fake_quant_by_hand(x: np.ndarray, p: ActQuant) -> np.ndarray:
+    q = np.clip(np.rint(x.astype(np.float64) / p.scale) + p.zero_point, 0, 255)
+    return (q - p.zero_point) * p.scale
+
+
+def _one_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).eval().requires_grad_(False)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(size=(4, 5)).astype(np.float32) * [1, 1, 1, 1, 20]} for _ in range(3)]
+    return model, [{"x": b["x"].astype(np.float32)} for b in batches]
+
+
+def _params(model, batches, anchors):
+    ins, outs = calibrate(model, anchors, batches, _run, "minmax")
+    params = quantize_weights(model, anchors, ins)
+    params.outputs = outs
+    return params
+
+
+# ---------------------------------------------------------------- local SNR by hand
+
+@pytest.mark.parametrize("rectified", [False, True], ids=["linear", "linear-relu"])
+def test_local_snr_of_one_linear_by_hand(rectified):
+    model, batches = _one_linear()
+    params = _params(model, batches, [Anchor("0", quantize_output=rectified, quantize_bias=True)])
+    fc = model[0]
+    w = fc.weight.numpy().astype(np.float64)
+    b = fc.bias.numpy().astype(np.float64)
+    wq, (bq, bscale) = params.weights["0"], params.biases["0"]
+    w_dq = wq.q.astype(np.float64) * wq.scale.astype(np.float64)[:, None]  # dequantized int8 weight
+    b_dq = bq.astype(np.float64) * bscale.astype(np.float64)  # dequantized int32 bias
+    signal = noise = 0.0
+    for batch in batches:
+        x = batch["x"].astype(np.float64)
+        ref = x @ w.T + b  # FP32 output on the FP32 input
+        y = _fake_quant_by_hand(x, params.inputs["0"]) @ w_dq.T + b_dq
+        if rectified:
+            ref, y = np.maximum(ref, 0), _fake_quant_by_hand(np.maximum(y, 0), params.outputs["0"])
+        signal += (ref ** 2).sum()
+        noise += ((ref - y) ** 2).sum()
+    expected = 10 * math.log10(signal / noise)
+
+    snr = local_snr_db(model, params, batches, _run)
+
+    assert set(snr) == {"0"}
+    assert snr["0"] == pytest.approx(expected, abs=1e-3)
+    assert 20 < snr["0"] < 60  # int8: tens of dB
+    assert not model[0]._forward_hooks  # hooks removed
+
+
+def test_local_snr_is_infinite_when_quantization_is_exact():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False)).requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[127.0, -64.0], [2.0, 127.0]]) / 127)  # on the int8 grid
+    batches = [{"x": np.array([[0.0, 255.0], [3.0, 7.0]], np.float32)}]  # on the uint8 grid (scale 1)
+    params = _params(model, batches, [Anchor("0")])
+    assert params.inputs["0"] == ActQuant(1.0, 0)
+    assert local_snr_db(model, params, batches, _run) == {"0": math.inf}
+
+
+def test_local_snr_is_local_to_each_layer():
+    """Layer 2 is judged on its FP32 input, whatever error layer 1 makes."""
+    torch.manual_seed(1)
+    chain = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).eval().requires_grad_(False)
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.normal(size=(6, 5)).astype(np.float32)} for _ in range(2)]
+    params = _params(chain, batches, [Anchor("0", quantize_bias=True), Anchor("1", quantize_bias=True)])
+    snr = local_snr_db(chain, params, batches, _run)
+
+    second = nn.Sequential(chain[1])
+    with torch.no_grad():
+        mid = [{"x": chain[0](torch.from_numpy(b["x"])).numpy()} for b in batches]
+    alone = QuantParams(inputs={"0": params.inputs["1"]}, weights={"0": params.weights["1"]},
+                        biases={"0": params.biases["1"]}, anchors=[Anchor("0", quantize_bias=True)])
+    assert snr["1"] == pytest.approx(local_snr_db(second, alone, mid, _run)["0"], rel=1e-9)
+    # the model itself still ran in FP32 (the hooks only observe)
+    with torch.no_grad():
+        np.testing.assert_array_equal(chain(torch.from_numpy(batches[0]["x"])).numpy(),
+                                      chain[1](chain[0](torch.from_numpy(batches[0]["x"]))).numpy())
+
+
+# ---------------------------------------------------------------- the fallback loop
+
+SNR = {"a": 30.0, "b": 10.0, "c": 20.0, "d": 40.0}
+CONTRIB = {"a": 0.1, "b": 0.5, "c": 0.3, "d": 0.05}  # each quantized layer's share of the drop
+
+
+def _fake_params():
+    names = list(SNR)
+    return QuantParams(
+        inputs={n: ActQuant(0.1, 128) for n in names}, outputs={n: ActQuant(0.1, 0) for n in names},
+        weights={n: WeightQuant(np.ones((2, 2), np.int8), np.ones(2, np.float32)) for n in names},
+        biases={n: (np.zeros(2, np.int32), np.ones(2, np.float32)) for n in names},
+        anchors=[Anchor(n, True, True) for n in names])
+
+
+class FakeDrop:
+    """predicted_drop: the sum of the shares of the layers still quantized; records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, params):
+        self.calls.append(sorted(a.module for a in params.anchors))
+        return sum(CONTRIB[a.module] for a in params.anchors)
+
+
+def test_fallback_drops_worst_snr_first_until_the_limit_holds():
+    params, drop = _fake_params(), FakeDrop()
+    final, fallen, trace = fallback_until(params, SNR, drop, limit=0.2, max_layers=4)
+    assert [f["layer"] for f in fallen] == ["b", "c"]  # worst SNR first; then 0.15 <= 0.2: stop
+    assert [f["snr_db"] for f in fallen] == [10.0, 20.0]
+    assert trace == pytest.approx([0.95, 0.45, 0.15])
+    assert len(trace) == len(fallen) + 1
+    assert drop.calls == [["a", "b", "c", "d"], ["a", "c", "d"], ["a", "d"]]
+    assert [a.module for a in final.anchors] == ["a", "d"]
+    for field in ("inputs", "outputs", "weights", "biases"):
+        assert set(getattr(final, field)) == {"a", "d"}
+        assert set(getattr(params, field)) == set(SNR)  # the input params are not modified
+    assert len(params.anchors) == 4
+
+
+def test_fallback_respects_max_layers():
+    final, fallen, trace = fallback_until(_fake_params(), SNR, FakeDrop(), limit=0.2, max_layers=1)
+    assert [f["layer"] for f in fallen] == ["b"]
+    assert trace == pytest.approx([0.95, 0.45]) and len(trace) == len(fallen) + 1
+    assert trace[-1] > 0.2  # the limit still fails: the caller's gate reports it
+    assert [a.module for a in final.anchors] == ["a", "c", "d"]
+
+
+def test_no_fallback_when_the_limit_already_holds():
+    params, drop = _fake_params(), FakeDrop()
+    final, fallen, trace = fallback_until(params, SNR, drop, limit=1.0, max_layers=4)
+    assert fallen == [] and trace == pytest.approx([0.95]) and len(drop.calls) == 1
+    assert [a.module for a in final.anchors] == list(SNR)
+
+
+def test_max_layers_zero_never_falls_back():
+    final, fallen, trace = fallback_until(_fake_params(), SNR, FakeDrop(), limit=0.0, max_layers=0)
+    assert fallen == [] and len(trace) == 1 and len(final.anchors) == 4
+
+
+def test_fallback_can_return_every_layer():
+    final, fallen, trace = fallback_until(_fake_params(), SNR, FakeDrop(), limit=0.0, max_layers=10)
+    assert [f["layer"] for f in fallen] == ["b", "c", "a", "d"]
+    assert trace[-1] == pytest.approx(0.0) and len(trace) == 5 and final.anchors == []
+
+
+def test_snr_is_rounded_in_the_record():
+    snr = {"a": 12.3456, "b": 99.0}
+    _, fallen, _ = fallback_until(_fake_params(), snr, lambda p: 1.0, limit=0.5, max_layers=1)
+    assert fallen == [{"layer": "a", "snr_db": 12.35}]
