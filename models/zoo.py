@@ -60,6 +60,8 @@ def load_model(ref: str, task: str | None = None) -> ModelSpec:
     if path.exists():
         raise ModelLoadError(f"cannot load '{ref}': this kind of model file is not supported yet; "
                              f"built-in models: {', '.join(builtin_names())}")
+    if "/" in ref or ref.startswith("."):
+        raise ModelLoadError(f"no such model folder or file: {ref}")
     raise ModelLoadError(f"unknown model '{ref}'; built-in models: {', '.join(builtin_names())} "
                          "(or a path to a model)")
 
