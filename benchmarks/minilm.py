@@ -6,6 +6,8 @@ Variants, all built from the same weights and measured on the same inputs:
   ort-dynamic    onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8)
   optimum-vnni   optimum ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
   sqexport       `sqexport export minilm --prune none` (the default static int8 QDQ)
+  sqexport-dynamic `sqexport export minilm --quant int8-dynamic` (int8 weights from torch,
+                 activations quantized at run time)
   sqexport-sp50  `sqexport export minilm --sparsity 0.5` (magnitude pruning + int8; the zeros buy
                  size, not speed, and the accuracy gate may fail: it is included anyway)
 
@@ -153,6 +155,8 @@ def build_variants(workdir: Path) -> list[Variant]:
         ("ort-dynamic", lambda built: build_ort_dynamic(built[0], workdir)),
         ("optimum-vnni", lambda built: build_optimum_vnni(built[0], workdir)),
         ("sqexport", lambda built: build_sqexport("sqexport", ["--prune", "none"], workdir)),
+        ("sqexport-dynamic", lambda built: build_sqexport("sqexport-dynamic", ["--prune", "none", "--quant",
+                                                                              "int8-dynamic"], workdir)),
         ("sqexport-sp50", lambda built: build_sqexport("sqexport-sp50", ["--prune", "magnitude",
                                                                           "--sparsity", "0.5"], workdir)),
     ]

@@ -12,9 +12,14 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def make_session(model, threads: int | None = None) -> ort.InferenceSession:
-    """CPUExecutionProvider with all graph optimizations; `model` is a path or serialized bytes."""
+def make_session(model, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """CPUExecutionProvider with all graph optimizations; `model` is a path or serialized bytes.
+
+    `spinning=False` stops idle intra-op threads from busy-waiting after a run: needed when
+    several sessions take turns, or one session's spinning threads steal the cores of the next."""
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
