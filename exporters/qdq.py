@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from toolchain.quantization.params import ActQuant
 from toolchain.quantization.static import QuantParams
 
-__all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq", "toposort"]
+__all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq", "toposort", "merge_duplicate_nodes"]
 
 
 @dataclass(frozen=True)
@@ -229,3 +229,45 @@ def toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.N
     if len(ordered) != len(nodes):
         raise ValueError("graph has a cycle after QDQ insertion")
     return ordered
+
+
+def merge_duplicate_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("Mul",)) -> int:
+    """Common-subexpression elimination for `op_types`: nodes with the same inputs (initializers
+    compared by value) and attributes collapse into one. Smoothing gives Q/K/V the same
+    per-channel multiply; merged, the three MatMuls read one tensor and share one Q/DQ pair."""
+    graph = model.graph
+    _ensure_node_names(graph)
+    inits = {i.name: i for i in graph.initializer}
+    canonical: dict[tuple, str] = {}
+
+    # exporters dedupe equal constants as Identity(initializer): look through those
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+
+    def key_of(name: str):
+        name = alias.get(name, name)
+        if name in inits:
+            arr = numpy_helper.to_array(inits[name])
+            return ("init", arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
+        return ("tensor", name)
+
+    rename: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if node.op_type in op_types and len(node.output) == 1:
+            key = (node.op_type, tuple(key_of(n) for n in node.input),
+                   tuple(a.SerializeToString() for a in node.attribute))
+            if key in canonical:
+                rename[node.output[0]] = canonical[key]
+                continue
+            canonical[key] = node.output[0]
+        keep.append(node)
+    outputs = {o.name for o in graph.output}
+    if rename.keys() & outputs:
+        return 0  # never rename a graph output; leave such graphs alone
+    merged = len(graph.node) - len(keep)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return merged

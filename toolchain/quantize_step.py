@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from exporters.dynamic import insert_dynamic
-from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
+from exporters.qdq import find_embedding_sites, find_sites, insert_qdq, merge_duplicate_nodes
 from models.spec import ModelSpec
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from toolchain.errors import ExportError
@@ -80,6 +80,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                      out_path: Path, accuracy_limit: float) -> tuple[Callable, dict]:
     """Write the QDQ model to out_path; return (torch reference runner, report info)."""
     run = spec.torch_outputs
+    merged = merge_duplicate_nodes(prepared)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
     sites = find_sites(prepared, weights)
     if not sites:
@@ -87,7 +88,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
                for name, s in sites.items()]
     params = lookup("quantize", stage.name).handler(work, stage.config, QuantContext(anchors, spec.calib_batches, run))
-    info: dict = {"quantized_layers": len(params.anchors)}
+    info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": merged}
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
     embedding_sites = find_embedding_sites(prepared, tables)
     info["int8_embeddings"] = sorted(set(params.embeddings) & set(embedding_sites))
