@@ -48,6 +48,10 @@ class ModelSpec:
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
     load_data: Callable | None = None  # restrict pruning to modules under this name prefix
 
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
+
     def torch_outputs(self, model: torch.nn.Module, batch: Batch) -> list[np.ndarray]:
         """Run a torch model on one batch and return outputs as numpy, in output_names order."""
         with torch.no_grad():

@@ -1,7 +1,6 @@
 """The built-in models and the MODEL argument resolver."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +63,3 @@ def load_model(ref: str, task: str | None = None) -> ModelSpec:
         raise ModelLoadError(f"no such model folder or file: {ref}")
     raise ModelLoadError(f"unknown model '{ref}'; built-in models: {', '.join(builtin_names())} "
                          "(or a path to a model)")
-
-
-def with_data(spec: ModelSpec, **changes) -> ModelSpec:
-    return dataclasses.replace(spec, **changes)

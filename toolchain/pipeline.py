@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnxruntime
 import torch
 
 from exporters.export import export_model
@@ -129,7 +130,6 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             rec["params"]["folded"] = folded
 
         quant = recipe.stage("quantize")
-        reference = None
         alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
         if alpha > 0:
             with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
@@ -165,7 +165,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             "fidelity": fidelity, "quantization": quant_info, "latency_ms": latency, "checks": checks, "notes": notes,
             "recipe": recipe.to_dict(), "task": spec.task,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": __import__("onnxruntime").__version__},
+                         "onnxruntime": onnxruntime.__version__},
         }
         write_report(report, tmp)
     return report
