@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.errors import ConfigError, SqexportError
+from toolchain.errors import SqexportError
 
 __all__ = ["main", "cli"]
 
@@ -64,66 +64,18 @@ def _given(ctx: click.Context, name: str) -> bool:
 
 
 def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude"):
-    """The recipe file (if any), then every flag the user actually typed on top of it.
+    """The recipe file (if any), then every flag the user actually typed on top of it."""
+    from toolchain.overrides import Overrides, apply_overrides
+    from toolchain.recipe import load_recipe
 
-    `default_prune` is the model's default method, used when neither --prune, --sparsity, --nm
-    nor a recipe says otherwise."""
-    from runtime_check.gates import Gates
-    from toolchain.pruning.nm import parse_nm
-    from toolchain.recipe import Recipe, Stage, load_recipe
-    from toolchain.registry import lookup
-
+    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "quant", "observer", "max_accuracy_drop",
+                                  "min_speedup", "max_latency_ms", "threads", "seed", "target")
+             if _given(ctx, k) and opts[k] is not None}
+    if not opts["recipe"]:  # without a recipe file the CLI's own defaults apply
+        typed.setdefault("seed", opts["seed"])
+        typed.setdefault("target", opts["target"])
     recipe = load_recipe(opts["recipe"]) if opts["recipe"] else None
-    if recipe is None:
-        recipe = Recipe()
-        flags_win = {"prune", "quant"}  # without a recipe the defaults build the stages
-    else:
-        flags_win = {k for k in ("prune", "quant") if _given(ctx, k)}
-    prune = recipe.stage("prune")
-    if opts["recipe"] and not prune and "prune" not in flags_win and (_given(ctx, "sparsity") or _given(ctx, "nm")):
-        raise ConfigError("--sparsity/--nm need a pruning stage: the recipe has none, so add --prune")
-    if "prune" in flags_win or (prune and (_given(ctx, "sparsity") or _given(ctx, "nm"))):
-        typed = opts["prune"] or ("magnitude" if _given(ctx, "sparsity") else "nm" if _given(ctx, "nm")
-                                  else default_prune)
-        name = typed if "prune" in flags_win or not prune else prune.name
-        if name == "none":
-            recipe = recipe.with_stage("prune", None)
-        else:
-            entry = lookup("prune", name)
-            base = prune.config if prune and prune.name == name else entry.config_cls()
-            params = dict(base.__dict__)
-            if name == "nm":
-                params["n"], params["m"] = parse_nm(opts["nm"]) if ("prune" in flags_win or _given(ctx, "nm")) \
-                    else (base.n, base.m)
-            elif "sparsity" in params and (_given(ctx, "sparsity") or recipe.stage("prune") is None):
-                params["sparsity"] = opts["sparsity"]
-            recipe = recipe.with_stage("prune", Stage("prune", name, entry.config_cls(**params)))
-    quant = recipe.stage("quantize")
-    if "quant" in flags_win or (quant and _given(ctx, "observer")):
-        name = opts["quant"] if "quant" in flags_win or not quant else quant.name
-        if name == "none":
-            recipe = recipe.with_stage("quantize", None)
-        else:
-            entry = lookup("quantize", name)
-            base = quant.config if quant and quant.name == name else entry.config_cls()
-            params = dict(base.__dict__)
-            if opts["observer"] and "observer" in params:
-                params["observer"] = opts["observer"]
-            recipe = recipe.with_stage("quantize", Stage("quantize", name, entry.config_cls(**params)))
-    gates = recipe.gates
-    gate_flags = {k: opts[k] for k in ("max_accuracy_drop", "min_speedup", "max_latency_ms") if opts[k] is not None}
-    changes = {}
-    if gate_flags:
-        changes["gates"] = Gates(**{**gates.__dict__, **gate_flags})
-    if opts["threads"] is not None:
-        changes["threads"] = opts["threads"]
-    if _given(ctx, "seed") or not opts["recipe"]:
-        changes["seed"] = opts["seed"]
-    if _given(ctx, "target") or not opts["recipe"]:
-        changes["target"] = opts["target"]
-    if changes:
-        recipe = Recipe(**{**recipe.__dict__, **changes})
-    return recipe
+    return apply_overrides(recipe, Overrides(**typed), default_prune)
 
 
 def _validate_sparsity(ctx, param, value):

@@ -1,0 +1,55 @@
+"""Flags on top of recipes: typed flags win, the recipe keeps the rest, defaults fill the gaps."""
+import pytest
+
+from runtime_check.gates import Gates
+from toolchain.errors import ConfigError
+from toolchain.overrides import Overrides, apply_overrides
+from toolchain.pruning.magnitude import MagnitudePruneConfig
+from toolchain.quantization import Int8StaticConfig
+from toolchain.recipe import Recipe, Stage
+
+
+def _recipe(**kw):
+    stages = (Stage("prune", "magnitude", MagnitudePruneConfig(0.3, "layer")),
+              Stage("quantize", "int8", Int8StaticConfig(observer="percentile")))
+    return Recipe(stages=stages, gates=Gates(max_accuracy_drop=0.5), **kw)
+
+
+def test_defaults_without_recipe():
+    r = apply_overrides(None, Overrides())
+    assert [s.qualified for s in r.stages] == ["prune.magnitude", "quantize.int8"]
+    assert r.stage("prune").config == MagnitudePruneConfig(0.5, "global")
+    assert r.stage("quantize").config == Int8StaticConfig()
+
+
+def test_model_default_prune_none_unless_sparsity_typed():
+    assert [s.qualified for s in apply_overrides(None, Overrides(), "none").stages] == ["quantize.int8"]
+    r = apply_overrides(None, Overrides(sparsity=0.25), "none")
+    assert r.stage("prune").config == MagnitudePruneConfig(0.25, "global")
+
+
+def test_recipe_values_survive_untyped_flags():
+    r = apply_overrides(_recipe(), Overrides())
+    assert r.stage("prune").config == MagnitudePruneConfig(0.3, "layer")
+    assert r.stage("quantize").config.observer == "percentile"
+    assert r.gates.max_accuracy_drop == 0.5
+
+
+def test_typed_flags_override_single_fields():
+    r = apply_overrides(_recipe(), Overrides(sparsity=0.6, observer="minmax", min_speedup=1.5, threads=1))
+    assert r.stage("prune").config == MagnitudePruneConfig(0.6, "layer")  # scope kept from the recipe
+    assert r.stage("quantize").config.observer == "minmax"
+    assert r.gates == Gates(max_accuracy_drop=0.5, min_speedup=1.5)
+    assert r.threads == 1
+
+
+def test_switching_method_and_removing_stages():
+    r = apply_overrides(_recipe(), Overrides(prune="nm", nm="1:4", quant="none"))
+    assert [s.qualified for s in r.stages] == ["prune.nm"]
+    assert (r.stage("prune").config.n, r.stage("prune").config.m) == (1, 4)
+
+
+def test_sparsity_without_a_prune_stage_in_the_recipe_is_an_error():
+    recipe = Recipe(stages=(Stage("quantize", "int8", Int8StaticConfig()),))
+    with pytest.raises(ConfigError, match="pruning stage"):
+        apply_overrides(recipe, Overrides(sparsity=0.5))

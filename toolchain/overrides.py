@@ -1,0 +1,80 @@
+"""Command-line settings on top of a recipe: what the user typed wins, the rest comes from the
+recipe file, or from the defaults when there is none."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from toolchain.errors import ConfigError
+from toolchain.pruning.nm import parse_nm
+from toolchain.recipe import Recipe, Stage
+from toolchain.registry import lookup
+
+__all__ = ["Overrides", "apply_overrides", "DEFAULT_SPARSITY"]
+
+DEFAULT_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Only what was typed; None = not given."""
+
+    prune: str | None = None
+    sparsity: float | None = None
+    nm: str | None = None
+    quant: str | None = None
+    observer: str | None = None
+    max_accuracy_drop: float | None = None
+    min_speedup: float | None = None
+    max_latency_ms: float | None = None
+    threads: int | None = None
+    seed: int | None = None
+    target: str | None = None
+
+
+def _stage(kind: str, name: str, current: Stage | None, updates: dict) -> Stage | None:
+    if name == "none":
+        return None
+    entry = lookup(kind, name)
+    base = current.config if current is not None and current.name == name else entry.config_cls()
+    params = {**base.__dict__, **{k: v for k, v in updates.items() if k in base.__dict__}}
+    return Stage(kind, name, entry.config_cls(**params))
+
+
+def _prune_stage(recipe: Recipe, o: Overrides, from_file: bool, default_prune: str) -> Stage | None:
+    current = recipe.stage("prune")
+    implied = "magnitude" if o.sparsity is not None else "nm" if o.nm is not None else None
+    name = o.prune or (current.name if from_file and current else implied)
+    if name is None:
+        if from_file:
+            return None
+        name = default_prune
+    updates = {}
+    if o.sparsity is not None or not (from_file and current and current.name == name):
+        updates["sparsity"] = o.sparsity if o.sparsity is not None else DEFAULT_SPARSITY
+    if name == "nm" and (o.nm is not None or not (from_file and current and current.name == "nm")):
+        updates["n"], updates["m"] = parse_nm(o.nm or "2:4")
+    return _stage("prune", name, current, updates)
+
+
+def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "magnitude") -> Recipe:
+    """`default_prune` is the model's default method (used without --prune, --sparsity, --nm or a
+    recipe stage)."""
+    from_file = recipe is not None
+    recipe = recipe or Recipe()
+    if from_file and recipe.stage("prune") is None and o.prune is None and (o.sparsity is not None or o.nm):
+        raise ConfigError("--sparsity/--nm need a pruning stage: the recipe has none, so add --prune")
+    recipe = recipe.with_stage("prune", _prune_stage(recipe, o, from_file, default_prune))
+    current_q = recipe.stage("quantize")
+    q_name = o.quant or (current_q.name if current_q else (None if from_file else "int8"))
+    if q_name is not None:
+        updates = {"observer": o.observer} if o.observer else {}
+        recipe = recipe.with_stage("quantize", _stage("quantize", q_name, current_q, updates))
+    gate_flags = {k: getattr(o, k) for k in ("max_accuracy_drop", "min_speedup", "max_latency_ms")
+                  if getattr(o, k) is not None}
+    changes = {"gates": replace(recipe.gates, **gate_flags)} if gate_flags else {}
+    for key in ("threads", "seed", "target"):
+        if getattr(o, key) is not None:
+            changes[key] = getattr(o, key)
+    return Recipe(**{**recipe.__dict__, **changes}) if changes else recipe
+
+
