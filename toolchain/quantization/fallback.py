@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolchain.hooks import run_with_hooks
 from toolchain.quantization.params import fake_quant_act
 from toolchain.quantization.static import QuantParams
 
@@ -45,12 +46,7 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
         return fn
 
     handles = [modules[a.module].register_forward_hook(hook(a.module)) for a in params.anchors]
-    try:
-        for batch in batches:
-            run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, handles, batches, run)
     return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf) for n in signal}
 
 

@@ -19,6 +19,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from toolchain.hooks import run_with_hooks
+
 __all__ = ["SmoothedLinear", "find_shared_input_groups", "smooth_model"]
 
 
@@ -50,11 +52,7 @@ def find_shared_input_groups(model: nn.Module, batch, run: Callable) -> list[lis
 
     handles = [mod.register_forward_pre_hook(lambda m, a, n=name: record(n, a[0]))
                for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    try:
-        run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, handles, [batch], run)
     groups = [sorted(set(names)) for _, names in seen.values()]
     seen.clear()
     return groups
@@ -75,12 +73,7 @@ def smooth_model(model: nn.Module, batches: Iterable, run: Callable, alpha: floa
         act_max[key] = m if key not in act_max else torch.maximum(act_max[key], m)
 
     handles = [modules[g[0]].register_forward_pre_hook(lambda m, a, k=g[0]: track(k, a[0])) for g in groups]
-    try:
-        for batch in batches:
-            run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, handles, batches, run)
     summary = []
     for group in groups:
         a = act_max[group[0]].clamp(min=1e-5)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolchain.hooks import run_with_hooks
 from toolchain.quantization.observers import RangeObserver, compute_range
 from toolchain.quantization.params import (
     ActQuant, WeightQuant, act_params_from_range, fake_quant_act, quantize_bias,
@@ -52,13 +53,7 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
         if a.quantize_output:
             handles.append(mod.register_forward_hook(
                 lambda m, args, out, o=obs_out[a.module]: o.update(torch.relu(out).detach().numpy())))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, handles, batches, run)
 
     def method(name):
         return observer.get(name, "minmax") if isinstance(observer, dict) else observer
