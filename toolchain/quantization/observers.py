@@ -18,11 +18,13 @@ MAX_SAMPLES = 1 << 21
 
 
 class RangeObserver:
-    def __init__(self):
+    """`keep_samples=False` (enough for min-max) tracks only the extremes."""
+
+    def __init__(self, keep_samples: bool = True):
         self.min = math.inf
         self.max = -math.inf
         self._chunks: list[np.ndarray] = []
-        self._count = 0
+        self._count = 0 if keep_samples else MAX_SAMPLES
 
     def update(self, values: np.ndarray) -> None:
         flat = np.asarray(values, dtype=np.float32).ravel()

@@ -43,8 +43,12 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
     (modules not in it use min-max).
     """
     modules = dict(model.named_modules())
-    obs_in = {a.module: RangeObserver() for a in anchors}
-    obs_out = {a.module: RangeObserver() for a in anchors if a.quantize_output}
+
+    def method(name):
+        return observer.get(name, "minmax") if isinstance(observer, dict) else observer
+
+    obs_in = {a.module: RangeObserver(method(a.module) != "minmax") for a in anchors}
+    obs_out = {a.module: RangeObserver(method(a.module) != "minmax") for a in anchors if a.quantize_output}
     handles = []
     for a in anchors:
         mod = modules[a.module]
@@ -54,9 +58,6 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
             handles.append(mod.register_forward_hook(
                 lambda m, args, out, o=obs_out[a.module]: o.update(torch.relu(out).detach().numpy())))
     run_with_hooks(model, handles, batches, run)
-
-    def method(name):
-        return observer.get(name, "minmax") if isinstance(observer, dict) else observer
 
     ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
     outs = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_out.items()}
