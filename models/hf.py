@@ -1,6 +1,7 @@
 """Hugging Face model folders (config.json + weights + tokenizer), loaded offline."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -72,8 +73,10 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
         raise ModelLoadError(f"cannot load the Hugging Face model in {folder}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # what the tokenizer produces and the model's forward accepts (DistilBERT takes no token_type_ids)
+    accepted = inspect.signature(model.forward).parameters
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
-                   if n in tokenizer.model_input_names or n == "input_ids"]
+                   if n in accepted and (n in tokenizer.model_input_names or n == "input_ids")]
     output_names = ["logits"] if task == "sequence-classification" else ["last_hidden_state"]
     calib, evals = default_corpus()
     # transformers may save id2label alone (label2id null): invert it so label names still map

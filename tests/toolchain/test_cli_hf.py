@@ -284,3 +284,22 @@ def test_bad_text_data_exit_2(request, run_cli, workdir, model, args, needle):
     assert len(errors) == 1, result.output
     assert needle in errors[0]
     assert sorted(os.listdir(workdir)) == before, "output left behind"
+
+
+def test_distilbert_takes_no_token_type_ids(run_cli, tmp_path_factory, tiny_bert, text_files):
+    """Input names follow the model's forward signature, not just the tokenizer (DistilBERT)."""
+    import torch
+    from transformers import AutoTokenizer as Tok, DistilBertConfig, DistilBertModel
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-distilbert"
+    tok = Tok.from_pretrained(str(tiny_bert))
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                     max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = _export(run_cli, tmp_path_factory, folder, "--calib-data", text_files.calib_txt,
+                  "--eval-data", text_files.eval_txt, "--max-accuracy-drop", 1)
+    assert run.result.exit_code == 0, run.result.output
+    names = {i.name for i in onnx.load(str(run.out / "model.onnx")).graph.input}
+    assert names == {"input_ids", "attention_mask"}
+    assert run.report["quantization"]["quantized_layers"] == 12  # q, k, v, out, ffn1, ffn2 x 2 layers
