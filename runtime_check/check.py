@@ -49,7 +49,13 @@ def _tensor_batches(path: Path, model) -> tuple[list[dict], np.ndarray | None]:
 
 
 def _first(outputs, batch):
-    return outputs[0].reshape(len(outputs[0]), -1) if outputs[0].ndim > 2 else outputs[0]
+    """Logits as they are; token states mean-pooled over the attention mask (or flattened)."""
+    out = outputs[0]
+    if out.ndim == 3 and "attention_mask" in batch:
+        from models.hf import mean_pool
+
+        return mean_pool(outputs, batch)
+    return out.reshape(len(out), -1) if out.ndim > 2 else out
 
 
 def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | None,
@@ -66,7 +72,8 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         raise DataError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
     if base_out is not None and base_out.shape != model_out.shape:
         raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
-    if model_out.ndim == 2 and (labels is not None or base_out is not None):
+    logits = len(model.graph.output[0].type.tensor_type.shape.dim) == 2
+    if logits and (labels is not None or base_out is not None):
         accuracy = classification_metrics(base_out if base_out is not None else model_out, model_out, labels)
         if base_out is None:
             accuracy.update(baseline=None, drop=0.0, drop_points=0.0)
