@@ -296,3 +296,14 @@ def test_help_and_version(run_cli):
                 "--max-accuracy-drop", "--min-speedup", "--max-latency-ms", "--threads", "--recipe",
                 "--output", "--seed"):
         assert opt in result.output, opt
+
+
+def test_same_seed_same_model(run_cli, tmp_path, default_export):
+    """A second run with the same settings writes a byte-identical model.onnx and the same numbers."""
+    out = tmp_path / "again"
+    result = run_cli(["export", "digits-cnn", "-o", out])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").read_bytes() == (default_export.out / "model.onnx").read_bytes()
+    again = json.loads((out / "report.json").read_text())
+    assert again["accuracy"] == default_export.report["accuracy"]
+    assert again["sparsity"] == default_export.report["sparsity"]
