@@ -24,7 +24,7 @@ def insert_dynamic(model: onnx.ModelProto, sites: dict[str, Site], params: Quant
         site = sites[anchor.module]
         node = nodes[site.node]
         wq = params.weights[anchor.module]
-        tag = site.weight
+        tag = f"{anchor.module}.weight"  # exporters often name it onnx::MatMul_812
         x = site.activation
         if x not in dq_cache:  # one DynamicQuantizeLinear per activation tensor
             t = f"{x}_dyn{len(dq_cache)}"

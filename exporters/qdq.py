@@ -159,11 +159,11 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
         node = nodes[site.node]
         wq = params.weights[anchor.module]
         q, axis = (wq.q.T.copy(), 1) if site.transposed else (wq.q, 0)
-        node.input[1] = ed.dq_constant(q, wq.scale, axis, site.weight)
+        node.input[1] = ed.dq_constant(q, wq.scale, axis, f"{anchor.module}.weight")
         replaced.add(site.weight)
         if anchor.module in params.biases and site.bias:
             bq, bscale = params.biases[anchor.module]
-            node.input[2] = ed.dq_constant(bq, bscale, 0, site.bias)
+            node.input[2] = ed.dq_constant(bq, bscale, 0, f"{anchor.module}.bias")
             replaced.add(site.bias)
         node.input[0] = ed.qdq_activation(site.activation, params.inputs[anchor.module])
         if anchor.module in params.outputs and site.rectified_output:

@@ -11,7 +11,8 @@ from toolchain.errors import ModelLoadError
 
 __all__ = ["inspect_onnx", "load_onnx"]
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "MatMulInteger")
+QUANTIZED_ACTIVATION_SOURCES = ("DequantizeLinear", "DynamicQuantizeLinear")
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -42,8 +43,9 @@ def inspect_onnx(path: Path) -> dict:
         if w not in stats:
             continue
         act = producers.get(node.input[0])
-        qdq = act is not None and act.op_type == "DequantizeLinear"
-        quantized_compute += qdq and src is not None
+        qdq = act is not None and act.op_type in QUANTIZED_ACTIVATION_SOURCES
+        int8_weight = src is not None or stats[w]["dtype"] in ("int8", "uint8")
+        quantized_compute += qdq and int8_weight
         row = dict(stats[w])
         row.update(node=node.name, op=node.op_type, activation_qdq=bool(qdq))
         weights.append(row)

@@ -137,7 +137,7 @@ def test_int8_weights_equal_torch_quantized_weights_transposed(request, name):
             by_weight[node.input[1]] = node
     for module, site in b.sites.items():
         wq = b.params.weights[module]
-        node = by_weight[f"{site.weight}_quantized"]
+        node = by_weight[f"{module}.weight_quantized"]  # quantized weights are named after the module
         q, zp = inits[node.input[1]], inits[node.input[3]]
         assert q.dtype == np.int8 and q.shape == wq.q.T.shape  # (in, out) for MatMulInteger
         np.testing.assert_array_equal(q, wq.q.T)
@@ -148,7 +148,7 @@ def test_int8_weights_equal_torch_quantized_weights_transposed(request, name):
         np.testing.assert_array_equal(q, torch.round(w / scale).clamp(-127, 127).to(torch.int8).numpy().T)
         assert np.abs(q).max() == 127
         assert zp.dtype == np.int8 and zp.shape == (wq.q.shape[0],) and (zp == 0).all()
-        np.testing.assert_array_equal(inits[f"{site.weight}_scale"], wq.scale)
+        np.testing.assert_array_equal(inits[f"{module}.weight_scale"], wq.scale)
         assert site.weight not in inits  # the float weight is gone
     if name == "mlp":  # Gemm biases stay float and are added after the rescale
         for module, site in b.sites.items():
