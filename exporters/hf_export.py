@@ -17,7 +17,16 @@ from models.hf import HF_TASKS
 from models.spec import ModelSpec
 from toolchain.errors import ExportError
 
-__all__ = ["export_hf"]
+__all__ = ["export_hf", "save_tokenizer"]
+
+
+def save_tokenizer(spec: ModelSpec, outdir: Path) -> list[str]:
+    """Ship the tokenizer beside model.onnx: an app (and `sqexport check` on text) needs it."""
+    from transformers import AutoTokenizer
+
+    before = set(p.name for p in Path(outdir).iterdir())
+    AutoTokenizer.from_pretrained(spec.hf_folder, local_files_only=True).save_pretrained(str(outdir))
+    return sorted(set(p.name for p in Path(outdir).iterdir()) - before)
 
 
 def export_hf(spec: ModelSpec, model, path: Path) -> onnx.ModelProto:

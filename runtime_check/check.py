@@ -48,6 +48,21 @@ def _tensor_batches(path: Path, model) -> tuple[list[dict], np.ndarray | None]:
     return load_tensor_batches(path, inputs)
 
 
+def _text_batches(path: Path, model_path: Path, model) -> tuple[list[dict], np.ndarray | None]:
+    """Text eval data, tokenized with the tokenizer saved beside the model (sqexport export writes it)."""
+    folder = Path(model_path).parent
+    if not (folder / "tokenizer_config.json").is_file():
+        raise DataError(f"text eval data needs a tokenizer beside {model_path} (tokenizer_config.json); "
+                        "sqexport export writes one into its output folder")
+    from transformers import AutoTokenizer
+
+    from models.text_data import read_texts, tokenize_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    texts, labels = read_texts(path)
+    return tokenize_batches(tokenizer, texts, [i.name for i in model.graph.input]), labels
+
+
 def _first(outputs, batch):
     """Logits as they are; token states mean-pooled over the attention mask (or flattened)."""
     out = outputs[0]
@@ -63,7 +78,12 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
     model = load_onnx(model_path)
     if baseline_path is not None:
         load_onnx(baseline_path)
-    batches, labels = _tensor_batches(Path(eval_data), model) if eval_data else (_synthetic_batches(model), None)
+    if eval_data is None:
+        batches, labels = _synthetic_batches(model), None
+    elif Path(eval_data).suffix in (".txt", ".jsonl"):
+        batches, labels = _text_batches(Path(eval_data), model_path, model)
+    else:
+        batches, labels = _tensor_batches(Path(eval_data), model)
     try:
         model_out = run_session(make_session(model_path, threads), batches, _first)
         base_out = (run_session(make_session(baseline_path, threads), batches, _first)

@@ -20,6 +20,7 @@ import onnxruntime
 import torch
 
 from exporters.export import export_model
+from exporters.hf_export import save_tokenizer
 from models.spec import ModelSpec
 from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
@@ -158,6 +159,8 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         with st.stage("verify.latency", {"threads": threads}):
             latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
         sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
+        if spec.hf_folder:
+            save_tokenizer(spec, tmp)
         checks = evaluate_gates(recipe.gates, accuracy, latency)
         report = {
             "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),

@@ -14,7 +14,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from models.hf import mean_pool
 from toolchain.quantization.params import quantize_weight_per_channel
 
-EXPECTED_FILES = ["baseline.onnx", "model.onnx", "report.json", "report.md"]
+# the four design.md artifacts plus the tokenizer an app needs beside model.onnx
+EXPECTED_FILES = sorted(["baseline.onnx", "model.onnx", "report.json", "report.md", "special_tokens_map.json",
+                         "tokenizer.json", "tokenizer_config.json", "vocab.txt"])
 OPTIMUM_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
 ENCODER_LINEARS = [f"encoder.layer.{i}.{name}" for i in range(2) for name in (
     "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -303,3 +305,23 @@ def test_distilbert_takes_no_token_type_ids(run_cli, tmp_path_factory, tiny_bert
     names = {i.name for i in onnx.load(str(run.out / "model.onnx")).graph.input}
     assert names == {"input_ids", "attention_mask"}
     assert run.report["quantization"]["quantized_layers"] == 12  # q, k, v, out, ffn1, ffn2 x 2 layers
+
+
+def test_export_ships_the_tokenizer_and_check_reads_text(run_cli, fe, text_files):
+    assert (fe.out / "tokenizer_config.json").is_file() and (fe.out / "tokenizer.json").is_file()
+    result = run_cli(["check", fe.out / "model.onnx", "--baseline", fe.out / "baseline.onnx",
+                      "--eval-data", text_files.eval_txt, "--threads", 1, "--json", "--max-accuracy-drop", 1])
+    assert result.exit_code == 0, result.output
+    checked = json.loads(result.output)
+    # the same texts, model and pooling as the export's own verification
+    assert checked["accuracy"]["metric"] == "cosine"
+    assert checked["accuracy"]["model"] == pytest.approx(fe.report["accuracy"]["model"], abs=1e-6)
+
+
+def test_check_on_text_without_a_tokenizer_is_bad_input(run_cli, fe, text_files, tmp_path):
+    import shutil
+
+    shutil.copy(fe.out / "model.onnx", tmp_path / "model.onnx")
+    result = run_cli(["check", tmp_path / "model.onnx", "--eval-data", text_files.eval_txt])
+    assert result.exit_code == 2
+    assert "tokenizer" in result.output and "Traceback" not in result.output
