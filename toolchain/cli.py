@@ -169,7 +169,8 @@ def _print_summary(report: dict, outdir: Path) -> None:
 @click.argument("model_onnx", type=click.Path(dir_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="FP32 reference ONNX.")
 @click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
-              help=".npy/.npz inputs (optional 'labels'); without it, seeded synthetic inputs.")
+              help=".npy/.npz inputs (optional 'labels'), or .txt/.jsonl text when a tokenizer sits "
+                   "beside MODEL_ONNX (sqexport export writes one); without it, seeded synthetic inputs.")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
