@@ -2,10 +2,11 @@
 computed on the weights the runtime actually multiplies with."""
 from __future__ import annotations
 
-import torch
+import copy
+
 from torch import nn
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "copy_for_compression"]
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
@@ -25,12 +26,9 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 def copy_for_compression(model: nn.Module) -> nn.Module:
-    import copy
-
+    """An eval-mode copy without gradients: the user's model is never modified."""
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
     return work
 
-
-__all__ += ["copy_for_compression"]
