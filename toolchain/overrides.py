@@ -56,6 +56,13 @@ def _prune_stage(recipe: Recipe, o: Overrides, from_file: bool, default_prune: s
     return _stage("prune", name, current, updates)
 
 
+def _reject_inapplicable(value, flag: str, stage: Stage | None, field: str) -> None:
+    """A typed flag the chosen method has no use for is an error, never a silent no-op."""
+    if value is not None and (stage is None or field not in stage.config.__dict__):
+        method = stage.qualified if stage else "no such stage"
+        raise ConfigError(f"{flag} does not apply to {method}")
+
+
 def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "magnitude") -> Recipe:
     """`default_prune` is the model's default method (used without --prune, --sparsity, --nm or a
     recipe stage)."""
@@ -64,11 +71,14 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
     if from_file and recipe.stage("prune") is None and o.prune is None and (o.sparsity is not None or o.nm):
         raise ConfigError("--sparsity/--nm need a pruning stage: the recipe has none, so add --prune")
     recipe = recipe.with_stage("prune", _prune_stage(recipe, o, from_file, default_prune))
+    _reject_inapplicable(o.sparsity, "--sparsity", recipe.stage("prune"), "sparsity")
+    _reject_inapplicable(o.nm, "--nm", recipe.stage("prune"), "n")
     current_q = recipe.stage("quantize")
     q_name = o.quant or (current_q.name if current_q else (None if from_file else "int8"))
     if q_name is not None:
         updates = {"observer": o.observer} if o.observer else {}
         recipe = recipe.with_stage("quantize", _stage("quantize", q_name, current_q, updates))
+    _reject_inapplicable(o.observer, "--observer", recipe.stage("quantize"), "observer")
     gate_flags = {k: getattr(o, k) for k in ("max_accuracy_drop", "min_speedup", "max_latency_ms")
                   if getattr(o, k) is not None}
     changes = {"gates": replace(recipe.gates, **gate_flags)} if gate_flags else {}

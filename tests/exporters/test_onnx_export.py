@@ -4,7 +4,6 @@ import zipfile
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import helper, numpy_helper, TensorProto
 from torch import nn
 

@@ -1,7 +1,6 @@
 """`sqexport inspect` and `sqexport check` on the files a default export produced."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 

@@ -1,7 +1,6 @@
 """Latency percentiles and interleaved measurement."""
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from exporters.onnx_export import export_torch

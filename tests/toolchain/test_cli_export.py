@@ -1,7 +1,6 @@
 """End to end through the CLI: `sqexport export digits-cnn` and friends (in-process, CliRunner)."""
 import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -53,3 +53,15 @@ def test_sparsity_without_a_prune_stage_in_the_recipe_is_an_error():
     recipe = Recipe(stages=(Stage("quantize", "int8", Int8StaticConfig()),))
     with pytest.raises(ConfigError, match="pruning stage"):
         apply_overrides(recipe, Overrides(sparsity=0.5))
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (Overrides(prune="nm", sparsity=0.3), "--sparsity"),
+    (Overrides(prune="magnitude", nm="2:4"), "--nm"),
+    (Overrides(prune="none", sparsity=0.3), "--sparsity"),
+    (Overrides(quant="int8-dynamic", observer="percentile"), "--observer"),
+    (Overrides(quant="none", observer="minmax"), "--observer"),
+])
+def test_flags_the_method_cannot_use_are_errors_not_no_ops(overrides, flag):
+    with pytest.raises(ConfigError, match=flag):
+        apply_overrides(None, overrides)

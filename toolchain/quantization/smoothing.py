@@ -13,7 +13,6 @@ Only Linears reading token sequences (input rank >= 3) are smoothed.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
