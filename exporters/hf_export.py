@@ -15,7 +15,7 @@ import onnx
 from exporters.onnx_export import check_model
 from models.hf import HF_TASKS
 from models.spec import ModelSpec
-from toolchain.errors import ExportError
+from contracts.errors import ExportError
 
 __all__ = ["export_hf", "save_tokenizer"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from toolchain.errors import ExportError
+from contracts.errors import ExportError
 
 __all__ = ["OPSET", "export_torch", "check_model"]
 

@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from models.spec import ModelSpec
-from toolchain.errors import DataError
+from contracts.errors import DataError
 
 __all__ = ["apply_user_data"]
 

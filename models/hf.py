@@ -10,7 +10,7 @@ import numpy as np
 
 from models.spec import ModelSpec
 from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
-from toolchain.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from models.spec import ModelSpec
-from toolchain.errors import DataError
+from contracts.errors import DataError
 
 __all__ = ["load_tensor_data", "load_tensor_batches"]
 

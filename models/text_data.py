@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import DataError
+from contracts.errors import DataError
 
 __all__ = ["read_texts", "tokenize_batches", "MAX_LENGTH", "BATCH_SIZE"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 from models.spec import ModelSpec
-from toolchain.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 
 __all__ = ["BUILTIN_MODELS", "builtin_names", "load_model", "DEFAULT_MODEL"]
 

@@ -10,7 +10,7 @@ from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.session import make_session
-from toolchain.errors import DataError
+from contracts.errors import DataError
 
 __all__ = ["check_model"]
 

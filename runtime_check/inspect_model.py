@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 
 from exporters.sparse import file_sizes, initializer_stats
-from toolchain.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 
 __all__ = ["inspect_onnx", "load_onnx"]
 

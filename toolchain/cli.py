@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.errors import SqexportError
+from contracts.errors import SqexportError
 
 __all__ = ["main", "cli"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.pruning.nm import parse_nm
 from toolchain.recipe import Recipe, Stage
 from toolchain.registry import lookup

@@ -27,7 +27,7 @@ from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
 from toolchain.bn_recalibration import recalibrate_batchnorm
-from toolchain.errors import OutputError
+from contracts.errors import OutputError
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantization.smoothing import smooth_model
@@ -143,7 +143,8 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         if quant is not None:
             with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
                 limit = accuracy_limit(recipe.gates, spec.task)
-                reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit)
+                reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit,
+                                                         recipe.target)
                 rec["params"]["quantized_layers"] = quant_info["quantized_layers"]
                 if quant_info.get("fallback"):
                     notes.append(f"accuracy-aware fallback: {len(quant_info['fallback'])} layer(s) kept in FP32: "

@@ -1,7 +1,7 @@
 """The quantization step of the pipeline: params in torch -> (fallback) -> QDQ ONNX + torch reference."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -12,8 +12,9 @@ import torch
 from exporters.dynamic import insert_dynamic
 from exporters.qdq import find_embedding_sites, find_sites, insert_qdq, merge_duplicate_nodes
 from models.spec import ModelSpec
+from runtime_check.isa import int8_saturates, weight_qmax
 from runtime_check.accuracy import classification_metrics, embedding_metrics
-from toolchain.errors import ExportError
+from contracts.errors import ExportError
 from toolchain.pruning import prunable_layers
 from toolchain.quantization import QuantParams, fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
@@ -30,6 +31,8 @@ class QuantContext:
     anchors: list[Anchor]
     calib_batches: list[dict]
     run: Callable
+    # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
+    reduce_range: bool = field(default_factory=int8_saturates)
 
 
 FALLBACK_SAMPLES = 128  # calibration samples used to predict the gate during fallback
@@ -77,7 +80,7 @@ def _check(path: Path) -> None:
 
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
-                     out_path: Path, accuracy_limit: float) -> tuple[Callable, dict]:
+                     out_path: Path, accuracy_limit: float, target: str = "cpu") -> tuple[Callable, dict]:
     """Write the QDQ model to out_path; return (torch reference runner, report info)."""
     run = spec.torch_outputs
     merged = merge_duplicate_nodes(prepared)
@@ -87,8 +90,14 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
     anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
                for name, s in sites.items()]
-    params = lookup("quantize", stage.name).handler(work, stage.config, QuantContext(anchors, spec.calib_batches, run))
-    info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": merged}
+    ctx = QuantContext(anchors, spec.calib_batches, run, reduce_range=weight_qmax(target) < 127)
+    params = lookup("quantize", stage.name).handler(work, stage.config, ctx)
+    qmax = max((int(abs(w.q.astype(np.int16)).max()) for w in params.weights.values()), default=0)
+    info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": merged,
+                  "weight_range": {"reduce_range": qmax <= 63, "max_abs_q": qmax,
+                                   "why": "x86 without VNNI: onnxruntime's u8s8 kernels saturate int16 sums of "
+                                          "full-range int8, so weights use 7 bits" if qmax <= 63 else
+                                          "full int8 range: the target's int8 kernels accumulate without saturation"}}
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
     embedding_sites = find_embedding_sites(prepared, tables)
     info["int8_embeddings"] = sorted(set(params.embeddings) & set(embedding_sites))

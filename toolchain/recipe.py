@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from runtime_check.gates import Gates
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.registry import config_from_dict, config_to_dict
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe"]

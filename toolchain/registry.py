@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 
 __all__ = ["StageEntry", "register", "lookup", "names", "config_to_dict", "config_from_dict", "entries"]
 

@@ -3,6 +3,8 @@ weights equal to the torch-side quantized weights (transposed), onnxruntime outp
 torch fake-quant model (activations quantized per tensor at run time)."""
 from types import SimpleNamespace
 
+from runtime_check.isa import weight_qmax
+from toolchain.quantize_step import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,6 +22,8 @@ from toolchain.quantization.plan import Anchor
 from toolchain.registry import lookup
 
 OPT_LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
+
+QMAX = weight_qmax("cpu")  # 63 on x86 without VNNI, where full-range int8 would saturate
 
 
 class SeqNet(nn.Module):
@@ -59,7 +63,7 @@ def _build(model_cls, shape, tmp_path):
     sites = find_sites(fp32, weights)
     anchors = [Anchor(n, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
                for n, s in sites.items()]
-    ctx = SimpleNamespace(anchors=anchors, calib_batches=[], run=None)  # dynamic: no calibration
+    ctx = QuantContext(anchors=anchors, calib_batches=[], run=None)  # dynamic: no calibration
     params = lookup("quantize", "int8-dynamic").handler(model, Int8DynamicConfig(), ctx)
     dyn = insert_dynamic(fp32, sites, params)
     onnx.checker.check_model(dyn)
@@ -105,7 +109,7 @@ def test_handler_skips_anchors_that_are_not_matmul():
     model = nn.Module()
     model.fc, model.conv = nn.Linear(3, 2), nn.Conv2d(1, 2, 3)
     params = lookup("quantize", "int8-dynamic").handler(model, Int8DynamicConfig(embeddings=False),
-                                                        SimpleNamespace(anchors=anchors, calib_batches=[], run=None))
+                                                        QuantContext(anchors=anchors, calib_batches=[], run=None))
     assert [a.module for a in params.anchors] == ["fc"] and set(params.weights) == {"fc"}
 
 
@@ -143,10 +147,10 @@ def test_int8_weights_equal_torch_quantized_weights_transposed(request, name):
         np.testing.assert_array_equal(q, wq.q.T)
         # recomputed from the torch weight: round(w / (max|w_c| / 127)), per output channel
         w = dict(b.model.named_modules())[module].weight
-        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        scale = w.abs().amax(dim=1, keepdim=True) / QMAX
         np.testing.assert_allclose(wq.scale, scale.squeeze(1).numpy(), rtol=1e-6)
-        np.testing.assert_array_equal(q, torch.round(w / scale).clamp(-127, 127).to(torch.int8).numpy().T)
-        assert np.abs(q).max() == 127
+        np.testing.assert_array_equal(q, torch.round(w / scale).clamp(-QMAX, QMAX).to(torch.int8).numpy().T)
+        assert np.abs(q).max() == QMAX
         assert zp.dtype == np.int8 and zp.shape == (wq.q.shape[0],) and (zp == 0).all()
         np.testing.assert_array_equal(inits[f"{module}.weight_scale"], wq.scale)
         assert site.weight not in inits  # the float weight is gone
@@ -157,7 +161,7 @@ def test_int8_weights_equal_torch_quantized_weights_transposed(request, name):
 
 def test_quantize_weights_with_dynamic_flag_builds_the_same_graph(seq):
     anchors = [Anchor(a.module, dynamic_ok=True) for a in seq.params.anchors]
-    params = QuantParams(**{**quantize_weights(seq.model, anchors, {}).__dict__, "dynamic": True})
+    params = QuantParams(**{**quantize_weights(seq.model, anchors, {}, QMAX).__dict__, "dynamic": True})
     dyn = insert_dynamic(seq.fp32, seq.sites, params)
     assert _inits(dyn).keys() == _inits(seq.dyn).keys()
     for k, v in _inits(dyn).items():

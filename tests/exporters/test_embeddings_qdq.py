@@ -3,6 +3,7 @@ pair with the table's own params after the Gather, onnxruntime output equal to t
 with the dequantized table."""
 from types import SimpleNamespace
 
+from toolchain.quantize_step import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -66,7 +67,7 @@ def enc(tmp_path_factory):
     sites = find_sites(fp32, {n: m.weight.numpy() for n, m in prunable_layers(model).items()})
     anchors = [Anchor(n, s.rectified_output is not None, s.bias is not None, True) for n, s in sites.items()]
     calib = [_feed(rng, 4, 7) for _ in range(4)]
-    ctx = SimpleNamespace(anchors=anchors, calib_batches=calib,
+    ctx = QuantContext(anchors=anchors, calib_batches=calib,
                           run=lambda m, b: m(torch.from_numpy(b["ids"]), torch.from_numpy(b["seg"])))
     full = lookup("quantize", "int8").handler(model, Int8StaticConfig(), ctx)
     qdq_full = insert_qdq(fp32, sites, full, emb_sites)

@@ -9,7 +9,7 @@ from torch import nn
 
 from exporters.onnx_export import OPSET, check_model, export_torch
 from exporters.sparse import deflated_size, file_sizes, initializer_stats
-from toolchain.errors import ExportError
+from contracts.errors import ExportError
 
 
 def test_export_torch_writes_a_checked_model(tmp_path):

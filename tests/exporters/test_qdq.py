@@ -2,6 +2,7 @@
 quantized weights, and onnxruntime output equal to the torch fake-quant model."""
 from types import SimpleNamespace
 
+from toolchain.quantize_step import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -60,7 +61,7 @@ def _build(model_cls, shape, tmp_path, sparsity=0.5):
     sites = find_sites(fp32, weights)
     anchors = [Anchor(n, s.rectified_output is not None, s.bias is not None) for n, s in sites.items()]
     calib = [{"x": rng.normal(size=(8,) + shape[1:]).astype(np.float32)} for _ in range(4)]
-    ctx = SimpleNamespace(anchors=anchors, calib_batches=calib, run=lambda m, b: m(torch.from_numpy(b["x"])))
+    ctx = QuantContext(anchors=anchors, calib_batches=calib, run=lambda m, b: m(torch.from_numpy(b["x"])))
     params = lookup("quantize", "int8").handler(model, Int8StaticConfig(observer="minmax"), ctx)
     qdq = insert_qdq(fp32, sites, params)
     onnx.checker.check_model(qdq)

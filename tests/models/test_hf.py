@@ -9,7 +9,7 @@ from transformers import BertForSequenceClassification, BertModel
 from models.hf import build_hf_spec, default_corpus, detect_task, is_hf_folder, mean_pool
 from models.text_data import MAX_LENGTH
 from models.zoo import load_model
-from toolchain.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 
 OPTIMUM_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 

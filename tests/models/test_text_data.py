@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
-from toolchain.errors import DataError
+from contracts.errors import DataError
 
 LABEL2ID = {"neg": 0, "pos": 1}
 

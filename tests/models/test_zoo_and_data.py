@@ -6,7 +6,7 @@ from models.data import apply_user_data
 from models.digits import build_digits_spec
 from models.tensor_data import load_tensor_data
 from models.zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_names, load_model
-from toolchain.errors import DataError, ModelLoadError
+from contracts.errors import DataError, ModelLoadError
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from runtime_check.inspect_model import inspect_onnx, load_onnx
-from toolchain.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 
 
 def test_inspect_text(run_cli, default_export):

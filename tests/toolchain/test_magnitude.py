@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.pruning.magnitude import MagnitudePruneConfig, magnitude_masks
 from toolchain.pruning.masks import smallest_k_mask

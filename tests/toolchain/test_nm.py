@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.pruning.nm import NMPruneConfig, nm_mask, parse_nm
 from toolchain.registry import lookup
 

@@ -2,7 +2,7 @@
 import pytest
 
 from runtime_check.gates import Gates
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.overrides import Overrides, apply_overrides
 from toolchain.pruning.magnitude import MagnitudePruneConfig
 from toolchain.quantization import Int8StaticConfig

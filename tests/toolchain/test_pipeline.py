@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from toolchain.errors import OutputError
+from contracts.errors import OutputError
 from toolchain.pipeline import atomic_output
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.pruning.magnitude import MagnitudePruneConfig
 from toolchain.pruning.nm import NMPruneConfig
 from toolchain.quantization import Int8StaticConfig

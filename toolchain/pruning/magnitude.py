@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.pruning.masks import apply_masks, smallest_k_mask
 from toolchain.pruning.result import PruneResult
 from toolchain.registry import register

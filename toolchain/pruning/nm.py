@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.pruning.masks import apply_masks
 from toolchain.pruning.result import PruneResult
 from toolchain.registry import register

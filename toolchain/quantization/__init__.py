@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 from toolchain.quantization.observers import OBSERVERS
 from toolchain.quantization.static import (
     QuantParams, calibrate, fake_quant_model, quantize_embeddings, quantize_weights,
 )
 from toolchain.registry import register
+from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
 
 ACT_OBSERVERS = OBSERVERS
 
@@ -32,6 +33,9 @@ class Int8StaticConfig:
     smoothquant: float = 0.85  # SmoothQuant alpha for Linears on token sequences; 0 disables
     fallback: bool = True  # accuracy-aware fallback of the worst layers to FP32 (see fallback.py)
     max_fallback_fraction: float = 0.25  # at most this share of the quantized layers falls back
+    # 7-bit weights (|q| <= 63): None = decided by the target (runtime_check.isa: x86 without VNNI
+    # saturates full-range int8 sums); True/False force it
+    reduce_range: bool | None = None
     VERSION = 1
 
     def __post_init__(self):
@@ -45,12 +49,17 @@ class Int8StaticConfig:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
 
 
+def _qmax(config, ctx) -> int:
+    reduce = ctx.reduce_range if config.reduce_range is None else config.reduce_range
+    return REDUCED_QMAX if reduce else FULL_QMAX
+
+
 @register("quantize", "int8", Int8StaticConfig,
           "static QDQ int8: per-channel symmetric weights, calibrated per-tensor uint8 activations")
 def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
     """ctx: .anchors (from the exported graph), .calib_batches, .run(model, batch)."""
     ins, outs = calibrate(model, ctx.anchors, ctx.calib_batches, ctx.run, config.observer, config.percentile)
-    params = quantize_weights(model, ctx.anchors, ins)
+    params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
     params.outputs = outs
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)
@@ -65,6 +74,7 @@ class Int8DynamicConfig:
 
     smoothquant: float = 0.85
     embeddings: bool = True  # int8 embedding tables, as in static int8
+    reduce_range: bool | None = None  # as in static int8
     VERSION = 1
 
     def __post_init__(self):
@@ -76,7 +86,8 @@ class Int8DynamicConfig:
           "dynamic int8 for MatMul/Gemm: per-channel int8 weights, activations quantized at run time")
 def quantize_dynamic(model, config: Int8DynamicConfig, ctx) -> QuantParams:
     anchors = [a for a in ctx.anchors if a.dynamic_ok]
-    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False) for a in anchors], {})
+    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False) for a in anchors], {},
+                              _qmax(config, ctx))
     params.dynamic = True
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)

@@ -46,13 +46,15 @@ def act_params_from_range(rmin: float, rmax: float) -> ActQuant:
     return ActQuant(scale=scale, zero_point=zero_point)
 
 
-def quantize_weight_per_channel(weight: np.ndarray) -> WeightQuant:
-    """scale_c = max|w_c| / 127 on the (pruned) weight; zeros map to q = 0 exactly."""
+def quantize_weight_per_channel(weight: np.ndarray, qmax: int = INT8_MAX) -> WeightQuant:
+    """scale_c = max|w_c| / qmax on the (pruned) weight; zeros map to q = 0 exactly.
+
+    qmax is 127, or 63 ("reduce range") where the int8 kernels would saturate (runtime_check.isa)."""
     w = np.asarray(weight, dtype=np.float32)
     absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-    scale = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)
-    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return WeightQuant(q=q, scale=scale)
 
 

@@ -64,12 +64,13 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
     return ins, outs
 
 
-def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant]) -> QuantParams:
+def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant],
+                     qmax: int = 127) -> QuantParams:
     modules = dict(model.named_modules())
     params = QuantParams(inputs=dict(inputs), anchors=list(anchors))
     for a in anchors:
         mod = modules[a.module]
-        wq = quantize_weight_per_channel(mod.weight.detach().numpy())
+        wq = quantize_weight_per_channel(mod.weight.detach().numpy(), qmax)
         params.weights[a.module] = wq
         if a.quantize_bias and mod.bias is not None and a.module in inputs:
             params.biases[a.module] = quantize_bias(mod.bias.detach().numpy(), inputs[a.module].scale, wq.scale)

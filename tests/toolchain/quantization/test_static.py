@@ -7,7 +7,7 @@ from torch import nn
 from toolchain.quantization import Int8StaticConfig, calibrate, fake_quant_model, quantize_weights
 from toolchain.quantization.params import act_params_from_range, fake_quant_act
 from toolchain.quantization.plan import Anchor
-from toolchain.errors import ConfigError
+from contracts.errors import ConfigError
 
 
 class _Tiny(nn.Module):
