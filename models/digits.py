@@ -138,6 +138,9 @@ def build_digits_spec(name: str) -> ModelSpec:
         calib_labels=split.y_calib,
         dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
         description=f"{ARCHITECTURES[name].__doc__.splitlines()[0]} (sklearn digits, 8x8)",
+        data_info={split: {"source": f"built-in: scikit-learn digits, {split} split (seeded permutation)",
+                           "samples": n, "labels": "digit 0-9", "scale": "pixel / 16 -> [0, 1]"}
+                   for split, n in (("calib", N_CALIB), ("eval", N_EVAL))},
     )
 
 

@@ -105,6 +105,10 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         prune_prefix=_encoder_prefix(model),
         default_prune="none",
         load_data=load_data,
+        data_info={"calib": {"source": f"built-in corpus {CORPUS.name}, 3 of every 5 lines", "samples": len(calib),
+                             "labels": "none"},
+                   "eval": {"source": f"built-in corpus {CORPUS.name}, lines i % 5 in (1, 3)", "samples": len(evals),
+                            "labels": "none"}},
     )
 
 

@@ -46,7 +46,11 @@ class ModelSpec:
     # unstructured zeros without recovery cost fidelity and buy only size)
     default_prune: str = "magnitude"
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
-    load_data: Callable | None = None  # restrict pruning to modules under this name prefix
+    load_data: Callable | None = None
+    # where the model came from (user models: kind, reference, input shapes); report.json "source"
+    source: dict = field(default_factory=dict)
+    # how the calibration / eval data were made (files, preprocessing, labels); report.json "data"
+    data_info: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -43,9 +43,20 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-def load_model(ref: str, task: str | None = None) -> ModelSpec:
-    """Resolve MODEL: a built-in name, or a path the loaders know. `task` overrides detection
-    for Hugging Face models."""
+def load_model(ref: str, task: str | None = None, input_shapes: dict | None = None) -> ModelSpec:
+    """Resolve MODEL: a built-in name, a Hugging Face folder, a TorchScript .pt / ExportedProgram
+    .pt2 file or `pkg.module:factory`. `task` overrides detection for Hugging Face models;
+    `input_shapes` (from --input-shape) gives a user model its example input."""
+    from models.user_model import is_user_model, load_user_model
+
+    if input_shapes and (ref in BUILTIN_MODELS or not is_user_model(ref)):
+        raise ModelLoadError("--input-shape applies to TorchScript (.pt), ExportedProgram (.pt2) and "
+                             "pkg.module:factory models; this model's inputs are known")
+    if ref not in BUILTIN_MODELS and is_user_model(ref):
+        if task:
+            raise ModelLoadError("--task applies to Hugging Face folders; a user model's task follows its "
+                                 "output (2-D: classification)")
+        return load_user_model(ref, input_shapes)
     if ref in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[ref][1]()
         if task and task != spec.task:
@@ -57,8 +68,8 @@ def load_model(ref: str, task: str | None = None) -> ModelSpec:
     if is_hf_folder(path):
         return build_hf_spec(path, task=task)
     if path.exists():
-        raise ModelLoadError(f"cannot load '{ref}': this kind of model file is not supported yet; "
-                             f"built-in models: {', '.join(builtin_names())}")
+        raise ModelLoadError(f"cannot load '{ref}': not a built-in name, a Hugging Face folder (config.json), "
+                             "a TorchScript .pt, an ExportedProgram .pt2 or pkg.module:factory")
     if "/" in ref or ref.startswith("."):
         raise ModelLoadError(f"no such model folder or file: {ref}")
     raise ModelLoadError(f"unknown model '{ref}'; built-in models: {', '.join(builtin_names())} "

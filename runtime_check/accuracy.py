@@ -6,7 +6,9 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman"]
+NO_LABELS = "agreement with FP32 (no labels): top-1 of the model vs the FP32 model's top-1"
+
+__all__ = ["NO_LABELS", "run_session", "classification_metrics", "embedding_metrics", "spearman"]
 
 
 def run_session(session: ort.InferenceSession, batches: list[dict], postprocess: Callable) -> np.ndarray:
@@ -28,8 +30,11 @@ def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
         metric = "top1"
     else:
         base, model, metric = 1.0, agreement, "top1_agreement"
-    return {"metric": metric, "baseline": base, "model": model, "drop": base - model,
-            "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement}
+    out = {"metric": metric, "baseline": base, "model": model, "drop": base - model,
+           "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement}
+    if labels is None:
+        out["note"] = NO_LABELS
+    return out
 
 
 def _rank(x: np.ndarray) -> np.ndarray:

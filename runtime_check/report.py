@@ -20,6 +20,8 @@ def render_markdown(r: dict) -> str:
     acc = r["accuracy"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {_fmt(acc['baseline'])}, "
               f"model {_fmt(acc['model'])}, drop {_fmt(acc['drop'])}"]
+    if acc.get("note"):
+        lines.append(f"- **{acc['note']}**")
     for k in ("min_cosine", "spearman", "agreement_with_baseline"):
         if k in acc:
             lines.append(f"- {k}: {_fmt(acc[k])}")
@@ -27,6 +29,7 @@ def render_markdown(r: dict) -> str:
         f = r["fidelity"]
         lines.append(f"- onnxruntime vs torch quantized model: max |deviation| {f['max_abs_deviation']:.3g}"
                      + (f", argmax agreement {f['argmax_agreement']:.4f}" if "argmax_agreement" in f else ""))
+    lines += _data_lines(r)
     lat = r["latency_ms"]
     lines += ["", "## Latency (p50 / p90 ms, interleaved, same run)", "",
               "| threads | baseline | model | speedup |", "|---|---|---|---|"]
@@ -61,6 +64,43 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Stages", ""] + [f"- {st['name']} ({st['seconds']:.2f}s): {json.dumps(st['params'])}"
                                       for st in r["stages"]]
     return "\n".join(lines) + "\n"
+
+
+_DATA_KEYS = ("source", "split", "format", "samples", "layout", "labels", "class_names", "size", "resize",
+              "channels", "color", "scale", "mean", "std", "distribution")
+
+
+def _data_lines(r: dict) -> list[str]:
+    """Where the calibration and eval data came from and how they were preprocessed."""
+    data = r.get("data") or {}
+    lines = []
+    if r.get("source"):
+        src = r["source"]
+        lines += ["", "## Model", "", f"- {src.get('kind')} `{src.get('ref')}`; example input(s) "
+                  + ", ".join(f"`{n}` {'x'.join(map(str, s))}" for n, s in src.get("input_shapes", {}).items())
+                  + " (batch dimension dynamic in the ONNX export)",
+                  f"- task: {src.get('task_from')}"]
+    splits = [s for s in ("calib", "eval") if s in data]
+    if not splits:
+        return lines
+    lines += ["", "## Data", ""]
+    for note in data.get("notes", []):
+        lines.append(f"**{note}**")
+        lines.append("")
+    lines += ["| | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in _DATA_KEYS:
+        if any(key in data[s] for s in splits):
+            cells = [_cell(data[s].get(key, ""), key) for s in splits]
+            lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(value, key: str = "") -> str:
+    if key == "size" and isinstance(value, list):
+        return "x".join(map(str, value))
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value) or "none"
+    return str(value).replace("|", "/")
 
 
 def write_report(report: dict, outdir: Path) -> None:

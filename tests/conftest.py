@@ -175,3 +175,110 @@ def tiny_bert_spec(tiny_bert):
     from models.hf import build_hf_spec
 
     return build_hf_spec(tiny_bert)
+
+
+# ------------------------------------------------------------------ a user's own model and images
+
+USER_NETS = '''
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, channels=3, classes=4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, image):
+        return self.head(torch.flatten(self.features(image), 1))
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+def gray_cnn():
+    torch.manual_seed(0)
+    return TinyCNN(channels=1).eval()
+
+
+class FeatureMap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def feature_map():
+    torch.manual_seed(0)
+    return FeatureMap().eval()
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, a, b):
+        return self.fc(torch.cat([a, b], 1))
+
+
+def two_inputs():
+    torch.manual_seed(0)
+    return TwoInputs().eval()
+
+
+def not_a_module():
+    return 42
+
+
+def broken():
+    raise RuntimeError("weights missing")
+
+
+NOT_CALLABLE = 3
+'''
+
+
+def make_images(folder: Path, classes, n: int, size=(40, 48), mode: str = "RGB", seed: int = 0) -> Path:
+    """`n` random images per class subfolder (classes=None: a flat folder of n images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = size + ((3,) if mode == "RGB" else ())
+    for sub in (classes or [None]):
+        target = folder / sub if sub else folder
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(target / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    """A folder holding package `mypkg` (mypkg/nets.py: tiny_cnn and friends), made the current
+    directory as a user would; sys.path and sys.modules are restored afterwards."""
+    import sys
+
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(USER_NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    def forget():  # each test imports its own copy of mypkg
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]
+    forget()
+    yield tmp_path
+    forget()
+
+
+@pytest.fixture(scope="session")
+def images_factory():
+    return make_images

@@ -106,10 +106,21 @@ def _validate_positive(ctx, param, value):
               help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
               help="Override the task detected from a Hugging Face config.")
-@click.option("--calib-data", type=click.Path(dir_okay=False),
-              help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz.")
-@click.option("--eval-data", type=click.Path(dir_okay=False),
-              help="Evaluation data, same formats; .jsonl may carry 'label', .npz 'labels'.")
+@click.option("--calib-data", type=click.Path(),
+              help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz; "
+                   "an image folder (one subfolder per class, or flat). User models without it: seeded "
+                   "synthetic inputs.")
+@click.option("--eval-data", type=click.Path(),
+              help="Evaluation data, same formats; .jsonl may carry 'label', .npz 'labels', an image folder "
+                   "its class subfolders. User models without it: every 4th sample of --calib-data.")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxDx...",
+              help="Example input of a .pt/.pt2/pkg.module:factory model, batch first: 1x3x224x224 for "
+                   "one input, NAME=1x3x224x224 per input (repeatable); the batch dimension is exported dynamic.")
+@click.option("--image-size", default=None, metavar="HxW",
+              help="Resize image-folder images to HxW (bilinear) [the model input's H x W].")
+@click.option("--mean", default=None, metavar="M1,M2,...",
+              help="Normalize image-folder pixels (in [0, 1]): (x - mean) / std, one value per channel [none].")
+@click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive,
               help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
 @click.option("--min-speedup", type=float, default=None, callback=_validate_positive,
@@ -132,10 +143,14 @@ def export_cmd(ctx, model, **opts):
     recipe = _guard(build_recipe, ctx, opts)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
     _log(f"loading {model}")
-    spec = _guard(load_model, model, opts["task"])
+    shapes = _guard(_input_shapes, opts["input_shape"])
+    prep = _guard(_image_prep, opts)
+    spec = _guard(load_model, model, opts["task"], shapes)
     if spec.default_prune != "magnitude":
         recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
-    spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
+    spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"], prep, recipe.seed)
+    for note in spec.data_info.get("notes", []):
+        click.secho(f"  ! {note}", fg="yellow", err=True)
     report = _guard(pipeline.run, recipe, spec, outdir, _log)
     _print_summary(report, outdir)
     if not report["passed"]:
@@ -144,17 +159,30 @@ def export_cmd(ctx, model, **opts):
         raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
 
 
-def _with_user_data(spec, calib_data, eval_data):
+def _with_user_data(spec, calib_data, eval_data, prep, seed):
     from models.data import apply_user_data
 
-    return apply_user_data(spec, calib_data, eval_data)
+    return apply_user_data(spec, calib_data, eval_data, prep, seed)
+
+
+def _input_shapes(values):
+    from models.user_model import parse_input_shapes
+
+    return parse_input_shapes(values)
+
+
+def _image_prep(opts: dict):
+    from models.image_data import ImagePrep, parse_floats, parse_size
+
+    return ImagePrep(parse_size(opts["image_size"]), parse_floats("--mean", opts["mean"]),
+                     parse_floats("--std", opts["std"]))
 
 
 def _print_summary(report: dict, outdir: Path) -> None:
     acc, lat, size = report["accuracy"], report["latency_ms"], report["size_bytes"]
     click.echo(f"{report['model']} -> {outdir}")
     click.echo(f"  accuracy  {acc['metric']}: baseline {acc['baseline']:.4f}  model {acc['model']:.4f}  "
-               f"drop {acc['drop']:.4f}")
+               f"drop {acc['drop']:.4f}" + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
     click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
     click.echo(f"  size      {size['baseline']:,} B -> {size['model']:,} B ({size['compressed']:,} B zipped)")
     for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):

@@ -109,7 +109,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
     seed_everything(recipe.seed)
     threads = recipe.threads or default_threads()
     st = _Stages(log)
-    notes: list[str] = []
+    notes: list[str] = list(spec.data_info.get("notes", []))  # e.g. synthetic data: said first
     with atomic_output(outdir) as tmp:
         with st.stage("export.baseline", {"exporter": spec.exporter}):
             export_model(spec, spec.model, tmp / "baseline.onnx")
@@ -167,7 +167,8 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
             "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
             "fidelity": fidelity, "quantization": quant_info, "latency_ms": latency, "checks": checks, "notes": notes,
-            "recipe": recipe.to_dict(), "task": spec.task,
+            "recipe": recipe.to_dict(), "task": spec.task, "data": spec.data_info,
+            **({"source": spec.source} if spec.source else {}),
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }

@@ -1,0 +1,262 @@
+"""An ExportedProgram (or a TorchScript module converted to one) as an nn.Module whose Conv, Linear
+and BatchNorm calls are real torch modules again.
+
+Pruning, BatchNorm folding and quantization find their layers by module type; an exported graph
+only holds functional aten calls on lifted tensors. Each aten.conv1d/conv2d/convolution, aten.linear
+and eval-mode batch norm whose weight is a parameter becomes a call to an nn.Conv*/nn.Linear/
+nn.BatchNorm* that holds the very same tensors, registered under the name of the module that owned
+them (`features.0`), so reports use the user's layer names. Everything else is copied as is.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from contracts.errors import ModelLoadError
+
+__all__ = ["module_from_program"]
+
+aten = torch.ops.aten
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding,
+          aten.convolution.default}
+_LINEAR = {aten.linear.default}
+_NATIVE_BN = aten._native_batch_norm_legit_no_training.default
+_BATCH_NORMS = {aten.batch_norm.default, _NATIVE_BN}
+_TENSOR_INPUTS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def _arguments(node: fx.Node) -> dict:
+    """The call's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def _tuple(value, dims: int) -> tuple | str:
+    if isinstance(value, str):
+        return value
+    value = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return tuple(value * dims if len(value) == 1 else value)
+
+
+class _Builder:
+    """Walks the program's graph once, building the new graph and the modules it calls."""
+
+    def __init__(self, ep: ExportedProgram):
+        self.tensors = {**ep.state_dict, **ep.constants}
+        self.specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.claimed: set[str] = set()  # module paths in use
+
+    def target_of(self, node) -> str | None:
+        """The state-dict name of a lifted tensor argument, else None."""
+        if not isinstance(node, fx.Node) or node.op != "placeholder":
+            return None
+        spec = self.specs.get(node.name)
+        return spec.target if spec is not None and spec.kind in _TENSOR_INPUTS else None
+
+    def _module_path(self, targets: list[str], kind: str) -> str:
+        """The owning module's name when the op owns it alone, else a fresh name beside it."""
+        owner = targets[0].rpartition(".")[0]
+        leaves = {t.rpartition(".")[2] for t in targets}
+        others = [t for t in self.tensors if t.rpartition(".")[0] == owner and t not in targets]
+        own_names = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+        if owner and owner not in self.claimed and leaves <= own_names and not others \
+                and all(t.rpartition(".")[0] == owner for t in targets):
+            return owner
+        i = 0
+        while f"{owner + '.' if owner else ''}{kind}{i}" in self.claimed:
+            i += 1
+        return f"{owner + '.' if owner else ''}{kind}{i}"
+
+    def _install(self, path: str, module: nn.Module, targets: list[str]) -> fx.Node:
+        parent = self.root
+        *parents, leaf = path.split(".")
+        for name in parents:
+            if not hasattr(parent, name):
+                parent.add_module(name, nn.Module())
+            parent = getattr(parent, name)
+        parent.add_module(leaf, module)
+        self.claimed.add(path)
+        return self.graph.call_module(path)
+
+    def conv(self, node: fx.Node) -> fx.Node | None:
+        a = _arguments(node)
+        w_name, b_name = self.target_of(a["weight"]), self.target_of(a["bias"])
+        weight = self.tensors.get(w_name) if w_name else None
+        if weight is None or weight.ndim not in (3, 4) or a.get("transposed") \
+                or (a["bias"] is not None and b_name is None):
+            return None
+        dims = weight.ndim - 2
+        cls = nn.Conv1d if dims == 1 else nn.Conv2d
+        groups = int(a["groups"])
+        conv = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                   stride=_tuple(a["stride"], dims), padding=_tuple(a["padding"], dims),
+                   dilation=_tuple(a["dilation"], dims), groups=groups, bias=b_name is not None)
+        return self._wrap(conv, node, a["input"], {"weight": w_name, **({"bias": b_name} if b_name else {})}, "conv")
+
+    def linear(self, node: fx.Node) -> fx.Node | None:
+        a = _arguments(node)
+        w_name, b_name = self.target_of(a["weight"]), self.target_of(a["bias"])
+        weight = self.tensors.get(w_name) if w_name else None
+        if weight is None or weight.ndim != 2 or (a["bias"] is not None and b_name is None):
+            return None
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b_name is not None)
+        return self._wrap(lin, node, a["input"], {"weight": w_name, **({"bias": b_name} if b_name else {})}, "linear")
+
+    def batch_norm(self, node: fx.Node) -> fx.Node | None:
+        a = _arguments(node)
+        names = [self.target_of(a[k]) for k in ("weight", "bias", "running_mean", "running_var")]
+        rank = getattr(a["input"].meta.get("val"), "ndim", None)
+        if None in names or a.get("training") or rank not in (2, 3, 4):
+            return None
+        bn = (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(
+            self.tensors[names[0]].shape[0], eps=float(a["eps"]), momentum=float(a["momentum"]))
+        slots = dict(zip(("weight", "bias", "running_mean", "running_var"), names))
+        counter = names[2].rpartition(".")[0] + ".num_batches_tracked"
+        if counter.lstrip(".") in self.tensors:
+            slots["num_batches_tracked"] = counter.lstrip(".")
+        return self._wrap(bn, node, a["input"], slots, "bn")
+
+    def _wrap(self, module: nn.Module, node: fx.Node, x: fx.Node, slots: dict[str, str], kind: str) -> fx.Node:
+        """Call `module` instead of `node`; it holds the program's own tensors (slot -> target)."""
+        for slot, target in slots.items():
+            value = self.tensors[target]
+            if slot in module._parameters:
+                module._parameters[slot] = value if isinstance(value, nn.Parameter) else \
+                    nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[slot] = value
+        targets = list(slots.values())
+        call = self._install(self._module_path(targets, kind), module.eval(), targets)
+        call.args = (self.env[x],)
+        call.meta = dict(node.meta)
+        return call
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+
+def _set_tensor(root: nn.Module, target: str, value: torch.Tensor, parameter: bool) -> None:
+    *parents, leaf = target.split(".")
+    mod = root
+    for name in parents:
+        if not hasattr(mod, name):
+            mod.add_module(name, nn.Module())
+        mod = getattr(mod, name)
+    if parameter:
+        mod.register_parameter(leaf, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def _lookup(root: nn.Module, target: str):
+    obj = root
+    for name in target.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _user_outputs(ep: ExportedProgram, node: fx.Node) -> list:
+    outs = list(node.args[0])
+    kinds = [s.kind for s in ep.graph_signature.output_specs]
+    if any(k not in (OutputKind.USER_OUTPUT, OutputKind.BUFFER_MUTATION) for k in kinds):
+        raise ModelLoadError("the exported program has outputs other than plain tensors (training "
+                             "graph?); export the model in eval mode")
+    return [o for o, k in zip(outs, kinds) if k == OutputKind.USER_OUTPUT]
+
+
+def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
+    """A GraphModule computing `ep` (user inputs -> user outputs) with real Conv/Linear/BN modules."""
+    b = _Builder(ep)
+    native_bn: set[fx.Node] = set()
+    sizes: set[fx.Node] = set()  # nodes computing a (possibly dynamic) size
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            spec = b.specs[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                b.env[node] = b.graph.placeholder(node.name)
+                b.env[node].meta = dict(node.meta)
+            elif spec.kind in _TENSOR_INPUTS:
+                b.env[node] = None  # resolved to get_attr after the modules are placed
+            else:
+                raise ModelLoadError(f"the exported program takes a {spec.kind.name.lower()} input, "
+                                     "which sqexport cannot rebuild")
+        elif node.op == "call_function":
+            new = None
+            if node.target in _CONVS:
+                new = b.conv(node)
+            elif node.target in _LINEAR:
+                new = b.linear(node)
+            elif node.target in _BATCH_NORMS:
+                new = b.batch_norm(node)
+                if new is not None and node.target == _NATIVE_BN:
+                    native_bn.add(node)
+            elif node.target is operator.getitem and node.args[0] in native_bn:
+                if node.args[1] != 0:
+                    raise ModelLoadError("the exported program uses batch-norm statistics as outputs")
+                new = b.env[node.args[0]]
+            elif node.target == aten.sym_size.int:
+                # x.size(d), not a traced constant: keeps the batch dimension dynamic in ONNX export
+                new = b.graph.call_method("size", (b.env[node.args[0]], node.args[1]))
+                sizes.add(node)
+            elif _uses(node, sizes):
+                new = _size_consumer(b, node, sizes)
+            b.env[node] = new if new is not None else _copy_with_attrs(b, node)
+        elif node.op == "output":
+            outs = [b.env[o] if isinstance(o, fx.Node) else o for o in _user_outputs(ep, node)]
+            b.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+        else:
+            raise ModelLoadError(f"the exported program has an unsupported '{node.op}' node")
+    for target, value in b.tensors.items():
+        if _lookup(b.root, target) is None:  # not already a module's weight under this very name
+            spec = next((s for s in b.specs.values() if s.target == target), None)
+            _set_tensor(b.root, target, value, spec is not None and spec.kind == InputKind.PARAMETER)
+    gm = fx.GraphModule(b.root, b.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm.eval()
+
+
+def _uses(node: fx.Node, nodes: set[fx.Node]) -> bool:
+    return any(a in nodes for a in node.all_input_nodes)
+
+
+def _size_consumer(b: _Builder, node: fx.Node, sizes: set[fx.Node]) -> fx.Node | None:
+    """Arithmetic on sizes stays as is (and is a size too); an aten op taking a size becomes the
+    tensor method (`x.view(n, -1)`), which torch.jit.trace records with the size symbolic, where a
+    direct aten call would freeze the traced value into the ONNX graph."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        sizes.add(node)
+        return None
+    name = node.target._schema.name.split("::")[-1]
+    if not hasattr(torch.Tensor, name):
+        return None
+    args = fx.map_arg(node.args, lambda n: b.env[n])
+    kwargs = fx.map_arg(node.kwargs, lambda n: b.env[n])
+    new = b.graph.call_method(name, args, kwargs)
+    new.meta = dict(node.meta)
+    return new
+
+
+def _copy_with_attrs(b: _Builder, node: fx.Node) -> fx.Node:
+    """Copy a node; lifted tensor arguments become get_attr reads of the tensors' own names."""
+    for arg in node.all_input_nodes:
+        if b.env.get(arg) is None and arg.op == "placeholder":
+            b.env[arg] = b.graph.get_attr(b.target_of(arg))
+    return b.copy(node)

@@ -1,0 +1,158 @@
+"""Image folders as --calib-data / --eval-data: one subfolder per class, or flat without labels.
+
+Each image is read with Pillow, converted to the model's channels (1: grayscale "L", 3: "RGB"),
+scaled to [0, 1] (pixel / 255), resized to H x W with Pillow's bilinear filter on the float values
+(no rounding back to 8 bits), then normalized with --mean/--std when given. Labels are the index
+of the class subfolder in sorted name order. Every choice is recorded for the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from contracts.errors import ConfigError, DataError
+
+__all__ = ["IMAGE_SUFFIXES", "ImagePrep", "parse_floats", "parse_size", "is_image_folder",
+           "load_image_folder", "preprocess_image"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+RESIZE = "bilinear (Pillow, on float pixels in [0, 1])"
+MODES = {1: "L", 3: "RGB"}
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """--image-size (H, W), --mean, --std; None = not given."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.size, self.mean, self.std))
+
+
+def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
+    """`0.485,0.456,0.406` -> floats; --std values must be > 0."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} '{text}': give comma-separated numbers, one per channel "
+                          "(e.g. 0.485,0.456,0.406)") from None
+    if not all(np.isfinite(values)):
+        raise ConfigError(f"{option} '{text}': values must be finite")
+    if option == "--std" and min(values) <= 0:
+        raise ConfigError(f"--std '{text}': every value must be > 0")
+    return values
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """`224x224` (H x W) or `224` (square)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--image-size '{text}': give HxW with positive integers (e.g. 224x224)")
+    return int(parts[0]), int(parts[1])
+
+
+def is_image_folder(path: Path) -> bool:
+    return Path(path).is_dir()
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and all(_visible(q) for q in p.relative_to(folder).parents if q.name) and _visible(p))
+
+
+def _scan(root: Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
+    """Image files, their labels (None for a flat folder) and the class names."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _visible(p)]
+    if classes and loose:
+        raise DataError(f"{root}: holds both class subfolders and loose images ({loose[0].name}); use one "
+                        "subfolder per class, or a flat folder of images without labels")
+    if not classes:
+        if not loose:
+            raise DataError(f"{root}: no images found (PNG, JPEG or BMP)")
+        return sorted(loose), None, []
+    files, labels = [], []
+    for index, folder in enumerate(classes):
+        found = _images_in(folder)
+        if not found:
+            raise DataError(f"{folder}: class folder holds no images (PNG, JPEG or BMP)")
+        files += found
+        labels += [index] * len(found)
+    return files, np.asarray(labels, np.int64), [c.name for c in classes]
+
+
+def preprocess_image(path: Path, channels: int, size: tuple[int, int],
+                     mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
+    """One image -> float32 (C, H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(MODES[channels])
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
+    pixels = np.asarray(img, np.float32) / 255.0
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    h, w = size
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c]))
+                         .resize((w, h), Image.BILINEAR), np.float32) for c in range(channels)]
+    out = np.stack(planes)
+    if mean is not None:
+        out -= np.asarray(mean, np.float32)[:, None, None]
+    if std is not None:
+        out /= np.asarray(std, np.float32)[:, None, None]
+    return out
+
+
+def _check_prep(prep: ImagePrep, channels: int) -> None:
+    if channels not in MODES:
+        raise DataError(f"an image folder gives 1 (grayscale) or 3 (RGB) channels; the model's input has {channels}")
+    for option, values in (("--mean", prep.mean), ("--std", prep.std)):
+        if values is not None and len(values) != channels:
+            raise ConfigError(f"{option} has {len(values)} value(s); the model's input has {channels} channel(s)")
+
+
+def load_image_folder(root: Path, input_shape: tuple,
+                      prep: ImagePrep = ImagePrep()) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(images (N, C, H, W) float32, labels or None, info for the report). `input_shape` is the
+    model's per-sample (C, H, W); a None H/W (dynamic) needs --image-size."""
+    root = Path(root)
+    if len(input_shape) != 3:
+        raise DataError(f"an image folder needs a model input of shape (N, C, H, W); this one takes "
+                        f"(N, {', '.join('?' if d is None else str(d) for d in input_shape)})")
+    channels, h, w = input_shape
+    if channels is None:
+        raise DataError("the model's channel dimension is dynamic: an image folder cannot tell 1 from 3 channels")
+    _check_prep(prep, channels)
+    size = prep.size or (h, w)
+    if None in size:
+        raise ConfigError("the model's height/width are dynamic: give --image-size HxW")
+    if (h, w) != (None, None) and any(m is not None and m != s for m, s in zip((h, w), size)):
+        raise ConfigError(f"--image-size {size[0]}x{size[1]} differs from the model's input {h}x{w}")
+    files, labels, classes = _scan(root)
+    images = np.stack([preprocess_image(f, channels, size, prep.mean, prep.std) for f in files])
+    info = {"source": str(root), "format": "image folder", "samples": len(files),
+            "layout": "one subfolder per class" if classes else "flat",
+            "labels": "class subfolder index (sorted names)" if classes else "none",
+            "class_names": classes, "size": list(size), "resize": RESIZE, "channels": channels,
+            "color": "grayscale" if channels == 1 else "RGB", "scale": "pixel / 255 -> [0, 1]",
+            "mean": list(prep.mean) if prep.mean is not None else "none",
+            "std": list(prep.std) if prep.std is not None else "none"}
+    return images, labels, info

@@ -1,0 +1,276 @@
+"""The user's own PyTorch model: a TorchScript file (.pt), an ExportedProgram (.pt2) or
+`pkg.module:factory` (a callable returning an nn.Module), with --input-shape for the example input.
+
+Files are rebuilt as nn.Modules with real Conv/Linear/BatchNorm layers (models.graph_module), so
+pruning and quantization treat them like any other torch model. The model has no data of its own:
+models.data supplies calibration and evaluation data (user files, a held-out split or seeded
+synthetic inputs).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from contracts.errors import ConfigError, ModelLoadError
+from models.spec import ModelSpec
+
+__all__ = ["FACTORY_RE", "MODEL_SUFFIXES", "is_user_model", "parse_input_shapes", "load_user_model"]
+
+FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
+DEFAULT_INPUT = "input"
+SUPPORTED = ("TorchScript (.pt, torch.jit.save), ExportedProgram (.pt2, torch.export.save) or "
+             "pkg.module:factory returning an nn.Module")
+Shapes = dict  # input name (None = the only input) -> shape tuple
+
+
+def is_user_model(ref: str) -> bool:
+    return bool(FACTORY_RE.match(ref)) or Path(ref).suffix in MODEL_SUFFIXES
+
+
+def parse_input_shapes(values) -> Shapes:
+    """--input-shape values: `1x3x224x224` (the only input) or `NAME=1x3x224x224` (repeatable)."""
+    shapes: Shapes = {}
+    for value in values or ():
+        name, _, dims = value.rpartition("=")
+        name = name.strip() or None
+        parts = dims.lower().split("x")
+        if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"--input-shape '{value}': dimensions must be positive integers joined by 'x' "
+                              "(e.g. 1x3x224x224 or image=1x3x224x224)")
+        if name in shapes or (shapes and (name is None or None in shapes)):
+            raise ConfigError(f"--input-shape '{value}': give one unnamed shape, or one NAME=shape per input "
+                              "(each name once)")
+        shapes[name] = tuple(int(p) for p in parts)
+    return shapes
+
+
+# ---------------------------------------------------------------- loading the module
+
+def _import_factory(ref: str) -> nn.Module:
+    module_name, _, attr = ref.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: the current folder is importable
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(f"cannot import '{module_name}' for {ref}: {exc} (run from the folder that "
+                             "holds the package, or put it on PYTHONPATH)") from None
+    except Exception as exc:  # any error in the user's module while importing
+        raise ModelLoadError(f"importing '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ModelLoadError(f"module '{module_name}' has no attribute '{attr}'")
+    if not callable(factory):
+        raise ModelLoadError(f"{ref} is a {type(factory).__name__}, not a callable returning an nn.Module")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"{ref}() failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        raise ModelLoadError(f"{ref}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _load_file(path: Path):
+    if not path.is_file():
+        raise ModelLoadError(f"no such model file: {path}")
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not an ExportedProgram (torch.export.save) file: "
+                                 f"{_first_line(exc)}; supported: {SUPPORTED}") from None
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        raise ModelLoadError(f"{path} is not a TorchScript file (a state_dict or a pickled module holds no "
+                             f"architecture sqexport can run); supported: {SUPPORTED}") from None
+
+
+# ---------------------------------------------------------------- inputs
+
+def _forward_names(model: nn.Module) -> list[str] | None:
+    """Required positional parameters of forward(); None when it takes *args."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty]
+
+
+def _script_names(ts) -> list[str]:
+    return [re.sub(r"\.\d+$", "", i.debugName()) for i in list(ts.graph.inputs())[1:]]
+
+
+def _program_inputs(ep) -> dict[str, tuple[tuple, torch.dtype]]:
+    """User inputs of an ExportedProgram with their recorded shapes (None = symbolic) and dtypes."""
+    out = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise ModelLoadError(f"the exported program's input '{node.name}' is not a tensor")
+            shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+            out[node.name] = (shape, val.dtype)
+    return out
+
+
+def _resolve_shapes(names: list[str] | None, given: Shapes, known: dict | None = None) -> dict[str, tuple]:
+    """Input name -> full example shape, from --input-shape and what the model file records."""
+    known = known or {}
+    if None in given:
+        if names is not None and len(names) > 1:
+            raise ConfigError(f"the model takes {len(names)} inputs ({', '.join(names)}): "
+                              "give --input-shape NAME=shape for each")
+        return {(names or [DEFAULT_INPUT])[0]: given[None]}
+    names = names if names is not None else (list(given) or [DEFAULT_INPUT])
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise ConfigError(f"--input-shape names unknown input(s) {', '.join(unknown)}; "
+                          f"the model's inputs: {', '.join(names)}")
+    shapes = {}
+    for name in names:
+        if name in given:
+            shapes[name] = given[name]
+        elif name in known and all(d is not None for d in known[name][0][1:]):
+            shapes[name] = (known[name][0][0] or 1,) + tuple(known[name][0][1:])
+        else:
+            raise ConfigError(f"the example input shape of '{name}' is not known: give --input-shape "
+                              f"{'' if len(names) == 1 else name + '='}1x3x224x224 (the model's real shape)")
+    return shapes
+
+
+# ---------------------------------------------------------------- building the ModelSpec
+
+def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
+    """nn.Module with real layers: TorchScript and ExportedProgram are rebuilt (graph_module)."""
+    from models.graph_module import module_from_program
+
+    if isinstance(obj, torch.jit.ScriptModule):
+        from torch._export.converter import TS2EPConverter
+
+        # a batch of 2 keeps the converter from specializing the batch dimension to 1
+        args = tuple(torch.rand((2,) + tuple(s[1:])) for s in shapes.values())
+        try:
+            with warnings.catch_warnings():  # the converter warns about unused BN counters
+                warnings.simplefilter("ignore")
+                obj = TS2EPConverter(obj, args).convert()
+        except Exception as exc:
+            raise ModelLoadError(f"cannot convert the TorchScript model (with input shape(s) "
+                                 f"{_fmt_shapes(shapes)}): {type(exc).__name__}: {_first_line(exc)}") from None
+    if isinstance(obj, torch.export.ExportedProgram):
+        gm = module_from_program(obj)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, name in zip(placeholders, shapes):
+            node.target = name  # the input names sqexport reports and feeds by keyword
+        gm.recompile()
+        return gm
+    return obj.eval()
+
+
+def _fmt_shapes(shapes: dict[str, tuple]) -> str:
+    return ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in shapes.items())
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out)
+    raise ModelLoadError(f"the model returns a {type(out).__name__}; sqexport needs a tensor or a tuple of tensors")
+
+
+def _run(model: nn.Module, feed: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return _outputs(model(**{k: torch.from_numpy(v) for k, v in feed.items()}))
+
+
+def _check_batches(model: nn.Module, example: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    """Run the example, and batch 2: the ONNX export makes the batch dimension dynamic."""
+    try:
+        outs = _run(model, example)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"the model fails on the example input {_fmt_shapes({k: v.shape for k, v in example.items()})}: "
+                             f"{type(exc).__name__}: {_first_line(exc)}") from None
+    pair = {k: np.concatenate([v[:1], v[:1]]) for k, v in example.items()}
+    try:
+        _run(model, pair)
+    except Exception as exc:
+        raise ModelLoadError(f"the model runs at batch size {len(next(iter(example.values())))} only "
+                             f"({type(exc).__name__}: {_first_line(exc)}); sqexport needs a dynamic batch "
+                             "dimension (torch.export: dynamic_shapes={'x': {0: Dim('batch')}})") from None
+    return outs
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _flatten_first(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
+    out = outputs[0]
+    return out.reshape(len(out), -1)
+
+
+def _logits(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
+    return outputs[0]
+
+
+def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
+    """Load a .pt / .pt2 / pkg.module:factory model; its spec has no data yet (models.data adds it)."""
+    given = input_shapes or {}
+    factory = bool(FACTORY_RE.match(ref)) and not Path(ref).exists()
+    obj = _import_factory(ref) if factory else _load_file(Path(ref))
+    known, dtypes = {}, {}
+    if isinstance(obj, torch.export.ExportedProgram):
+        known = _program_inputs(obj)
+        names = list(known)
+        dtypes = {n: d for n, (_, d) in known.items()}
+    elif isinstance(obj, torch.jit.ScriptModule):
+        names = _script_names(obj)
+    else:
+        names = _forward_names(obj)
+    shapes = _resolve_shapes(names, given, known)
+    model = _as_module(obj, shapes)
+    rng = np.random.default_rng(0)  # example values only matter for tracing; fixed for reproducibility
+    example = {n: rng.random(s, dtype=np.float32).astype(_np_dtype(dtypes.get(n, torch.float32)))
+               for n, s in shapes.items()}
+    outs = _check_batches(model, example)
+    output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    classifier = outs[0].ndim == 2
+    kind = "factory" if factory else ("ExportedProgram" if Path(ref).suffix == ".pt2" else "TorchScript")
+    return ModelSpec(
+        name=ref if factory else Path(ref).stem,
+        model=model,
+        task="image-classification" if classifier else "feature-extraction",
+        input_names=list(shapes),
+        output_names=output_names,
+        example_inputs=example,
+        calib_batches=[],
+        eval_batches=[],
+        dynamic_axes={**{n: {0: "batch"} for n in shapes}, **{n: {0: "batch"} for n in output_names}},
+        postprocess=_logits if classifier else _flatten_first,
+        description=f"user model ({kind}), input {_fmt_shapes(shapes)}, "
+                    + (f"{outs[0].shape[1]} classes" if classifier else f"output {tuple(outs[0].shape[1:])}"),
+        source={"kind": kind, "ref": ref, "input_shapes": {n: list(s) for n, s in shapes.items()},
+                "task_from": "2-D output: classification (top-1)" if classifier
+                else "non-2-D output: cosine of the flattened output vs FP32"},
+    )
