@@ -10,7 +10,7 @@ from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.session import make_session
-from contracts.errors import DataError
+from contracts.errors import ConfigError, DataError
 
 __all__ = ["check_model"]
 
@@ -48,6 +48,22 @@ def _tensor_batches(path: Path, model) -> tuple[list[dict], np.ndarray | None]:
     return load_tensor_batches(path, inputs)
 
 
+def _image_batches(path: Path, model, prep) -> tuple[list[dict], np.ndarray | None, dict]:
+    """An image folder shaped by the graph's one (N, C, H, W) input (dynamic H/W: --image-size)."""
+    from models.data import BATCH_SIZE
+    from models.image_data import ImagePrep, load_image_folder
+
+    inputs = list(model.graph.input)
+    if len(inputs) != 1:
+        raise DataError(f"an image folder feeds one input; the model takes {', '.join(i.name for i in inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.dim_value > 0 else None for d in dims)[1:]
+    images, labels, info = load_image_folder(path, shape, prep or ImagePrep())
+    dtype = _NP_TYPES.get(inputs[0].type.tensor_type.elem_type, np.float32)
+    batches = [{inputs[0].name: images[i:i + BATCH_SIZE].astype(dtype)} for i in range(0, len(images), BATCH_SIZE)]
+    return batches, labels, info
+
+
 def _text_batches(path: Path, model_path: Path, model) -> tuple[list[dict], np.ndarray | None]:
     """Text eval data, tokenized with the tokenizer saved beside the model (sqexport export writes it)."""
     folder = Path(model_path).parent
@@ -74,12 +90,18 @@ def _first(outputs, batch):
 
 
 def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | None,
-                threads: int, gates: Gates) -> dict:
+                threads: int, gates: Gates, prep=None) -> dict:
+    """`prep` (models.image_data.ImagePrep): --image-size/--mean/--std for an image-folder eval set."""
     model = load_onnx(model_path)
     if baseline_path is not None:
         load_onnx(baseline_path)
+    data_info = None
+    if prep is not None and prep.given and not (eval_data is not None and Path(eval_data).is_dir()):
+        raise ConfigError("--image-size, --mean and --std apply to an image-folder --eval-data")
     if eval_data is None:
         batches, labels = _synthetic_batches(model), None
+    elif Path(eval_data).is_dir():
+        batches, labels, data_info = _image_batches(Path(eval_data), model, prep)
     elif Path(eval_data).suffix in (".txt", ".jsonl"):
         batches, labels = _text_batches(Path(eval_data), model_path, model)
     else:
@@ -117,4 +139,5 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         checks = evaluate_gates(gates, accuracy, latency)
     return {"model": str(model_path), "baseline": str(baseline_path) if baseline_path else None,
             "passed": all(c["passed"] for c in checks), "accuracy": accuracy, "latency_ms": latency,
-            "checks": checks, "data": str(eval_data) if eval_data else "synthetic"}
+            "checks": checks, "data": str(eval_data) if eval_data else "synthetic",
+            **({"data_info": data_info} if data_info else {})}

@@ -196,25 +196,31 @@ def _print_summary(report: dict, outdir: Path) -> None:
 @cli.command("check")
 @click.argument("model_onnx", type=click.Path(dir_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="FP32 reference ONNX.")
-@click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
-              help=".npy/.npz inputs (optional 'labels'), or .txt/.jsonl text when a tokenizer sits "
-                   "beside MODEL_ONNX (sqexport export writes one); without it, seeded synthetic inputs.")
+@click.option("--eval-data", type=click.Path(), default=None,
+              help=".npy/.npz inputs (optional 'labels'), .txt/.jsonl text when a tokenizer sits "
+                   "beside MODEL_ONNX (sqexport export writes one), or an image folder shaped by the "
+                   "model's input; without it, seeded synthetic inputs.")
+@click.option("--image-size", default=None, metavar="HxW",
+              help="Resize image-folder images to HxW [the model input's H x W].")
+@click.option("--mean", default=None, metavar="M1,M2,...", help="Image-folder normalization (x - mean) / std [none].")
+@click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
 @click.option("--min-speedup", type=float, default=None, callback=_validate_positive)
 @click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def check_cmd(model_onnx, baseline, eval_data, target, threads, max_accuracy_drop, min_speedup,
-              max_latency_ms, as_json):
+def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, threads, max_accuracy_drop,
+              min_speedup, max_latency_ms, as_json):
     """Verify an existing ONNX model (accuracy vs --baseline, latency, gates)."""
     from runtime_check.check import check_model
     from runtime_check.gates import Gates
     from runtime_check.session import default_threads
 
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
+    prep = _guard(_image_prep, {"image_size": image_size, "mean": mean, "std": std})
     result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else None,
-                    Path(eval_data) if eval_data else None, threads or default_threads(), gates)
+                    Path(eval_data) if eval_data else None, threads or default_threads(), gates, prep)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -51,6 +51,15 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
     md = (out / "report.md").read_text()
     assert "## Data" in md and "| class names | cat, dog, owl | cat, dog, owl |" in md
 
+    # `check` reads the same folder, shaped by the ONNX input (1x3x32x32)
+    r = _ok(run_cli(["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--eval-data", "imgs",
+                     "--json"]))
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["data_info"]["samples"] == 12 and result["data_info"]["size"] == [32, 32]
+    assert result["accuracy"]["metric"] == "top1"
+    _one_line_error(run_cli(["check", out / "model.onnx", "--eval-data", "imgs", "--mean", "1,2"]),
+                    "--mean has 2 value(s)")
+
 
 def test_torchscript_file_with_grayscale_flat_folder(user_project, images_factory, run_cli):
     torch.jit.save(torch.jit.trace(_net("gray_cnn"), torch.rand(2, 1, 16, 16)), "net.pt")
