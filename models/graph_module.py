@@ -117,6 +117,19 @@ class _Builder:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b_name is not None)
         return self._wrap(lin, node, a["input"], {"weight": w_name, **({"bias": b_name} if b_name else {})}, "linear")
 
+    def addmm(self, node: fx.Node) -> fx.Node | None:
+        """Core ATen's Linear: addmm(bias, x, permute(weight, [1, 0])) (or t(weight))."""
+        bias, x, wt = node.args[:3]
+        if node.kwargs or not isinstance(wt, fx.Node) or wt.target not in (aten.permute.default, aten.t.default) \
+                or (wt.target == aten.permute.default and list(wt.args[1]) != [1, 0]):
+            return None
+        w_name, b_name = self.target_of(wt.args[0]), self.target_of(bias)
+        weight = self.tensors.get(w_name) if w_name else None
+        if weight is None or b_name is None or weight.ndim != 2 or self.tensors[b_name].ndim != 1:
+            return None
+        lin = nn.Linear(weight.shape[1], weight.shape[0])
+        return self._wrap(lin, node, x, {"weight": w_name, "bias": b_name}, "linear")
+
     def batch_norm(self, node: fx.Node) -> fx.Node | None:
         a = _arguments(node)
         names = [self.target_of(a[k]) for k in ("weight", "bias", "running_mean", "running_var")]
@@ -203,13 +216,17 @@ def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
                 new = b.conv(node)
             elif node.target in _LINEAR:
                 new = b.linear(node)
+            elif node.target == aten.addmm.default:
+                new = b.addmm(node)
             elif node.target in _BATCH_NORMS:
                 new = b.batch_norm(node)
                 if new is not None and node.target == _NATIVE_BN:
                     native_bn.add(node)
             elif node.target is operator.getitem and node.args[0] in native_bn:
-                if node.args[1] != 0:
+                if node.args[1] != 0 and node.users:
                     raise ModelLoadError("the exported program uses batch-norm statistics as outputs")
+                if node.args[1] != 0:  # unused saved statistics
+                    continue
                 new = b.env[node.args[0]]
             elif node.target == aten.sym_size.int:
                 # x.size(d), not a traced constant: keeps the batch dimension dynamic in ONNX export

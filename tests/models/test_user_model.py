@@ -74,7 +74,7 @@ def test_two_named_inputs(user_project):
     assert spec.input_names == ["a", "b"]  # forward order, not flag order
 
 
-@pytest.mark.parametrize("kind", ["torchscript", "exported"])
+@pytest.mark.parametrize("kind", ["torchscript", "exported", "core-aten"])
 def test_files_rebuild_real_layers_with_their_names(user_project, kind):
     model = _set_bn_stats(_net())
     x = torch.rand(3, 3, 16, 16)
@@ -85,6 +85,8 @@ def test_files_rebuild_real_layers_with_their_names(user_project, kind):
     else:
         path = user_project / "net.pt2"
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        if kind == "core-aten":  # convolution, addmm(bias, x, permute(w)), native batch norm
+            ep = ep.run_decompositions()
         torch.export.save(ep, str(path))
         spec = load_model(str(path))  # the program records its input shape
     types = {n: type(m) for n, m in spec.model.named_modules()}
