@@ -1,12 +1,10 @@
 """The recovery step of the pipeline: data pool, teacher, metric before/after, progress."""
 from __future__ import annotations
 
-import sys
-from typing import Callable
-
 import numpy as np
 import torch
 
+from contracts.progress import NULL_PROGRESS, Progress
 from models.spec import ModelSpec
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from toolchain.folding import copy_for_compression
@@ -40,43 +38,20 @@ def _sources(spec: ModelSpec, extra_path: str | None):
     return batches, labels
 
 
-def _progress(log: Callable[[str], None], quiet: bool):
-    """A rich progress bar on a terminal; otherwise a log line at every quarter of the budget."""
-    if not quiet and sys.stderr.isatty():
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        task = bar.add_task("recovery", total=1.0)
-        bar.start()
-
-        def update(step, steps, elapsed, budget, loss):
-            done = step / steps if steps else elapsed / budget
-            bar.update(task, completed=min(1.0, max(done, elapsed / budget)),
-                       description=f"recovery step {step} loss {loss:.4f}")
-        return update, bar.stop
-    marks = {"next": 0.25}
-
-    def log_update(step, steps, elapsed, budget, loss):
-        done = max(step / steps if steps else 0.0, elapsed / budget)
-        if done >= marks["next"]:
-            marks["next"] += 0.25
-            log(f"recovery: step {step}, {elapsed:.0f}s, loss {loss:.4f}")
-    return log_update, lambda: None
-
-
 def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig, seed: int,
-                 extra_path: str | None = None, log: Callable[[str], None] = lambda m: None,
-                 quiet: bool = False) -> dict:
+                 extra_path: str | None = None, progress: Progress = NULL_PROGRESS) -> dict:
     teacher = copy_for_compression(spec.model)
     batches, labels = _sources(spec, extra_path)
     text = "input_ids" in batches[0]
     pool = make_pool(batches, labels, text, encoder=spec.task == "feature-extraction")
     dense_out = np.concatenate([spec.postprocess(spec.torch_outputs(teacher, b), b) for b in spec.eval_batches])
-    update, stop = _progress(log, quiet)
-    try:
+    with progress.task("recovery", config.steps, "step") as task:
+        def update(step, steps, elapsed, budget, loss):
+            if steps is None and step % 10 == 0:  # time-bounded: estimate the total from the pace
+                task.set_total(step * budget / max(elapsed, 1e-6))
+            task.advance()
+
         info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update)
-    finally:
-        stop()
     info["metric"] = "cosine" if spec.task == "feature-extraction" else \
         ("top1" if spec.eval_labels is not None else "top1_agreement")
     info["labels_used"] = labels is not None

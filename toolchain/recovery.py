@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contracts.errors import ConfigError
+from contracts.progress import NULL_PROGRESS
 from toolchain.recovery_data import Pool, make_pool
 from toolchain.registry import register
 
@@ -158,8 +159,7 @@ __all__ += ["make_pool", "Pool"]
 class RecoverContext:
     spec: object  # models.spec.ModelSpec
     seed: int = 0
-    log: Callable[[str], None] = print
-    quiet: bool = False
+    progress: object = NULL_PROGRESS  # contracts.progress.Progress
 
 
 @register("recover", "distill", RecoveryConfig,
@@ -168,4 +168,4 @@ def _recover_handler(model, config: RecoveryConfig, ctx):
     """Registry entry; the pipeline runs recovery through toolchain.recover_step.run_recovery."""
     from toolchain.recover_step import run_recovery
 
-    return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.log, ctx.quiet)
+    return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.progress)
