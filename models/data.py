@@ -16,7 +16,7 @@ from contracts.errors import ConfigError, DataError
 from models.image_data import ImagePrep, is_image_folder, load_image_folder
 from models.spec import ModelSpec
 
-__all__ = ["apply_user_data", "BATCH_SIZE", "HOLDOUT_EVERY", "SYNTHETIC_SAMPLES"]
+__all__ = ["apply_user_data", "load_data_file", "BATCH_SIZE", "HOLDOUT_EVERY", "SYNTHETIC_SAMPLES"]
 
 BATCH_SIZE = 64
 HOLDOUT_EVERY = 4  # with one data set, sample i is held out when i % 4 == 3
@@ -54,6 +54,12 @@ def _load(path: str, spec: ModelSpec, prep: ImagePrep) -> Split:
     info = {"source": str(p), "format": p.suffix, "samples": _count(batches),
             "labels": "'labels' array" if labels is not None else "none"}
     return batches, labels, info
+
+
+def load_data_file(path: str, spec: ModelSpec, prep: ImagePrep = ImagePrep()) -> tuple[list[dict], object]:
+    """(batches, labels or None) from a user data file or image folder, in the model's own format."""
+    batches, labels, _ = _load(path, spec, prep)
+    return batches, labels
 
 
 def _count(batches: list[dict]) -> int:

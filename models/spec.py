@@ -51,6 +51,8 @@ class ModelSpec:
     source: dict = field(default_factory=dict)
     # how the calibration / eval data were made (files, preprocessing, labels); report.json "data"
     data_info: dict = field(default_factory=dict)
+    # () -> (batches, labels or None): extra data for recovery (e.g. a training split), loaded lazily
+    recover_data: Callable | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
