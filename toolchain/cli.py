@@ -30,10 +30,6 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _log(msg: str) -> None:
-    click.echo(click.style(f"  · {msg}", dim=True), err=True)
-
-
 def _guard(fn, *args, **kwargs):
     """Run library code; domain errors become one-line messages with the right exit code."""
     try:
@@ -69,7 +65,8 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
     from toolchain.recipe import load_recipe
 
     typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "quant", "observer", "max_accuracy_drop",
-                                  "min_speedup", "max_latency_ms", "threads", "seed", "target")
+                                  "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
+                                  "recover_steps", "recover_minutes", "recover_data")
              if _given(ctx, k) and opts[k] is not None}
     if not opts["recipe"]:  # without a recipe file the CLI's own defaults apply
         typed.setdefault("seed", opts["seed"])
@@ -98,7 +95,7 @@ def _validate_positive(ctx, param, value):
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size].")
 @click.option("--sparsity", default=0.5, show_default=True, type=float, callback=_validate_sparsity,
-              help="Fraction of prunable weights removed (magnitude).")
+              help="Fraction of prunable weights removed (magnitude), or of channels/heads/neurons (structured).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
@@ -106,6 +103,14 @@ def _validate_positive(ctx, param, value):
               help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
               help="Override the task detected from a Hugging Face config.")
+@click.option("--recover/--no-recover", default=None,
+              help="Distillation fine-tuning from the dense model after pruning [off].")
+@click.option("--recover-steps", type=click.IntRange(min=1), default=None,
+              help="Recovery optimizer steps [as many as --recover-minutes allows].")
+@click.option("--recover-minutes", type=float, default=None, callback=_validate_positive,
+              help="Recovery wall-clock budget in minutes [10].")
+@click.option("--recover-data", type=click.Path(dir_okay=False), default=None,
+              help="More data for recovery (same formats as --calib-data); labels are used when present.")
 @click.option("--calib-data", type=click.Path(dir_okay=False),
               help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz.")
 @click.option("--eval-data", type=click.Path(dir_okay=False),
@@ -123,21 +128,30 @@ def _validate_positive(ctx, param, value):
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress and no summary; errors (and a failed gate) are still printed on stderr.")
 @click.pass_context
-def export_cmd(ctx, model, **opts):
-    """Prune, quantize, export and verify MODEL; write the output folder and report."""
+def export_cmd(ctx, model, quiet, **opts):
+    """Prune, quantize, export and verify MODEL; write the output folder and report.
+
+    Progress goes to stderr: live bars on a terminal, plain lines otherwise. The summary goes to stdout.
+    """
     from models.zoo import load_model
     from toolchain import pipeline
+    from toolchain.progress import make_progress
+    from toolchain.stage_meter import measured_stage
 
     recipe = _guard(build_recipe, ctx, opts)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
-    _log(f"loading {model}")
-    spec = _guard(load_model, model, opts["task"])
-    if spec.default_prune != "magnitude":
-        recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
-    spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
-    report = _guard(pipeline.run, recipe, spec, outdir, _log)
-    _print_summary(report, outdir)
+    with make_progress(quiet) as progress:
+        with measured_stage(progress, f"load {model}"):
+            spec = _guard(load_model, model, opts["task"])
+            if spec.default_prune != "magnitude":
+                recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
+            spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
+        report = _guard(pipeline.run, recipe, spec, outdir, progress)
+    if not quiet:
+        _print_summary(report, outdir)
     if not report["passed"]:
         failed = ", ".join(f"{c['name']} {c['value']:.4g} (limit {c['limit']:.4g})"
                            for c in report["checks"] if not c["passed"])

@@ -9,16 +9,14 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import onnx
 import onnxruntime
 import torch
 
+from contracts.progress import NULL_PROGRESS, Progress, track
 from exporters.export import export_model
 from exporters.hf_export import save_tokenizer
 from models.spec import ModelSpec
@@ -34,11 +32,9 @@ from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
 from toolchain.registry import lookup
+from toolchain.stage_meter import measured_stage
 
 __all__ = ["run", "atomic_output"]
-
-Log = Callable[[str], None]
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -90,25 +86,31 @@ def atomic_output(outdir: Path):
 
 
 class _Stages:
-    """Times each stage and records it for the report."""
+    """Times each stage, measures its peak memory, reports it as progress and records it for the report."""
 
-    def __init__(self, log: Log):
-        self.records, self.log = [], log
+    def __init__(self, progress: Progress):
+        self.records, self.progress = [], progress
 
     @contextmanager
     def stage(self, name: str, params: dict | None = None):
-        self.log(f"{name} ...")
-        t0 = time.perf_counter()
-        record = {"name": name, "params": dict(params or {}), "seconds": 0.0}
-        yield record
-        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record = {"name": name, "params": dict(params or {}), "seconds": 0.0, "peak_rss_mb": None}
+        with measured_stage(self.progress, name) as meter:
+            yield record
+        record.update(seconds=round(meter.seconds, 3), peak_rss_mb=meter.peak_rss_mb)
         self.records.append(record)
 
 
-def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None) -> dict:
+def _structured_context(spec: ModelSpec, threads: int):
+    from toolchain.pruning.structured_stage import StructuredContext
+
+    return StructuredContext(spec.example_inputs, spec.calib_batches, spec.torch_outputs,
+                             lambda model, path: export_model(spec, model, path), threads)
+
+
+def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS) -> dict:
     seed_everything(recipe.seed)
     threads = recipe.threads or default_threads()
-    st = _Stages(log)
+    st = _Stages(progress)
     notes: list[str] = []
     with atomic_output(outdir) as tmp:
         with st.stage("export.baseline", {"exporter": spec.exporter}):
@@ -116,16 +118,35 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
 
         work = copy_for_compression(spec.model)
         layers = prunable_layers(work, spec.prune_prefix)
+        dense = {n: m.weight.numel() for n, m in layers.items()}  # structured pruning shrinks them
+        extra: dict = {}
         for stage in [s for s in recipe.stages if s.kind == "prune"]:
             with st.stage(stage.qualified, stage.to_dict()["params"]) as rec:
-                result = lookup("prune", stage.name).handler(layers, stage.config, None)
-                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers), 6)
+                entry = lookup("prune", stage.name)
+                if getattr(stage.config, "NEEDS_MODEL", False):
+                    result = entry.handler(work, stage.config, _structured_context(spec, threads))
+                else:
+                    result = entry.handler(layers, stage.config, None)
+                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers, dense), 6)
             notes.append(result.speed_note)
-        sparsity = {"overall": overall_sparsity(layers), "layers": layer_sparsity(layers)}
+            extra.update(result.extra)
+        sparsity = {"overall": overall_sparsity(layers, dense), "layers": layer_sparsity(layers, dense)}
 
         if recipe.stage("prune") is not None:
             with st.stage("recalibrate_batchnorm") as rec:
-                rec["params"]["layers"] = recalibrate_batchnorm(work, spec.calib_batches, spec.torch_outputs)
+                batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
+                rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
+        recover = recipe.stage("recover")
+        if recover is not None:
+            from toolchain.recovery import RecoverContext
+
+            with st.stage(recover.qualified, recover.to_dict()["params"]) as rec:
+                extra["recovery"] = lookup("recover", recover.name).handler(
+                    work, recover.config, RecoverContext(spec, recipe.seed, progress))
+                rec["params"]["steps_run"] = extra["recovery"]["steps"]
+            with st.stage("recalibrate_batchnorm") as rec:  # fine-tuning moved the statistics again
+                batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
+                rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
         with st.stage("fold_batchnorm") as rec:
             work, folded = fold_batchnorm(work)
             rec["params"]["folded"] = folded
@@ -134,7 +155,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
         if alpha > 0:
             with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
-                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha)
+                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha, progress)
                 rec["params"]["groups"] = len(groups)
                 rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
         with st.stage("export.model", {"exporter": spec.exporter}):
@@ -144,7 +165,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
                 limit = accuracy_limit(recipe.gates, spec.task)
                 reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit,
-                                                         recipe.target)
+                                                         recipe.target, progress)
                 rec["params"]["quantized_layers"] = quant_info["quantized_layers"]
                 if quant_info.get("fallback"):
                     notes.append(f"accuracy-aware fallback: {len(quant_info['fallback'])} layer(s) kept in FP32: "
@@ -155,10 +176,10 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             reference = lambda b: spec.torch_outputs(work, b)  # noqa: E731
 
         with st.stage("verify.accuracy"):
-            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
-            fidelity = fidelity_of(spec, reference, onnx_out)
+            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+            fidelity = fidelity_of(spec, reference, onnx_out, progress)
         with st.stage("verify.latency", {"threads": threads}):
-            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
         sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
         if spec.hf_folder:
             save_tokenizer(spec, tmp)
@@ -167,7 +188,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
             "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
             "fidelity": fidelity, "quantization": quant_info, "latency_ms": latency, "checks": checks, "notes": notes,
-            "recipe": recipe.to_dict(), "task": spec.task,
+            "recipe": recipe.to_dict(), "task": spec.task, **extra,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }
