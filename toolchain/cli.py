@@ -54,7 +54,7 @@ def cli():
 
 
 def _methods(kind: str) -> list[str]:
-    from toolchain.registry import names
+    from toolchain.builtin_methods import names
 
     return names(kind) + ["none"]
 
@@ -238,7 +238,7 @@ def models_cmd():
 @cli.command("methods")
 def methods_cmd():
     """List the pruning and quantization methods."""
-    from toolchain.registry import entries
+    from toolchain.builtin_methods import entries
 
     for e in entries():
         click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")

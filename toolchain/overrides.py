@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from contracts.errors import ConfigError
 from toolchain.pruning.nm import parse_nm
 from toolchain.recipe import Recipe, Stage
-from toolchain.registry import lookup
+from toolchain.builtin_methods import lookup
 
 __all__ = ["Overrides", "apply_overrides", "DEFAULT_SPARSITY"]
 

@@ -33,7 +33,7 @@ from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
-from toolchain.registry import lookup
+from toolchain.builtin_methods import lookup
 
 __all__ = ["run", "atomic_output"]
 

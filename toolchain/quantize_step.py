@@ -10,18 +10,19 @@ import onnx
 import torch
 
 from exporters.dynamic import insert_dynamic
-from exporters.qdq import find_embedding_sites, find_sites, insert_qdq, merge_duplicate_nodes
+from exporters.graph import merge_duplicate_nodes
+from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
 from models.spec import ModelSpec
 from runtime_check.isa import int8_saturates, weight_qmax
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from contracts.errors import ExportError
+from contracts.quant import Anchor, QuantParams
 from toolchain.pruning import prunable_layers
-from toolchain.quantization import QuantParams, fake_quant_model
+from toolchain.quantization import fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
-from toolchain.quantization.plan import Anchor
 from toolchain.quantization.smoothing import SmoothedLinear
 from toolchain.recipe import Stage
-from toolchain.registry import lookup
+from toolchain.builtin_methods import lookup
 
 __all__ = ["QuantContext", "quantize_to_onnx", "predicted_drop"]
 

@@ -9,12 +9,12 @@ import yaml
 
 from runtime_check.gates import Gates
 from contracts.errors import ConfigError
-from toolchain.registry import config_from_dict, config_to_dict
+from toolchain.builtin_methods import config_from_dict, config_to_dict
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe"]
 
 TARGETS = ("cpu",)
-STAGE_ORDER = {"prune": 0, "quantize": 1}  # sparsity before quantization (methods.md, "Order")
+STAGE_ORDER = {"prune": 0, "quantize": 1}  # sparsity first: int8 scales are computed on the pruned weights
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from models.hf import mean_pool
 from runtime_check.isa import weight_qmax
-from toolchain.quantization.params import quantize_weight_per_channel
+from contracts.quant import quantize_weight_per_channel
 
-# the four design.md artifacts plus the tokenizer an app needs beside model.onnx
+# the four required artifacts (model, baseline, report.json, report.md) plus the tokenizer an app needs beside model.onnx
 EXPECTED_FILES = sorted(["baseline.onnx", "model.onnx", "report.json", "report.md", "special_tokens_map.json",
                          "tokenizer.json", "tokenizer_config.json", "vocab.txt"])
 OPTIMUM_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}

@@ -5,7 +5,7 @@ from torch import nn
 
 from contracts.errors import ConfigError
 from toolchain.pruning.nm import NMPruneConfig, nm_mask, parse_nm
-from toolchain.registry import lookup
+from toolchain.builtin_methods import lookup
 
 
 def test_linear_2_4_with_padded_last_group():

@@ -5,7 +5,7 @@ from runtime_check.gates import Gates
 from contracts.errors import ConfigError
 from toolchain.overrides import Overrides, apply_overrides
 from toolchain.pruning.magnitude import MagnitudePruneConfig
-from toolchain.quantization import Int8StaticConfig
+from toolchain.quantization.int8 import Int8StaticConfig
 from toolchain.recipe import Recipe, Stage
 
 

@@ -5,7 +5,7 @@ from runtime_check.gates import Gates
 from contracts.errors import ConfigError
 from toolchain.pruning.magnitude import MagnitudePruneConfig
 from toolchain.pruning.nm import NMPruneConfig
-from toolchain.quantization import Int8StaticConfig
+from toolchain.quantization.int8 import Int8StaticConfig
 from toolchain.recipe import Recipe, Stage, load_recipe
 
 PRUNE = Stage("prune", "magnitude", MagnitudePruneConfig(0.7, "layer"))

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from contracts.quant import QuantParams
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.params import fake_quant_act
-from toolchain.quantization.static import QuantParams
 
 __all__ = ["local_snr_db", "fallback_until"]
 
