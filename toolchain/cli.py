@@ -53,10 +53,14 @@ def cli():
     """
 
 
-def _methods(kind: str) -> list[str]:
+def _names(kind: str) -> list[str]:
     from toolchain.builtin_methods import names
 
-    return names(kind) + ["none"]
+    return names(kind)
+
+
+def _methods(kind: str) -> list[str]:
+    return _names(kind) + ["none"]
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -102,7 +106,7 @@ def _validate_positive(ctx, param, value):
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
-@click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+@click.option("--observer", default=None, type=click.Choice(_names("observer")),
               help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
               help="Override the task detected from a Hugging Face config.")
@@ -237,13 +241,16 @@ def models_cmd():
 
 @cli.command("methods")
 def methods_cmd():
-    """List the pruning and quantization methods."""
+    """List the pruning, transform and quantization methods and the activation observers."""
     from toolchain.builtin_methods import entries
+    from toolchain.stages import STAGE_KINDS
 
-    for e in entries():
-        click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
-    click.echo(f"{'prune':<9} {'none':<12} no pruning")
-    click.echo(f"{'quantize':<9} {'none':<12} FP32 export of the (pruned) model")
+    none = {"prune": "no pruning", "quantize": "FP32 export of the (pruned) model"}
+    for kind in STAGE_KINDS + ("observer",):
+        for e in [e for e in entries() if e.kind == kind]:
+            click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
+        if kind in none:
+            click.echo(f"{kind:<9} {'none':<12} {none[kind]}")
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""run(recipe, spec, outdir) -> report: prune -> fold -> quantize -> export -> verify -> report.
+"""run(recipe, spec, outdir) -> report: the named STEPS below, in order, over one RunState.
 
 Everything is built in a temporary folder next to `outdir` and renamed into place at the end, so
 a failed or interrupted run never leaves a half-written output folder behind.
@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,16 +27,16 @@ from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
+from contracts.errors import DataError, OutputError
 from toolchain.bn_recalibration import recalibrate_batchnorm
-from contracts.errors import OutputError
+from toolchain.builtin_methods import lookup
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
-from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
-from toolchain.builtin_methods import lookup
+from toolchain.stages import PruneContext, TransformContext
 
-__all__ = ["run", "atomic_output"]
+__all__ = ["run", "atomic_output", "RunState", "STEPS"]
 
 Log = Callable[[str], None]
 
@@ -105,71 +106,133 @@ class _Stages:
         self.records.append(record)
 
 
+@dataclass
+class RunState:
+    """What the steps hand on to each other; one run, one state."""
+
+    recipe: Recipe
+    spec: ModelSpec
+    tmp: Path  # the output folder being built
+    threads: int
+    timer: _Stages
+    work: torch.nn.Module | None = None  # the copy being compressed (the user's model is never touched)
+    layers: dict = field(default_factory=dict)  # its prunable layers
+    notes: list[str] = field(default_factory=list)
+    sparsity: dict = field(default_factory=dict)
+    prepared: onnx.ModelProto | None = None  # FP32 export of `work`, where int8 gets written
+    reference: Callable | None = None  # torch model that model.onnx must reproduce
+    quant_info: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)  # accuracy, fidelity, latency, sizes
+    report: dict | None = None
+
+
+def _needs_calibration(state: RunState, stage) -> None:
+    if stage.config.requires_calibration and not state.spec.calib_batches:
+        raise DataError(f"{stage.qualified} needs calibration data; pass --calib-data")
+
+
+def export_baseline(state: RunState) -> None:
+    with state.timer.stage("export.baseline", {"exporter": state.spec.exporter}):
+        export_model(state.spec, state.spec.model, state.tmp / "baseline.onnx")
+
+
+def prune(state: RunState) -> None:
+    state.work = copy_for_compression(state.spec.model)
+    state.layers = prunable_layers(state.work, state.spec.prune_prefix)
+    for stage in state.recipe.stages_of("prune"):
+        _needs_calibration(state, stage)
+        ctx = PruneContext(state.layers, state.spec.calib_batches, state.spec.torch_outputs)
+        with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+            result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
+            rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers), 6)
+        state.notes.append(result.speed_note)
+    state.sparsity = {"overall": overall_sparsity(state.layers), "layers": layer_sparsity(state.layers)}
+
+
+def recalibrate(state: RunState) -> None:
+    """Pruning shifts activation statistics: re-estimate BatchNorm's before folding it."""
+    if state.recipe.stage("prune") is None:
+        return
+    with state.timer.stage("recalibrate_batchnorm") as rec:
+        rec["params"]["layers"] = recalibrate_batchnorm(state.work, state.spec.calib_batches, state.spec.torch_outputs)
+
+
+def fold(state: RunState) -> None:
+    with state.timer.stage("fold_batchnorm") as rec:
+        state.work, rec["params"]["folded"] = fold_batchnorm(state.work)
+
+
+def transform(state: RunState) -> None:
+    for stage in state.recipe.stages_of("transform"):
+        _needs_calibration(state, stage)
+        ctx = TransformContext(state.spec.calib_batches, state.spec.torch_outputs)
+        with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+            result = lookup("transform", stage.name).handler(state.work, stage.config, ctx)
+            state.work = result.model
+            rec["params"].update(result.info)
+
+
+def export_prepared(state: RunState) -> None:
+    with state.timer.stage("export.model", {"exporter": state.spec.exporter}):
+        state.prepared = export_model(state.spec, state.work, state.tmp / "prepared.onnx")
+
+
+def quantize(state: RunState) -> None:
+    spec, work, quant = state.spec, state.work, state.recipe.stage("quantize")
+    if quant is None:
+        (state.tmp / "prepared.onnx").rename(state.tmp / "model.onnx")
+        state.reference = lambda b: spec.torch_outputs(work, b)
+        return
+    with state.timer.stage(quant.qualified, quant.to_dict()["params"]) as rec:
+        limit = accuracy_limit(state.recipe.gates, spec.task)
+        state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
+                                                 limit, state.recipe.target)
+        rec["params"]["quantized_layers"] = info["quantized_layers"]
+        if info.get("fallback"):
+            state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
+                               + ", ".join(f["layer"] for f in info["fallback"]))
+    state.quant_info = info
+    (state.tmp / "prepared.onnx").unlink()
+
+
+def verify(state: RunState) -> None:
+    spec, tmp, threads = state.spec, state.tmp, state.threads
+    with state.timer.stage("verify.accuracy"):
+        accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+        fidelity = fidelity_of(spec, state.reference, onnx_out)
+    with state.timer.stage("verify.latency", {"threads": threads}):
+        latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+    state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,
+                      "sizes": sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")}
+
+
+def package(state: RunState) -> None:
+    """What an app needs beside model.onnx (the tokenizer of a Hugging Face model)."""
+    if state.spec.hf_folder:
+        save_tokenizer(state.spec, state.tmp)
+
+
+def report(state: RunState) -> None:
+    m, recipe, spec = state.measured, state.recipe, state.spec
+    checks = evaluate_gates(recipe.gates, m["accuracy"], m["latency"])
+    state.report = {
+        "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
+        "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m["sizes"],
+        "accuracy": m["accuracy"], "fidelity": m["fidelity"], "quantization": state.quant_info,
+        "latency_ms": m["latency"], "checks": checks, "notes": state.notes,
+        "recipe": recipe.to_dict(), "task": spec.task,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+    write_report(state.report, state.tmp)
+
+
+STEPS = (export_baseline, prune, recalibrate, fold, transform, export_prepared, quantize, verify, package, report)
+
+
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None) -> dict:
     seed_everything(recipe.seed)
-    threads = recipe.threads or default_threads()
-    st = _Stages(log)
-    notes: list[str] = []
     with atomic_output(outdir) as tmp:
-        with st.stage("export.baseline", {"exporter": spec.exporter}):
-            export_model(spec, spec.model, tmp / "baseline.onnx")
-
-        work = copy_for_compression(spec.model)
-        layers = prunable_layers(work, spec.prune_prefix)
-        for stage in [s for s in recipe.stages if s.kind == "prune"]:
-            with st.stage(stage.qualified, stage.to_dict()["params"]) as rec:
-                result = lookup("prune", stage.name).handler(layers, stage.config, None)
-                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers), 6)
-            notes.append(result.speed_note)
-        sparsity = {"overall": overall_sparsity(layers), "layers": layer_sparsity(layers)}
-
-        if recipe.stage("prune") is not None:
-            with st.stage("recalibrate_batchnorm") as rec:
-                rec["params"]["layers"] = recalibrate_batchnorm(work, spec.calib_batches, spec.torch_outputs)
-        with st.stage("fold_batchnorm") as rec:
-            work, folded = fold_batchnorm(work)
-            rec["params"]["folded"] = folded
-
-        quant = recipe.stage("quantize")
-        alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
-        if alpha > 0:
-            with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
-                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha)
-                rec["params"]["groups"] = len(groups)
-                rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
-        with st.stage("export.model", {"exporter": spec.exporter}):
-            prepared = export_model(spec, work, tmp / "prepared.onnx")
-        quant_info = {}
-        if quant is not None:
-            with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
-                limit = accuracy_limit(recipe.gates, spec.task)
-                reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit,
-                                                         recipe.target)
-                rec["params"]["quantized_layers"] = quant_info["quantized_layers"]
-                if quant_info.get("fallback"):
-                    notes.append(f"accuracy-aware fallback: {len(quant_info['fallback'])} layer(s) kept in FP32: "
-                                 + ", ".join(f["layer"] for f in quant_info["fallback"]))
-            (tmp / "prepared.onnx").unlink()
-        else:
-            (tmp / "prepared.onnx").rename(tmp / "model.onnx")
-            reference = lambda b: spec.torch_outputs(work, b)  # noqa: E731
-
-        with st.stage("verify.accuracy"):
-            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
-            fidelity = fidelity_of(spec, reference, onnx_out)
-        with st.stage("verify.latency", {"threads": threads}):
-            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
-        sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
-        if spec.hf_folder:
-            save_tokenizer(spec, tmp)
-        checks = evaluate_gates(recipe.gates, accuracy, latency)
-        report = {
-            "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
-            "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
-            "fidelity": fidelity, "quantization": quant_info, "latency_ms": latency, "checks": checks, "notes": notes,
-            "recipe": recipe.to_dict(), "task": spec.task,
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": onnxruntime.__version__},
-        }
-        write_report(report, tmp)
-    return report
+        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(log))
+        for step in STEPS:
+            step(state)
+    return state.report

@@ -1,4 +1,5 @@
-"""Name -> (config class, handler) registry, one namespace per stage kind ("prune", "quantize").
+"""Name -> (config class, handler) registry, one namespace per kind ("prune", "transform",
+"quantize", and "observer").
 
 Every CLI choice, recipe stage and Python call resolves through here, so a listed method is a
 registered method, and a miss names the known ones. This module imports no method: method modules
@@ -30,7 +31,10 @@ _REGISTRY: dict[str, dict[str, StageEntry]] = {}
 
 
 def register(kind: str, name: str, config_cls: type, summary: str):
-    """Decorator registering `handler(model, config, ctx)` for `kind.name`."""
+    """Decorator registering `handler(model, config, ctx)` for `kind.name` (toolchain/stages.py)."""
+
+    if getattr(config_cls, "kind", kind) != kind:  # a programming error, caught at import time
+        raise TypeError(f"{config_cls.__name__}.kind is '{config_cls.kind}', registered as '{kind}'")
 
     def wrap(handler):
         _REGISTRY.setdefault(kind, {})[name] = StageEntry(kind, name, config_cls, handler, summary)

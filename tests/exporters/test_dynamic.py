@@ -4,7 +4,7 @@ torch fake-quant model (activations quantized per tensor at run time)."""
 from types import SimpleNamespace
 
 from runtime_check.isa import weight_qmax
-from toolchain.quantize_step import QuantContext
+from toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort

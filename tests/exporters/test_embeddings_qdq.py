@@ -3,7 +3,7 @@ pair with the table's own params after the Gather, onnxruntime output equal to t
 with the dequantized table."""
 from types import SimpleNamespace
 
-from toolchain.quantize_step import QuantContext
+from toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort

@@ -2,7 +2,7 @@
 quantized weights, and onnxruntime output equal to the torch fake-quant model."""
 from types import SimpleNamespace
 
-from toolchain.quantize_step import QuantContext
+from toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort

@@ -1,16 +1,16 @@
 """int8 quantization methods (static QDQ and dynamic): configs and handlers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from contracts.errors import ConfigError
 from contracts.quant import QuantParams
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
-from toolchain.quantization.observers import OBSERVERS
+from toolchain.quantization.fallback import FallbackPolicy
 from toolchain.quantization.static import calibrate, quantize_embeddings, quantize_weights
-from toolchain.registry import register
-
-ACT_OBSERVERS = OBSERVERS
+from toolchain.registry import names, register
+from toolchain.stages import QuantContext
 
 __all__ = ["Int8StaticConfig", "Int8DynamicConfig", "quantize_static", "quantize_dynamic"]
 
@@ -19,31 +19,31 @@ __all__ = ["Int8StaticConfig", "Int8DynamicConfig", "quantize_static", "quantize
 class Int8StaticConfig:
     """Static QDQ int8: weights per-channel symmetric int8, activations per-tensor uint8.
 
-    `observer` picks the activation range method (minmax, percentile, entropy, mse). Min-max is
-    the default: clipping transformer activations (percentile, entropy) cut the mean cosine of
-    all-MiniLM-L6-v2 from 0.992 to 0.906 / 0.947, because BERT's few huge channels matter.
-    `percentile` is used by the percentile observer. `smoothquant` (alpha) moves activation
-    outliers of token-sequence Linears into their weights first (see smoothing.py); 0 disables.
+    `observer` picks the activation range method (a registered observer: minmax, percentile,
+    entropy, mse); `percentile` goes to the percentile observer. Min-max is the default: clipping
+    transformer activations (percentile, entropy) cut the mean cosine of all-MiniLM-L6-v2 from
+    0.992 to 0.906 / 0.947, because BERT's few huge channels matter. Activation outliers are
+    handled by the `transform.smoothquant` stage before this one, not here.
     """
 
     observer: str = "minmax"
     percentile: float = 99.99
     embeddings: bool = True  # int8 embedding tables (per-tensor, gathered as int8 by onnxruntime)
-    smoothquant: float = 0.85  # SmoothQuant alpha for Linears on token sequences; 0 disables
-    fallback: bool = True  # accuracy-aware fallback of the worst layers to FP32 (see fallback.py)
-    max_fallback_fraction: float = 0.25  # at most this share of the quantized layers falls back
+    # accuracy-aware fallback of the worst layers to FP32 (see fallback.py)
+    fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
     # 7-bit weights (|q| <= 63): None = decided by the target (runtime_check.isa: x86 without VNNI
     # saturates full-range int8 sums); True/False force it
     reduce_range: bool | None = None
-    VERSION = 1
+    VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage, fallback a policy
+    kind: ClassVar[str] = "quantize"
+    requires_calibration: ClassVar[bool] = True
+    supports_fallback: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.observer not in ACT_OBSERVERS:
-            raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(ACT_OBSERVERS)}")
-        if not 0.0 <= self.smoothquant <= 1.0:
-            raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
-        if not 0.0 <= self.max_fallback_fraction <= 1.0:
-            raise ConfigError(f"max_fallback_fraction must be in [0, 1], got {self.max_fallback_fraction}")
+        object.__setattr__(self, "fallback", FallbackPolicy.coerce(self.fallback))
+        known = names("observer")
+        if self.observer not in known:
+            raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(known)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -55,8 +55,7 @@ def _qmax(config, ctx) -> int:
 
 @register("quantize", "int8", Int8StaticConfig,
           "static QDQ int8: per-channel symmetric weights, calibrated per-tensor uint8 activations")
-def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
-    """ctx: .anchors (from the exported graph), .calib_batches, .run(model, batch)."""
+def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> QuantParams:
     ins, outs = calibrate(model, ctx.anchors, ctx.calib_batches, ctx.run, config.observer, config.percentile)
     params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
     params.outputs = outs
@@ -69,21 +68,19 @@ def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
 class Int8DynamicConfig:
     """Dynamic int8 for MatMul/Gemm (transformer Linears): weights per-channel symmetric int8
     computed here, activations quantized per tensor at run time. Convolutions stay FP32: use
-    static int8 for CNNs. `smoothquant` as in static int8 (helps the per-tensor activation scale)."""
+    static int8 for CNNs. A `transform.smoothquant` stage before it helps the per-tensor scale."""
 
-    smoothquant: float = 0.85
     embeddings: bool = True  # int8 embedding tables, as in static int8
     reduce_range: bool | None = None  # as in static int8
-    VERSION = 1
-
-    def __post_init__(self):
-        if not 0.0 <= self.smoothquant <= 1.0:
-            raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
+    VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage
+    kind: ClassVar[str] = "quantize"
+    requires_calibration: ClassVar[bool] = False  # weights only; activations are ranged at run time
+    supports_fallback: ClassVar[bool] = False
 
 
 @register("quantize", "int8-dynamic", Int8DynamicConfig,
           "dynamic int8 for MatMul/Gemm: per-channel int8 weights, activations quantized at run time")
-def quantize_dynamic(model, config: Int8DynamicConfig, ctx) -> QuantParams:
+def quantize_dynamic(model, config: Int8DynamicConfig, ctx: QuantContext) -> QuantParams:
     anchors = [a for a in ctx.anchors if a.dynamic_ok]
     params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False) for a in anchors], {},
                               _qmax(config, ctx))

@@ -14,7 +14,7 @@ from contracts.quant import (
     quantize_weight_per_channel,
 )
 from toolchain.hooks import run_with_hooks
-from toolchain.quantization.observers import RangeObserver, compute_range
+from toolchain.quantization.observers import RangeObserver, compute_range, observer_config
 from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic
 
 __all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model"]
@@ -25,16 +25,19 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
               ) -> tuple[dict[str, ActQuant], dict[str, ActQuant]]:
     """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
 
-    `observer` is a method of observers.OBSERVERS, or a dict mapping module names to methods
-    (modules not in it use min-max).
+    `observer` is a registered observer name (kind "observer"), or a dict mapping module names to
+    observer names (modules not in it use min-max).
     """
     modules = dict(model.named_modules())
 
     def method(name):
         return observer.get(name, "minmax") if isinstance(observer, dict) else observer
 
-    obs_in = {a.module: RangeObserver(method(a.module) != "minmax") for a in anchors}
-    obs_out = {a.module: RangeObserver(method(a.module) != "minmax") for a in anchors if a.quantize_output}
+    def keeps(name):
+        return observer_config(method(name), percentile=percentile).keeps_samples
+
+    obs_in = {a.module: RangeObserver(keeps(a.module)) for a in anchors}
+    obs_out = {a.module: RangeObserver(keeps(a.module)) for a in anchors if a.quantize_output}
     handles = []
     for a in anchors:
         mod = modules[a.module]
