@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import onnx
 import onnxruntime
 import torch
 
+from contracts.progress import NULL_PROGRESS, Progress, track
 from exporters.export import export_model
 from exporters.hf_export import save_tokenizer
 from models.spec import ModelSpec
@@ -34,11 +34,10 @@ from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
+from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, TransformContext
 
 __all__ = ["run", "atomic_output", "RunState", "STEPS"]
-
-Log = Callable[[str], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -91,18 +90,17 @@ def atomic_output(outdir: Path):
 
 
 class _Stages:
-    """Times each stage and records it for the report."""
+    """Times each stage, measures its peak memory, reports it as progress and records it for the report."""
 
-    def __init__(self, log: Log):
-        self.records, self.log = [], log
+    def __init__(self, progress: Progress):
+        self.records, self.progress = [], progress
 
     @contextmanager
     def stage(self, name: str, params: dict | None = None):
-        self.log(f"{name} ...")
-        t0 = time.perf_counter()
-        record = {"name": name, "params": dict(params or {}), "seconds": 0.0}
-        yield record
-        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record = {"name": name, "params": dict(params or {}), "seconds": 0.0, "peak_rss_mb": None}
+        with measured_stage(self.progress, name) as meter:
+            yield record
+        record.update(seconds=round(meter.seconds, 3), peak_rss_mb=meter.peak_rss_mb)
         self.records.append(record)
 
 
@@ -115,6 +113,7 @@ class RunState:
     tmp: Path  # the output folder being built
     threads: int
     timer: _Stages
+    progress: Progress
     work: torch.nn.Module | None = None  # the copy being compressed (the user's model is never touched)
     layers: dict = field(default_factory=dict)  # its prunable layers
     notes: list[str] = field(default_factory=list)
@@ -141,7 +140,7 @@ def prune(state: RunState) -> None:
     state.layers = prunable_layers(state.work, state.spec.prune_prefix)
     for stage in state.recipe.stages_of("prune"):
         _needs_calibration(state, stage)
-        ctx = PruneContext(state.layers, state.spec.calib_batches, state.spec.torch_outputs)
+        ctx = PruneContext(state.layers, state.spec.calib_batches, state.spec.torch_outputs, state.progress)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers), 6)
@@ -154,7 +153,8 @@ def recalibrate(state: RunState) -> None:
     if state.recipe.stage("prune") is None:
         return
     with state.timer.stage("recalibrate_batchnorm") as rec:
-        rec["params"]["layers"] = recalibrate_batchnorm(state.work, state.spec.calib_batches, state.spec.torch_outputs)
+        batches = track(state.progress, state.spec.calib_batches, "BatchNorm statistics", "batches")
+        rec["params"]["layers"] = recalibrate_batchnorm(state.work, batches, state.spec.torch_outputs)
 
 
 def fold(state: RunState) -> None:
@@ -165,7 +165,7 @@ def fold(state: RunState) -> None:
 def transform(state: RunState) -> None:
     for stage in state.recipe.stages_of("transform"):
         _needs_calibration(state, stage)
-        ctx = TransformContext(state.spec.calib_batches, state.spec.torch_outputs)
+        ctx = TransformContext(state.spec.calib_batches, state.spec.torch_outputs, state.progress)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("transform", stage.name).handler(state.work, stage.config, ctx)
             state.work = result.model
@@ -186,7 +186,7 @@ def quantize(state: RunState) -> None:
     with state.timer.stage(quant.qualified, quant.to_dict()["params"]) as rec:
         limit = accuracy_limit(state.recipe.gates, spec.task)
         state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
-                                                 limit, state.recipe.target)
+                                                 limit, state.recipe.target, state.progress)
         rec["params"]["quantized_layers"] = info["quantized_layers"]
         if info.get("fallback"):
             state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
@@ -196,12 +196,12 @@ def quantize(state: RunState) -> None:
 
 
 def verify(state: RunState) -> None:
-    spec, tmp, threads = state.spec, state.tmp, state.threads
+    spec, tmp, threads, progress = state.spec, state.tmp, state.threads, state.progress
     with state.timer.stage("verify.accuracy"):
-        accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
-        fidelity = fidelity_of(spec, state.reference, onnx_out)
+        accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+        fidelity = fidelity_of(spec, state.reference, onnx_out, progress)
     with state.timer.stage("verify.latency", {"threads": threads}):
-        latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+        latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
     state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,
                       "sizes": sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")}
 
@@ -229,10 +229,10 @@ def report(state: RunState) -> None:
 STEPS = (export_baseline, prune, recalibrate, fold, transform, export_prepared, quantize, verify, package, report)
 
 
-def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None) -> dict:
+def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS) -> dict:
     seed_everything(recipe.seed)
     with atomic_output(outdir) as tmp:
-        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(log))
+        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress)
         for step in STEPS:
             step(state)
     return state.report

@@ -12,6 +12,7 @@ import onnx
 import torch
 
 from contracts.errors import DataError, ExportError
+from contracts.progress import NULL_PROGRESS, Progress, track
 from contracts.quant import Anchor, QuantParams
 from exporters.dynamic import insert_dynamic
 from exporters.graph import merge_duplicate_nodes
@@ -56,12 +57,12 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto) -> Quant
 
 
 def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan,
-                   target: str = "cpu") -> QuantParams:
+                   target: str = "cpu", progress: Progress = NULL_PROGRESS) -> QuantParams:
     """Run the registered quantize method; it reads calibration data only if it says it does."""
     if stage.config.requires_calibration and not spec.calib_batches:
         raise DataError(f"{stage.qualified} needs calibration data; pass --calib-data")
     ctx = QuantContext(plan.anchors, spec.calib_batches, spec.torch_outputs,
-                       reduce_range=weight_qmax(target) < FULL_QMAX)
+                       reduce_range=weight_qmax(target) < FULL_QMAX, progress=progress)
     return lookup("quantize", stage.name).handler(work, stage.config, ctx)
 
 
@@ -84,8 +85,10 @@ def _fallback_batches(spec: ModelSpec) -> list[dict]:
     return batches
 
 
-def _calib_outputs(spec: ModelSpec, model: torch.nn.Module) -> np.ndarray:
-    return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in _fallback_batches(spec)])
+def _calib_outputs(spec: ModelSpec, model: torch.nn.Module, progress: Progress = NULL_PROGRESS,
+                   what: str = "") -> np.ndarray:
+    batches = track(progress, _fallback_batches(spec), what, "batches") if what else _fallback_batches(spec)
+    return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
 
 
 def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
@@ -109,10 +112,11 @@ def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
 
 
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
-                   accuracy_limit: float, info: dict) -> QuantParams:
+                   accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS) -> QuantParams:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
     FP32 until the gate's metric, predicted on calibration data, holds."""
-    snr = local_snr_db(work, params, spec.calib_batches, spec.torch_outputs)
+    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"),
+                       spec.torch_outputs)
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
@@ -120,7 +124,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
         return params
     # Measured against the dense model, as the gate is; if pruning alone already exceeds the
     # limit, returning layers to FP32 cannot help and would only cost speed.
-    dense = _calib_outputs(spec, spec.model)
+    dense = _calib_outputs(spec, spec.model, progress, "FP32 outputs for fallback")
     pruned_drop = predicted_drop(spec, dense, work)
     info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
     if pruned_drop > accuracy_limit:
@@ -128,7 +132,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
         return params
     params, fallen, trace = fallback_until(
         params, snr, lambda p: predicted_drop(spec, dense, fake_quant_model(work, p)),
-        accuracy_limit, policy.max_layers(len(params.anchors)))
+        accuracy_limit, policy.max_layers(len(params.anchors)), progress)
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],
                 predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors))
     return params
@@ -153,15 +157,16 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
 
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
-                     out_path: Path, accuracy_limit: float, target: str = "cpu") -> tuple[Callable, dict]:
+                     out_path: Path, accuracy_limit: float, target: str = "cpu",
+                     progress: Progress = NULL_PROGRESS) -> tuple[Callable, dict]:
     """Write the quantized model to out_path; return (torch reference runner, report info)."""
     plan = plan_quantization(work, prepared)
-    params = compute_params(work, spec, stage, plan, target)
+    params = compute_params(work, spec, stage, plan, target, progress)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
                   "weight_range": _weight_range(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     if stage.config.supports_fallback:
-        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info)
+        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress)
     write_model(prepared, plan, params, out_path)
     fq = fake_quant_model(work, params)
     return (lambda b: spec.torch_outputs(fq, b)), info

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from contracts.progress import NULL_PROGRESS, Progress
 from contracts.quant import Anchor, QuantParams
 from runtime_check.isa import int8_saturates
 
@@ -58,6 +59,7 @@ class PruneContext:
     layers: dict[str, nn.Module]  # the prunable Conv/Linear layers of `model`, by qualified name
     calib_batches: list[dict] = field(default_factory=list)
     run: Runner | None = None
+    progress: Progress = NULL_PROGRESS  # loops over batches report here (contracts.progress.track)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class PruneMethod(Protocol):
 class TransformContext:
     calib_batches: list[dict]
     run: Runner
+    progress: Progress = NULL_PROGRESS
 
 
 @dataclass
@@ -101,6 +104,7 @@ class QuantContext:
     run: Runner | None
     # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
     reduce_range: bool = field(default_factory=int8_saturates)
+    progress: Progress = NULL_PROGRESS
 
 
 class QuantizeMethod(Protocol):

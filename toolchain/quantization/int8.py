@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from contracts.errors import ConfigError
+from contracts.progress import track
 from contracts.quant import QuantParams
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
 from toolchain.quantization.fallback import FallbackPolicy
@@ -56,7 +57,8 @@ def _qmax(config, ctx) -> int:
 @register("quantize", "int8", Int8StaticConfig,
           "static QDQ int8: per-channel symmetric weights, calibrated per-tensor uint8 activations")
 def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> QuantParams:
-    ins, outs = calibrate(model, ctx.anchors, ctx.calib_batches, ctx.run, config.observer, config.percentile)
+    batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
+    ins, outs = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile)
     params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
     params.outputs = outs
     if config.embeddings:
