@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from contracts.errors import SqexportError
+from contracts.targets import target_names
+from contracts.tasks import hf_task_names
 
 __all__ = ["main", "cli"]
 
@@ -92,7 +94,7 @@ def _validate_positive(ctx, param, value):
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
               help="Deployment target profile.")
 @click.option("--prune", default=None, type=click.Choice(_methods("prune")),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
@@ -104,7 +106,7 @@ def _validate_positive(ctx, param, value):
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=click.Choice(_names("observer")),
               help="Activation range observer for static int8 [minmax].")
-@click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
+@click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
 @click.option("--calib-data", type=click.Path(dir_okay=False),
               help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz.")
@@ -180,7 +182,7 @@ def _print_summary(report: dict, outdir: Path) -> None:
 @click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
               help=".npy/.npz inputs (optional 'labels'), or .txt/.jsonl text when a tokenizer sits "
                    "beside MODEL_ONNX (sqexport export writes one); without it, seeded synthetic inputs.")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()))
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
 @click.option("--min-speedup", type=float, default=None, callback=_validate_positive)

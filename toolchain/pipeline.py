@@ -20,8 +20,7 @@ import onnxruntime
 import torch
 
 from contracts.progress import NULL_PROGRESS, Progress, track
-from exporters.export import export_model
-from exporters.hf_export import save_tokenizer
+from exporters.export import exporter_for
 from models.spec import ModelSpec
 from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
@@ -131,8 +130,9 @@ def _needs_calibration(state: RunState, stage) -> None:
 
 
 def export_baseline(state: RunState) -> None:
-    with state.timer.stage("export.baseline", {"exporter": state.spec.exporter}):
-        export_model(state.spec, state.spec.model, state.tmp / "baseline.onnx")
+    exporter = exporter_for(state.spec)
+    with state.timer.stage("export.baseline", {"exporter": exporter.name}):
+        exporter.export(state.spec, state.spec.model, state.tmp / "baseline.onnx")
 
 
 def prune(state: RunState) -> None:
@@ -173,8 +173,9 @@ def transform(state: RunState) -> None:
 
 
 def export_prepared(state: RunState) -> None:
-    with state.timer.stage("export.model", {"exporter": state.spec.exporter}):
-        state.prepared = export_model(state.spec, state.work, state.tmp / "prepared.onnx")
+    exporter = exporter_for(state.spec)
+    with state.timer.stage("export.model", {"exporter": exporter.name}):
+        state.prepared = exporter.export(state.spec, state.work, state.tmp / "prepared.onnx")
 
 
 def quantize(state: RunState) -> None:
@@ -208,8 +209,7 @@ def verify(state: RunState) -> None:
 
 def package(state: RunState) -> None:
     """What an app needs beside model.onnx (the tokenizer of a Hugging Face model)."""
-    if state.spec.hf_folder:
-        save_tokenizer(state.spec, state.tmp)
+    exporter_for(state.spec).artifacts(state.spec, state.tmp)
 
 
 def report(state: RunState) -> None:

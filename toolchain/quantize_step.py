@@ -14,11 +14,12 @@ import torch
 from contracts.errors import DataError, ExportError
 from contracts.progress import NULL_PROGRESS, Progress, track
 from contracts.quant import Anchor, QuantParams
+from contracts.tasks import get_task
 from exporters.dynamic import insert_dynamic
 from exporters.graph import merge_duplicate_nodes
 from exporters.qdq import Site, find_embedding_sites, find_sites, insert_qdq
 from models.spec import ModelSpec
-from runtime_check.accuracy import classification_metrics, embedding_metrics
+from runtime_check.accuracy import drop_in_unit, task_metrics
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
 from toolchain.builtin_methods import lookup
 from toolchain.pruning import prunable_layers
@@ -94,11 +95,9 @@ def _calib_outputs(spec: ModelSpec, model: torch.nn.Module, progress: Progress =
 def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
     """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit."""
     out = _calib_outputs(spec, model)
-    if spec.task == "feature-extraction":
-        return embedding_metrics(fp_outputs, out)["drop"]
+    task = get_task(spec.task)
     labels = spec.calib_labels[:len(out)] if spec.calib_labels is not None else None
-    return classification_metrics(fp_outputs, out, labels)["drop_points"] if labels is not None else \
-        100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
+    return drop_in_unit(task, task_metrics(task, fp_outputs, out, labels))
 
 
 def _public_name(work: torch.nn.Module) -> Callable[[str], str]:

@@ -9,12 +9,13 @@ import yaml
 
 from runtime_check.gates import Gates
 from contracts.errors import ConfigError
+from contracts.targets import target_names
 from toolchain.builtin_methods import config_from_dict, config_to_dict
 from toolchain.stages import STAGE_KINDS
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe", "upgrade_stage_dicts"]
 
-TARGETS = ("cpu",)
+TARGETS = tuple(target_names())  # the target registry (contracts/targets.py) owns them
 # prune, transform, quantize: int8 scales are computed on the pruned (and smoothed) weights
 STAGE_ORDER = {kind: rank for rank, kind in enumerate(STAGE_KINDS)}
 
@@ -45,8 +46,8 @@ class Recipe:
         self.validate()
 
     def validate(self) -> None:
-        if self.target not in TARGETS:
-            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(TARGETS)}")
+        if self.target not in target_names():
+            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(target_names())}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for s in self.stages:

@@ -138,3 +138,17 @@ def test_every_method_module_is_listed_in_builtin_methods():
     tree = ast.parse(inspect.getsource(builtin))
     listed = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert {e.handler.__module__ for e in entries()} <= listed
+
+
+def test_cli_choices_come_from_the_registries():
+    from contracts.targets import target_names
+    from contracts.tasks import hf_task_names
+    from toolchain.builtin_methods import names
+    from toolchain.cli import export_cmd
+
+    choices = {p.name: list(p.type.choices) for p in export_cmd.params if hasattr(p.type, "choices")}
+    assert choices["prune"] == names("prune") + ["none"]
+    assert choices["quant"] == names("quantize") + ["none"]
+    assert choices["observer"] == names("observer")
+    assert choices["task"] == hf_task_names()
+    assert choices["target"] == target_names()
