@@ -5,6 +5,8 @@ toolchain/stages.py), plus one import line here. Code that looks methods up (rec
 pipeline, CLI) imports the query functions from this module, so they always see the full list.
 """
 from toolchain.pruning import magnitude, nm  # noqa: F401  prune.magnitude, prune.nm
+from toolchain.pruning import structured_stage  # noqa: F401  prune.structured
+from toolchain import recover_step  # noqa: F401  recover.distill
 from toolchain.quantization import smoothing  # noqa: F401  transform.smoothquant
 from toolchain.quantization import int8  # noqa: F401  quantize.int8, quantize.int8-dynamic
 from toolchain.quantization import observers  # noqa: F401  observer.minmax/percentile/entropy/mse

@@ -34,7 +34,7 @@ from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
 from toolchain.stage_meter import measured_stage
-from toolchain.stages import PruneContext, TransformContext
+from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
 __all__ = ["run", "atomic_output", "RunState", "STEPS"]
 
@@ -117,6 +117,7 @@ class RunState:
     layers: dict = field(default_factory=dict)  # its prunable layers
     notes: list[str] = field(default_factory=list)
     sparsity: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # report sections methods add (structure, recovery)
     prepared: onnx.ModelProto | None = None  # FP32 export of `work`, where int8 gets written
     reference: Callable | None = None  # torch model that model.onnx must reproduce
     quant_info: dict = field(default_factory=dict)
@@ -136,16 +137,21 @@ def export_baseline(state: RunState) -> None:
 
 
 def prune(state: RunState) -> None:
-    state.work = copy_for_compression(state.spec.model)
-    state.layers = prunable_layers(state.work, state.spec.prune_prefix)
+    spec = state.spec
+    state.work = copy_for_compression(spec.model)
+    state.layers = prunable_layers(state.work, spec.prune_prefix)
+    dense = {n: m.weight.numel() for n, m in state.layers.items()}  # structured pruning shrinks them
+    exporter = exporter_for(spec)
     for stage in state.recipe.stages_of("prune"):
         _needs_calibration(state, stage)
-        ctx = PruneContext(state.layers, state.spec.calib_batches, state.spec.torch_outputs, state.progress)
+        ctx = PruneContext(state.layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
+                           lambda model, path: exporter.export(spec, model, path), state.threads)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
-            rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers), 6)
+            rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
-    state.sparsity = {"overall": overall_sparsity(state.layers), "layers": layer_sparsity(state.layers)}
+        state.extra.update(result.extra)
+    state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense)}
 
 
 def recalibrate(state: RunState) -> None:
@@ -155,6 +161,19 @@ def recalibrate(state: RunState) -> None:
     with state.timer.stage("recalibrate_batchnorm") as rec:
         batches = track(state.progress, state.spec.calib_batches, "BatchNorm statistics", "batches")
         rec["params"]["layers"] = recalibrate_batchnorm(state.work, batches, state.spec.torch_outputs)
+
+
+def recover(state: RunState) -> None:
+    """Fine-tune the pruned copy; its BatchNorm statistics then move again."""
+    stage = state.recipe.stage("recover")
+    if stage is None:
+        return
+    _needs_calibration(state, stage)
+    with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+        ctx = RecoverContext(state.spec, state.recipe.seed, state.progress)
+        state.extra["recovery"] = lookup("recover", stage.name).handler(state.work, stage.config, ctx)
+        rec["params"]["steps_run"] = state.extra["recovery"]["steps"]
+    recalibrate(state)
 
 
 def fold(state: RunState) -> None:
@@ -220,13 +239,13 @@ def report(state: RunState) -> None:
         "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m["sizes"],
         "accuracy": m["accuracy"], "fidelity": m["fidelity"], "quantization": state.quant_info,
         "latency_ms": m["latency"], "checks": checks, "notes": state.notes,
-        "recipe": recipe.to_dict(), "task": spec.task,
+        "recipe": recipe.to_dict(), "task": spec.task, **state.extra,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
     write_report(state.report, state.tmp)
 
 
-STEPS = (export_baseline, prune, recalibrate, fold, transform, export_prepared, quantize, verify, package, report)
+STEPS = (export_baseline, prune, recalibrate, recover, fold, transform, export_prepared, quantize, verify, package, report)
 
 
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS) -> dict:

@@ -16,7 +16,8 @@ from toolchain.stages import STAGE_KINDS
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe", "upgrade_stage_dicts"]
 
 TARGETS = tuple(target_names())  # the target registry (contracts/targets.py) owns them
-# prune, transform, quantize: int8 scales are computed on the pruned (and smoothed) weights
+# prune, recover, transform, quantize: int8 scales are computed on the final (pruned, recovered,
+# smoothed) weights
 STAGE_ORDER = {kind: rank for rank, kind in enumerate(STAGE_KINDS)}
 
 
@@ -55,8 +56,12 @@ class Recipe:
                 raise ConfigError(f"'{s.qualified}' is not a recipe stage; stage kinds: {', '.join(STAGE_KINDS)}")
         ranks = [STAGE_ORDER[s.kind] for s in self.stages]
         if ranks != sorted(ranks):
-            raise ConfigError("stage order: pruning, then transforms, then quantization "
-                              "(quantization scales are computed on the pruned, transformed weights)")
+            raise ConfigError("stage order: pruning, then recovery, then transforms, then quantization "
+                              "(quantization scales are computed on the final weights)")
+        if any(s.kind == "recover" for s in self.stages) and not any(s.kind == "prune" for s in self.stages):
+            raise ConfigError("recovery fine-tunes a pruned model: the recipe needs a pruning stage before it")
+        if sum(1 for s in self.stages if s.kind == "recover") > 1:
+            raise ConfigError("a recipe takes at most one recovery stage")
         if sum(1 for s in self.stages if s.kind == "quantize") > 1:
             raise ConfigError("a recipe takes at most one quantization stage")
         if self.stage("quantize") is None:

@@ -11,6 +11,7 @@ needs is declared on its config class (StageConfig), and the pipeline reads only
 
 Stage kinds run in this order (a recipe is validated against it when it loads):
     prune      zero or remove weights of the working copy, in place          -> PruneResult
+    recover    fine-tune the pruned copy (e.g. distillation from the dense)  -> dict (report "recovery")
     transform  function-preserving rewrites before export (e.g. SmoothQuant)  -> TransformResult
     quantize   int8 parameters computed in torch for the exported graph       -> QuantParams
 Observers (kind "observer") are registered the same way but are not stages: a quantize method
@@ -19,7 +20,8 @@ uses them to turn observed activations into a range (toolchain.quantization.obse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,14 +31,17 @@ from contracts.progress import NULL_PROGRESS, Progress
 from contracts.quant import Anchor, QuantParams
 from runtime_check.isa import int8_saturates
 
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
+
 __all__ = [
     "STAGE_KINDS", "StageConfig", "Runner",
-    "PruneContext", "PruneResult", "PruneMethod",
+    "PruneContext", "PruneResult", "PruneMethod", "RecoverContext", "RecoverMethod",
     "TransformContext", "TransformResult", "TransformMethod",
     "QuantContext", "QuantizeMethod",
 ]
 
-STAGE_KINDS = ("prune", "transform", "quantize")  # also the order stages run in
+STAGE_KINDS = ("prune", "recover", "transform", "quantize")  # also the order stages run in
 
 Runner = Callable[[nn.Module, dict], list[np.ndarray]]  # run(model, batch) -> outputs as numpy
 
@@ -56,10 +61,16 @@ class StageConfig(Protocol):
 
 @dataclass
 class PruneContext:
+    """Unstructured methods read `layers`; structured ones change `model` itself and read the
+    example inputs (dependency graph), the data, and `export` (latency-aware allocation)."""
+
     layers: dict[str, nn.Module]  # the prunable Conv/Linear layers of `model`, by qualified name
     calib_batches: list[dict] = field(default_factory=list)
     run: Runner | None = None
     progress: Progress = NULL_PROGRESS  # loops over batches report here (contracts.progress.track)
+    example_inputs: dict = field(default_factory=dict)
+    export: Callable[[nn.Module, Path], Any] | None = None  # the spec's exporter, for timing variants
+    threads: int = 1
 
 
 @dataclass
@@ -71,6 +82,21 @@ class PruneResult:
 
 class PruneMethod(Protocol):
     def __call__(self, model: nn.Module, config: Any, ctx: PruneContext) -> PruneResult: ...
+
+
+# ---- recover -------------------------------------------------------------------------------------
+
+@dataclass
+class RecoverContext:
+    spec: "ModelSpec"  # the dense model is the teacher; its data feed the student
+    seed: int = 0
+    progress: Progress = NULL_PROGRESS
+
+
+class RecoverMethod(Protocol):
+    """Fine-tunes `model` in place; returns the report's `recovery` section."""
+
+    def __call__(self, model: nn.Module, config: Any, ctx: RecoverContext) -> dict: ...
 
 
 # ---- transform ---------------------------------------------------------------------------------

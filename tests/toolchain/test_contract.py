@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 
 import numpy as np
@@ -16,7 +17,8 @@ from toolchain.quantization import fake_quant_model
 from toolchain.quantization.fallback import FallbackPolicy
 from toolchain.quantization.observers import RangeObserver, compute_range
 from toolchain.stages import (
-    STAGE_KINDS, PruneContext, PruneResult, QuantContext, StageConfig, TransformContext, TransformResult,
+    STAGE_KINDS, PruneContext, PruneResult, QuantContext, RecoverContext, StageConfig, TransformContext,
+    TransformResult,
 )
 
 KINDS = STAGE_KINDS + ("observer",)
@@ -83,13 +85,36 @@ def test_config_declares_its_capabilities(entry):
 def _run_prune(entry):
     model = Tiny().eval()
     layers = _layers(model)
-    result = entry.handler(model, entry.config_cls(), PruneContext(layers, _batches(), _run))
+    dense = sum(m.weight.numel() for m in layers.values())
+    ctx = PruneContext(layers, _batches(), _run, example_inputs=_batches()[0], export=lambda m, p: None)
+    result = entry.handler(model, entry.config_cls(), ctx)
     assert isinstance(result, PruneResult) and result.speed_note
-    assert set(result.masks) <= set(layers) and result.masks
+    assert set(result.masks) <= set(layers)
     for name, mask in result.masks.items():
         assert mask.shape == layers[name].weight.shape
         assert torch.all(layers[name].weight[~mask] == 0)  # masked weights are exact zeros
-    assert any((~m).any() for m in result.masks.values())
+    # zeroed (masks) or physically removed (structured): fewer nonzero weights either way
+    assert sum(int((m.weight != 0).sum()) for m in layers.values()) < dense
+    assert _outputs(model).shape == (12, 3)  # still a working model
+
+
+def _run_recover(entry):
+    from models.spec import ModelSpec
+
+    model = Tiny().eval()
+    batches = _batches()
+    spec = ModelSpec(name="tiny", model=model, task="image-classification", input_names=["x"], output_names=["y"],
+                     example_inputs=batches[0], calib_batches=batches, eval_batches=batches,
+                     calib_labels=np.array([0, 1, 2, 0] * 3), eval_labels=np.array([0, 1, 2, 0] * 3))
+    student = Tiny().eval()
+    with torch.no_grad():
+        student.head.weight.mul_(0.5)
+    fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+    config = entry.config_cls(**{k: v for k, v in {"steps": 2, "batch_size": 4}.items() if k in fields})
+    info = entry.handler(student, config, RecoverContext(spec, seed=0))
+    assert isinstance(info, dict)
+    assert not any(p.requires_grad for p in student.parameters())  # handed back frozen, in eval mode
+    assert not student.training
 
 
 def _run_transform(entry):
@@ -124,7 +149,7 @@ def _run_observer(entry):
     assert obs.min <= compute_range(obs, entry.name)[0] <= 0.0 <= compute_range(obs, entry.name)[1] <= obs.max
 
 
-RUNNERS = {"prune": _run_prune, "transform": _run_transform, "quantize": _run_quantize, "observer": _run_observer}
+RUNNERS = {"prune": _run_prune, "recover": _run_recover, "transform": _run_transform, "quantize": _run_quantize, "observer": _run_observer}
 
 
 @pytest.mark.parametrize("entry", entries(), ids=lambda e: f"{e.kind}.{e.name}")
