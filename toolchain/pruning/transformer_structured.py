@@ -1,7 +1,7 @@
 """Structured pruning of BERT-style encoders: attention heads and FFN neurons, with a
 least-squares repair of the layer that reads the removed units (methods.md, "Structured pruning").
 
-Layer by layer, on the model as pruned so far (so each repair also absorbs upstream error):
+Layer by layer, on the model as pruned so far (the inputs each layer will really see):
 1. Gram matrix G = X_a X_a^T of what attention.output.dense reads (the concatenated head
    contexts), X_a = [X; 1] over the real (unpadded) calibration tokens;
 2. head importance (activation x weight norm): ||W_o[:, head] diag(rms(X_head))||_F, i.e. the size of
@@ -17,8 +17,6 @@ Layer by layer, on the model as pruned so far (so each repair also absorbs upstr
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -26,7 +24,6 @@ from contracts.errors import ConfigError
 
 __all__ = ["encoder_layers", "layer_inputs", "sublayer_stats", "refit_columns", "prune_transformer", "DAMP"]
 
-RESIDUAL = False  # see sublayer_stats
 DAMP = 0.01  # lambda = DAMP * mean(diag G): the usual GPTQ/OBC dampening, keeps the solve well posed
 
 
@@ -87,27 +84,23 @@ def _capture(layer: nn.Module, sub: nn.Module, args, kwargs) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def sublayer_stats(student: nn.Module, teacher: nn.Module, sub: str, inputs_s: list[tuple],
-                   inputs_t: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Statistics for refitting `sub`'s dense layer ("attention" or "ffn") of the student layer:
-    G = sum [x;1][x;1]^T over the student's inputs x (real tokens only) and
-    B = sum t [x;1]^T with the target t = W_t x_t + b_t + h_t - h_s: the teacher's pre-LayerNorm
-    sum minus the student's residual, so the refit also absorbs the drift accumulated upstream."""
-    get = (lambda lay: lay.attention.output) if sub == "attention" else (lambda lay: lay.output)
-    dense_t = get(teacher).dense
+def sublayer_stats(layer: nn.Module, sub: str, inputs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Statistics for refitting the dense layer of `sub` ("attention": attention.output.dense,
+    "ffn": output.dense) in `layer`: G = sum [x;1][x;1]^T over its inputs x on real tokens, and
+    B = sum t [x;1]^T with t = W x + b its current output. Targets are the layer's own dense output
+    on the model as pruned so far; targeting the dense teacher's activations instead (with or
+    without the residual drift) measured worse on held-out MiniLM texts (0.78-0.80 vs 0.82 mean
+    cosine at 50% heads + 50% FFN): the refit then fits calibration noise."""
+    module = layer.attention.output if sub == "attention" else layer.output
     G, B, n = 0, 0, 0
-    for (a_s, k_s, mask), (a_t, k_t, _) in zip(inputs_s, inputs_t):
-        x_s, h_s = _capture(student, get(student), a_s, k_s)
-        x_t, h_t = _capture(teacher, get(teacher), a_t, k_t)
-        if mask is not None and mask.shape == x_s.shape[:2]:
-            x_s, h_s, x_t, h_t = x_s[mask], h_s[mask], x_t[mask], h_t[mask]
-        else:
-            x_s, h_s, x_t, h_t = (t.reshape(-1, t.shape[-1]) for t in (x_s, h_s, x_t, h_t))
-        target = dense_t(x_t) + ((h_t - h_s) if RESIDUAL else 0)
-        xa = torch.cat([x_s, torch.ones(len(x_s), 1)], dim=1)
+    for args, kwargs, mask in inputs:
+        x, _ = _capture(layer, module, args, kwargs)
+        x = x[mask] if mask is not None and mask.shape == x.shape[:2] else x.reshape(-1, x.shape[-1])
+        target = module.dense(x)
+        xa = torch.cat([x, torch.ones(len(x), 1)], dim=1)
         G = G + (xa.T @ xa).double()
         B = B + (target.T @ xa).double()
-        n += len(x_s)
+        n += len(x)
     return G, B, n
 
 
@@ -207,12 +200,12 @@ def _heads_to_drop(scores: list[torch.Tensor], sparsity: float, allocation: str)
     return drops
 
 
-def _head_scores(model, teacher, layers, inputs, importance: str) -> list[torch.Tensor]:
+def _head_scores(layers, inputs, importance: str) -> list[torch.Tensor]:
     """Every layer's head scores on the dense model (a global ranking needs them all at once)."""
     scores = []
-    for lay, t_lay in zip(layers, encoder_layers(teacher)):
+    for lay in layers:
         att = lay.attention
-        G, _, n = sublayer_stats(lay, t_lay, "attention", inputs, inputs)
+        G, _, n = sublayer_stats(lay, "attention", inputs)
         w_in = torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight], dim=1)
         scores.append(_unit_scores(att.output.dense.weight.detach(), G, n, importance,
                                    att.self.attention_head_size, w_in.detach()))
@@ -225,29 +218,25 @@ def prune_transformer(model: nn.Module, config, ctx) -> dict:
     layers = encoder_layers(model)
     if config.sparsity == 0:
         return {"heads": {}, "neurons": {}}
-    teacher = copy.deepcopy(model).eval()
-    t_layers = encoder_layers(teacher)
-    dense_inputs = layer_inputs(model, layers[0], ctx.calib_batches, ctx.run)
-    drops = _heads_to_drop(_head_scores(model, teacher, layers, dense_inputs, config.importance),
-                           config.sparsity, config.allocation)
+    inputs = layer_inputs(model, layers[0], ctx.calib_batches, ctx.run)
+    drops = _heads_to_drop(_head_scores(layers, inputs, config.importance), config.sparsity, config.allocation)
     inter = layers[0].intermediate.dense.out_features
     keep_n = max(config.round_to, int(round((1 - config.sparsity) * inter / config.round_to)) * config.round_to)
     keep_n = min(keep_n, inter)
     removed_heads, removed_neurons = {}, {}
-    inputs_s, inputs_t = dense_inputs, dense_inputs
-    for i, (lay, t_lay) in enumerate(zip(layers, t_layers)):  # each repair sees the model as pruned so far
+    for i, lay in enumerate(layers):  # each repair sees the model as pruned so far
         if drops[i]:
-            stats = sublayer_stats(lay, t_lay, "attention", inputs_s, inputs_t) if config.repair else None
+            stats = sublayer_stats(lay, "attention", inputs) if config.repair else None
             _prune_heads_layer(model, i, lay, sorted(drops[i]), stats)
             removed_heads[f"layer.{i}"] = sorted(drops[i])
         if keep_n < inter:
-            G, B, n = sublayer_stats(lay, t_lay, "ffn", inputs_s, inputs_t)
+            G, B, n = sublayer_stats(lay, "ffn", inputs)
             scores = _unit_scores(lay.output.dense.weight.detach(), G, n, config.importance, 1,
                                   lay.intermediate.dense.weight.detach())
             keep = sorted(torch.sort(scores, descending=True, stable=True).indices[:keep_n].tolist())
             _prune_ffn_layer(lay, keep, (G, B) if config.repair else None)
             removed_neurons[f"layer.{i}"] = inter - keep_n
-        inputs_s, inputs_t = _advance(lay, inputs_s), _advance(t_lay, inputs_t)
+        inputs = _advance(lay, inputs)
     if keep_n < inter:
         model.config.intermediate_size = keep_n
     return {"heads": removed_heads, "neurons": removed_neurons,
