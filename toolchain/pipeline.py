@@ -215,11 +215,20 @@ def quantize(state: RunState) -> None:
     (state.tmp / "prepared.onnx").unlink()
 
 
+def _pooling_record(spec: ModelSpec) -> dict:
+    """Which pooling the embedding metric used, where it came from, and whether model.onnx has it."""
+    pooling = spec.pooling
+    exported = pooling.from_config and "attention_mask" in spec.input_names
+    return {**pooling.to_dict(), "onnx_output": "sentence_embedding" if exported else None}
+
+
 def verify(state: RunState) -> None:
     spec, tmp, threads, progress = state.spec, state.tmp, state.threads, state.progress
     with state.timer.stage("verify.accuracy"):
         accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
         fidelity = fidelity_of(spec, state.reference, onnx_out, progress)
+    if spec.pooling is not None:
+        accuracy["pooling"] = _pooling_record(spec)
     with state.timer.stage("verify.latency", {"threads": threads}):
         latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
     state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,
