@@ -97,7 +97,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         calib_batches=tokenize_batches(tokenizer, calib, input_names),
         eval_batches=tokenize_batches(tokenizer, evals, input_names),
         eval_labels=None,
-        postprocess=pooling or info.postprocess,
+        postprocess=pooling if pooling is not None and pooling.from_config else info.postprocess,
         pooling=pooling,
         kind=HFFolder(str(folder)),
         description=f"{config.get('model_type', '?')} ({task})",
