@@ -24,7 +24,10 @@ def render_markdown(r: dict) -> str:
         pl = acc["pooling"]
         lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "
                      f"({pl['source']})" + (f"; model.onnx output `{pl['onnx_output']}`" if pl.get("onnx_output") else ""))
-    for k in ("min_cosine", "spearman", "agreement_with_baseline"):
+    if acc["metric"] == "top1_agreement":
+        lines.append("- no labels: the metric is top-1 agreement with the FP32 model (baseline.onnx); "
+                     "top-5 agreement compares the top-5 class sets, KL is KL(FP32 softmax || model softmax)")
+    for k in ("min_cosine", "spearman", "agreement_with_baseline", "top5_agreement", "kl_to_baseline"):
         if k in acc:
             lines.append(f"- {k}: {_fmt(acc[k])}")
     if "max_abs_deviation" in r.get("fidelity", {}):
