@@ -211,6 +211,13 @@ def quantize(state: RunState) -> None:
         if info.get("fallback"):
             state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
                                + ", ".join(f["layer"] for f in info["fallback"]))
+        cap = info.get("fallback_cap") or {}
+        if cap.get("raised"):
+            state.notes.append(f"fallback cap raised from {cap['max_layers']} to {cap['used']} of {cap['layers']} "
+                               "layers because the predicted drop still exceeded the limit: accuracy traded for speed")
+        if cap and not cap["holds"]:
+            state.notes.append(f"fallback stopped at its cap ({cap['used']} of {cap['layers']} layers in FP32) with "
+                               f"the predicted drop {info['predicted_drop_trace'][-1]:.4g} still above the limit")
     state.quant_info = info
     (state.tmp / "prepared.onnx").unlink()
 

@@ -25,6 +25,7 @@ from toolchain.builtin_methods import lookup
 from toolchain.pruning import prunable_layers
 from toolchain.quantization import fake_quant_model
 from toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
+from toolchain.quantization.prediction import EvalView, layer_noise, predict_drop, shift_factor, weight_noise
 from toolchain.quantization.smoothing import SmoothedLinear
 from toolchain.recipe import Stage
 from toolchain.stages import QuantContext
@@ -32,7 +33,7 @@ from toolchain.stages import QuantContext
 __all__ = ["QuantPlan", "plan_quantization", "compute_params", "apply_fallback", "write_model",
            "quantize_to_onnx", "predicted_drop"]
 
-FALLBACK_SAMPLES = 128  # calibration samples used to predict the gate during fallback
+FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
 
 
 @dataclass
@@ -86,15 +87,16 @@ def _fallback_batches(spec: ModelSpec) -> list[dict]:
     return batches
 
 
-def _calib_outputs(spec: ModelSpec, model: torch.nn.Module, progress: Progress = NULL_PROGRESS,
-                   what: str = "") -> np.ndarray:
-    batches = track(progress, _fallback_batches(spec), what, "batches") if what else _fallback_batches(spec)
+def _outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict], progress: Progress = NULL_PROGRESS,
+             what: str = "") -> np.ndarray:
+    batches = track(progress, batches, what, "batches") if what else batches
     return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
 
 
 def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
-    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit."""
-    out = _calib_outputs(spec, model)
+    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit
+    (exact, no margin: how far pruning alone already moved the model)."""
+    out = _outputs(spec, model, _fallback_batches(spec))
     task = get_task(spec.task)
     labels = spec.calib_labels[:len(out)] if spec.calib_labels is not None else None
     return drop_in_unit(task, task_metrics(task, fp_outputs, out, labels))
@@ -110,10 +112,41 @@ def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
     return name_of
 
 
+class _Predictor:
+    """predicted drop on the evaluation data for a candidate set of params (prediction.py): FP32
+    statistics of calibration and evaluation inputs are gathered once, then each call runs the
+    fake-quantized model on the calibration samples only."""
+
+    def __init__(self, work, spec: ModelSpec, params: QuantParams, progress: Progress):
+        self.work, self.spec, self.task = work, spec, get_task(spec.task)
+        self.batches = _fallback_batches(spec)
+        self.dense = _outputs(spec, spec.model, self.batches, progress, "FP32 outputs for fallback")
+        self.labels = spec.calib_labels[:len(self.dense)] if spec.calib_labels is not None else None
+        self.calib_noise = layer_noise(work, params, track(progress, self.batches, "calibration noise", "batches"),
+                                       spec.torch_outputs)
+        eval_out: list[np.ndarray] = []
+
+        def run(model, batch):  # FP32 outputs of the evaluation inputs, collected while the hooks observe
+            eval_out.append(spec.postprocess(spec.torch_outputs(model, batch), batch))
+        self.eval_noise = layer_noise(work, params, track(progress, spec.eval_batches, "evaluation inputs (FP32)",
+                                                          "batches"), run)
+        self.view = EvalView(np.concatenate(eval_out))
+        self.weight_noise = weight_noise(work, params)
+        self.last: dict = {}
+
+    def factor(self, params: QuantParams) -> float:
+        return shift_factor(self.calib_noise, self.eval_noise, self.weight_noise, [a.module for a in params.anchors])
+
+    def __call__(self, params: QuantParams) -> float:
+        q = _outputs(self.spec, fake_quant_model(self.work, params), self.batches)
+        self.last = predict_drop(self.task, self.dense, q, self.view, self.labels, self.factor(params))
+        return self.last["predicted"]
+
+
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
                    accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS) -> QuantParams:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
-    FP32 until the gate's metric, predicted on calibration data, holds."""
+    FP32 until the gate's drop predicted for the evaluation data holds (prediction.py)."""
     snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"),
                        spec.torch_outputs)
     public = _public_name(work)
@@ -121,20 +154,37 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
     if not policy.enabled:
         return params
+    if not spec.calib_batches:
+        info["fallback_skipped"] = "no calibration data to predict the gate on; pass --calib-data"
+        return params
+    predictor = _Predictor(work, spec, params, progress)
     # Measured against the dense model, as the gate is; if pruning alone already exceeds the
     # limit, returning layers to FP32 cannot help and would only cost speed.
-    dense = _calib_outputs(spec, spec.model, progress, "FP32 outputs for fallback")
-    pruned_drop = predicted_drop(spec, dense, work)
+    pruned_drop = predicted_drop(spec, predictor.dense, work)
     info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
     if pruned_drop > accuracy_limit:
         info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
         return params
-    params, fallen, trace = fallback_until(
-        params, snr, lambda p: predicted_drop(spec, dense, fake_quant_model(work, p)),
-        accuracy_limit, policy.max_layers(len(params.anchors)), progress)
+    n, cap, hard = len(params.anchors), policy.max_layers(len(params.anchors)), policy.hard_max_layers(len(params.anchors))
+    first: dict = {}
+
+    def predict(p: QuantParams) -> float:
+        value = predictor(p)
+        first.setdefault("details", predictor.last)
+        return value
+    params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard)
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],
-                predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors))
+                predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors),
+                prediction={"before_fallback": _rounded(first["details"]), "final": _rounded(predictor.last),
+                            "uses": "calibration outputs (FP32 and fake-quant); evaluation inputs through the "
+                                    "FP32 model only (activation statistics, output margins); no evaluation labels"},
+                fallback_cap={"layers": n, "max_layers": cap, "hard_max_layers": hard, "used": len(fallen),
+                              "raised": len(fallen) > cap, "holds": trace[-1] <= accuracy_limit})
     return params
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def _check(path: Path) -> None:
