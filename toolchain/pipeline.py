@@ -206,7 +206,8 @@ def quantize(state: RunState) -> None:
     with state.timer.stage(quant.qualified, quant.to_dict()["params"]) as rec:
         limit = accuracy_limit(state.recipe.gates, spec.task)
         state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
-                                                 limit, state.recipe.target, state.progress)
+                                                 limit, state.recipe.target, state.progress,
+                                                 work_is_dense=state.recipe.stage("prune") is None)
         rec["params"]["quantized_layers"] = info["quantized_layers"]
         if info.get("fallback"):
             state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "

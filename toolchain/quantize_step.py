@@ -23,15 +23,17 @@ from runtime_check.accuracy import drop_in_unit, task_metrics
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
 from toolchain.builtin_methods import lookup
 from toolchain.pruning import prunable_layers
-from toolchain.quantization import fake_quant_model
+from toolchain.quantization.static import fake_quantized
 from toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
-from toolchain.quantization.prediction import EvalView, layer_noise, predict_drop, shift_factor, weight_noise
+from toolchain.quantization.prediction import (
+    EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
+)
 from toolchain.quantization.smoothing import SmoothedLinear
 from toolchain.recipe import Stage
 from toolchain.stages import QuantContext
 
 __all__ = ["QuantPlan", "plan_quantization", "compute_params", "apply_fallback", "write_model",
-           "quantize_to_onnx", "predicted_drop"]
+           "quantize_to_onnx"]
 
 FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
 
@@ -93,15 +95,6 @@ def _outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict], progr
     return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
 
 
-def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
-    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit
-    (exact, no margin: how far pruning alone already moved the model)."""
-    out = _outputs(spec, model, _fallback_batches(spec))
-    task = get_task(spec.task)
-    labels = spec.calib_labels[:len(out)] if spec.calib_labels is not None else None
-    return drop_in_unit(task, task_metrics(task, fp_outputs, out, labels))
-
-
 def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
     """Report layers by their model names: a smoothed Linear lives at `<name>.linear`."""
     modules = dict(work.named_modules())
@@ -113,17 +106,17 @@ def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
 
 
 class _Predictor:
-    """predicted drop on the evaluation data for a candidate set of params (prediction.py): FP32
-    statistics of calibration and evaluation inputs are gathered once, then each call runs the
-    fake-quantized model on the calibration samples only."""
+    """predicted drop on the evaluation data for a candidate set of params (prediction.py): the
+    FP32 statistics of calibration and evaluation inputs are gathered once, then each call runs the
+    fake-quantized model (in place, no copy) on the calibration samples only."""
 
-    def __init__(self, work, spec: ModelSpec, params: QuantParams, progress: Progress):
+    def __init__(self, work, spec: ModelSpec, params: QuantParams, calib_noise: dict, fp32_calib: np.ndarray,
+                 progress: Progress):
         self.work, self.spec, self.task = work, spec, get_task(spec.task)
         self.batches = _fallback_batches(spec)
-        self.dense = _outputs(spec, spec.model, self.batches, progress, "FP32 outputs for fallback")
+        self.dense = fp32_calib
         self.labels = spec.calib_labels[:len(self.dense)] if spec.calib_labels is not None else None
-        self.calib_noise = layer_noise(work, params, track(progress, self.batches, "calibration noise", "batches"),
-                                       spec.torch_outputs)
+        self.calib_noise = calib_noise
         eval_out: list[np.ndarray] = []
 
         def run(model, batch):  # FP32 outputs of the evaluation inputs, collected while the hooks observe
@@ -138,17 +131,31 @@ class _Predictor:
         return shift_factor(self.calib_noise, self.eval_noise, self.weight_noise, [a.module for a in params.anchors])
 
     def __call__(self, params: QuantParams) -> float:
-        q = _outputs(self.spec, fake_quant_model(self.work, params), self.batches)
+        with fake_quantized(self.work, params):
+            q = _outputs(self.spec, self.work, self.batches)
         self.last = predict_drop(self.task, self.dense, q, self.view, self.labels, self.factor(params))
         return self.last["predicted"]
 
 
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
-                   accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS) -> QuantParams:
+                   accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS,
+                   work_is_dense: bool = False) -> QuantParams:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
-    FP32 until the gate's drop predicted for the evaluation data holds (prediction.py)."""
-    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"),
-                       spec.torch_outputs)
+    FP32 until the gate's drop predicted for the evaluation data holds (prediction.py).
+
+    One FP32 pass over the calibration data serves the SNR ranking, the calibration-side noise
+    statistics and the FP32 outputs; with `work_is_dense` (no pruning: smoothing and folding keep
+    the function) those outputs are the dense reference too, so the dense model is not run again."""
+    calib_noise, noise_handles = noise_hooks(work, params)
+    n_fallback = sum(len(next(iter(b.values()))) for b in _fallback_batches(spec))
+    fp32: list[np.ndarray] = []
+
+    def run(model, batch):
+        out = spec.torch_outputs(model, batch)
+        if sum(len(o) for o in fp32) < n_fallback:
+            fp32.append(spec.postprocess(out, batch))
+    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"), run,
+                       noise_handles)
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
@@ -157,10 +164,14 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     if not spec.calib_batches:
         info["fallback_skipped"] = "no calibration data to predict the gate on; pass --calib-data"
         return params
-    predictor = _Predictor(work, spec, params, progress)
+    work_fp32 = np.concatenate(fp32)
+    dense = work_fp32 if work_is_dense else _outputs(spec, spec.model, _fallback_batches(spec), progress,
+                                                     "FP32 outputs for fallback")
+    predictor = _Predictor(work, spec, params, calib_noise, dense, progress)
     # Measured against the dense model, as the gate is; if pruning alone already exceeds the
     # limit, returning layers to FP32 cannot help and would only cost speed.
-    pruned_drop = predicted_drop(spec, predictor.dense, work)
+    task = get_task(spec.task)
+    pruned_drop = drop_in_unit(task, task_metrics(task, dense, work_fp32, predictor.labels))
     info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
     if pruned_drop > accuracy_limit:
         info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
@@ -207,7 +218,7 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
                      out_path: Path, accuracy_limit: float, target: str = "cpu",
-                     progress: Progress = NULL_PROGRESS) -> tuple[Callable, dict]:
+                     progress: Progress = NULL_PROGRESS, work_is_dense: bool = False) -> tuple[Callable, dict]:
     """Write the quantized model to out_path; return (torch reference runner, report info)."""
     plan = plan_quantization(work, prepared)
     params = compute_params(work, spec, stage, plan, target, progress)
@@ -215,7 +226,22 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                   "weight_range": _weight_range(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     if stage.config.supports_fallback:
-        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress)
+        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
+                                work_is_dense)
     write_model(prepared, plan, params, out_path)
-    fq = fake_quant_model(work, params)
-    return (lambda b: spec.torch_outputs(fq, b)), info
+    return _reference(work, spec, params, progress), info
+
+
+def _reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
+    """The torch fake-quant outputs model.onnx must reproduce, computed once on the evaluation
+    batches now (no copy of the model kept alive for verification); other batches on demand."""
+    with fake_quantized(work, params):
+        done = {id(b): spec.torch_outputs(work, b)
+                for b in track(progress, spec.eval_batches, "torch reference (fidelity)", "batches")}
+
+    def reference(batch: dict) -> list[np.ndarray]:
+        if id(batch) in done:
+            return done[id(batch)]
+        with fake_quantized(work, params):
+            return spec.torch_outputs(work, batch)
+    return reference

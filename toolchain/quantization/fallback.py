@@ -71,8 +71,10 @@ class FallbackPolicy:
 
 
 @torch.no_grad()
-def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: Callable) -> dict[str, float]:
-    """10*log10(|y|^2 / |y - y_q|^2) per anchor, summed over `batches`."""
+def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: Callable,
+                 other_hooks: Iterable = ()) -> dict[str, float]:
+    """10*log10(|y|^2 / |y - y_q|^2) per anchor, summed over `batches`. `other_hooks` (handles)
+    ride along the same pass and are removed with these: one FP32 pass serves several statistics."""
     modules = dict(model.named_modules())
     signal = {a.module: 0.0 for a in params.anchors}
     noise = dict(signal)
@@ -92,7 +94,7 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
             noise[name] += float(((out.double() - y.double()) ** 2).sum())
         return fn
 
-    handles = [modules[a.module].register_forward_hook(hook(a.module)) for a in params.anchors]
+    handles = list(other_hooks) + [modules[a.module].register_forward_hook(hook(a.module)) for a in params.anchors]
     run_with_hooks(model, handles, batches, run)
     return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf) for n in signal}
 
