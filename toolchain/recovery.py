@@ -26,7 +26,7 @@ from torch import nn
 
 from contracts.errors import ConfigError
 from contracts.progress import NULL_PROGRESS
-from toolchain.recovery_data import Pool, make_pool
+from toolchain.recovery_data import Pool, TextPool, make_pool
 from toolchain.registry import register
 
 __all__ = ["RecoveryConfig", "RecoverContext", "recover", "distill_loss"]
@@ -35,13 +35,14 @@ __all__ = ["RecoveryConfig", "RecoverContext", "recover", "distill_loss"]
 @dataclass(frozen=True)
 class RecoveryConfig:
     """`steps`: optimizer steps (None = as many as `minutes` allows); `minutes`: wall-clock budget;
-    `lr`: AdamW learning rate (cosine-decayed); `batch_size`: samples per step; `temperature`:
+    `lr`: AdamW learning rate (cosine-decayed); `batch_size`: samples per step (None: 64 images or
+    tensors, 16 texts: a text step costs far more on CPU); `temperature`:
     KL temperature for classifiers; `label_weight`: weight of the task loss when labels exist."""
 
     steps: int | None = None
     minutes: float = 10.0
     lr: float = 1e-3
-    batch_size: int = 64
+    batch_size: int | None = None
     temperature: float = 2.0
     label_weight: float = 0.5
     data: str | None = None  # extra unlabeled/labeled data file (same formats as --calib-data)
@@ -54,7 +55,7 @@ class RecoveryConfig:
             raise ConfigError(f"recovery minutes must be > 0, got {self.minutes}")
         if self.data is not None and not str(self.data).strip():
             raise ConfigError("recovery data path is empty")
-        if not self.lr > 0 or self.batch_size < 1 or not self.temperature > 0:
+        if not self.lr > 0 or (self.batch_size is not None and self.batch_size < 1) or not self.temperature > 0:
             raise ConfigError("recovery needs lr > 0, batch_size >= 1 and temperature > 0")
 
 
@@ -111,6 +112,7 @@ def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: Recovery
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+    batch_size = config.batch_size or (16 if isinstance(pool, TextPool) else 64)
     max_steps = config.steps or 10 ** 9
     budget = config.minutes * 60.0
     curve, t0, step = [], time.perf_counter(), 0
@@ -120,7 +122,7 @@ def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: Recovery
             frac = step / max_steps if config.steps else (time.perf_counter() - t0) / budget
             for group in opt.param_groups:
                 group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-            batch, labels = pool.sample(config.batch_size, gen)
+            batch, labels = pool.sample(batch_size, gen)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = labels.to(device) if labels is not None else None
             with torch.no_grad():
