@@ -148,6 +148,8 @@ def prune(state: RunState) -> None:
                            lambda model, path: exporter.export(spec, model, path), state.threads)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
+            # structured pruning may replace modules (transformers' prune_heads builds new Linears)
+            state.layers = prunable_layers(state.work, spec.prune_prefix)
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
         state.extra.update(result.extra)

@@ -13,14 +13,28 @@ from toolchain.recovery import RecoveryConfig, make_pool, recover
 from toolchain.registry import register
 from toolchain.stages import RecoverContext
 
-__all__ = ["run_recovery", "torch_metric", "recover_distill"]
+__all__ = ["run_recovery", "torch_metric", "recover_distill", "METRIC_SAMPLES"]
+
+
+METRIC_SAMPLES = 2000  # eval samples for the before/after metric (the final one uses them all, in onnxruntime)
+
+
+def _metric_batches(spec: ModelSpec) -> list:
+    batches, n = [], 0
+    for b in spec.eval_batches:
+        if n >= METRIC_SAMPLES:
+            break
+        batches.append(b)
+        n += len(next(iter(b.values())))
+    return batches
 
 
 def torch_metric(spec: ModelSpec, dense_out: np.ndarray, model: torch.nn.Module) -> float:
-    """The report's metric of a torch model on the eval split: top-1 (labels), agreement with the
-    dense model (no labels) or mean cosine to the dense embeddings (encoders)."""
-    out = np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in spec.eval_batches])
-    return task_metrics(get_task(spec.task), dense_out, out, spec.eval_labels)["model"]
+    """The report's metric of a torch model on (the first METRIC_SAMPLES of) the eval split: top-1
+    (labels), agreement with the dense model (no labels) or mean cosine to the dense embeddings."""
+    out = np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in _metric_batches(spec)])
+    labels = spec.eval_labels[:len(out)] if spec.eval_labels is not None else None
+    return task_metrics(get_task(spec.task), dense_out, out, labels)["model"]
 
 
 def _sources(spec: ModelSpec, extra_path: str | None):
@@ -45,7 +59,7 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
     text = "input_ids" in batches[0]
     kind = get_task(spec.task)
     pool = make_pool(batches, labels, text, encoder=kind.output == "embeddings")
-    dense_out = np.concatenate([spec.postprocess(spec.torch_outputs(teacher, b), b) for b in spec.eval_batches])
+    dense_out = np.concatenate([spec.postprocess(spec.torch_outputs(teacher, b), b) for b in _metric_batches(spec)])
     with progress.task("recovery", config.steps, "step") as task:
         def update(step, steps, elapsed, budget, loss):
             if steps is None and step % 10 == 0:  # time-bounded: estimate the total from the pace
@@ -56,6 +70,7 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
     info["metric"] = kind.metric if kind.output == "embeddings" or spec.eval_labels is not None \
         else f"{kind.metric}_agreement"
     info["labels_used"] = labels is not None
+    info["metric_samples"] = len(dense_out)
     return info
 
 

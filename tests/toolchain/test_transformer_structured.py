@@ -118,3 +118,13 @@ def test_unsupported_architecture_is_a_config_error():
 
     with pytest.raises(ConfigError, match="BERT-style"):
         T.encoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_sparsity_is_measured_on_the_replaced_modules():
+    from toolchain.pruning import overall_sparsity, prunable_layers
+
+    model = _bert()
+    dense = {n: m.weight.numel() for n, m in prunable_layers(model, "encoder.").items()}
+    prune_structured(model, StructuredPruneConfig(sparsity=0.5, allocation="uniform"), _ctx())
+    # half the heads and half the FFN neurons: half of every encoder Linear's weights
+    assert overall_sparsity(prunable_layers(model, "encoder."), dense) == pytest.approx(0.5)
