@@ -36,8 +36,8 @@ def _run(model, batch):
 
 def _ctx():
     b = _batches()
-    return PruneContext({}, b, _run, example_inputs={k: v[:1] for k, v in b[0].items()}, export=lambda m, p: None,
-                        threads=1)
+    return PruneContext({}, b, _run, example_inputs={k: v[:1] for k, v in b[0].items()},
+                        export=lambda m, p: None, threads=1)
 
 
 def test_heads_and_neurons_are_removed_and_config_updated():
