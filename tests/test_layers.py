@@ -165,3 +165,15 @@ def test_the_checks_catch_an_upward_import_and_a_cycle():
     assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
     assert _cycles({"a": ["b"], "b": []}) == []
     assert RANK["exporters"] < RANK["toolchain"]
+
+
+OUTSIDE_DOCS = ("methods.md", "design.md", "style.md", "shared/")
+
+
+def test_code_refers_to_no_document_outside_the_repository():
+    """Comments and docstrings point at files a reader of this repository has (docs/, README)."""
+    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+            for folder in LAYERS + ("tests", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py"))
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if any(ref in line for ref in OUTSIDE_DOCS) and p.name != "test_layers.py"]
+    assert not hits, "references to documents outside the repository:\n" + "\n".join(hits)

@@ -23,7 +23,8 @@ class StructuredPruneConfig:
     default) or `magnitude`. `allocation`: `global` (rank all channels together), `latency`
     (importance per unit of onnxruntime time, measured on the target) or `uniform`. `round_to`:
     kept widths are multiples of it (CNN channels, FFN neurons). `repair`: least-squares refit of
-    the layer reading the removed units, with bias compensation (transformers; methods.md)."""
+    the layer reading the removed units, with bias compensation (transformers; see
+    transformer_structured.py)."""
 
     sparsity: float = 0.5
     importance: str = "activation"

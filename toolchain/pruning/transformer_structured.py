@@ -1,5 +1,5 @@
 """Structured pruning of BERT-style encoders: attention heads and FFN neurons, with a
-least-squares repair of the layer that reads the removed units (methods.md, "Structured pruning").
+least-squares repair of the layer that reads the removed units (the steps below).
 
 Layer by layer, on the model as pruned so far (the inputs each layer will really see):
 1. Gram matrix G = X_a X_a^T of what attention.output.dense reads (the concatenated head
