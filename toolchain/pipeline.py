@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +98,13 @@ class _Stages:
     @contextmanager
     def stage(self, name: str, params: dict | None = None):
         record = {"name": name, "params": dict(params or {}), "seconds": 0.0, "peak_rss_mb": None}
+        cpu0 = time.process_time()
         with measured_stage(self.progress, name) as meter:
             yield record
-        record.update(seconds=round(meter.seconds, 3), peak_rss_mb=meter.peak_rss_mb)
+        # CPU seconds of this process (all its threads): on a shared machine wall time counts
+        # the waits for a core, CPU time only the work
+        record.update(seconds=round(meter.seconds, 3), peak_rss_mb=meter.peak_rss_mb,
+                      cpu_seconds=round(time.process_time() - cpu0, 3))
         self.records.append(record)
 
 
