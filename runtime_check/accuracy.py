@@ -6,6 +6,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from contracts.units import metric_units
+
 __all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman"]
 
 
@@ -18,18 +20,25 @@ def run_session(session: ort.InferenceSession, batches: list[dict], postprocess:
     return np.concatenate(outs)
 
 
+def _with_units(metrics: dict) -> dict:
+    unit, drop_unit = metric_units(metrics["metric"])
+    return {"metric": metrics["metric"], "unit": unit, **{k: v for k, v in metrics.items() if k != "metric"},
+            "drop_unit": drop_unit}
+
+
 def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
                            labels: np.ndarray | None) -> dict:
-    """top-1 vs labels when there are labels, else agreement with the FP32 model's argmax."""
+    """top-1 vs labels when there are labels, else agreement with the FP32 model's argmax; in
+    percent, the drop in percentage points (the gate's unit, contracts/units.py)."""
     base_pred, model_pred = base_logits.argmax(-1), model_logits.argmax(-1)
-    agreement = float((base_pred == model_pred).mean())
+    agreement = 100.0 * float((base_pred == model_pred).mean())
     if labels is not None:
-        base, model = float((base_pred == labels).mean()), float((model_pred == labels).mean())
+        base, model = 100.0 * float((base_pred == labels).mean()), 100.0 * float((model_pred == labels).mean())
         metric = "top1"
     else:
-        base, model, metric = 1.0, agreement, "top1_agreement"
-    return {"metric": metric, "baseline": base, "model": model, "drop": base - model,
-            "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement}
+        base, model, metric = 100.0, agreement, "top1_agreement"
+    return _with_units({"metric": metric, "baseline": base, "model": model, "drop": base - model,
+                        "agreement_with_baseline": agreement})
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -60,5 +69,5 @@ def embedding_metrics(base: np.ndarray, model: np.ndarray) -> dict:
     cos = (b * m).sum(-1)
     iu = np.triu_indices(len(b), k=1)
     rho = spearman((b @ b.T)[iu], (m @ m.T)[iu]) if len(b) > 2 else 1.0
-    return {"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()), "drop": float(1.0 - cos.mean()),
-            "min_cosine": float(cos.min()), "spearman": rho}
+    return _with_units({"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()),
+                        "drop": float(1.0 - cos.mean()), "min_cosine": float(cos.min()), "spearman": rho})

@@ -27,10 +27,9 @@ def accuracy_limit(gates: Gates, task: str) -> float:
 
 
 def _drop_in_unit(accuracy: dict) -> tuple[float, str] | None:
-    if accuracy.get("metric") == "cosine":
-        return accuracy["drop"], "1-cosine"
-    if "drop_points" in accuracy:
-        return accuracy["drop_points"], "points"
+    """The drop and its unit, as the metric reported them (contracts/units.py); None without a metric."""
+    if accuracy.get("drop_unit") in DEFAULT_DROP and accuracy.get("drop") is not None:
+        return accuracy["drop"], accuracy["drop_unit"]
     return None
 
 

@@ -111,12 +111,16 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
 
         work = copy_for_compression(spec.model)
         layers = prunable_layers(work, spec.prune_prefix)
+        skipped = []  # layers a method could not prune, with its reason (never a silent 0)
         for stage in [s for s in recipe.stages if s.kind == "prune"]:
             with st.stage(stage.qualified, stage.to_dict()["params"]) as rec:
                 result = lookup("prune", stage.name).handler(layers, stage.config, None)
                 rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers), 6)
             notes.append(result.speed_note)
-        sparsity = {"overall": overall_sparsity(layers), "layers": layer_sparsity(layers)}
+            for name, why in result.extra.get("skipped", {}).items():
+                skipped.append({"layer": name, "stage": stage.qualified, "reason": why})
+                notes.append(f"{stage.qualified} skipped {name}: {why}")
+        sparsity = {"overall": overall_sparsity(layers), "layers": layer_sparsity(layers), "skipped": skipped}
 
         if recipe.stage("prune") is not None:
             with st.stage("recalibrate_batchnorm") as rec:

@@ -1,6 +1,7 @@
 """The quantization step of the pipeline: params in torch -> (fallback) -> QDQ ONNX + torch reference."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,13 +58,13 @@ def _calib_outputs(spec: ModelSpec, model: torch.nn.Module, progress: Progress =
 
 
 def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
-    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit."""
+    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit
+    (points for top-1, 1-cosine for embeddings); without labels, top-1 agreement with FP32."""
     out = _calib_outputs(spec, model)
     if spec.task == "feature-extraction":
         return embedding_metrics(fp_outputs, out)["drop"]
     labels = spec.calib_labels[:len(out)] if spec.calib_labels is not None else None
-    return classification_metrics(fp_outputs, out, labels)["drop_points"] if labels is not None else \
-        100.0 * (1.0 - classification_metrics(fp_outputs, out, None)["agreement_with_baseline"])
+    return classification_metrics(fp_outputs, out, labels)["drop"]
 
 
 def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
@@ -116,6 +117,9 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
+    # every layer in model order, for the report's SNR plot; an exact layer (no noise) has no finite
+    # SNR and JSON has no infinity, so it is null
+    info["layers_snr_db"] = {public(n): (round(v, 2) if math.isfinite(v) else None) for n, v in snr.items()}
     if getattr(stage.config, "fallback", False):
         # Measured against the dense model, as the gate is; if pruning alone already exceeds the
         # limit, returning layers to FP32 cannot help and would only cost speed.
