@@ -70,4 +70,4 @@ def prune_nm(layers, config: NMPruneConfig, ctx=None) -> PruneResult:
     apply_masks(layers, masks)
     return PruneResult(masks=masks, speed_note=f"{config.n}:{config.m} zeros shrink the compressed "
                        "download; onnxruntime's CPU kernels have no N:M path, so they add no speed",
-                       extra={"skipped": skipped})
+                       skipped=skipped)
