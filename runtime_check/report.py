@@ -25,7 +25,11 @@ def render_markdown(r: dict) -> str:
     unit = acc["unit"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {format_value(acc['baseline'], unit)}, "
               f"model {format_value(acc['model'], unit)}, drop {format_value(acc['drop'], acc['drop_unit'])}"]
-    for k, k_unit in (("min_cosine", unit), ("spearman", ""), ("agreement_with_baseline", unit)):
+    if acc["metric"] == "top1_agreement":
+        lines.append("- no labels: the metric is top-1 agreement with the FP32 model (baseline.onnx); "
+                     "top-5 agreement compares the top-5 class sets, KL is KL(FP32 softmax || model softmax)")
+    for k, k_unit in (("min_cosine", unit), ("spearman", ""), ("agreement_with_baseline", unit),
+                      ("top5_agreement", unit), ("kl_to_baseline", "nats")):
         if k in acc:
             lines.append(f"- {k}: {format_value(acc[k], k_unit)}")
     if "max_abs_deviation" in r.get("fidelity", {}):
