@@ -129,3 +129,18 @@ def test_config_rejects_bad_values():
         StructuredPruneConfig(sparsity=1.0)
     with pytest.raises(ConfigError):
         StructuredPruneConfig(importance="random")
+
+
+def test_latency_table_measures_every_group(tmp_path):
+    from toolchain.pruning.latency_table import measure_group_costs
+    from toolchain.pruning.structured_stage import _half_pruner
+
+    model = _model()
+    _, groups = S.channel_groups(model, EXAMPLE)
+
+    def export(m, path):
+        export_torch(m, EXAMPLE, ["x"], ["y"], {}, path)
+
+    costs = measure_group_costs(model, EXAMPLE, len(groups), _half_pruner(EXAMPLE), export, threads=1, budget_s=0.5)
+    assert len(costs) == len(groups) and all(c > 0 for c in costs)
+    assert model.c1[0].weight.shape[0] == 32  # the model itself is untouched
