@@ -9,7 +9,8 @@ from torch import nn
 from contracts.errors import ConfigError
 from exporters.onnx_export import export_torch
 from toolchain.pruning import structured as S
-from toolchain.pruning.structured_stage import StructuredContext, StructuredPruneConfig, prune_structured
+from toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
+from toolchain.stages import PruneContext
 
 
 class TinyRes(nn.Module):
@@ -101,7 +102,7 @@ def test_round_to_multiple_of_eight_and_floor():
 
 def test_stage_exports_and_reloads_in_onnxruntime(tmp_path):
     model = _model()
-    ctx = StructuredContext(EXAMPLE, BATCHES, _run, lambda m, p: None, threads=1)
+    ctx = PruneContext({}, BATCHES, _run, example_inputs=EXAMPLE, export=lambda m, p: None, threads=1)
     result = prune_structured(model, StructuredPruneConfig(sparsity=0.5, round_to=8), ctx)
     st = result.extra["structure"]
     assert st["macs"]["after"] < 0.5 * st["macs"]["before"]

@@ -7,7 +7,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from toolchain.pruning import transformer_structured as T
-from toolchain.pruning.structured_stage import StructuredContext, StructuredPruneConfig, prune_structured
+from toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
+from toolchain.stages import PruneContext
 
 
 def _bert():
@@ -35,7 +36,8 @@ def _run(model, batch):
 
 def _ctx():
     b = _batches()
-    return StructuredContext({k: v[:1] for k, v in b[0].items()}, b, _run, lambda m, p: None, 1)
+    return PruneContext({}, b, _run, example_inputs={k: v[:1] for k, v in b[0].items()},
+                        export=lambda m, p: None, threads=1)
 
 
 def test_heads_and_neurons_are_removed_and_config_updated():

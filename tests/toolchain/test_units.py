@@ -27,3 +27,13 @@ def test_digits_cnn_units_agree(default_export, units_agree):
     # digits eval split: 450 images, so top-1 moves in steps of 100/450 %
     assert acc["baseline"] * 4.5 == pytest.approx(round(acc["baseline"] * 4.5))
 
+
+
+def test_drop_units_agree_with_the_task_registry():
+    from contracts.tasks import get_task, task_names
+
+    for name in task_names():
+        task = get_task(name)
+        assert metric_units(task.metric)[1] == task.unit
+        if task.output == "logits":
+            assert metric_units(f"{task.metric}_agreement")[1] == task.unit
