@@ -25,6 +25,10 @@ def render_markdown(r: dict) -> str:
     unit = acc["unit"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {format_value(acc['baseline'], unit)}, "
               f"model {format_value(acc['model'], unit)}, drop {format_value(acc['drop'], acc['drop_unit'])}"]
+    if acc.get("pooling"):
+        pl = acc["pooling"]
+        lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "
+                     f"({pl['source']})" + (f"; model.onnx output `{pl['onnx_output']}`" if pl.get("onnx_output") else ""))
     if acc["metric"] == "top1_agreement":
         lines.append("- no labels: the metric is top-1 agreement with the FP32 model (baseline.onnx); "
                      "top-5 agreement compares the top-5 class sets, KL is KL(FP32 softmax || model softmax)")
