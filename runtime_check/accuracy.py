@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contracts.tasks import Task
+from contracts.units import metric_units
 
 NO_LABELS = "agreement with FP32 (no labels): top-1 of the model vs the FP32 model's top-1"
 
@@ -21,6 +22,12 @@ def run_session(session: ort.InferenceSession, batches: list[dict], postprocess:
         feed = {k: v for k, v in batch.items() if k in names}
         outs.append(postprocess(session.run(None, feed), batch))
     return np.concatenate(outs)
+
+
+def _with_units(metrics: dict) -> dict:
+    unit, drop_unit = metric_units(metrics["metric"])
+    return {"metric": metrics["metric"], "unit": unit, **{k: v for k, v in metrics.items() if k != "metric"},
+            "drop_unit": drop_unit}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -50,19 +57,20 @@ def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
                            labels: np.ndarray | None) -> dict:
     """top-1 vs labels when there are labels, else agreement with the FP32 model's argmax (the
     gate then reads the drop in agreement points). Always also: top-5 set agreement and the mean
-    KL(FP32 softmax || model softmax), which need no labels."""
+    KL(FP32 softmax || model softmax), which need no labels. Shares are in percent and the drop in
+    percentage points (the gate's unit, contracts/units.py); KL in nats."""
     base_pred, model_pred = base_logits.argmax(-1), model_logits.argmax(-1)
-    agreement = float((base_pred == model_pred).mean())
+    agreement = 100.0 * float((base_pred == model_pred).mean())
     if labels is not None:
-        base, model = float((base_pred == labels).mean()), float((model_pred == labels).mean())
+        base, model = 100.0 * float((base_pred == labels).mean()), 100.0 * float((model_pred == labels).mean())
         metric = "top1"
     else:
-        base, model, metric = 1.0, agreement, "top1_agreement"
+        base, model, metric = 100.0, agreement, "top1_agreement"
     kl = softmax_kl(base_logits, model_logits)
-    out = {"metric": metric, "baseline": base, "model": model, "drop": base - model,
-           "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement,
-           "top5_agreement": topk_agreement(base_logits, model_logits, 5),
-           "kl_to_baseline": float(kl.mean()), "samples": int(len(base_logits))}
+    out = _with_units({"metric": metric, "baseline": base, "model": model, "drop": base - model,
+                       "agreement_with_baseline": agreement,
+                       "top5_agreement": 100.0 * topk_agreement(base_logits, model_logits, 5),
+                       "kl_to_baseline": float(kl.mean()), "samples": int(len(base_logits))})
     if labels is None:
         out["note"] = NO_LABELS
     return out
@@ -96,8 +104,8 @@ def embedding_metrics(base: np.ndarray, model: np.ndarray) -> dict:
     cos = (b * m).sum(-1)
     iu = np.triu_indices(len(b), k=1)
     rho = spearman((b @ b.T)[iu], (m @ m.T)[iu]) if len(b) > 2 else 1.0
-    return {"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()), "drop": float(1.0 - cos.mean()),
-            "min_cosine": float(cos.min()), "spearman": rho}
+    return _with_units({"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()),
+                        "drop": float(1.0 - cos.mean()), "min_cosine": float(cos.min()), "spearman": rho})
 
 
 def task_metrics(task: Task, base: np.ndarray, model: np.ndarray, labels: np.ndarray | None = None) -> dict:
@@ -108,5 +116,6 @@ def task_metrics(task: Task, base: np.ndarray, model: np.ndarray, labels: np.nda
 
 
 def drop_in_unit(task: Task, metrics: dict) -> float:
-    """The accuracy drop in the unit of the task's gate (points, or 1 - cosine)."""
-    return metrics["drop_points"] if task.unit == "points" else metrics["drop"]
+    """The accuracy drop in the unit of the task's gate (points, or 1 - cosine): the metrics'
+    own drop, which contracts/units.py puts in that unit."""
+    return metrics["drop"]

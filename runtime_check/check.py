@@ -118,11 +118,11 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
     if task.output == "logits" and (labels is not None or base_out is not None):
         accuracy = task_metrics(task, base_out if base_out is not None else model_out, model_out, labels)
         if base_out is None:
-            accuracy.update(baseline=None, drop=0.0, drop_points=0.0)
+            accuracy.update(baseline=None, drop=0.0)
     elif base_out is not None:
         accuracy = task_metrics(task, base_out, model_out)
     else:
-        accuracy = {"metric": "none", "baseline": None, "model": None, "drop": 0.0}
+        accuracy = {"metric": "none", "unit": "", "baseline": None, "model": None, "drop": 0.0, "drop_unit": ""}
     feed = batches[0]
     feed = {k: v[:1] for k, v in feed.items()}
     if baseline_path is not None:

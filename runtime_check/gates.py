@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts.tasks import get_task, task_names, unit_of_metric
+from contracts.tasks import get_task, task_names
 
 __all__ = ["Gates", "evaluate_gates", "accuracy_limit", "DEFAULT_DROP"]
 
@@ -30,10 +30,10 @@ def accuracy_limit(gates: Gates, task: str) -> float:
 
 
 def _drop_in_unit(accuracy: dict) -> tuple[float, str] | None:
-    unit = unit_of_metric(accuracy.get("metric", ""))
-    if unit is None:
-        return None
-    return (accuracy["drop_points"] if unit == "points" else accuracy["drop"]), unit
+    """The drop and its unit, as the metric reported them (contracts/units.py); None without a metric."""
+    if accuracy.get("drop_unit") in DEFAULT_DROP and accuracy.get("drop") is not None:
+        return accuracy["drop"], accuracy["drop_unit"]
+    return None
 
 
 def evaluate_gates(gates: Gates, accuracy: dict, latency: dict) -> list[dict]:

@@ -4,22 +4,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from contracts.units import format_value
+from runtime_check.plots import write_plots
+
 __all__ = ["write_report", "render_markdown"]
 
 
-def _fmt(x, digits=4):
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+def _stage_cost(stage: dict) -> str:
+    peak = stage.get("peak_rss_mb")
+    return f"{stage['seconds']:.2f} s" + (f", peak RSS {peak:,.0f} MB" if peak is not None else "")
 
 
 def render_markdown(r: dict) -> str:
     lines = [f"# sqexport report: {r['model']} ({r['target']})", "",
              f"**{'PASSED' if r['passed'] else 'FAILED'}**", ""]
     lines += ["## Checks", "", "| check | value | limit | passed |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {_fmt(c['value'])} | {_fmt(c['limit'])} | {'yes' if c['passed'] else 'NO'} |"
-              for c in r["checks"]] or ["| (no gates) | | | |"]
+    lines += [f"| {c['name']} | {format_value(c['value'], c['unit'])} | {format_value(c['limit'], c['unit'])} | "
+              f"{'yes' if c['passed'] else 'NO'} |" for c in r["checks"]] or ["| (no gates) | | | |"]
     acc = r["accuracy"]
-    lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {_fmt(acc['baseline'])}, "
-              f"model {_fmt(acc['model'])}, drop {_fmt(acc['drop'])}"]
+    unit = acc["unit"]
+    lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {format_value(acc['baseline'], unit)}, "
+              f"model {format_value(acc['model'], unit)}, drop {format_value(acc['drop'], acc['drop_unit'])}"]
     if acc.get("pooling"):
         pl = acc["pooling"]
         lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "
@@ -27,9 +32,10 @@ def render_markdown(r: dict) -> str:
     if acc["metric"] == "top1_agreement":
         lines.append(f"- **{acc.get('note', 'agreement with FP32 (no labels)')}**; top-5 agreement compares the "
                      "top-5 class sets, KL is KL(FP32 softmax || model softmax)")
-    for k in ("min_cosine", "spearman", "agreement_with_baseline", "top5_agreement", "kl_to_baseline"):
+    for k, k_unit in (("min_cosine", unit), ("spearman", ""), ("agreement_with_baseline", unit),
+                      ("top5_agreement", unit), ("kl_to_baseline", "nats")):
         if k in acc:
-            lines.append(f"- {k}: {_fmt(acc[k])}")
+            lines.append(f"- {k}: {format_value(acc[k], k_unit)}")
     if "max_abs_deviation" in r.get("fidelity", {}):
         f = r["fidelity"]
         lines.append(f"- onnxruntime vs torch quantized model: max |deviation| {f['max_abs_deviation']:.3g}"
@@ -53,20 +59,23 @@ def render_markdown(r: dict) -> str:
         if "fallback" in q:
             fallen = ", ".join(f"{f['layer']} ({f['snr_db']} dB)" for f in q["fallback"]) or "none needed"
             lines.append(f"- fallback to FP32: {fallen}; predicted drop on calibration data "
-                         f"{' -> '.join(f'{t:.4g}' for t in q.get('predicted_drop_trace', []))} "
-                         f"(limit {q.get('predicted_drop_limit')})")
+                         f"{' -> '.join(format_value(t, acc['drop_unit']) for t in q.get('predicted_drop_trace', []))} "
+                         f"(limit {format_value(q.get('predicted_drop_limit'), acc['drop_unit'])})")
         elif q.get("fallback_skipped"):
             lines.append(f"- fallback skipped: {q['fallback_skipped']}")
         if q.get("worst_layers_snr_db"):
             lines.append("- lowest local SNR: " + ", ".join(f"{w['layer']} {w['snr_db']} dB"
                                                           for w in q["worst_layers_snr_db"][:5]))
     sp = r["sparsity"]
+    why = {s["layer"]: f"skipped by {s['stage']}: {s['reason']}" for s in sp.get("skipped", [])}
     lines += ["", "## Sparsity", "", f"overall {sp['overall']:.4f} of prunable weights", "",
-              "| layer | sparsity |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sp["layers"].items()]
+              "| layer | sparsity | note |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.4f} | {why.get(k, '')} |" for k, v in sp["layers"].items()]
+    if r.get("plots"):
+        lines += _plots_section(r["plots"])
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
-    lines += ["", "## Stages", ""] + [f"- {st['name']} ({st['seconds']:.2f}s): {json.dumps(st['params'])}"
+    lines += ["", "## Stages", ""] + [f"- {st['name']} ({_stage_cost(st)}): {json.dumps(st['params'])}"
                                       for st in r["stages"]]
     return "\n".join(lines) + "\n"
 
@@ -108,6 +117,16 @@ def _cell(value, key: str = "") -> str:
     return str(value).replace("|", "/")
 
 
+def _plots_section(plots: dict[str, str]) -> list[str]:
+    titles = {"latency_vs_metric": "Latency vs metric", "sparsity": "Per-layer sparsity", "snr": "Per-layer int8 SNR"}
+    lines = ["", "## Plots", ""]
+    for name, file in plots.items():
+        lines += [f"![{titles.get(name, name)}]({file})", ""]
+    return lines[:-1]
+
+
 def write_report(report: dict, outdir: Path) -> None:
+    """report.json, report.md and the PNG plots it links (report["plots"] names them)."""
+    report["plots"] = write_plots(report, outdir)
     (Path(outdir) / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     (Path(outdir) / "report.md").write_text(render_markdown(report))

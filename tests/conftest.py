@@ -282,3 +282,50 @@ def user_project(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def images_factory():
     return make_images
+
+
+# ------------------------------------------------------------------ units across console, report.md, report.json
+
+_NUM_UNIT = r"(-?\d+\.\d+)(x|(?: \S+?))"  # what contracts.units.format_value prints
+
+
+def _close(text: str, value: float) -> bool:
+    """`text` is `value` printed with len(decimals) digits."""
+    digits = len(text.split(".")[1])
+    return abs(float(text) - value) <= 0.5 * 10 ** -digits + 1e-12
+
+
+def assert_units_agree(stdout: str, out: Path) -> None:
+    """Every accuracy number and gate in the console summary and report.md is report.json's number
+    in report.json's unit."""
+    import re
+
+    report = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    acc = report["accuracy"]
+    unit, drop_unit = acc["unit"], acc["drop_unit"]
+    assert unit and drop_unit
+    console = re.search(rf"accuracy  {acc['metric']}: baseline {_NUM_UNIT}  model {_NUM_UNIT}  drop {_NUM_UNIT}$",
+                        stdout, re.M)
+    markdown = re.search(rf"metric `{acc['metric']}`: baseline {_NUM_UNIT}, model {_NUM_UNIT}, drop {_NUM_UNIT}$",
+                         md, re.M)
+    for found in (console, markdown):
+        assert found is not None, (stdout, md)
+        b, bu, m, mu, d, du = found.groups()
+        assert (bu.strip(), mu.strip(), du.strip()) == (unit, unit, drop_unit)
+        assert _close(b, acc["baseline"]) and _close(m, acc["model"]) and _close(d, acc["drop"])
+    for check in report["checks"]:
+        c = re.search(rf"gate      {check['name']}: {_NUM_UNIT}, limit {_NUM_UNIT}: (ok|FAILED)$", stdout, re.M)
+        t = re.search(rf"^\| {check['name']} \| {_NUM_UNIT} \| {_NUM_UNIT} \| (yes|NO) \|$", md, re.M)
+        for found in (c, t):
+            assert found is not None, (check, stdout, md)
+            v, vu, lim, lu, _ = found.groups()
+            assert vu.strip() == lu.strip() == check["unit"]
+            assert _close(v, check["value"]) and _close(lim, check["limit"])
+        if check["name"] == "accuracy_drop":
+            assert check["unit"] == drop_unit and check["value"] == acc["drop"]
+
+
+@pytest.fixture(scope="session")
+def units_agree():
+    return assert_units_agree

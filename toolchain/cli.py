@@ -11,6 +11,7 @@ import click
 from contracts.errors import SqexportError
 from contracts.targets import target_names
 from contracts.tasks import hf_task_names
+from contracts.units import format_value
 
 __all__ = ["main", "cli"]
 
@@ -177,8 +178,8 @@ def export_cmd(ctx, model, quiet, **opts):
     if not quiet:
         _print_summary(report, outdir)
     if not report["passed"]:
-        failed = ", ".join(f"{c['name']} {c['value']:.4g} (limit {c['limit']:.4g})"
-                           for c in report["checks"] if not c["passed"])
+        failed = ", ".join(f"{c['name']} {format_value(c['value'], c['unit'])} "
+                           f"(limit {format_value(c['limit'], c['unit'])})" for c in report["checks"] if not c["passed"])
         raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
 
 
@@ -204,16 +205,21 @@ def _image_prep(opts: dict):
 def _print_summary(report: dict, outdir: Path) -> None:
     acc, lat, size = report["accuracy"], report["latency_ms"], report["size_bytes"]
     click.echo(f"{report['model']} -> {outdir}")
-    click.echo(f"  accuracy  {acc['metric']}: baseline {acc['baseline']:.4f}  model {acc['model']:.4f}  "
-               f"drop {acc['drop']:.4f}" + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
+    click.echo(f"  accuracy  {acc['metric']}: baseline {format_value(acc['baseline'], acc['unit'])}  "
+               f"model {format_value(acc['model'], acc['unit'])}  drop {format_value(acc['drop'], acc['drop_unit'])}"
+               + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
     click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
     click.echo(f"  size      {size['baseline']:,} B -> {size['model']:,} B ({size['compressed']:,} B zipped)")
     for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):
         click.echo(f"  latency   {entry['threads']} thread(s): p50 {entry['baseline']['p50']:.3f} ms -> "
                    f"{entry['model']['p50']:.3f} ms ({entry['speedup']:.2f}x)")
-    for c in report["checks"]:
-        click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} "
-                   f"{'ok' if c['passed'] else 'FAILED'}")
+    _print_checks(report["checks"])
+
+
+def _print_checks(checks: list[dict]) -> None:
+    for c in checks:
+        click.echo(f"  gate      {c['name']}: {format_value(c['value'], c['unit'])}, "
+                   f"limit {format_value(c['limit'], c['unit'])}: {'ok' if c['passed'] else 'FAILED'}")
 
 
 @cli.command("check")
@@ -250,13 +256,12 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
         acc, lat = result["accuracy"], result["latency_ms"]
         click.echo(f"{model_onnx}: data {result['data']}")
         if acc.get("model") is not None:
-            click.echo(f"  accuracy  {acc['metric']}: model {acc['model']:.4f}"
-                       + (f"  baseline {acc['baseline']:.4f}" if acc.get("baseline") is not None else ""))
+            click.echo(f"  accuracy  {acc['metric']}: model {format_value(acc['model'], acc['unit'])}"
+                       + (f"  baseline {format_value(acc['baseline'], acc['unit'])}"
+                          if acc.get("baseline") is not None else ""))
         click.echo(f"  latency   p50 {lat['model']['p50']:.3f} ms at {lat['threads']} thread(s)"
                    + (f", {lat['speedup']:.2f}x vs baseline" if "speedup" in lat else ""))
-        for c in result["checks"]:
-            click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} "
-                       f"{'ok' if c['passed'] else 'FAILED'}")
+        _print_checks(result["checks"])
     if not result["passed"]:
         raise ToolError("gate failed", 1)
 

@@ -147,6 +147,7 @@ def prune(state: RunState) -> None:
     state.layers = prunable_layers(state.work, spec.prune_prefix)
     dense = {n: m.weight.numel() for n, m in state.layers.items()}  # structured pruning shrinks them
     exporter = exporter_for(spec)
+    skipped = []  # layers a method could not prune, with its reason (never a silent 0)
     for stage in state.recipe.stages_of("prune"):
         _needs_calibration(state, stage)
         ctx = PruneContext(state.layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
@@ -158,7 +159,11 @@ def prune(state: RunState) -> None:
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
         state.extra.update(result.extra)
-    state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense)}
+        for name, why in result.skipped.items():
+            skipped.append({"layer": name, "stage": stage.qualified, "reason": why})
+            state.notes.append(f"{stage.qualified} skipped {name}: {why}")
+    state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense),
+                      "skipped": skipped}
 
 
 def recalibrate(state: RunState) -> None:

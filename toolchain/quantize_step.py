@@ -3,6 +3,7 @@ plan (where the exported graph takes int8) -> compute params in torch (the regis
 -> fallback (worst layers back to FP32, if the method supports it) -> write the ONNX model."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -159,6 +160,9 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
+    # every layer in model order, for the report's SNR plot; an exact layer (no noise) has no finite
+    # SNR and JSON has no infinity, so it is null
+    info["layers_snr_db"] = {public(n): (round(v, 2) if math.isfinite(v) else None) for n, v in snr.items()}
     if not policy.enabled:
         return params
     if not spec.calib_batches:

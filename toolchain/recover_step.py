@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from contracts.progress import NULL_PROGRESS, Progress
+from contracts.units import metric_units
 from models.spec import ModelSpec
 from contracts.tasks import get_task
 from runtime_check.accuracy import task_metrics
@@ -69,6 +70,7 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
         info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update)
     info["metric"] = kind.metric if kind.output == "embeddings" or spec.eval_labels is not None \
         else f"{kind.metric}_agreement"
+    info["unit"] = metric_units(info["metric"])[0]  # of metric_before / metric_after, as in "accuracy"
     info["labels_used"] = labels is not None
     info["metric_samples"] = len(dense_out)
     return info

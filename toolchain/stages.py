@@ -78,6 +78,7 @@ class PruneResult:
     masks: dict[str, torch.Tensor]  # 1 = kept; already applied to the weights
     speed_note: str  # what these zeros buy on the target (the report repeats it)
     extra: dict = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why the method could not prune it (reported)
 
 
 class PruneMethod(Protocol):

@@ -15,22 +15,22 @@ def _logits(preds, n_classes=3):
 
 def test_classification_with_labels():
     m = classification_metrics(_logits([0, 1, 2, 1]), _logits([0, 1, 1, 1]), np.array([0, 1, 2, 2]))
-    assert m["metric"] == "top1"
-    assert m["baseline"] == 0.75 and m["model"] == 0.5
-    assert m["drop"] == pytest.approx(0.25) and m["drop_points"] == pytest.approx(25.0)
-    assert m["agreement_with_baseline"] == 0.75
+    assert m["metric"] == "top1" and m["unit"] == "%" and m["drop_unit"] == "points"
+    assert m["baseline"] == 75.0 and m["model"] == 50.0
+    assert m["drop"] == pytest.approx(25.0) and "drop_points" not in m  # one unit per metric
+    assert m["agreement_with_baseline"] == 75.0
 
 
 def test_classification_without_labels_is_agreement():
     m = classification_metrics(_logits([0, 1, 2, 1]), _logits([0, 1, 1, 1]), None)
-    assert m["metric"] == "top1_agreement"
-    assert m["baseline"] == 1.0 and m["model"] == 0.75
-    assert m["drop"] == pytest.approx(0.25) and m["drop_points"] == pytest.approx(25.0)
+    assert m["metric"] == "top1_agreement" and (m["unit"], m["drop_unit"]) == ("%", "points")
+    assert m["baseline"] == 100.0 and m["model"] == 75.0
+    assert m["drop"] == pytest.approx(25.0)
 
 
 def test_model_better_than_baseline_gives_negative_drop():
     m = classification_metrics(_logits([1, 1]), _logits([0, 1]), np.array([0, 1]))
-    assert m["drop"] == pytest.approx(-0.5) and m["drop_points"] == pytest.approx(-50.0)
+    assert m["drop"] == pytest.approx(-50.0)
 
 
 def test_spearman_hand_values():
@@ -108,4 +108,4 @@ def test_classification_metrics_always_report_top5_and_kl():
     p = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
     q = np.exp([1.0, 2.0, 0.0]) / np.exp([1.0, 2.0, 0.0]).sum()
     assert m["kl_to_baseline"] == pytest.approx(float((p * np.log(p / q)).sum()) / 4)
-    assert m["top5_agreement"] == 1.0 and m["model"] == 0.75 and m["samples"] == 4
+    assert m["top5_agreement"] == 100.0 and m["model"] == 75.0 and m["samples"] == 4  # shares in percent

@@ -3,7 +3,7 @@ import pytest
 
 from runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
 
-TOP1 = {"metric": "top1", "baseline": 0.99, "model": 0.985, "drop": 0.005, "drop_points": 0.5}
+TOP1 = {"metric": "top1", "unit": "%", "baseline": 99.0, "model": 98.5, "drop": 0.5, "drop_unit": "points"}
 LAT = {"threads": 1, "baseline": {"p50": 4.0}, "model": {"p50": 2.0}, "speedup": 2.0}
 
 
@@ -15,7 +15,7 @@ def test_default_top1_limit_is_one_point():
 
 @pytest.mark.parametrize("points, passed", [(0.99, True), (1.0, True), (1.01, False), (25.0, False), (-3.0, True)])
 def test_top1_drop_is_compared_in_points(points, passed):
-    (c,) = evaluate_gates(Gates(), {**TOP1, "drop_points": points, "drop": points / 100}, LAT)
+    (c,) = evaluate_gates(Gates(), {**TOP1, "drop": points}, LAT)
     assert c["value"] == points and c["passed"] is passed
 
 
@@ -27,7 +27,8 @@ def test_explicit_top1_limit():
 @pytest.mark.parametrize("drop, limit, passed", [(0.004, None, True), (0.01, None, True), (0.02, None, False),
                                                  (0.004, 0.001, False), (0.02, 0.05, True)])
 def test_cosine_drop_is_one_minus_cosine(drop, limit, passed):
-    acc = {"metric": "cosine", "baseline": 1.0, "model": 1 - drop, "drop": drop}
+    acc = {"metric": "cosine", "unit": "cosine", "baseline": 1.0, "model": 1 - drop, "drop": drop,
+           "drop_unit": "1-cosine"}
     (c,) = evaluate_gates(Gates(max_accuracy_drop=limit), acc, LAT)
     assert c["unit"] == "1-cosine" and c["value"] == drop
     assert c["limit"] == (0.01 if limit is None else limit)

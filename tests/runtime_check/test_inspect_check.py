@@ -62,7 +62,7 @@ def test_check_with_baseline_and_labelled_eval_data(run_cli, default_export, eva
     acc, rep_acc = res["accuracy"], default_export.report["accuracy"]
     assert acc["metric"] == "top1"
     assert acc["model"] == pytest.approx(rep_acc["model"]) and acc["baseline"] == pytest.approx(rep_acc["baseline"])
-    assert acc["drop_points"] <= 1.0
+    assert acc["drop"] <= 1.0 and acc["drop_unit"] == "points"
     lat = res["latency_ms"]
     assert lat["threads"] == 1 and lat["speedup"] == pytest.approx(lat["baseline"]["p50"] / lat["model"]["p50"])
     assert [c["name"] for c in res["checks"]] == ["accuracy_drop"]
@@ -74,7 +74,7 @@ def test_check_with_baseline_synthetic_data(run_cli, default_export):
     assert result.exit_code in (0, 1), result.output
     res = json.loads(result.output[:result.output.rindex("}") + 1])
     assert res["data"] == "synthetic" and res["accuracy"]["metric"] == "top1_agreement"
-    assert res["accuracy"]["baseline"] == 1.0 and 0.5 <= res["accuracy"]["model"] <= 1.0
+    assert res["accuracy"]["baseline"] == 100.0 and 50.0 <= res["accuracy"]["model"] <= 100.0
     assert (result.exit_code == 0) == res["passed"]
 
 

@@ -11,7 +11,8 @@ import pytest
 from exporters.sparse import deflated_size
 from models.zoo import builtin_names
 
-EXPECTED_FILES = ["baseline.onnx", "model.onnx", "report.json", "report.md"]
+EXPECTED_FILES = ["baseline.onnx", "latency_vs_metric.png", "model.onnx", "report.json", "report.md", "snr.png",
+                  "sparsity.png"]  # design.md's four, and the plots report.md links
 CNN_LAYERS = {"features.0": 32 * 1 * 9, "features.3": 64 * 32 * 9, "features.7": 64 * 64 * 9, "classifier": 10 * 64}
 
 
@@ -65,8 +66,8 @@ def test_report_json_has_the_design_fields(default_export):
 
     acc = rep["accuracy"]
     assert acc["metric"] == "top1"
-    assert 0.9 <= acc["model"] <= 1.0 and 0.9 <= acc["baseline"] <= 1.0
-    assert acc["drop"] == pytest.approx(acc["baseline"] - acc["model"])
+    assert 90.0 <= acc["model"] <= 100.0 and 90.0 <= acc["baseline"] <= 100.0  # percent
+    assert acc["drop"] == pytest.approx(acc["baseline"] - acc["model"]) and acc["drop_unit"] == "points"
 
     lat = rep["latency_ms"]
     assert isinstance(lat["threads"], int) and lat["threads"] >= 1
@@ -79,7 +80,7 @@ def test_report_json_has_the_design_fields(default_export):
 
     checks = {c["name"]: c for c in rep["checks"]}
     assert checks["accuracy_drop"]["passed"] is True and checks["accuracy_drop"]["limit"] == 1.0
-    assert checks["accuracy_drop"]["value"] == pytest.approx(100 * acc["drop"])
+    assert checks["accuracy_drop"]["value"] == acc["drop"]  # the same number, in points
     for c in rep["checks"]:
         assert {"name", "passed", "value", "limit"} <= set(c)
 
@@ -113,7 +114,7 @@ def test_model_onnx_accuracy_checked_independently(default_export, digits_split)
     base_acc, model_acc = (base == y).mean(), (model == y).mean()
     assert 100 * (base_acc - model_acc) <= 1.0
     acc = default_export.report["accuracy"]
-    assert acc["baseline"] == pytest.approx(base_acc) and acc["model"] == pytest.approx(model_acc)
+    assert acc["baseline"] == pytest.approx(100 * base_acc) and acc["model"] == pytest.approx(100 * model_acc)
     assert default_export.report["fidelity"]["argmax_agreement"] >= 0.995
 
 
@@ -177,6 +178,11 @@ def test_nm_2_4_pattern_in_every_int8_weight(nm_export, onnx_tools):
     # the layers with >= 4 input channels are pruned to 50 %
     wide = [r for r in rows if r.q.shape[r.in_axis] % 4 == 0]
     assert len(wide) == 3 and all((r.q == 0).mean() >= 0.5 for r in wide)
+    # the 1-input-channel stem conv cannot be grouped: skipped, and the report says why
+    skipped = nm_export.report["sparsity"]["skipped"]
+    assert [s["layer"] for s in skipped] == ["features.0"] and "1 input channel" in skipped[0]["reason"]
+    assert nm_export.report["sparsity"]["layers"]["features.0"] == 0.0
+    assert "skipped by prune.nm: 1 input channel" in (nm_export.out / "report.md").read_text()
     stage = next(s for s in nm_export.report["stages"] if s["name"] == "prune.nm")
     assert (stage["params"]["n"], stage["params"]["m"]) == (2, 4)
     assert nm_export.report["latency_ms"]["threads"] == 1 and "at_1_thread" not in nm_export.report["latency_ms"]
@@ -253,7 +259,7 @@ def test_mlp_gemm_relu_export(tmp_path, run_cli, onnx_tools):
     assert [r.q.shape for r in rows] == [(256, 64), (128, 256), (10, 128)]
     rep = json.loads((out / "report.json").read_text())
     assert rep["passed"] and rep["fidelity"]["argmax_agreement"] >= 0.995
-    assert rep["accuracy"]["drop"] * 100 <= 1.0
+    assert rep["accuracy"]["drop"] <= 1.0  # points
 
 
 def test_prune_none_quant_none_is_the_fp32_model(tmp_path, run_cli, onnx_tools):

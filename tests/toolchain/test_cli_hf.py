@@ -65,7 +65,7 @@ def tokenizer(tiny_bert):
 
 def _ok(run):
     assert run.result.exit_code == 0, run.result.output
-    assert sorted(os.listdir(run.out)) == EXPECTED_FILES
+    assert sorted(os.listdir(run.out)) == sorted(EXPECTED_FILES + list(run.report["plots"].values()))
     assert os.listdir(run.out.parent) == [run.out.name]  # no temp folders left
     return run.report
 
@@ -104,6 +104,13 @@ def test_embedding_accuracy_is_cosine_with_spearman(fe, text_files):
     (check,) = fe.report["checks"]
     assert check == {"name": "accuracy_drop", "passed": True, "value": acc["drop"], "limit": 1.0,
                      "unit": "1-cosine"}
+
+
+def test_embedding_units_agree_across_console_md_and_json(fe, units_agree):
+    _ok(fe)
+    units_agree(fe.result.stdout, fe.out)
+    acc = fe.report["accuracy"]
+    assert (acc["unit"], acc["drop_unit"]) == ("cosine", "1-cosine")
 
 
 def test_no_pruning_by_default_for_hf(fe):
@@ -177,11 +184,12 @@ def test_classifier_with_labelled_jsonl_reports_top1(cls, text_files):
     assert rep["task"] == "sequence-classification"
     acc = rep["accuracy"]
     assert acc["metric"] == "top1"
-    assert 0.0 <= acc["baseline"] <= 1.0 and 0.0 <= acc["model"] <= 1.0
-    assert acc["drop_points"] == pytest.approx(100 * (acc["baseline"] - acc["model"]))
-    assert rep["checks"][0]["unit"] == "points"
-    # top-1 against the labels is a multiple of 1/20 (20 labelled texts)
-    assert acc["baseline"] * len(text_files.labels) == pytest.approx(round(acc["baseline"] * len(text_files.labels)))
+    assert 0.0 <= acc["baseline"] <= 100.0 and 0.0 <= acc["model"] <= 100.0  # percent
+    assert acc["drop"] == pytest.approx(acc["baseline"] - acc["model"])
+    assert rep["checks"][0]["unit"] == acc["drop_unit"] == "points"
+    # top-1 against the labels is a multiple of 100/20 % (20 labelled texts)
+    n = len(text_files.labels)
+    assert acc["baseline"] * n / 100 == pytest.approx(round(acc["baseline"] * n / 100))
     sess = _session(cls.out / "model.onnx")
     assert [o.name for o in sess.get_outputs()] == ["logits"]
     assert {i.name for i in sess.get_inputs()} == OPTIMUM_INPUTS
@@ -227,7 +235,7 @@ def strict(run_cli, tmp_path_factory, tiny_bert, text_files):
 
 def test_fallback_when_the_gate_cannot_hold(strict, onnx_tools):
     assert strict.result.exit_code == 1, strict.result.output  # the gate fails ...
-    assert sorted(os.listdir(strict.out)) == EXPECTED_FILES  # ... and everything is still written
+    assert sorted(os.listdir(strict.out)) == sorted(EXPECTED_FILES + list(strict.report["plots"].values()))  # ... and everything is still written
     assert sum(line.startswith("Error") for line in strict.result.output.splitlines()) == 1
     rep = strict.report
     assert rep["passed"] is False and rep["checks"][0]["passed"] is False

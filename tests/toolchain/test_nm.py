@@ -86,3 +86,13 @@ def test_config_validation():
     for n, m in [(4, 2), (2, 2), (0, 4)]:
         with pytest.raises(ConfigError):
             NMPruneConfig(n, m)
+
+
+def test_a_layer_with_at_most_n_input_channels_is_skipped_with_a_reason():
+    from toolchain.pruning.nm import nm_skip_reason
+
+    stem = torch.nn.Conv2d(1, 8, 3).weight  # grouped along 1 input channel: 1 real weight per group of 4
+    assert "1 input channel(s)" in nm_skip_reason(stem, 2, 4)
+    assert nm_skip_reason(torch.nn.Conv2d(2, 8, 3).weight, 2, 4) is not None
+    assert nm_skip_reason(torch.nn.Conv2d(3, 8, 3).weight, 2, 4) is None  # 3 weights per group: one goes
+    assert nm_skip_reason(torch.nn.Linear(16, 4).weight, 2, 4) is None

@@ -97,6 +97,7 @@ def test_quiet_prints_no_progress_but_still_the_error(run_cli, tmp_path):
     assert result.exit_code == 1
     assert result.stdout == ""
     assert result.stderr.startswith("Error: gate failed: speedup") and len(result.stderr.splitlines()) == 1
+    assert re.match(r"Error: gate failed: speedup \d+\.\d\dx \(limit 1000\.00x\)", result.stderr)  # with its unit
     assert json.loads((tmp_path / "out" / "report.json").read_text())["stages"]
 
 

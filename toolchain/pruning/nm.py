@@ -13,7 +13,7 @@ from toolchain.pruning.masks import apply_masks
 from toolchain.registry import register
 from toolchain.stages import PruneContext, PruneResult
 
-__all__ = ["NMPruneConfig", "nm_mask", "parse_nm"]
+__all__ = ["NMPruneConfig", "nm_mask", "nm_skip_reason", "parse_nm"]
 
 
 def parse_nm(text: str) -> tuple[int, int]:
@@ -54,10 +54,24 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.movedim(-1, 1) if weight.dim() > 2 else mask
 
 
+def nm_skip_reason(weight: torch.Tensor, n: int, m: int) -> str | None:
+    """Why a layer cannot be N:M-pruned, or None. Groups run along input channels, so a layer with
+    at most N of them (a 1-channel stem conv) has at most N real weights per group of M: it already
+    fits the pattern and nothing can be removed. Such a layer is skipped and the report says so."""
+    fan_in = weight.shape[1]
+    if fan_in <= n:
+        return (f"{fan_in} input channel(s): each group of {m} holds at most {fan_in} weight(s), "
+                f"already within {n}:{m}, so nothing can be pruned")
+    return None
+
+
 @register("prune", "nm", NMPruneConfig,
           "N:M semi-structured (default 2:4) along input channels; zeros = size, not CPU speed")
 def prune_nm(model, config: NMPruneConfig, ctx: PruneContext) -> PruneResult:
-    masks = {name: nm_mask(mod.weight, config.n, config.m) for name, mod in ctx.layers.items()}
-    apply_masks(ctx.layers, masks)
+    layers = ctx.layers
+    skipped = {name: why for name, mod in layers.items() if (why := nm_skip_reason(mod.weight, config.n, config.m))}
+    masks = {name: nm_mask(mod.weight, config.n, config.m) for name, mod in layers.items() if name not in skipped}
+    apply_masks(layers, masks)
     return PruneResult(masks=masks, speed_note=f"{config.n}:{config.m} zeros shrink the compressed "
-                       "download; onnxruntime's CPU kernels have no N:M path, so they add no speed")
+                       "download; onnxruntime's CPU kernels have no N:M path, so they add no speed",
+                       skipped=skipped)
