@@ -113,7 +113,7 @@ def _cell(value, key: str = "") -> str:
     if key == "size" and isinstance(value, list):
         return "x".join(map(str, value))
     if isinstance(value, list):
-        return ", ".join(_fmt(v) for v in value) or "none"
+        return ", ".join((format_value(v, "") if isinstance(v, float) else str(v)) for v in value) or "none"
     return str(value).replace("|", "/")
 
 

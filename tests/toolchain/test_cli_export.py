@@ -12,7 +12,7 @@ from exporters.sparse import deflated_size
 from models.zoo import builtin_names
 
 EXPECTED_FILES = ["baseline.onnx", "latency_vs_metric.png", "model.onnx", "report.json", "report.md", "snr.png",
-                  "sparsity.png"]  # design.md's four, and the plots report.md links
+                  "sparsity.png"]  # the four output files, and the plots report.md links
 CNN_LAYERS = {"features.0": 32 * 1 * 9, "features.3": 64 * 32 * 9, "features.7": 64 * 64 * 9, "classifier": 10 * 64}
 
 
