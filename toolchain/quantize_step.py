@@ -179,7 +179,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
     # pruning alone using the whole budget (within float noise) leaves nothing for int8 to spend:
     # returning layers to FP32 could not make the gate hold, it would only cost speed
-    if pruned_drop >= accuracy_limit - 1e-9:
+    if pruned_drop > 0 and pruned_drop >= accuracy_limit * (1 - 1e-9):
         info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
         return params
     n, cap, hard = len(params.anchors), policy.max_layers(len(params.anchors)), policy.hard_max_layers(len(params.anchors))
