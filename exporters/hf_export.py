@@ -15,7 +15,7 @@ import onnx
 from exporters.onnx_export import check_model
 from models.hf import HF_TASKS
 from models.spec import ModelSpec
-from contracts.errors import ExportError
+from contracts.errors import ExportError, first_line
 
 __all__ = ["export_hf", "save_tokenizer"]
 
@@ -40,7 +40,7 @@ def export_hf(spec: ModelSpec, model, path: Path) -> onnx.ModelProto:
                 warnings.simplefilter("ignore")
                 onnx_export_from_model(model.eval(), tmp, task=HF_TASKS[spec.task], do_validation=False)
         except Exception as exc:
-            raise ExportError(f"optimum export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise ExportError(f"optimum export failed: {type(exc).__name__}: {first_line(exc)}") from exc
         shutil.move(str(Path(tmp) / "model.onnx"), path)
     return check_model(path)
 

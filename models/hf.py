@@ -10,7 +10,7 @@ import numpy as np
 
 from models.spec import ModelSpec
 from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
-from contracts.errors import ModelLoadError
+from contracts.errors import ModelLoadError, first_line
 
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 
@@ -72,7 +72,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
         raise ModelLoadError(f"cannot load the Hugging Face model in {folder}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                             f"{first_line(exc)}") from None
     # what the tokenizer produces and the model's forward accepts (DistilBERT takes no token_type_ids)
     accepted = inspect.signature(model.forward).parameters
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")

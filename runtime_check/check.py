@@ -10,7 +10,7 @@ from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.session import make_session
-from contracts.errors import DataError
+from contracts.errors import DataError, first_line
 
 __all__ = ["check_model"]
 
@@ -89,7 +89,7 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         base_out = (run_session(make_session(baseline_path, threads), batches, _first)
                     if baseline_path is not None else None)
     except Exception as exc:  # onnxruntime reports shape/type mismatches as its own exception types
-        raise DataError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"the data does not fit the model: {first_line(exc)}") from None
     if base_out is not None and base_out.shape != model_out.shape:
         raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
     logits = len(model.graph.output[0].type.tensor_type.shape.dim) == 2

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from contracts.errors import SqexportError
+from contracts.errors import SqexportError, first_line
+from toolchain import signals
 
 __all__ = ["main", "cli"]
 
@@ -17,8 +18,17 @@ class ToolError(click.ClickException):
     """A domain error shown as one line; exit 2 (bad input) unless the error says otherwise."""
 
     def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
+        super().__init__(_one_line(message))
         self.exit_code = exit_code
+
+
+def _one_line(message: str) -> str:
+    """The contract is one line: a multi-line library message is joined, not cut."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _interrupted_message(signum) -> str:
+    return f"interrupted by {signals.Interrupted(signum)}; unfinished output removed"
 
 
 class DefaultGroup(click.Group):
@@ -39,9 +49,13 @@ def _guard(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except SqexportError as exc:
+        if signals.received():  # e.g. a library turned the interrupt into its own error
+            raise ToolError(_interrupted_message(signals.received()), 128 + signals.received()) from None
         raise ToolError(str(exc), exc.exit_code) from None
-    except KeyboardInterrupt:
-        raise ToolError("interrupted; no output was written", 130) from None
+    except signals.Interrupted as exc:
+        raise ToolError(_interrupted_message(exc.signum), exc.exit_code) from None
+    except KeyboardInterrupt:  # in-process callers (tests) that did not install the handlers
+        raise ToolError(_interrupted_message(2), 130) from None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,6 +71,18 @@ def _methods(kind: str) -> list[str]:
     from toolchain.registry import names
 
     return names(kind) + ["none"]
+
+
+class _MethodChoice(click.Choice):
+    """The registry's method names, looked up when first needed: the registry imports torch, which
+    takes seconds, and must not run at import time, before main() installs the signal handlers."""
+
+    def __init__(self, kind: str):
+        self.kind, self.case_sensitive = kind, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(_methods(self.kind))
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -94,13 +120,13 @@ def _validate_positive(ctx, param, value):
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
               help="Deployment target profile.")
-@click.option("--prune", default=None, type=click.Choice(_methods("prune")),
+@click.option("--prune", default=None, type=_MethodChoice("prune"),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size].")
 @click.option("--sparsity", default=0.5, show_default=True, type=float, callback=_validate_sparsity,
               help="Fraction of prunable weights removed (magnitude).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
-@click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
+@click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
               help="Activation range observer for static int8 [minmax].")
@@ -129,8 +155,11 @@ def export_cmd(ctx, model, **opts):
     from models.zoo import load_model
     from toolchain import pipeline
 
+    from toolchain.output_folder import check_output
+
     recipe = _guard(build_recipe, ctx, opts)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
+    _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
     _log(f"loading {model}")
     spec = _guard(load_model, model, opts["task"])
     if spec.default_prune != "magnitude":
@@ -246,17 +275,27 @@ def methods_cmd():
     click.echo(f"{'quantize':<9} {'none':<12} FP32 export of the (pruned) model")
 
 
+def _exit_interrupted(signum: int):
+    with signals.deferred():
+        click.echo(f"Error: {_interrupted_message(signum)}", err=True)
+    sys.exit(128 + signum)
+
+
 def main(argv=None):
+    """The console script: signals and unexpected errors become one line and an exit code."""
+    signals.install()
     debug = os.environ.get("SQEXPORT_DEBUG")
     try:
         cli.main(args=argv, prog_name="sqexport", standalone_mode=True)
     except SystemExit:
         raise
+    except signals.Interrupted as exc:  # outside any _guard (argument parsing, imports)
+        _exit_interrupted(exc.signum)
     except Exception as exc:  # a bug, not bad input: keep it to one line unless debugging
+        if signals.received():
+            _exit_interrupted(signals.received())
         if debug:
             raise
-        click.echo(f"Error: internal error ({type(exc).__name__}: {exc}); rerun with SQEXPORT_DEBUG=1 "
-                   "for a traceback", err=True)
+        click.echo(f"Error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with "
+                   "SQEXPORT_DEBUG=1 for a traceback", err=True)
         sys.exit(3)
-
-

@@ -1,14 +1,11 @@
 """run(recipe, spec, outdir) -> report: prune -> fold -> quantize -> export -> verify -> report.
 
-Everything is built in a temporary folder next to `outdir` and renamed into place at the end, so
-a failed or interrupted run never leaves a half-written output folder behind.
+Everything is built in a temporary folder next to `outdir` and renamed into place at the end
+(toolchain.output_folder), so a failed or interrupted run never leaves a half-written output behind.
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,15 +24,16 @@ from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
 from toolchain.bn_recalibration import recalibrate_batchnorm
-from contracts.errors import OutputError
+from toolchain import signals
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantization.smoothing import smooth_model
+from toolchain.output_folder import atomic_output
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
 from toolchain.registry import lookup
 
-__all__ = ["run", "atomic_output"]
+__all__ = ["run"]
 
 Log = Callable[[str], None]
 
@@ -44,49 +42,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-MARKER = "report.json"  # a folder holding one is an earlier sqexport output and may be replaced
-
-
-def _check_replaceable(outdir: Path) -> None:
-    if outdir.exists() and not outdir.is_dir():
-        raise OutputError(f"output {outdir} exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / MARKER).is_file():
-        raise OutputError(f"output folder {outdir} already holds files that are not an sqexport output; "
-                          "choose another -o")
-
-
-@contextmanager
-def atomic_output(outdir: Path):
-    """Yield a temp folder beside `outdir`; on success it replaces `outdir` (only an earlier
-    sqexport output or an empty folder), on error it vanishes."""
-    outdir = Path(outdir).absolute()
-    _check_replaceable(outdir)
-    blocker = next((p for p in outdir.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise OutputError(f"cannot write output folder {outdir}: {blocker} is a file, not a folder")
-    try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
-    except OSError as exc:
-        raise OutputError(f"cannot write output folder {outdir}: {exc.strerror}") from None
-    try:
-        yield tmp
-        _check_replaceable(outdir)
-        old = None
-        if outdir.exists():
-            old = outdir.with_name(f".{outdir.name}.old-{tmp.name[-8:]}")
-            outdir.rename(old)
-        tmp.rename(outdir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class _Stages:
@@ -101,6 +56,7 @@ class _Stages:
         t0 = time.perf_counter()
         record = {"name": name, "params": dict(params or {}), "seconds": 0.0}
         yield record
+        signals.check()  # a signal some library swallowed still ends the run here
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self.records.append(record)
 
@@ -110,7 +66,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
     threads = recipe.threads or default_threads()
     st = _Stages(log)
     notes: list[str] = []
-    with atomic_output(outdir) as tmp:
+    with atomic_output(outdir, log) as tmp:
         with st.stage("export.baseline", {"exporter": spec.exporter}):
             export_model(spec, spec.model, tmp / "baseline.onnx")
 

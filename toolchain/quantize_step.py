@@ -14,7 +14,7 @@ from exporters.qdq import find_embedding_sites, find_sites, insert_qdq, merge_du
 from models.spec import ModelSpec
 from runtime_check.isa import int8_saturates, weight_qmax
 from runtime_check.accuracy import classification_metrics, embedding_metrics
-from contracts.errors import ExportError
+from contracts.errors import ExportError, first_line
 from toolchain.pruning import prunable_layers
 from toolchain.quantization import QuantParams, fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
@@ -76,7 +76,7 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ExportError(f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
 
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,

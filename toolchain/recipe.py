@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from runtime_check.gates import Gates
-from contracts.errors import ConfigError
+from contracts.errors import ConfigError, first_line
 from toolchain.registry import config_from_dict, config_to_dict
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe"]
@@ -95,5 +95,5 @@ def load_recipe(path: Path) -> Recipe:
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {first_line(exc)}") from None
     return Recipe.from_dict(data or {})

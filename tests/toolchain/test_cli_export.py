@@ -12,6 +12,7 @@ from exporters.sparse import deflated_size
 from models.zoo import builtin_names
 
 EXPECTED_FILES = ["baseline.onnx", "model.onnx", "report.json", "report.md"]
+EXPECTED_FILES = sorted(EXPECTED_FILES + [".sqexport-manifest.json"])  # what sqexport wrote, for re-runs
 CNN_LAYERS = {"features.0": 32 * 1 * 9, "features.3": 64 * 32 * 9, "features.7": 64 * 64 * 9, "classifier": 10 * 64}
 
 

@@ -22,7 +22,7 @@ def minilm(run_cli, tmp_path_factory):
 
 def test_exit_code_and_files(minilm):
     assert minilm.result.exit_code == 0, minilm.result.output
-    assert sorted(os.listdir(minilm.out)) == ["baseline.onnx", "model.onnx", "report.json", "report.md",
+    assert sorted(os.listdir(minilm.out)) == [".sqexport-manifest.json", "baseline.onnx", "model.onnx", "report.json", "report.md",
                                               "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
                                               "vocab.txt"]  # the tokenizer ships beside model.onnx
     rep = minilm.report
