@@ -46,7 +46,9 @@ class ModelSpec:
     # unstructured zeros without recovery cost fidelity and buy only size)
     default_prune: str = "magnitude"
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
-    load_data: Callable | None = None  # restrict pruning to modules under this name prefix
+    load_data: Callable | None = None
+    # () -> (batches, labels or None): extra data for recovery (e.g. a training split), loaded lazily
+    recover_data: Callable | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
