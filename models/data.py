@@ -6,6 +6,7 @@ from pathlib import Path
 
 from models.spec import ModelSpec
 from contracts.errors import DataError
+from models.validate import check_labels, num_classes
 
 __all__ = ["apply_user_data", "load_data_file"]
 
@@ -16,10 +17,14 @@ def load_data_file(path: str, spec: ModelSpec):
     if not p.is_file():
         raise DataError(f"no such data file: {p}")
     if spec.load_data is not None:
-        return spec.load_data(p)
-    from models.tensor_data import load_tensor_data
+        batches, labels = spec.load_data(p)
+    else:
+        from models.tensor_data import load_tensor_data
 
-    return load_tensor_data(p, spec)
+        batches, labels = load_tensor_data(p, spec)
+    if labels is not None:
+        labels = check_labels(p, labels, sum(len(next(iter(b.values()))) for b in batches), num_classes(spec))
+    return batches, labels
 
 
 def apply_user_data(spec: ModelSpec, calib_data: str | None, eval_data: str | None) -> ModelSpec:

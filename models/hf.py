@@ -15,6 +15,9 @@ from contracts.errors import ModelLoadError, first_line
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 
 CORPUS = Path(__file__).parent / "corpus" / "sentences.txt"
+# what a tokenizer can be saved as (fast tokenizer, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "merges.txt", "source.spm")
 HF_TASKS = {"feature-extraction": "feature-extraction", "sequence-classification": "text-classification"}
 
 
@@ -55,14 +58,31 @@ def _encoder_prefix(model) -> str:
     return ""
 
 
+def _read_config(folder: Path) -> dict:
+    """config.json as a mapping, with `architectures` a list of names (transformers assumes both)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"{folder}/config.json is unreadable: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{folder}/config.json is not UTF-8 text") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{folder}/config.json is not valid JSON: {first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder}/config.json must hold a JSON object, got a {type(config).__name__}")
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ModelLoadError(f"{folder}/config.json: 'architectures' must be a list of class names, got {archs!r}")
+    if not isinstance(config.get("model_type", ""), str):
+        raise ModelLoadError(f"{folder}/config.json: 'model_type' must be a string")
+    return config
+
+
 def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None) -> ModelSpec:
     folder = Path(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{folder}/config.json is unreadable: {exc}") from None
+    config = _read_config(folder)
     task = task or detect_task(config)
     try:
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -71,6 +91,9 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         model = cls.from_pretrained(str(folder), local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(f"no tokenizer files in {folder} ({' / '.join(TOKENIZER_FILES[:4])} ...); "
+                                 "save the tokenizer next to the model (tokenizer.save_pretrained)") from None
         raise ModelLoadError(f"cannot load the Hugging Face model in {folder}: "
                              f"{first_line(exc)}") from None
     # what the tokenizer produces and the model's forward accepts (DistilBERT takes no token_type_ids)

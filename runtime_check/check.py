@@ -11,6 +11,7 @@ from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.session import make_session
 from contracts.errors import DataError, first_line
+from models.validate import check_labels
 
 __all__ = ["check_model"]
 
@@ -58,7 +59,10 @@ def _text_batches(path: Path, model_path: Path, model) -> tuple[list[dict], np.n
 
     from models.text_data import read_texts, tokenize_batches
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
+        raise DataError(f"cannot load the tokenizer beside {model_path}: {first_line(exc)}") from None
     texts, labels = read_texts(path)
     return tokenize_batches(tokenizer, texts, [i.name for i in model.graph.input]), labels
 
@@ -93,6 +97,8 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
     if base_out is not None and base_out.shape != model_out.shape:
         raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
     logits = len(model.graph.output[0].type.tensor_type.shape.dim) == 2
+    if labels is not None and logits:
+        labels = check_labels(Path(eval_data), labels, len(model_out), model_out.shape[-1])
     if logits and (labels is not None or base_out is not None):
         accuracy = classification_metrics(base_out if base_out is not None else model_out, model_out, labels)
         if base_out is None:

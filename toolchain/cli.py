@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from contracts.errors import SqexportError, first_line
+from contracts.errors import ConfigError, SqexportError, first_line
 from toolchain import signals
+from toolchain.settings import SETTINGS, check_setting
 
 __all__ = ["main", "cli"]
 
@@ -101,15 +103,32 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
     return apply_overrides(recipe, Overrides(**typed), default_prune)
 
 
-def _validate_sparsity(ctx, param, value):
-    if value is not None and not 0.0 <= value < 1.0:
-        raise click.BadParameter(f"must be in [0, 1), got {value}")
-    return value
+class SettingType(click.ParamType):
+    """A flag checked by toolchain.settings, so it has the same type and limits as the recipe key."""
+
+    def __init__(self, setting: str):
+        self.setting = setting
+        self.name = setting
+
+    def convert(self, value, param, ctx):
+        kind = SETTINGS[self.setting].kind
+        if isinstance(value, str):
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                self.fail(f"must be {'an integer' if kind is int else 'a number'}, got {value!r}", param, ctx)
+        try:
+            return check_setting(self.setting, value, "")
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "INTEGER" if SETTINGS[self.setting].kind is int else "FLOAT"
 
 
 def _validate_positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be > 0, got {value}")
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -120,7 +139,7 @@ def _validate_positive(ctx, param, value):
 @click.option("--prune", default=None, type=_MethodChoice("prune"),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size].")
-@click.option("--sparsity", default=0.5, show_default=True, type=float, callback=_validate_sparsity,
+@click.option("--sparsity", default=0.5, show_default=True, type=SettingType("sparsity"),
               help="Fraction of prunable weights removed (magnitude), or of channels/heads/neurons (structured).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
@@ -141,19 +160,19 @@ def _validate_positive(ctx, param, value):
               help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz.")
 @click.option("--eval-data", type=click.Path(dir_okay=False),
               help="Evaluation data, same formats; .jsonl may carry 'label', .npz 'labels'.")
-@click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive,
+@click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None,
               help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
-@click.option("--min-speedup", type=float, default=None, callback=_validate_positive,
+@click.option("--min-speedup", type=SettingType("min_speedup"), default=None,
               help="Gate: p50 speedup vs baseline.onnx, measured in the same run.")
-@click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive,
+@click.option("--max-latency-ms", type=SettingType("max_latency_ms"), default=None,
               help="Gate: p50 latency of model.onnx at --threads.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=SettingType("threads"), default=None,
               help="onnxruntime intra-op threads for checks [all cores]; latency is also reported at 1.")
 @click.option("--recipe", type=click.Path(dir_okay=False), default=None,
               help="YAML recipe with the same settings; flags given on the command line override it.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SettingType("seed"), default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress and no summary; errors (and a failed gate) are still printed on stderr.")
 @click.pass_context
@@ -215,10 +234,10 @@ def _print_summary(report: dict, outdir: Path) -> None:
               help=".npy/.npz inputs (optional 'labels'), or .txt/.jsonl text when a tokenizer sits "
                    "beside MODEL_ONNX (sqexport export writes one); without it, seeded synthetic inputs.")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-@click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
-@click.option("--min-speedup", type=float, default=None, callback=_validate_positive)
-@click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive)
+@click.option("--threads", type=SettingType("threads"), default=None)
+@click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None)
+@click.option("--min-speedup", type=SettingType("min_speedup"), default=None)
+@click.option("--max-latency-ms", type=SettingType("max_latency_ms"), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check_cmd(model_onnx, baseline, eval_data, target, threads, max_accuracy_drop, min_speedup,
               max_latency_ms, as_json):
