@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session
+from contracts.tasks import mean_pool, task_for_output
+from runtime_check.accuracy import run_session, task_metrics
 from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
@@ -71,8 +72,6 @@ def _first(outputs, batch):
     """Logits as they are; token states mean-pooled over the attention mask (or flattened)."""
     out = outputs[0]
     if out.ndim == 3 and "attention_mask" in batch:
-        from models.hf import mean_pool
-
         return mean_pool(outputs, batch)
     return out.reshape(len(out), -1) if out.ndim > 2 else out
 
@@ -96,15 +95,16 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         raise DataError(f"the data does not fit the model: {first_line(exc)}") from None
     if base_out is not None and base_out.shape != model_out.shape:
         raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
-    logits = len(model.graph.output[0].type.tensor_type.shape.dim) == 2
-    if labels is not None and logits:
+    # no ModelSpec here: the graph's output decides (2-D: logits of a classifier, else embeddings)
+    task = task_for_output("logits" if len(model.graph.output[0].type.tensor_type.shape.dim) == 2 else "embeddings")
+    if labels is not None and task.output == "logits":
         labels = check_labels(Path(eval_data), labels, len(model_out), model_out.shape[-1])
-    if logits and (labels is not None or base_out is not None):
-        accuracy = classification_metrics(base_out if base_out is not None else model_out, model_out, labels)
+    if task.output == "logits" and (labels is not None or base_out is not None):
+        accuracy = task_metrics(task, base_out if base_out is not None else model_out, model_out, labels)
         if base_out is None:
             accuracy.update(baseline=None, drop=0.0, drop_points=0.0)
     elif base_out is not None:
-        accuracy = embedding_metrics(base_out, model_out)
+        accuracy = task_metrics(task, base_out, model_out)
     else:
         accuracy = {"metric": "none", "baseline": None, "model": None, "drop": 0.0}
     feed = batches[0]

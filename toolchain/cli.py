@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from contracts.errors import ConfigError, SqexportError, first_line
+from contracts.targets import target_names
+from contracts.tasks import hf_task_names
 from toolchain import signals
 from toolchain.settings import SETTINGS, check_setting
 
@@ -65,22 +67,26 @@ def cli():
     """
 
 
-def _methods(kind: str) -> list[str]:
-    from toolchain.registry import names
+def _names(kind: str) -> list[str]:
+    from toolchain.builtin_methods import names
 
-    return names(kind) + ["none"]
+    return names(kind)
+
+
+def _methods(kind: str) -> list[str]:
+    return _names(kind) + ["none"]
 
 
 class _MethodChoice(click.Choice):
     """The registry's method names, looked up when first needed: the registry imports torch, which
     takes seconds, and must not run at import time, before main() installs the signal handlers."""
 
-    def __init__(self, kind: str):
-        self.kind, self.case_sensitive = kind, True
+    def __init__(self, kind: str, with_none: bool = True):
+        self.kind, self.with_none, self.case_sensitive = kind, with_none, True
 
     @property
     def choices(self) -> tuple[str, ...]:
-        return tuple(_methods(self.kind))
+        return tuple(_methods(self.kind) if self.with_none else _names(self.kind))
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -134,7 +140,7 @@ def _validate_positive(ctx, param, value):
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
               help="Deployment target profile.")
 @click.option("--prune", default=None, type=_MethodChoice("prune"),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
@@ -144,9 +150,9 @@ def _validate_positive(ctx, param, value):
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
-@click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+@click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False),
               help="Activation range observer for static int8 [minmax].")
-@click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
+@click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
 @click.option("--recover/--no-recover", default=None,
               help="Distillation fine-tuning from the dense model after pruning [off].")
@@ -233,7 +239,7 @@ def _print_summary(report: dict, outdir: Path) -> None:
 @click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
               help=".npy/.npz inputs (optional 'labels'), or .txt/.jsonl text when a tokenizer sits "
                    "beside MODEL_ONNX (sqexport export writes one); without it, seeded synthetic inputs.")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()))
 @click.option("--threads", type=SettingType("threads"), default=None)
 @click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None)
 @click.option("--min-speedup", type=SettingType("min_speedup"), default=None)
@@ -299,13 +305,16 @@ def models_cmd():
 
 @cli.command("methods")
 def methods_cmd():
-    """List the pruning and quantization methods."""
-    from toolchain.registry import entries
+    """List the pruning, transform and quantization methods and the activation observers."""
+    from toolchain.builtin_methods import entries
+    from toolchain.stages import STAGE_KINDS
 
-    for e in entries():
-        click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
-    click.echo(f"{'prune':<9} {'none':<12} no pruning")
-    click.echo(f"{'quantize':<9} {'none':<12} FP32 export of the (pruned) model")
+    none = {"prune": "no pruning", "quantize": "FP32 export of the (pruned) model"}
+    for kind in STAGE_KINDS + ("observer",):
+        for e in [e for e in entries() if e.kind == kind]:
+            click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
+        if kind in none:
+            click.echo(f"{kind:<9} {'none':<12} {none[kind]}")
 
 
 def _exit_interrupted(signum: int):
