@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _start(cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "toolchain", "digits-mlp", "-o", "out"], cwd=cwd,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _handlers_installed(pid: int) -> bool:
