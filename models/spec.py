@@ -7,6 +7,7 @@ from typing import Callable, ClassVar, Union
 import numpy as np
 import torch
 
+from contracts.pooling import Pooling
 from contracts.tasks import first_output, task_names
 
 __all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind"]
@@ -65,6 +66,9 @@ class ModelSpec:
     load_data: Callable | None = None
     # () -> (batches, labels or None): extra data for recovery (e.g. a training split), loaded lazily
     recover_data: Callable | None = None
+    # encoders: how token states become the embedding the metric compares (and, when it comes
+    # from the model folder's own config, the `sentence_embedding` output the export adds)
+    pooling: Pooling | None = None
 
     def __post_init__(self):
         if self.task not in task_names():
