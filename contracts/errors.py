@@ -2,7 +2,7 @@
 
 __all__ = [
     "SqexportError", "ConfigError", "ModelLoadError", "DataError", "ExportError",
-    "OutputError", "GateFailed",
+    "OutputError", "GateFailed", "first_line",
 ]
 
 
@@ -38,3 +38,12 @@ class GateFailed(SqexportError):
     """A verification gate failed; artifacts and report were still written."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, or its type name when it has none
+    (`str(exc).splitlines()[0]` raises IndexError on an empty message)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -14,7 +14,7 @@ import onnx
 
 from exporters.onnx_export import check_model
 from exporters.pooling import add_pooling_output
-from contracts.errors import ExportError
+from contracts.errors import ExportError, first_line
 from contracts.tasks import get_task
 from models.spec import ModelSpec
 
@@ -41,7 +41,7 @@ def export_hf(spec: ModelSpec, model, path: Path) -> onnx.ModelProto:
                 warnings.simplefilter("ignore")
                 onnx_export_from_model(model.eval(), tmp, task=get_task(spec.task).hf_task, do_validation=False)
         except Exception as exc:
-            raise ExportError(f"optimum export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise ExportError(f"optimum export failed: {type(exc).__name__}: {first_line(exc)}") from exc
         shutil.move(str(Path(tmp) / "model.onnx"), path)
     pooling = getattr(spec, "pooling", None)  # a ModelSpec has it; lighter stand-ins (tests) may not
     if pooling is not None and pooling.from_config and "attention_mask" in spec.input_names:

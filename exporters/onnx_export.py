@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from contracts.errors import ExportError
+from contracts.errors import ExportError, first_line
 
 __all__ = ["OPSET", "export_torch", "check_model"]
 
@@ -27,7 +27,7 @@ def export_torch(model: torch.nn.Module, example_inputs: dict, input_names: list
                               output_names=output_names, dynamic_axes=dynamic_axes,
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # the exporter raises many unrelated types
-        raise ExportError(f"torch.onnx export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"torch.onnx export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     return check_model(path)
 
 
@@ -36,4 +36,4 @@ def check_model(path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))
         return onnx.load(str(path))
     except Exception as exc:
-        raise ExportError(f"{path.name} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"{path.name} fails the ONNX checker: {first_line(exc)}") from exc

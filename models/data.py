@@ -15,6 +15,7 @@ import numpy as np
 from contracts.errors import ConfigError, DataError
 from models.image_data import ImagePrep, is_image_folder, load_image_folder
 from models.spec import ModelSpec
+from models.validate import check_labels, num_classes
 
 __all__ = ["apply_user_data", "load_data_file", "BATCH_SIZE", "HOLDOUT_EVERY", "SYNTHETIC_SAMPLES"]
 
@@ -47,12 +48,14 @@ def _load(path: str, spec: ModelSpec, prep: ImagePrep) -> Split:
         batches, labels = spec.load_data(p)
         info = {"source": str(p), "format": p.suffix or "text", "samples": _count(batches),
                 "labels": "from the file" if labels is not None else "none"}
-        return batches, labels, info
-    from models.tensor_data import load_tensor_data
+    else:
+        from models.tensor_data import load_tensor_data
 
-    batches, labels = load_tensor_data(p, spec)
-    info = {"source": str(p), "format": p.suffix, "samples": _count(batches),
-            "labels": "'labels' array" if labels is not None else "none"}
+        batches, labels = load_tensor_data(p, spec)
+        info = {"source": str(p), "format": p.suffix, "samples": _count(batches),
+                "labels": "'labels' array" if labels is not None else "none"}
+    if labels is not None:
+        labels = check_labels(p, labels, _count(batches), num_classes(spec))
     return batches, labels, info
 
 

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from contracts.errors import ModelLoadError
+from contracts.errors import ModelLoadError, first_line
 from contracts.pooling import read_pooling
 from contracts.tasks import get_task, hf_task_names, mean_pool
 from models.spec import HFFolder, ModelSpec
@@ -15,6 +15,9 @@ from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 
 CORPUS = Path(__file__).parent / "corpus" / "sentences.txt"
+# what a tokenizer can be saved as (fast tokenizer, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "merges.txt", "source.spm")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -49,14 +52,31 @@ def _encoder_prefix(model) -> str:
     return ""
 
 
+def _read_config(folder: Path) -> dict:
+    """config.json as a mapping, with `architectures` a list of names (transformers assumes both)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"{folder}/config.json is unreadable: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{folder}/config.json is not UTF-8 text") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{folder}/config.json is not valid JSON: {first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder}/config.json must hold a JSON object, got a {type(config).__name__}")
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ModelLoadError(f"{folder}/config.json: 'architectures' must be a list of class names, got {archs!r}")
+    if not isinstance(config.get("model_type", ""), str):
+        raise ModelLoadError(f"{folder}/config.json: 'model_type' must be a string")
+    return config
+
+
 def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None) -> ModelSpec:
     folder = Path(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{folder}/config.json is unreadable: {exc}") from None
+    config = _read_config(folder)
     task = task or detect_task(config)
     info = get_task(task)
     if info.hf_head is None:
@@ -69,8 +89,11 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         model = cls.from_pretrained(str(folder), local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(f"no tokenizer files in {folder} ({' / '.join(TOKENIZER_FILES[:4])} ...); "
+                                 "save the tokenizer next to the model (tokenizer.save_pretrained)") from None
         raise ModelLoadError(f"cannot load the Hugging Face model in {folder}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                             f"{first_line(exc)}") from None
     # what the tokenizer produces and the model's forward accepts (DistilBERT takes no token_type_ids)
     accepted = inspect.signature(model.forward).parameters
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")

@@ -11,7 +11,8 @@ from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.session import make_session
-from contracts.errors import ConfigError, DataError
+from contracts.errors import ConfigError, DataError, first_line
+from models.validate import check_labels
 
 __all__ = ["check_model"]
 
@@ -75,7 +76,10 @@ def _text_batches(path: Path, model_path: Path, model) -> tuple[list[dict], np.n
 
     from models.text_data import read_texts, tokenize_batches
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
+        raise DataError(f"cannot load the tokenizer beside {model_path}: {first_line(exc)}") from None
     texts, labels = read_texts(path)
     return tokenize_batches(tokenizer, texts, [i.name for i in model.graph.input]), labels
 
@@ -110,11 +114,13 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         base_out = (run_session(make_session(baseline_path, threads), batches, _first)
                     if baseline_path is not None else None)
     except Exception as exc:  # onnxruntime reports shape/type mismatches as its own exception types
-        raise DataError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"the data does not fit the model: {first_line(exc)}") from None
     if base_out is not None and base_out.shape != model_out.shape:
         raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
     # no ModelSpec here: the graph's output decides (2-D: logits of a classifier, else embeddings)
     task = task_for_output("logits" if len(model.graph.output[0].type.tensor_type.shape.dim) == 2 else "embeddings")
+    if labels is not None and task.output == "logits":
+        labels = check_labels(Path(eval_data), labels, len(model_out), model_out.shape[-1])
     if task.output == "logits" and (labels is not None or base_out is not None):
         accuracy = task_metrics(task, base_out if base_out is not None else model_out, model_out, labels)
         if base_out is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 
 from exporters.sparse import file_sizes, initializer_stats
-from contracts.errors import ModelLoadError
+from contracts.errors import ModelLoadError, first_line
 
 __all__ = ["inspect_onnx", "load_onnx"]
 
@@ -23,7 +23,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a valid ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelLoadError(f"{path} is not a valid ONNX model: {first_line(exc)}") from None
     return model
 
 

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from contracts.errors import SqexportError
+from contracts.errors import ConfigError, SqexportError, first_line
 from contracts.targets import target_names
 from contracts.tasks import hf_task_names
 from contracts.units import format_value
+from toolchain import signals
+from toolchain.settings import SETTINGS, check_setting
 
 __all__ = ["main", "cli"]
 
@@ -20,8 +23,17 @@ class ToolError(click.ClickException):
     """A domain error shown as one line; exit 2 (bad input) unless the error says otherwise."""
 
     def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
+        super().__init__(_one_line(message))
         self.exit_code = exit_code
+
+
+def _one_line(message: str) -> str:
+    """The contract is one line: a multi-line library message is joined, not cut."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _interrupted_message(signum) -> str:
+    return f"interrupted by {signals.Interrupted(signum)}; unfinished output removed"
 
 
 class DefaultGroup(click.Group):
@@ -38,9 +50,13 @@ def _guard(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except SqexportError as exc:
+        if signals.received():  # e.g. a library turned the interrupt into its own error
+            raise ToolError(_interrupted_message(signals.received()), 128 + signals.received()) from None
         raise ToolError(str(exc), exc.exit_code) from None
-    except KeyboardInterrupt:
-        raise ToolError("interrupted; no output was written", 130) from None
+    except signals.Interrupted as exc:
+        raise ToolError(_interrupted_message(exc.signum), exc.exit_code) from None
+    except KeyboardInterrupt:  # in-process callers (tests) that did not install the handlers
+        raise ToolError(_interrupted_message(2), 130) from None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,6 +76,18 @@ def _names(kind: str) -> list[str]:
 
 def _methods(kind: str) -> list[str]:
     return _names(kind) + ["none"]
+
+
+class _MethodChoice(click.Choice):
+    """The registry's method names, looked up when first needed: the registry imports torch, which
+    takes seconds, and must not run at import time, before main() installs the signal handlers."""
+
+    def __init__(self, kind: str, with_none: bool = True):
+        self.kind, self.with_none, self.case_sensitive = kind, with_none, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(_methods(self.kind) if self.with_none else _names(self.kind))
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -82,15 +110,32 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
     return apply_overrides(recipe, Overrides(**typed), default_prune)
 
 
-def _validate_sparsity(ctx, param, value):
-    if value is not None and not 0.0 <= value < 1.0:
-        raise click.BadParameter(f"must be in [0, 1), got {value}")
-    return value
+class SettingType(click.ParamType):
+    """A flag checked by toolchain.settings, so it has the same type and limits as the recipe key."""
+
+    def __init__(self, setting: str):
+        self.setting = setting
+        self.name = setting
+
+    def convert(self, value, param, ctx):
+        kind = SETTINGS[self.setting].kind
+        if isinstance(value, str):
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                self.fail(f"must be {'an integer' if kind is int else 'a number'}, got {value!r}", param, ctx)
+        try:
+            return check_setting(self.setting, value, "")
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "INTEGER" if SETTINGS[self.setting].kind is int else "FLOAT"
 
 
 def _validate_positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be > 0, got {value}")
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -98,15 +143,15 @@ def _validate_positive(ctx, param, value):
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
               help="Deployment target profile.")
-@click.option("--prune", default=None, type=click.Choice(_methods("prune")),
+@click.option("--prune", default=None, type=_MethodChoice("prune"),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size].")
-@click.option("--sparsity", default=0.5, show_default=True, type=float, callback=_validate_sparsity,
+@click.option("--sparsity", default=0.5, show_default=True, type=SettingType("sparsity"),
               help="Fraction of prunable weights removed (magnitude), or of channels/heads/neurons (structured).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
-@click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
+@click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
-@click.option("--observer", default=None, type=click.Choice(_names("observer")),
+@click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False),
               help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
@@ -133,19 +178,19 @@ def _validate_positive(ctx, param, value):
 @click.option("--mean", default=None, metavar="M1,M2,...",
               help="Normalize image-folder pixels (in [0, 1]): (x - mean) / std, one value per channel [none].")
 @click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
-@click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive,
+@click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None,
               help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
-@click.option("--min-speedup", type=float, default=None, callback=_validate_positive,
+@click.option("--min-speedup", type=SettingType("min_speedup"), default=None,
               help="Gate: p50 speedup vs baseline.onnx, measured in the same run.")
-@click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive,
+@click.option("--max-latency-ms", type=SettingType("max_latency_ms"), default=None,
               help="Gate: p50 latency of model.onnx at --threads.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=SettingType("threads"), default=None,
               help="onnxruntime intra-op threads for checks [all cores]; latency is also reported at 1.")
 @click.option("--recipe", type=click.Path(dir_okay=False), default=None,
               help="YAML recipe with the same settings; flags given on the command line override it.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SettingType("seed"), default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress and no summary; errors (and a failed gate) are still printed on stderr.")
 @click.pass_context
@@ -159,8 +204,11 @@ def export_cmd(ctx, model, quiet, **opts):
     from toolchain.progress import make_progress
     from toolchain.stage_meter import measured_stage
 
+    from toolchain.output_folder import check_output
+
     recipe = _guard(build_recipe, ctx, opts)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
+    _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
     shapes = _guard(_input_shapes, opts["input_shape"])
     prep = _guard(_image_prep, opts)
     with make_progress(quiet) as progress:
@@ -234,10 +282,10 @@ def _print_checks(checks: list[dict]) -> None:
 @click.option("--mean", default=None, metavar="M1,M2,...", help="Image-folder normalization (x - mean) / std [none].")
 @click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()))
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-@click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
-@click.option("--min-speedup", type=float, default=None, callback=_validate_positive)
-@click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive)
+@click.option("--threads", type=SettingType("threads"), default=None)
+@click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None)
+@click.option("--min-speedup", type=SettingType("min_speedup"), default=None)
+@click.option("--max-latency-ms", type=SettingType("max_latency_ms"), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, threads, max_accuracy_drop,
               min_speedup, max_latency_ms, as_json):
@@ -311,17 +359,27 @@ def methods_cmd():
             click.echo(f"{kind:<9} {'none':<12} {none[kind]}")
 
 
+def _exit_interrupted(signum: int):
+    with signals.deferred():
+        click.echo(f"Error: {_interrupted_message(signum)}", err=True)
+    sys.exit(128 + signum)
+
+
 def main(argv=None):
+    """The console script: signals and unexpected errors become one line and an exit code."""
+    signals.install()
     debug = os.environ.get("SQEXPORT_DEBUG")
     try:
         cli.main(args=argv, prog_name="sqexport", standalone_mode=True)
     except SystemExit:
         raise
+    except signals.Interrupted as exc:  # outside any _guard (argument parsing, imports)
+        _exit_interrupted(exc.signum)
     except Exception as exc:  # a bug, not bad input: keep it to one line unless debugging
+        if signals.received():
+            _exit_interrupted(signals.received())
         if debug:
             raise
-        click.echo(f"Error: internal error ({type(exc).__name__}: {exc}); rerun with SQEXPORT_DEBUG=1 "
-                   "for a traceback", err=True)
+        click.echo(f"Error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with "
+                   "SQEXPORT_DEBUG=1 for a traceback", err=True)
         sys.exit(3)
-
-

@@ -117,6 +117,9 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
     for key in ("threads", "seed", "target"):
         if getattr(o, key) is not None:
             changes[key] = getattr(o, key)
+    if from_file and not recipe.stages and o.quant != "none":
+        raise ConfigError("the recipe has no stages, so this run would neither prune nor quantize; add "
+                          "stages, or pass --prune/--quant (--quant none for a plain FP32 export)")
     return Recipe(**{**recipe.__dict__, **changes}) if changes else recipe
 
 

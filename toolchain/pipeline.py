@@ -5,10 +5,7 @@ a failed or interrupted run never leaves a half-written output folder behind.
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,66 +24,25 @@ from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
-from contracts.errors import DataError, OutputError
+from contracts.errors import DataError
+from toolchain import signals
 from toolchain.bn_recalibration import recalibrate_batchnorm
 from toolchain.builtin_methods import lookup
 from toolchain.folding import copy_for_compression, fold_batchnorm
+from toolchain.output_folder import atomic_output
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
 from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
-__all__ = ["run", "atomic_output", "RunState", "STEPS"]
+__all__ = ["run", "RunState", "STEPS"]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-MARKER = "report.json"  # a folder holding one is an earlier sqexport output and may be replaced
-
-
-def _check_replaceable(outdir: Path) -> None:
-    if outdir.exists() and not outdir.is_dir():
-        raise OutputError(f"output {outdir} exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / MARKER).is_file():
-        raise OutputError(f"output folder {outdir} already holds files that are not an sqexport output; "
-                          "choose another -o")
-
-
-@contextmanager
-def atomic_output(outdir: Path):
-    """Yield a temp folder beside `outdir`; on success it replaces `outdir` (only an earlier
-    sqexport output or an empty folder), on error it vanishes."""
-    outdir = Path(outdir).absolute()
-    _check_replaceable(outdir)
-    blocker = next((p for p in outdir.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise OutputError(f"cannot write output folder {outdir}: {blocker} is a file, not a folder")
-    try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
-    except OSError as exc:
-        raise OutputError(f"cannot write output folder {outdir}: {exc.strerror}") from None
-    try:
-        yield tmp
-        _check_replaceable(outdir)
-        old = None
-        if outdir.exists():
-            old = outdir.with_name(f".{outdir.name}.old-{tmp.name[-8:]}")
-            outdir.rename(old)
-        tmp.rename(outdir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class _Stages:
@@ -101,6 +57,7 @@ class _Stages:
         cpu0 = time.process_time()
         with measured_stage(self.progress, name) as meter:
             yield record
+            signals.check()  # a signal some library swallowed still ends the run here
         # CPU seconds of this process (all its threads): on a shared machine wall time counts
         # the waits for a core, CPU time only the work
         record.update(seconds=round(meter.seconds, 3), peak_rss_mb=meter.peak_rss_mb,
@@ -280,7 +237,7 @@ STEPS = (export_baseline, prune, recalibrate, recover, fold, transform, export_p
 
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS) -> dict:
     seed_everything(recipe.seed)
-    with atomic_output(outdir) as tmp:
+    with atomic_output(outdir, progress.message) as tmp:
         state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress)
         state.notes += spec.data_info.get("notes", [])  # e.g. synthetic data: said first
         for step in STEPS:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from contracts.errors import DataError, ExportError
+from contracts.errors import DataError, ExportError, first_line
 from contracts.progress import NULL_PROGRESS, Progress, track
 from contracts.quant import Anchor, QuantParams
 from contracts.tasks import get_task
@@ -208,7 +208,7 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ExportError(f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
 
 
 def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, out_path: Path) -> None:

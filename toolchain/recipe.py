@@ -1,6 +1,7 @@
 """Recipe = ordered stage configs + target + gates; YAML load/dump; order validated at load."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -8,9 +9,10 @@ from typing import Any
 import yaml
 
 from runtime_check.gates import Gates
-from contracts.errors import ConfigError
+from contracts.errors import ConfigError, first_line
 from contracts.targets import target_names
 from toolchain.builtin_methods import config_from_dict, config_to_dict
+from toolchain.settings import check_setting
 from toolchain.stages import STAGE_KINDS
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe", "upgrade_stage_dicts"]
@@ -49,8 +51,12 @@ class Recipe:
     def validate(self) -> None:
         if self.target not in target_names():
             raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(target_names())}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        check_setting("seed", self.seed)
+        if self.threads is not None:
+            check_setting("threads", self.threads)
+        for name, value in asdict(self.gates).items():
+            if value is not None:
+                check_setting(name, value, f"gate {name}")
         for s in self.stages:
             if s.kind not in STAGE_ORDER:
                 raise ConfigError(f"'{s.qualified}' is not a recipe stage; stage kinds: {', '.join(STAGE_KINDS)}")
@@ -93,19 +99,31 @@ class Recipe:
         if not isinstance(data, dict):
             raise ConfigError("a recipe must be a YAML mapping")
         known = {"target", "seed", "threads", "stages", "gates"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        items = data.get("stages") or []
+        if not isinstance(items, list):
+            raise ConfigError(f"recipe stages must be a list of stages, got {items!r}")
         stages = []
-        for item in upgrade_stage_dicts(data.get("stages") or []):
+        for item in upgrade_stage_dicts(items):
             kind, name, config = config_from_dict(item)
             stages.append(Stage(kind, name, config))
-        try:
-            gates = Gates(**(data.get("gates") or {}))
-        except TypeError as exc:
-            raise ConfigError(f"recipe gates: {exc}") from None
-        return cls(stages=tuple(stages), target=data.get("target", "cpu"), gates=gates,
-                   threads=data.get("threads"), seed=int(data.get("seed", 0)))
+        gates = data.get("gates") or {}
+        if not isinstance(gates, dict):
+            raise ConfigError(f"recipe gates must be a mapping, got {gates!r}")
+        fields = [f.name for f in dataclasses.fields(Gates)]
+        unknown = sorted(str(k) for k in set(gates) - set(fields))
+        if unknown:
+            raise ConfigError(f"recipe gates: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        gates = {k: check_setting(k, v, f"gate {k}") for k, v in gates.items() if v is not None}
+        threads = data.get("threads")
+        target = data.get("target", "cpu")
+        if not isinstance(target, str):
+            raise ConfigError(f"recipe target must be a string, got {target!r}")
+        return cls(stages=tuple(stages), target=target, gates=Gates(**gates),
+                   threads=None if threads is None else check_setting("threads", threads),
+                   seed=check_setting("seed", data.get("seed", 0)))
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -146,10 +164,18 @@ def upgrade_stage_dicts(items: list) -> list[dict]:
 
 
 def load_recipe(path: Path) -> Recipe:
+    """An empty recipe is an error: it would run no stage at all and look like success."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return Recipe.from_dict(data or {})
+        raise ConfigError(f"recipe {path} is not valid YAML: {first_line(exc)}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"recipe {path} is empty; give it stages (see the README), or leave out --recipe "
+                          "for the defaults")
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping (stages, gates, ...), got {type(data).__name__}")
+    return Recipe.from_dict(data)

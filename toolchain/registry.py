@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from contracts.errors import ConfigError
+from toolchain.settings import check_config_params
 
 __all__ = ["StageEntry", "register", "lookup", "names", "config_to_dict", "config_from_dict", "entries"]
 
@@ -65,17 +66,19 @@ def config_to_dict(kind: str, name: str, config: Any) -> dict:
 
 def config_from_dict(data: dict) -> tuple[str, str, Any]:
     """Inverse of config_to_dict; unknown params are a ConfigError, not silently dropped."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a stage must be a mapping with a type like 'prune.magnitude', got {data!r}")
+    unknown = sorted(str(k) for k in set(data) - {"type", "version", "params"})
+    if unknown:
+        raise ConfigError(f"stage {data.get('type')!r}: unknown key(s) {', '.join(unknown)}; known: params, type, version")
     try:
-        kind, name = str(data["type"]).split(".", 1)
+        if not isinstance(data["type"], str):
+            raise ValueError
+        kind, name = data["type"].split(".", 1)
     except (KeyError, ValueError):
         raise ConfigError(f"stage needs a type like 'prune.magnitude', got {data!r}") from None
     entry = lookup(kind, name)
-    params = dict(data.get("params") or {})
-    fields = {f.name for f in dataclasses.fields(entry.config_cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(f"{kind}.{name}: unknown parameter(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(fields))}")
+    params = check_config_params(entry.config_cls, data.get("params"), f"{kind}.{name}")
     try:
         return kind, name, entry.config_cls(**params)
     except (TypeError, ValueError) as exc:

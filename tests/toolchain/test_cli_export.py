@@ -11,8 +11,8 @@ import pytest
 from exporters.sparse import deflated_size
 from models.zoo import builtin_names
 
-EXPECTED_FILES = ["baseline.onnx", "latency_vs_metric.png", "model.onnx", "report.json", "report.md", "snr.png",
-                  "sparsity.png"]  # the four output files, and the plots report.md links
+EXPECTED_FILES = [".sqexport-manifest.json", "baseline.onnx", "latency_vs_metric.png", "model.onnx", "report.json",
+                  "report.md", "snr.png", "sparsity.png"]  # the output files (and manifest), and the plots report.md links
 CNN_LAYERS = {"features.0": 32 * 1 * 9, "features.3": 64 * 32 * 9, "features.7": 64 * 64 * 9, "classifier": 10 * 64}
 
 

@@ -18,6 +18,7 @@ from contracts.quant import quantize_weight_per_channel
 # the four required artifacts (model, baseline, report.json, report.md) plus the tokenizer an app needs beside model.onnx
 EXPECTED_FILES = sorted(["baseline.onnx", "model.onnx", "report.json", "report.md", "special_tokens_map.json",
                          "tokenizer.json", "tokenizer_config.json", "vocab.txt"])
+EXPECTED_FILES = sorted(EXPECTED_FILES + [".sqexport-manifest.json"])  # what sqexport wrote, for re-runs
 OPTIMUM_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
 ENCODER_LINEARS = [f"encoder.layer.{i}.{name}" for i in range(2) for name in (
     "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",

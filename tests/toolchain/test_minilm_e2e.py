@@ -22,8 +22,9 @@ def minilm(run_cli, tmp_path_factory):
 
 def test_exit_code_and_files(minilm):
     assert minilm.result.exit_code == 0, minilm.result.output
-    assert sorted(os.listdir(minilm.out)) == ["baseline.onnx", "latency_vs_metric.png", "model.onnx", "report.json",
-                                              "report.md", "snr.png", "special_tokens_map.json", "tokenizer.json",
+    assert sorted(os.listdir(minilm.out)) == [".sqexport-manifest.json", "baseline.onnx", "latency_vs_metric.png",
+                                              "model.onnx", "report.json", "report.md", "snr.png",
+                                              "special_tokens_map.json", "tokenizer.json",
                                               "tokenizer_config.json", "vocab.txt"]  # the tokenizer ships beside model.onnx
     rep = minilm.report
     assert rep["model"] == "minilm" and rep["task"] == "feature-extraction" and rep["passed"] is True

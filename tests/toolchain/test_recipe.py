@@ -91,10 +91,12 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def test_empty_file_is_the_default_recipe(tmp_path):
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "{}\n"])
+def test_an_empty_recipe_is_an_error_not_a_run_that_does_nothing(tmp_path, text):
     path = tmp_path / "r.yaml"
-    path.write_text("")
-    assert load_recipe(path) == Recipe()
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="empty"):
+        load_recipe(path)
 
 
 # ---------------------------------------------------------------- transforms and recipes of version 1

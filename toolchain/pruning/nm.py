@@ -16,6 +16,9 @@ from toolchain.stages import PruneContext, PruneResult
 __all__ = ["NMPruneConfig", "nm_mask", "nm_skip_reason", "parse_nm"]
 
 
+MAX_M = 256
+
+
 def parse_nm(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
     if not match:
@@ -37,6 +40,8 @@ class NMPruneConfig:
     def __post_init__(self):
         if not 0 < self.n < self.m:
             raise ConfigError(f"N:M pruning needs 0 < N < M, got {self.n}:{self.m}")
+        if self.m > MAX_M:  # each row is padded to a multiple of M: a huge M only exhausts memory
+            raise ConfigError(f"N:M pruning needs M <= {MAX_M}, got {self.n}:{self.m}")
 
 
 @torch.no_grad()
