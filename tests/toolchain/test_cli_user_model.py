@@ -34,7 +34,7 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
     r = _ok(run_cli(["mypkg.nets:tiny_cnn", "--input-shape", "1x3x32x32", "--calib-data", "imgs/"]))
     out = user_project / "sqexport-out" / "mypkg.nets_tiny_cnn"
     files = [f for f in os.listdir(out) if not f.endswith(".png")]  # plots are report.md's
-    assert sorted(files) == ["baseline.onnx", "model.onnx", "report.json", "report.md"]
+    assert sorted(files) == [".sqexport-manifest.json", "baseline.onnx", "model.onnx", "report.json", "report.md"]
     assert "one data set given" in r.output  # said on the console too
     rep = json.loads((out / "report.json").read_text())
     assert rep["source"] == {"kind": "factory", "ref": "mypkg.nets:tiny_cnn",
