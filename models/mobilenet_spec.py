@@ -14,9 +14,6 @@ CALIB_PER_PHOTO = 32  # 10 photos -> 320 calibration crops
 EVAL_PER_PHOTO = 48  # 7 held-out photos -> 336 evaluation crops
 CALIB_SEED, EVAL_SEED = 0, 1
 BATCH = 32
-# the int8 recipe `sqexport mobilenet-v2` runs by default (benchmarks/mobilenet.py measures each
-# remedy on and off)
-RECIPE_PARAMS = {"observer": "minmax", "equalize": "none", "bias_correction": False, "fallback": False}
 
 
 def _batches(x: np.ndarray) -> list[dict]:
