@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from contracts.errors import ConfigError
+from toolchain.hooks import run_with_hooks
 
 __all__ = ["ChannelGroup", "channel_groups", "activation_rms", "group_importance", "allocate",
            "prune_groups", "count_macs_params", "IMPORTANCES", "ALLOCATIONS"]
@@ -119,13 +120,7 @@ def activation_rms(model: nn.Module, batches, run: Callable, layers: list[nn.Mod
         sums[mod] = sums.get(mod, 0) + x.pow(2).sum(0)
         counts[mod] = counts.get(mod, 0) + x.shape[0]
 
-    handles = [m.register_forward_hook(hook) for m in set(layers)]
-    try:
-        for b in batches:
-            run(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, [m.register_forward_hook(hook) for m in set(layers)], batches, run)
     return {m: (sums[m] / counts[m]).sqrt() for m in sums}
 
 
