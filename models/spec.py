@@ -10,9 +10,20 @@ import torch
 from contracts.pooling import Pooling
 from contracts.tasks import first_output, task_names
 
-__all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind"]
+__all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind", "first_samples"]
 
 Batch = dict  # input name -> np.ndarray, one batch
+
+
+def first_samples(batches: list[Batch], n: int) -> list[Batch]:
+    """The leading whole batches that hold at least `n` samples (all of them if fewer)."""
+    out, seen = [], 0
+    for b in batches:
+        if seen >= n:
+            break
+        out.append(b)
+        seen += len(next(iter(b.values())))
+    return out
 
 TASKS = tuple(task_names())  # the task registry (contracts/tasks.py) owns them
 

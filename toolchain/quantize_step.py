@@ -19,7 +19,7 @@ from contracts.tasks import get_task
 from exporters.dynamic import insert_dynamic
 from exporters.graph import merge_duplicate_nodes
 from exporters.qdq import Site, find_embedding_sites, find_sites, insert_qdq
-from models.spec import ModelSpec
+from models.spec import ModelSpec, first_samples
 from runtime_check.accuracy import drop_in_unit, task_metrics
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
 from toolchain.builtin_methods import lookup
@@ -81,13 +81,7 @@ def _weight_range(params: QuantParams) -> dict:
 
 
 def _fallback_batches(spec: ModelSpec) -> list[dict]:
-    batches, n = [], 0
-    for b in spec.calib_batches:
-        if n >= FALLBACK_SAMPLES:
-            break
-        batches.append(b)
-        n += len(next(iter(b.values())))
-    return batches
+    return first_samples(spec.calib_batches, FALLBACK_SAMPLES)
 
 
 def _outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict], progress: Progress = NULL_PROGRESS,

@@ -6,7 +6,7 @@ import torch
 
 from contracts.progress import NULL_PROGRESS, Progress
 from contracts.units import metric_units
-from models.spec import ModelSpec
+from models.spec import ModelSpec, first_samples
 from contracts.tasks import get_task
 from runtime_check.accuracy import task_metrics
 from toolchain.folding import copy_for_compression
@@ -20,14 +20,8 @@ __all__ = ["run_recovery", "torch_metric", "recover_distill", "METRIC_SAMPLES"]
 METRIC_SAMPLES = 2000  # eval samples for the before/after metric (the final one uses them all, in onnxruntime)
 
 
-def _metric_batches(spec: ModelSpec) -> list:
-    batches, n = [], 0
-    for b in spec.eval_batches:
-        if n >= METRIC_SAMPLES:
-            break
-        batches.append(b)
-        n += len(next(iter(b.values())))
-    return batches
+def _metric_batches(spec: ModelSpec) -> list[dict]:
+    return first_samples(spec.eval_batches, METRIC_SAMPLES)
 
 
 def torch_metric(spec: ModelSpec, dense_out: np.ndarray, model: torch.nn.Module) -> float:
