@@ -10,7 +10,7 @@ from models.spec import ModelSpec
 __all__ = ["build_mobilenet_spec", "mobilenet_data", "INPUT_NAME"]
 
 INPUT_NAME = "pixels"
-CALIB_PER_PHOTO = 32  # 10 photos -> 320 calibration crops
+CALIB_PER_PHOTO = 16  # 10 photos -> 160 calibration crops
 EVAL_PER_PHOTO = 48  # 7 held-out photos -> 336 evaluation crops
 CALIB_SEED, EVAL_SEED = 0, 1
 BATCH = 32
@@ -45,4 +45,5 @@ def build_mobilenet_spec() -> ModelSpec:
         dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
         description=f"{MobileNetV2.__doc__.splitlines()[0]}; crops of photos from scikit-image/scikit-learn",
         default_prune="none",
+        quant_defaults=dict(RECIPE_PARAMS),
     )

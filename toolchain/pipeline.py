@@ -28,6 +28,7 @@ from toolchain.bn_recalibration import recalibrate_batchnorm
 from contracts.errors import OutputError
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
+from toolchain.quantization.equalization import equalize as equalize_model
 from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
@@ -158,6 +159,10 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
                 groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha, progress)
                 rec["params"]["groups"] = len(groups)
                 rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
+        equalize = getattr(quant.config, "equalize", "none") if quant is not None else "none"
+        if equalize != "none":
+            with st.stage("quantize.equalize", {"relu6": equalize}) as rec:
+                rec["params"]["pairs"] = len(equalize_model(work, relu6=equalize))
         with st.stage("export.model", {"exporter": spec.exporter}):
             prepared = export_model(spec, work, tmp / "prepared.onnx")
         quant_info = {}

@@ -8,14 +8,17 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
+from torch.ao.nn.quantized import FloatFunctional
 
 from exporters.dynamic import insert_dynamic
+from exporters.tensor_sites import find_tensor_sites
 from exporters.qdq import find_embedding_sites, find_sites, insert_qdq, merge_duplicate_nodes
 from models.spec import ModelSpec
 from runtime_check.isa import int8_saturates, weight_qmax
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from contracts.errors import ExportError
 from contracts.progress import NULL_PROGRESS, Progress, track
+from toolchain.hooks import run_with_hooks
 from toolchain.pruning import prunable_layers
 from toolchain.quantization import QuantParams, fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
@@ -32,6 +35,7 @@ class QuantContext:
     anchors: list[Anchor]
     calib_batches: list[dict]
     run: Callable
+    tensors: list[str] = field(default_factory=list)  # weightless modules whose outputs get quantized
     # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
     reduce_range: bool = field(default_factory=int8_saturates)
     progress: Progress = NULL_PROGRESS  # calibration loops report here
@@ -76,6 +80,23 @@ def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
     return name_of
 
 
+def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelProto) -> dict[str, str]:
+    """Residual adds written with torch's FloatFunctional (its activation_post_process sees the
+    sum): module -> the ONNX Add output holding the same values on the example input. Types are
+    read on the user's model: BN folding (torch.fx) keeps only the observer's path in `work`."""
+    original = dict(spec.model.named_modules())
+    modules = dict(work.named_modules())
+    wanted = [n for n in modules if n.endswith(".activation_post_process")
+              and isinstance(original.get(n.rpartition(".")[0]), FloatFunctional)]
+    if not wanted:
+        return {}
+    values: dict[str, np.ndarray] = {}
+    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: values.__setitem__(n, out.detach().numpy()))
+               for n in wanted]
+    run_with_hooks(work, handles, [spec.example_inputs], spec.torch_outputs)
+    return find_tensor_sites(prepared, values, spec.example_inputs)
+
+
 def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
@@ -93,9 +114,11 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     sites = find_sites(prepared, weights)
     if not sites:
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
-    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
+    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range)
                for name, s in sites.items()]
-    ctx = QuantContext(anchors, spec.calib_batches, run, reduce_range=weight_qmax(target) < 127, progress=progress)
+    tensor_sites = _tensor_sites(work, spec, prepared)
+    ctx = QuantContext(anchors, spec.calib_batches, run, list(tensor_sites), reduce_range=weight_qmax(target) < 127,
+                       progress=progress)
     params = lookup("quantize", stage.name).handler(work, stage.config, ctx)
     qmax = max((int(abs(w.q.astype(np.int16)).max()) for w in params.weights.values()), default=0)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": merged,
@@ -112,7 +135,8 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         _check(out_path)
         fq = fake_quant_model(work, params)
         return (lambda b: run(fq, b)), info
-    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"), run)
+    # a ranking needs no more samples than the fallback prediction uses
+    snr = local_snr_db(work, params, track(progress, _fallback_batches(spec), "local SNR per layer", "batches"), run)
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
@@ -132,7 +156,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                         quantized_layers=len(params.anchors))
         else:
             info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
-    qmodel = insert_qdq(prepared, sites, params, embedding_sites)
+    qmodel = insert_qdq(prepared, sites, params, embedding_sites, tensor_sites)
     onnx.save(qmodel, str(out_path))
     _check(out_path)
     fq = fake_quant_model(work, params)

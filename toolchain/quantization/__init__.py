@@ -9,10 +9,12 @@ from toolchain.quantization.observers import OBSERVERS
 from toolchain.quantization.static import (
     QuantParams, calibrate, fake_quant_model, quantize_embeddings, quantize_weights,
 )
+from toolchain.quantization.bias_correction import bias_corrections
 from toolchain.registry import register
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
 
 ACT_OBSERVERS = OBSERVERS
+EQUALIZE_MODES = ("none", "relu", "exact")
 
 __all__ = ["Int8StaticConfig", "QuantParams", "quantize_static"]
 
@@ -37,9 +39,15 @@ class Int8StaticConfig:
     # 7-bit weights (|q| <= 63): None = decided by the target (runtime_check.isa: x86 without VNNI
     # saturates full-range int8 sums); True/False force it
     reduce_range: bool | None = None
+    # cross-layer equalization before export (equalization.py): "none", "relu" (ReLU6 of an
+    # equalized pair becomes ReLU) or "exact" (per-channel clip; slower graph)
+    equalize: str = "none"
+    bias_correction: bool = False  # subtract E[(W_q - W) x] from each quantized layer's bias
     VERSION = 1
 
     def __post_init__(self):
+        if self.equalize not in EQUALIZE_MODES:
+            raise ConfigError(f"equalize must be one of {', '.join(EQUALIZE_MODES)}, got '{self.equalize}'")
         if self.observer not in ACT_OBSERVERS:
             raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(ACT_OBSERVERS)}")
         if not 0.0 <= self.smoothquant <= 1.0:
@@ -58,11 +66,18 @@ def _qmax(config, ctx) -> int:
 @register("quantize", "int8", Int8StaticConfig,
           "static QDQ int8: per-channel symmetric weights, calibrated per-tensor uint8 activations")
 def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
-    """ctx: .anchors (from the exported graph), .calib_batches, .run(model, batch), .progress."""
+    """ctx: .anchors (from the exported graph), .calib_batches, .run(model, batch), .progress,
+    .tensors (weightless modules whose outputs are quantized too)."""
     batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
-    ins, outs = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile)
+    tensors = getattr(ctx, "tensors", [])
+    ranges = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile, tensors)
+    ins, outs = ranges[:2]
     params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
+    if config.bias_correction:
+        corrected = bias_corrections(model, params.weights, ctx.calib_batches, ctx.run)
+        params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx), corrected)
     params.outputs = outs
+    params.tensors = ranges[2] if tensors else {}
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)
     return params

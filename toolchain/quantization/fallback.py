@@ -19,6 +19,7 @@ from torch import nn
 from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.params import fake_quant_act
+from toolchain.quantization.plan import rectify
 from toolchain.quantization.static import QuantParams
 
 __all__ = ["local_snr_db", "fallback_until"]
@@ -28,6 +29,7 @@ __all__ = ["local_snr_db", "fallback_until"]
 def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: Callable) -> dict[str, float]:
     """10*log10(|y|^2 / |y - y_q|^2) per anchor, summed over `batches`."""
     modules = dict(model.named_modules())
+    anchors = {a.module: a for a in params.anchors}
     signal = {a.module: 0.0 for a in params.anchors}
     noise = dict(signal)
 
@@ -41,7 +43,8 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
                 bias = torch.from_numpy(q.astype(np.float32) * scale)
             y = nn.functional.linear(x, w, bias) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, bias)
             if name in params.outputs:
-                out, y = torch.relu(out), fake_quant_act(torch.relu(y), params.outputs[name])
+                bounds = anchors[name].output_range
+                out, y = rectify(out, bounds), fake_quant_act(rectify(y, bounds), params.outputs[name])
             signal[name] += float((out.double() ** 2).sum())
             noise[name] += float(((out.double() - y.double()) ** 2).sum())
         return fn
