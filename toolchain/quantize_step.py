@@ -135,12 +135,15 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         _check(out_path)
         fq = fake_quant_model(work, params)
         return (lambda b: run(fq, b)), info
-    # a ranking needs no more samples than the fallback prediction uses
-    snr = local_snr_db(work, params, track(progress, _fallback_batches(spec), "local SNR per layer", "batches"), run)
+    # a ranking needs no more samples than the fallback prediction uses; without fallback it only
+    # feeds the report's worst-layer list, and one batch ranks the layers well enough for that
+    fallback = getattr(stage.config, "fallback", False)
+    snr_batches = _fallback_batches(spec) if fallback else spec.calib_batches[:1]
+    snr = local_snr_db(work, params, track(progress, snr_batches, "local SNR per layer", "batches"), run)
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
-    if getattr(stage.config, "fallback", False):
+    if fallback:
         # Measured against the dense model, as the gate is; if pruning alone already exceeds the
         # limit, returning layers to FP32 cannot help and would only cost speed.
         dense = _calib_outputs(spec, spec.model, progress, "FP32 outputs for fallback")
