@@ -15,8 +15,10 @@ EVAL_PER_PHOTO = 48  # 7 held-out photos -> 336 evaluation crops
 CALIB_SEED, EVAL_SEED = 0, 1
 BATCH = 32
 # the int8 recipe `sqexport mobilenet-v2` runs by default (benchmarks/mobilenet.py measures each
-# remedy on and off)
-RECIPE_PARAMS = {"observer": "minmax", "equalize": "none", "bias_correction": False, "fallback": False}
+# remedy on and off). On the 336 held-out crops, MSE ranges + bias correction took top-1 agreement
+# from 66.7% to 83.6% and KL from 0.495 to 0.084 against plain min-max. Fallback stays off: the
+# 1-point agreement gate is out of reach on these hard crops, and each FP32 layer costs speed.
+RECIPE_PARAMS = {"observer": "mse", "equalize": "none", "bias_correction": True, "fallback": False}
 
 
 def _batches(x: np.ndarray) -> list[dict]:
