@@ -73,6 +73,9 @@ class ModelSpec:
     # pruning method used when neither --prune nor a recipe names one ("none" for transformers:
     # unstructured zeros without recovery cost fidelity and buy only size)
     default_prune: str = "magnitude"
+    # quantization params this model runs with when no recipe file and no flag says otherwise
+    # (e.g. the remedies that pay on mobilenet-v2); keys of the quantize method's config
+    quant_defaults: dict = field(default_factory=dict)
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
     load_data: Callable | None = None
     # where the model came from (user models: kind, reference, input shapes); report.json "source"

@@ -94,7 +94,8 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
 
 
-def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude"):
+def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude",
+                 quant_defaults: dict | None = None):
     """The recipe file (if any), then every flag the user actually typed on top of it."""
     from toolchain.overrides import Overrides, apply_overrides
     from toolchain.recipe import load_recipe
@@ -107,7 +108,7 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
         typed.setdefault("seed", opts["seed"])
         typed.setdefault("target", opts["target"])
     recipe = load_recipe(opts["recipe"]) if opts["recipe"] else None
-    return apply_overrides(recipe, Overrides(**typed), default_prune)
+    return apply_overrides(recipe, Overrides(**typed), default_prune, quant_defaults)
 
 
 class SettingType(click.ParamType):
@@ -214,8 +215,8 @@ def export_cmd(ctx, model, quiet, **opts):
     with make_progress(quiet) as progress:
         with measured_stage(progress, f"load {model}"):
             spec = _guard(load_model, model, opts["task"], shapes)
-            if spec.default_prune != "magnitude":
-                recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
+            if spec.default_prune != "magnitude" or spec.quant_defaults:
+                recipe = _guard(build_recipe, ctx, opts, spec.default_prune, spec.quant_defaults)
             spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"], prep, recipe.seed)
         for note in spec.data_info.get("notes", []):  # e.g. synthetic data: said loudly, even with --quiet
             if quiet:
