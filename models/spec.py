@@ -47,6 +47,10 @@ class ModelSpec:
     default_prune: str = "magnitude"
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
     load_data: Callable | None = None  # restrict pruning to modules under this name prefix
+    # what an app must do to raw data before the model (written into the mobile bundle and into
+    # model.onnx's metadata_props), and the class names in output order
+    preprocessing: dict = field(default_factory=dict)
+    labels: list[str] | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime_check.report_mobile import render_mobile_sections
+
 __all__ = ["write_report", "render_markdown"]
 
 
@@ -56,6 +58,7 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Sparsity", "", f"overall {sp['overall']:.4f} of prunable weights", "",
               "| layer | sparsity |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sp["layers"].items()]
+    lines += render_mobile_sections(r)
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     lines += ["", "## Stages", ""] + [f"- {st['name']} ({st['seconds']:.2f}s): {json.dumps(st['params'])}"

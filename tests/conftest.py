@@ -3,6 +3,7 @@ that every end-to-end test reuses (the run takes a few seconds, so it happens on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,6 +83,20 @@ def default_export(tmp_path_factory):
     result = invoke_cli(["export", "digits-cnn", "-o", out])
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return SimpleNamespace(result=result, out=out, report=report)
+
+
+@pytest.fixture(scope="session")
+def mobile_export(tmp_path_factory, run_cli):
+    """`sqexport digits-cnn --target mobile` once; the emulated ARM64 part is tested on its own."""
+    out = tmp_path_factory.mktemp("mobile") / "digits-cnn"
+    old = os.environ.get("SQEXPORT_ARM64_ROOT")
+    os.environ["SQEXPORT_ARM64_ROOT"] = str(out.parent / "no-emulator")
+    try:
+        result = run_cli(["digits-cnn", "--target", "mobile", "-o", out, "--threads", "1"])
+    finally:
+        os.environ.pop("SQEXPORT_ARM64_ROOT") if old is None else os.environ.__setitem__("SQEXPORT_ARM64_ROOT", old)
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     return SimpleNamespace(result=result, out=out, report=report)
 
 

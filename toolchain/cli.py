@@ -92,8 +92,12 @@ def _validate_positive(ctx, param, value):
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
-              help="Deployment target profile.")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "mobile"]),
+              help="Deployment target profile; mobile adds model.ort, NNAPI/CoreML coverage, ARM64 checks "
+                   "(after `make arm64`) and <name>-mobile.zip.")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxD",
+              help="Fix input shapes for --target mobile: NAME=1x128 (repeatable), or 1x3x224x224 for a "
+                   "single input [the model's example input, batch 1].")
 @click.option("--prune", default=None, type=click.Choice(_methods("prune")),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size].")
@@ -130,18 +134,29 @@ def export_cmd(ctx, model, **opts):
     from toolchain import pipeline
 
     recipe = _guard(build_recipe, ctx, opts)
+    shapes = _guard(_input_shapes, opts.pop("input_shape"), recipe.target)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
     _log(f"loading {model}")
     spec = _guard(load_model, model, opts["task"])
     if spec.default_prune != "magnitude":
         recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
     spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
-    report = _guard(pipeline.run, recipe, spec, outdir, _log)
+    report = _guard(pipeline.run, recipe, spec, outdir, _log, shapes)
     _print_summary(report, outdir)
     if not report["passed"]:
         failed = ", ".join(f"{c['name']} {c['value']:.4g} (limit {c['limit']:.4g})"
                            for c in report["checks"] if not c["passed"])
         raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
+
+
+def _input_shapes(values, target: str) -> dict:
+    from contracts.errors import ConfigError
+    from contracts.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(values)
+    if shapes and target != "mobile":
+        raise ConfigError("--input-shape fixes the shapes of a --target mobile model; add --target mobile")
+    return shapes
 
 
 def _with_user_data(spec, calib_data, eval_data):
@@ -176,17 +191,20 @@ def _print_summary(report: dict, outdir: Path) -> None:
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
 @click.option("--min-speedup", type=float, default=None, callback=_validate_positive)
 @click.option("--max-latency-ms", type=float, default=None, callback=_validate_positive)
+@click.option("--arch", type=click.Choice(["arm64"]), default=None,
+              help="Also run the file on aarch64 onnxruntime under emulation at three CPU tiers "
+                   "(needs `make arm64`); outputs must match this host's and the accuracy gate must hold.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check_cmd(model_onnx, baseline, eval_data, target, threads, max_accuracy_drop, min_speedup,
-              max_latency_ms, as_json):
-    """Verify an existing ONNX model (accuracy vs --baseline, latency, gates)."""
+              max_latency_ms, arch, as_json):
+    """Verify an existing .onnx or .ort model (accuracy vs --baseline, latency, gates)."""
     from runtime_check.check import check_model
     from runtime_check.gates import Gates
     from runtime_check.session import default_threads
 
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
     result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else None,
-                    Path(eval_data) if eval_data else None, threads or default_threads(), gates)
+                    Path(eval_data) if eval_data else None, threads or default_threads(), gates, arch)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -197,6 +215,10 @@ def check_cmd(model_onnx, baseline, eval_data, target, threads, max_accuracy_dro
                        + (f"  baseline {acc['baseline']:.4f}" if acc.get("baseline") is not None else ""))
         click.echo(f"  latency   p50 {lat['model']['p50']:.3f} ms at {lat['threads']} thread(s)"
                    + (f", {lat['speedup']:.2f}x vs baseline" if "speedup" in lat else ""))
+        for tier, t in (result.get("arm64") or {}).get("tiers", {}).items():
+            click.echo(f"  arm64     {tier:<10} max |diff| vs x86 {t['vs_x86']['max_abs_diff']:.3g} "
+                       f"(tolerance {t['vs_x86']['tolerance']:.3g}), {t['accuracy']['metric']} "
+                       f"{t['accuracy']['model']:.4f}")
         for c in result["checks"]:
             click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} "
                        f"{'ok' if c['passed'] else 'FAILED'}")
@@ -224,6 +246,19 @@ def inspect_cmd(model_onnx, as_json):
     for w in info["weights"]:
         click.echo(f"  {w['name'][:48]:<48} {w['op']:<7} {w['dtype']:<7} {str(w['shape']):<18} "
                    f"{w['sparsity']:>8.3f} {'yes' if w['activation_qdq'] else 'no':>7}")
+
+
+@cli.command("package")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--target", type=click.Choice(["mobile"]), required=True, help="What to package for.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Zip to write [OUTDIR/<name>-mobile.zip].")
+def package_cmd(outdir, target, output):
+    """Build <name>-mobile.zip from the output folder of `sqexport MODEL --target mobile`."""
+    from toolchain.packaging import package_outdir
+
+    info = _guard(package_outdir, Path(outdir), Path(output) if output else None)
+    click.echo(f"{info['path']}: {info['bytes']:,} bytes, {len(info['files'])} files ({', '.join(info['files'])})")
 
 
 @cli.command("models")

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime
 import torch
 
+from exporters.bundle import build_bundle
 from exporters.export import export_model
 from exporters.hf_export import save_tokenizer
 from models.spec import ModelSpec
@@ -29,6 +30,7 @@ from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
 from toolchain.bn_recalibration import recalibrate_batchnorm
 from contracts.errors import OutputError
 from toolchain.folding import copy_for_compression, fold_batchnorm
+from toolchain.mobile_step import mobile_step
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
@@ -105,7 +107,9 @@ class _Stages:
         self.records.append(record)
 
 
-def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None) -> dict:
+def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None,
+        input_shapes: dict | None = None) -> dict:
+    """`input_shapes` (from --input-shape) fixes the mobile model's inputs; default: the spec's example."""
     seed_everything(recipe.seed)
     threads = recipe.threads or default_threads()
     st = _Stages(log)
@@ -160,9 +164,15 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         with st.stage("verify.latency", {"threads": threads}):
             latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
         sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
-        if spec.hf_folder:
-            save_tokenizer(spec, tmp)
+        tokenizer_files = save_tokenizer(spec, tmp) if spec.hf_folder else []
         checks = evaluate_gates(recipe.gates, accuracy, latency)
+        mobile = None
+        if recipe.target == "mobile":
+            mobile, mobile_checks = mobile_step(spec, tmp, input_shapes or {}, accuracy_limit(recipe.gates, spec.task),
+                                                st.stage, tokenizer_files)
+            checks += mobile_checks
+            sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")  # model.onnx now has fixed shapes
+            sizes.update(ort=mobile["sizes"]["ort"]["raw"], ort_compressed=mobile["sizes"]["ort"]["compressed"])
         report = {
             "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
             "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
@@ -171,5 +181,8 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }
+        if mobile is not None:
+            report["mobile"] = mobile
+            mobile["bundle"] = build_bundle(tmp, report)
         write_report(report, tmp)
     return report

@@ -13,7 +13,7 @@ from toolchain.registry import config_from_dict, config_to_dict
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe"]
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "mobile")
 STAGE_ORDER = {"prune": 0, "quantize": 1}  # sparsity before quantization (methods.md, "Order")
 
 
