@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from contracts.progress import NULL_PROGRESS, Progress
 from runtime_check.session import make_session
 
 __all__ = ["measure_interleaved", "measure_pair", "percentiles"]
@@ -17,7 +18,7 @@ def percentiles(samples_s: list[float]) -> dict:
 
 
 def measure_interleaved(paths: dict, feed: dict, threads: int, warmup: int = 10,
-                        max_iters: int = 300, budget_s: float = 8.0) -> dict:
+                        max_iters: int = 300, budget_s: float = 8.0, progress: Progress = NULL_PROGRESS) -> dict:
     """Round-robin over the models (order alternating each round) after warm-up; stop at
     max_iters rounds or after budget_s seconds (at least 20 rounds). Returns percentiles per name."""
     # Spinning off for every session alike: with it, the session that just ran keeps its threads
@@ -29,15 +30,25 @@ def measure_interleaved(paths: dict, feed: dict, threads: int, warmup: int = 10,
         for k in names:
             sessions[k].run(None, feeds[k])
     samples = {k: [] for k in names}
-    start = time.perf_counter()
-    for i in range(max_iters):
-        for k in (names if i % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            samples[k].append(time.perf_counter() - t0)
-        if i >= 20 and time.perf_counter() - start > budget_s:
-            break
+    with progress.task(f"latency, {threads} thread(s)", max_iters, "rounds") as task:
+        start = time.perf_counter()
+        for i in range(max_iters):
+            for k in (names if i % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                samples[k].append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - start
+            task.set_total(_expected_rounds(i + 1, elapsed, max_iters, budget_s))
+            task.advance()
+            if i >= 20 and elapsed > budget_s:
+                break
     return {k: percentiles(v) for k, v in samples.items()}
+
+
+def _expected_rounds(done: int, elapsed: float, max_iters: int, budget_s: float) -> int:
+    """Rounds the loop will run: max_iters, or fewer when the time budget runs out first."""
+    by_budget = int(done * budget_s / elapsed) + 1 if elapsed > 0 else max_iters
+    return max(done, min(max_iters, max(21, by_budget)))
 
 
 def measure_pair(baseline_path, model_path, feed: dict, threads: int, **kw) -> dict:

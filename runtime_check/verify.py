@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 
+from contracts.progress import NULL_PROGRESS, Progress, track
 from exporters.sparse import file_sizes
 from models.spec import ModelSpec
 from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session
@@ -15,18 +16,23 @@ from runtime_check.session import make_session
 __all__ = ["accuracy_of", "fidelity_of", "latency_of", "sizes_of"]
 
 
-def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int) -> tuple[dict, np.ndarray]:
+def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
+                progress: Progress = NULL_PROGRESS) -> tuple[dict, np.ndarray]:
     """Metrics of model.onnx against baseline.onnx on the eval batches; also returns model outputs."""
-    base_out = run_session(make_session(baseline, threads), spec.eval_batches, spec.postprocess)
-    model_out = run_session(make_session(model, threads), spec.eval_batches, spec.postprocess)
+    base_out = run_session(make_session(baseline, threads),
+                           track(progress, spec.eval_batches, "evaluation baseline.onnx", "batches"), spec.postprocess)
+    model_out = run_session(make_session(model, threads),
+                            track(progress, spec.eval_batches, "evaluation model.onnx", "batches"), spec.postprocess)
     if spec.task == "feature-extraction":
         return embedding_metrics(base_out, model_out), model_out
     return classification_metrics(base_out, model_out, spec.eval_labels), model_out
 
 
-def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray) -> dict:
+def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray,
+                progress: Progress = NULL_PROGRESS) -> dict:
     """Max deviation of onnxruntime's model.onnx from the torch model it was built from."""
-    ref = np.concatenate([spec.postprocess(reference(b), b) for b in spec.eval_batches])
+    batches = track(progress, spec.eval_batches, "torch reference (fidelity)", "batches")
+    ref = np.concatenate([spec.postprocess(reference(b), b) for b in batches])
     dev = np.abs(ref.astype(np.float64) - onnx_out.astype(np.float64))
     out = {"max_abs_deviation": float(dev.max()), "mean_abs_deviation": float(dev.mean()),
            "reference_max_abs": float(np.abs(ref).max())}
@@ -35,12 +41,13 @@ def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray) -> d
     return out
 
 
-def latency_of(spec: ModelSpec, baseline: Path, model: Path, threads: int) -> dict:
+def latency_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
+               progress: Progress = NULL_PROGRESS) -> dict:
     """Interleaved latency at `threads`, plus at 1 thread when that differs."""
     feed = spec.example_inputs
-    lat = measure_pair(baseline, model, feed, threads)
+    lat = measure_pair(baseline, model, feed, threads, progress=progress)
     if threads != 1:
-        lat["at_1_thread"] = measure_pair(baseline, model, feed, 1)
+        lat["at_1_thread"] = measure_pair(baseline, model, feed, 1, progress=progress)
     return lat
 
 

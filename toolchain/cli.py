@@ -30,10 +30,6 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _log(msg: str) -> None:
-    click.echo(click.style(f"  · {msg}", dim=True), err=True)
-
-
 def _guard(fn, *args, **kwargs):
     """Run library code; domain errors become one-line messages with the right exit code."""
     try:
@@ -127,22 +123,31 @@ def _validate_positive(ctx, param, value):
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress and no summary; errors (and a failed gate) are still printed on stderr.")
 @click.pass_context
-def export_cmd(ctx, model, **opts):
-    """Prune, quantize, export and verify MODEL; write the output folder and report."""
+def export_cmd(ctx, model, quiet, **opts):
+    """Prune, quantize, export and verify MODEL; write the output folder and report.
+
+    Progress goes to stderr: live bars on a terminal, plain lines otherwise. The summary goes to stdout.
+    """
     from models.zoo import load_model
     from toolchain import pipeline
+    from toolchain.progress import make_progress
+    from toolchain.stage_meter import measured_stage
 
     recipe = _guard(build_recipe, ctx, opts)
     shapes = _guard(_input_shapes, opts.pop("input_shape"), recipe.target)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
-    _log(f"loading {model}")
-    spec = _guard(load_model, model, opts["task"])
-    if spec.default_prune != "magnitude":
-        recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
-    spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
-    report = _guard(pipeline.run, recipe, spec, outdir, _log, shapes)
-    _print_summary(report, outdir)
+    with make_progress(quiet) as progress:
+        with measured_stage(progress, f"load {model}"):
+            spec = _guard(load_model, model, opts["task"])
+            if spec.default_prune != "magnitude":
+                recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
+            spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"])
+        report = _guard(pipeline.run, recipe, spec, outdir, progress, shapes)
+    if not quiet:
+        _print_summary(report, outdir)
     if not report["passed"]:
         failed = ", ".join(f"{c['name']} {c['value']:.4g} (limit {c['limit']:.4g})"
                            for c in report["checks"] if not c["passed"])

@@ -9,16 +9,14 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import onnx
 import onnxruntime
 import torch
 
+from contracts.progress import NULL_PROGRESS, Progress, track
 from exporters.bundle import build_bundle
 from exporters.export import export_model
 from exporters.hf_export import save_tokenizer
@@ -36,11 +34,9 @@ from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
 from toolchain.registry import lookup
+from toolchain.stage_meter import measured_stage
 
 __all__ = ["run", "atomic_output"]
-
-Log = Callable[[str], None]
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -92,27 +88,26 @@ def atomic_output(outdir: Path):
 
 
 class _Stages:
-    """Times each stage and records it for the report."""
+    """Times each stage, measures its peak memory, reports it as progress and records it for the report."""
 
-    def __init__(self, log: Log):
-        self.records, self.log = [], log
+    def __init__(self, progress: Progress):
+        self.records, self.progress = [], progress
 
     @contextmanager
     def stage(self, name: str, params: dict | None = None):
-        self.log(f"{name} ...")
-        t0 = time.perf_counter()
-        record = {"name": name, "params": dict(params or {}), "seconds": 0.0}
-        yield record
-        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record = {"name": name, "params": dict(params or {}), "seconds": 0.0, "peak_rss_mb": None}
+        with measured_stage(self.progress, name) as meter:
+            yield record
+        record.update(seconds=round(meter.seconds, 3), peak_rss_mb=meter.peak_rss_mb)
         self.records.append(record)
 
 
-def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: None,
+def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS,
         input_shapes: dict | None = None) -> dict:
     """`input_shapes` (from --input-shape) fixes the mobile model's inputs; default: the spec's example."""
     seed_everything(recipe.seed)
     threads = recipe.threads or default_threads()
-    st = _Stages(log)
+    st = _Stages(progress)
     notes: list[str] = []
     with atomic_output(outdir) as tmp:
         with st.stage("export.baseline", {"exporter": spec.exporter}):
@@ -129,7 +124,8 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
 
         if recipe.stage("prune") is not None:
             with st.stage("recalibrate_batchnorm") as rec:
-                rec["params"]["layers"] = recalibrate_batchnorm(work, spec.calib_batches, spec.torch_outputs)
+                batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
+                rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
         with st.stage("fold_batchnorm") as rec:
             work, folded = fold_batchnorm(work)
             rec["params"]["folded"] = folded
@@ -138,7 +134,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
         alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
         if alpha > 0:
             with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
-                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha)
+                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha, progress)
                 rec["params"]["groups"] = len(groups)
                 rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
         with st.stage("export.model", {"exporter": spec.exporter}):
@@ -148,7 +144,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
                 limit = accuracy_limit(recipe.gates, spec.task)
                 reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit,
-                                                         recipe.target)
+                                                         recipe.target, progress)
                 rec["params"]["quantized_layers"] = quant_info["quantized_layers"]
                 if quant_info.get("fallback"):
                     notes.append(f"accuracy-aware fallback: {len(quant_info['fallback'])} layer(s) kept in FP32: "
@@ -159,10 +155,10 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, log: Log = lambda msg: No
             reference = lambda b: spec.torch_outputs(work, b)  # noqa: E731
 
         with st.stage("verify.accuracy"):
-            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
-            fidelity = fidelity_of(spec, reference, onnx_out)
+            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+            fidelity = fidelity_of(spec, reference, onnx_out, progress)
         with st.stage("verify.latency", {"threads": threads}):
-            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads)
+            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
         sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
         tokenizer_files = save_tokenizer(spec, tmp) if spec.hf_folder else []
         checks = evaluate_gates(recipe.gates, accuracy, latency)

@@ -15,6 +15,7 @@ from models.spec import ModelSpec
 from runtime_check.isa import int8_saturates, weight_qmax
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from contracts.errors import ExportError
+from contracts.progress import NULL_PROGRESS, Progress, track
 from toolchain.pruning import prunable_layers
 from toolchain.quantization import QuantParams, fake_quant_model
 from toolchain.quantization.fallback import fallback_until, local_snr_db
@@ -33,6 +34,7 @@ class QuantContext:
     run: Callable
     # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
     reduce_range: bool = field(default_factory=int8_saturates)
+    progress: Progress = NULL_PROGRESS  # calibration loops report here
 
 
 FALLBACK_SAMPLES = 128  # calibration samples used to predict the gate during fallback
@@ -48,8 +50,10 @@ def _fallback_batches(spec: ModelSpec) -> list[dict]:
     return batches
 
 
-def _calib_outputs(spec: ModelSpec, model: torch.nn.Module) -> np.ndarray:
-    return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in _fallback_batches(spec)])
+def _calib_outputs(spec: ModelSpec, model: torch.nn.Module, progress: Progress = NULL_PROGRESS,
+                   what: str = "") -> np.ndarray:
+    batches = track(progress, _fallback_batches(spec), what, "batches") if what else _fallback_batches(spec)
+    return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
 
 
 def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
@@ -80,7 +84,8 @@ def _check(path: Path) -> None:
 
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
-                     out_path: Path, accuracy_limit: float, target: str = "cpu") -> tuple[Callable, dict]:
+                     out_path: Path, accuracy_limit: float, target: str = "cpu",
+                     progress: Progress = NULL_PROGRESS) -> tuple[Callable, dict]:
     """Write the QDQ model to out_path; return (torch reference runner, report info)."""
     run = spec.torch_outputs
     merged = merge_duplicate_nodes(prepared)
@@ -90,7 +95,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
     anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
                for name, s in sites.items()]
-    ctx = QuantContext(anchors, spec.calib_batches, run, reduce_range=weight_qmax(target) < 127)
+    ctx = QuantContext(anchors, spec.calib_batches, run, reduce_range=weight_qmax(target) < 127, progress=progress)
     params = lookup("quantize", stage.name).handler(work, stage.config, ctx)
     qmax = max((int(abs(w.q.astype(np.int16)).max()) for w in params.weights.values()), default=0)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": merged,
@@ -107,21 +112,21 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         _check(out_path)
         fq = fake_quant_model(work, params)
         return (lambda b: run(fq, b)), info
-    snr = local_snr_db(work, params, spec.calib_batches, run)
+    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"), run)
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
     if getattr(stage.config, "fallback", False):
         # Measured against the dense model, as the gate is; if pruning alone already exceeds the
         # limit, returning layers to FP32 cannot help and would only cost speed.
-        dense = _calib_outputs(spec, spec.model)
+        dense = _calib_outputs(spec, spec.model, progress, "FP32 outputs for fallback")
         pruned_drop = predicted_drop(spec, dense, work)
         info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
         if pruned_drop <= accuracy_limit:
             max_layers = int(len(anchors) * stage.config.max_fallback_fraction)
             params, fallen, trace = fallback_until(
                 params, snr, lambda p: predicted_drop(spec, dense, fake_quant_model(work, p)),
-                accuracy_limit, max_layers)
+                accuracy_limit, max_layers, progress)
             fallen = [{**f, "layer": public(f["layer"])} for f in fallen]
             info.update(fallback=fallen, predicted_drop_trace=[round(t, 6) for t in trace],
                         quantized_layers=len(params.anchors))

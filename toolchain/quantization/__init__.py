@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from contracts.errors import ConfigError
+from contracts.progress import track
 from toolchain.quantization.observers import OBSERVERS
 from toolchain.quantization.static import (
     QuantParams, calibrate, fake_quant_model, quantize_embeddings, quantize_weights,
@@ -57,8 +58,9 @@ def _qmax(config, ctx) -> int:
 @register("quantize", "int8", Int8StaticConfig,
           "static QDQ int8: per-channel symmetric weights, calibrated per-tensor uint8 activations")
 def quantize_static(model, config: Int8StaticConfig, ctx) -> QuantParams:
-    """ctx: .anchors (from the exported graph), .calib_batches, .run(model, batch)."""
-    ins, outs = calibrate(model, ctx.anchors, ctx.calib_batches, ctx.run, config.observer, config.percentile)
+    """ctx: .anchors (from the exported graph), .calib_batches, .run(model, batch), .progress."""
+    batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
+    ins, outs = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile)
     params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
     params.outputs = outs
     if config.embeddings:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.params import fake_quant_act
 from toolchain.quantization.static import QuantParams
@@ -60,17 +61,23 @@ def without(params: QuantParams, modules: set[str]) -> QuantParams:
 
 
 def fallback_until(params: QuantParams, snr: dict[str, float], predicted_drop: Callable[[QuantParams], float],
-                   limit: float, max_layers: int) -> tuple[QuantParams, list[dict], list[float]]:
+                   limit: float, max_layers: int, progress: Progress = NULL_PROGRESS,
+                   ) -> tuple[QuantParams, list[dict], list[float]]:
     """Drop anchors worst-SNR-first while predicted_drop(params) > limit, at most max_layers.
 
     Returns the final params, the fallen layers (with their SNR) and the drop trace
     (before any fallback, then after each)."""
-    trace = [predicted_drop(params)]
-    fallen: list[dict] = []
-    for name in sorted(snr, key=snr.get):
-        if trace[-1] <= limit or len(fallen) >= max_layers:
-            break
-        params = without(params, {name})
-        fallen.append({"layer": name, "snr_db": round(snr[name], 2)})
-        trace.append(predicted_drop(params))
+    # one step = one prediction on calibration data; the first is before any fallback, and the
+    # total is the most that can happen (the loop usually stops earlier)
+    with progress.task("fallback (predicted drop)", min(max_layers, len(snr)) + 1, "steps") as task:
+        trace = [predicted_drop(params)]
+        task.advance()
+        fallen: list[dict] = []
+        for name in sorted(snr, key=snr.get):
+            if trace[-1] <= limit or len(fallen) >= max_layers:
+                break
+            params = without(params, {name})
+            fallen.append({"layer": name, "snr_db": round(snr[name], 2)})
+            trace.append(predicted_drop(params))
+            task.advance()
     return params, fallen, trace

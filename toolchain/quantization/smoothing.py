@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from contracts.progress import NULL_PROGRESS, Progress, track
 from toolchain.hooks import run_with_hooks
 
 __all__ = ["SmoothedLinear", "find_shared_input_groups", "smooth_model"]
@@ -58,7 +59,8 @@ def find_shared_input_groups(model: nn.Module, batch, run: Callable) -> list[lis
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, batches: Iterable, run: Callable, alpha: float = 0.5) -> list[dict]:
+def smooth_model(model: nn.Module, batches: Iterable, run: Callable, alpha: float = 0.5,
+                 progress: Progress = NULL_PROGRESS) -> list[dict]:
     """Smooth every shared-input group in place (Linears become SmoothedLinear); returns a summary."""
     batches = list(batches)
     if not batches:
@@ -67,12 +69,12 @@ def smooth_model(model: nn.Module, batches: Iterable, run: Callable, alpha: floa
     modules = dict(model.named_modules())
     act_max: dict[str, torch.Tensor] = {}
 
-    def track(key: str, x: torch.Tensor) -> None:
+    def observe(key: str, x: torch.Tensor) -> None:
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
         act_max[key] = m if key not in act_max else torch.maximum(act_max[key], m)
 
-    handles = [modules[g[0]].register_forward_pre_hook(lambda m, a, k=g[0]: track(k, a[0])) for g in groups]
-    run_with_hooks(model, handles, batches, run)
+    handles = [modules[g[0]].register_forward_pre_hook(lambda m, a, k=g[0]: observe(k, a[0])) for g in groups]
+    run_with_hooks(model, handles, track(progress, batches, "SmoothQuant statistics", "batches"), run)
     summary = []
     for group in groups:
         a = act_max[group[0]].clamp(min=1e-5)
