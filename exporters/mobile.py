@@ -32,7 +32,7 @@ MIN_RUNTIME_FOR_FORMAT = {"5": "1.13", "6": "1.16"}
 
 def input_dims(model: onnx.ModelProto) -> dict[str, list]:
     """Graph inputs (initializers excluded) -> dims, a symbolic or unknown dim as its name or None."""
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name for i in model.graph.initializer} | {s.values.name for s in model.graph.sparse_initializer}
     return {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                      for d in i.type.tensor_type.shape.dim]
             for i in model.graph.input if i.name not in inits}
@@ -118,9 +118,13 @@ def convert_to_ort(onnx_path: Path, outdir: Path) -> dict:
 
 
 def ort_format_info(ort_path: Path) -> dict:
-    """ORT format version written in the file, and the oldest onnxruntime that reads it."""
+    """ORT format version written in the file, the oldest onnxruntime that reads it, and how many
+    initializers it stores dense and sparse."""
     from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
 
     buf = Path(ort_path).read_bytes()
-    version = InferenceSession.GetRootAsInferenceSession(buf, 0).OrtVersion().decode()
-    return {"ort_format_version": version, "min_onnxruntime": MIN_RUNTIME_FOR_FORMAT.get(version)}
+    session = InferenceSession.GetRootAsInferenceSession(buf, 0)
+    version, graph = session.OrtVersion().decode(), session.Model().Graph()
+    # the ORT format stores sparse initializers as such (densified when a session loads them)
+    return {"ort_format_version": version, "min_onnxruntime": MIN_RUNTIME_FOR_FORMAT.get(version),
+            "initializers": graph.InitializersLength(), "sparse_initializers": graph.SparseInitializersLength()}

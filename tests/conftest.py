@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
+from exporters.sparse import initializer_arrays
 from toolchain.cli import cli
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -33,7 +34,7 @@ def quantized_weights(model) -> list[SimpleNamespace]:
     of the DequantizeLinear and `in_axis`, the axis that runs over input channels in the stored
     layout (Conv (out,in,kh,kw): 1; Gemm transB=1 (out,in): 1; Gemm transB=0 / MatMul (in,out): 0).
     """
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits = initializer_arrays(model)  # sparse initializers too
     producers = {o: n for n in model.graph.node for o in n.output}
     rows = []
     for node in model.graph.node:

@@ -266,6 +266,50 @@ def package_cmd(outdir, target, output):
     click.echo(f"{info['path']}: {info['bytes']:,} bytes, {len(info['files'])} files ({', '.join(info['files'])})")
 
 
+@cli.command("bench")
+@click.argument("model_or_bundle", type=click.Path())
+@click.option("--device", required=True, metavar="local|ssh://user@host[:port]|adb[:serial]",
+              help="Where to run: this machine, a host over ssh/scp, or an Android device over adb.")
+@click.option("--device-cmd", default=None, metavar="TEMPLATE",
+              help="Replace the run command; placeholders {python} {runner} {model} {reference} {dir} "
+                   "{threads} {iters}.")
+@click.option("--perf-test", type=click.Path(dir_okay=False), default=None,
+              help="Push and run this onnxruntime_perf_test binary instead of the Python runner "
+                   "(its 'Average inference time cost' line is parsed).")
+@click.option("--device-python", default=None, help="Python on the device [local: this one; ssh: python3; "
+                                                    "adb: Termux's python3].")
+@click.option("--threads", "thread_list", default="1,2", show_default=True, help="Thread counts to time.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--max-device-latency-ms", type=float, default=None, callback=_validate_positive,
+              help="Gate: p50 on the device (best thread count).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_cmd(model_or_bundle, device, device_cmd, perf_test, device_python, thread_list, iters,
+              max_device_latency_ms, as_json):
+    """Latency of a mobile bundle (or .ort/.onnx) on a device, with the bundled runner."""
+    import re
+
+    from toolchain.bench import bench
+
+    if not re.fullmatch(r"\d+(,\d+)*", thread_list) or "0" in thread_list.split(","):
+        raise ToolError(f"--threads {thread_list}: expected thread counts like 1,2")
+    res = _guard(bench, Path(model_or_bundle), device, device_cmd, perf_test, device_python, thread_list, iters,
+                 max_device_latency_ms)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"{model_or_bundle} on {res['device']} ({res.get('cpu')}, {res.get('machine')}, "
+                   f"onnxruntime {res.get('onnxruntime')})")
+        for t, v in res["latency_ms"].items():
+            click.echo(f"  latency   {t} thread(s): p50 {v['p50']:.3f} ms  p90 {v['p90']:.3f} ms")
+        click.echo(f"  model     sha256 {'matches' if res['same_model'] else 'DIFFERS'}; reference: {res['reproduction']}")
+        for c in res["checks"]:
+            click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} {'ok' if c['passed'] else 'FAILED'}")
+        if res["report"]:
+            click.echo(f"  report    device_latency written to {res['report']}")
+    if not res["passed"]:
+        raise ToolError("device gate failed: " + ", ".join(c["name"] for c in res["checks"] if not c["passed"]), 1)
+
+
 @cli.command("models")
 def models_cmd():
     """List the built-in models."""
