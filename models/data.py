@@ -7,10 +7,11 @@ from pathlib import Path
 from models.spec import ModelSpec
 from contracts.errors import DataError
 
-__all__ = ["apply_user_data"]
+__all__ = ["apply_user_data", "load_data_file"]
 
 
-def _load(path: str, spec: ModelSpec):
+def load_data_file(path: str, spec: ModelSpec):
+    """(batches, labels or None) from a user data file, in the model's own format."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such data file: {p}")
@@ -24,9 +25,9 @@ def _load(path: str, spec: ModelSpec):
 def apply_user_data(spec: ModelSpec, calib_data: str | None, eval_data: str | None) -> ModelSpec:
     changes = {}
     if calib_data:
-        batches, labels = _load(calib_data, spec)
+        batches, labels = load_data_file(calib_data, spec)
         changes["calib_batches"], changes["calib_labels"] = batches, labels
     if eval_data:
-        batches, labels = _load(eval_data, spec)
+        batches, labels = load_data_file(eval_data, spec)
         changes["eval_batches"], changes["eval_labels"] = batches, labels
     return dataclasses.replace(spec, **changes) if changes else spec

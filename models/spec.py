@@ -46,7 +46,9 @@ class ModelSpec:
     # unstructured zeros without recovery cost fidelity and buy only size)
     default_prune: str = "magnitude"
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
-    load_data: Callable | None = None  # restrict pruning to modules under this name prefix
+    load_data: Callable | None = None
+    # () -> (batches, labels or None): extra data for recovery (e.g. a training split), loaded lazily
+    recover_data: Callable | None = None
     # what an app must do to raw data before the model (written into the mobile bundle and into
     # model.onnx's metadata_props), and the class names in output order
     preprocessing: dict = field(default_factory=dict)

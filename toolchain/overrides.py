@@ -29,6 +29,10 @@ class Overrides:
     threads: int | None = None
     seed: int | None = None
     target: str | None = None
+    recover: bool | None = None
+    recover_steps: int | None = None
+    recover_minutes: float | None = None
+    recover_data: str | None = None
 
 
 def _stage(kind: str, name: str, current: Stage | None, updates: dict) -> Stage | None:
@@ -63,6 +67,23 @@ def _reject_inapplicable(value, flag: str, stage: Stage | None, field: str) -> N
         raise ConfigError(f"{flag} does not apply to {method}")
 
 
+def _recover_stage(recipe: Recipe, o: Overrides) -> Stage | None:
+    current = recipe.stage("recover")
+    updates = {k: v for k, v in (("steps", o.recover_steps), ("minutes", o.recover_minutes),
+                                 ("data", o.recover_data)) if v is not None}
+    if o.recover is False:
+        if updates:
+            raise ConfigError("--recover-steps/--recover-minutes/--recover-data contradict --no-recover")
+        return None
+    if o.recover is None and current is None:
+        if updates:
+            raise ConfigError("--recover-steps/--recover-minutes/--recover-data need --recover")
+        return None
+    if recipe.stage("prune") is None:
+        raise ConfigError("--recover fine-tunes a pruned model: choose a pruning method (--prune)")
+    return _stage("recover", current.name if current else "distill", current, updates)
+
+
 def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "magnitude") -> Recipe:
     """`default_prune` is the model's default method (used without --prune, --sparsity, --nm or a
     recipe stage)."""
@@ -73,6 +94,7 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
     recipe = recipe.with_stage("prune", _prune_stage(recipe, o, from_file, default_prune))
     _reject_inapplicable(o.sparsity, "--sparsity", recipe.stage("prune"), "sparsity")
     _reject_inapplicable(o.nm, "--nm", recipe.stage("prune"), "n")
+    recipe = recipe.with_stage("recover", _recover_stage(recipe, o))
     current_q = recipe.stage("quantize")
     q_name = o.quant or (current_q.name if current_q else (None if from_file else "int8"))
     if q_name is not None:

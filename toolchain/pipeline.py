@@ -104,6 +104,13 @@ class _Stages:
         self.records.append(record)
 
 
+def _structured_context(spec: ModelSpec, threads: int):
+    from toolchain.pruning.structured_stage import StructuredContext
+
+    return StructuredContext(spec.example_inputs, spec.calib_batches, spec.torch_outputs,
+                             lambda model, path: export_model(spec, model, path), threads)
+
+
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS,
         input_shapes: dict | None = None) -> dict:
     """`input_shapes` (from --input-shape) fixes the mobile model's inputs; default: the spec's example."""
@@ -117,15 +124,33 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
 
         work = copy_for_compression(spec.model)
         layers = prunable_layers(work, spec.prune_prefix)
+        dense = {n: m.weight.numel() for n, m in layers.items()}  # structured pruning shrinks them
+        extra: dict = {}
         for stage in [s for s in recipe.stages if s.kind == "prune"]:
             with st.stage(stage.qualified, stage.to_dict()["params"]) as rec:
-                result = lookup("prune", stage.name).handler(layers, stage.config, None)
-                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers), 6)
+                entry = lookup("prune", stage.name)
+                if getattr(stage.config, "NEEDS_MODEL", False):
+                    result = entry.handler(work, stage.config, _structured_context(spec, threads))
+                else:
+                    result = entry.handler(layers, stage.config, None)
+                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers, dense), 6)
             notes.append(result.speed_note)
-        sparsity = {"overall": overall_sparsity(layers), "layers": layer_sparsity(layers)}
+            extra.update(result.extra)
+        sparsity = {"overall": overall_sparsity(layers, dense), "layers": layer_sparsity(layers, dense)}
 
         if recipe.stage("prune") is not None:
             with st.stage("recalibrate_batchnorm") as rec:
+                batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
+                rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
+        recover = recipe.stage("recover")
+        if recover is not None:
+            from toolchain.recovery import RecoverContext
+
+            with st.stage(recover.qualified, recover.to_dict()["params"]) as rec:
+                extra["recovery"] = lookup("recover", recover.name).handler(
+                    work, recover.config, RecoverContext(spec, recipe.seed, progress))
+                rec["params"]["steps_run"] = extra["recovery"]["steps"]
+            with st.stage("recalibrate_batchnorm") as rec:  # fine-tuning moved the statistics again
                 batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
                 rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
         with st.stage("fold_batchnorm") as rec:
@@ -157,11 +182,11 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
             reference = lambda b: spec.torch_outputs(work, b)  # noqa: E731
 
         with st.stage("export.sparse_storage") as rec:
-            dense = (tmp / "model.onnx").read_bytes()
+            dense_bytes = (tmp / "model.onnx").read_bytes()
             storage = store_sparse(tmp / "model.onnx")
             rec["params"]["sparse_initializers"] = len(storage["initializers"])
             if storage["used"]:
-                storage["outputs_vs_dense"] = storage_diff(dense, tmp / "model.onnx", spec.eval_batches)
+                storage["outputs_vs_dense"] = storage_diff(dense_bytes, tmp / "model.onnx", spec.eval_batches)
         if storage["used"]:
             notes.append(f"{len(storage['initializers'])} pruned initializer(s) stored as ONNX sparse initializers "
                          f"(int64 indices): model.onnx {storage['dense']['raw']:,} -> {storage['sparse']['raw']:,} bytes; "
@@ -186,8 +211,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
             "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
             "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
             "fidelity": fidelity, "sparse_storage": storage, "quantization": quant_info, "latency_ms": latency,
-            "checks": checks, "notes": notes,
-            "recipe": recipe.to_dict(), "task": spec.task,
+            "checks": checks, "notes": notes, "recipe": recipe.to_dict(), "task": spec.task, **extra,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }

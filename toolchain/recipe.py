@@ -14,7 +14,8 @@ from toolchain.registry import config_from_dict, config_to_dict
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe"]
 
 TARGETS = ("cpu", "mobile")
-STAGE_ORDER = {"prune": 0, "quantize": 1}  # sparsity before quantization (methods.md, "Order")
+# sparsity before quantization (methods.md, "Order"); recovery fine-tunes the pruned model
+STAGE_ORDER = {"prune": 0, "recover": 1, "quantize": 2}
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,12 @@ class Recipe:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         ranks = [STAGE_ORDER[s.kind] for s in self.stages]
         if ranks != sorted(ranks):
-            raise ConfigError("stage order: pruning must come before quantization "
+            raise ConfigError("stage order: pruning, then recovery, then quantization "
                               "(quantization scales are computed on the pruned weights)")
+        if any(s.kind == "recover" for s in self.stages) and not any(s.kind == "prune" for s in self.stages):
+            raise ConfigError("recovery fine-tunes a pruned model: the recipe needs a pruning stage before it")
+        if sum(1 for s in self.stages if s.kind == "recover") > 1:
+            raise ConfigError("a recipe takes at most one recovery stage")
         if sum(1 for s in self.stages if s.kind == "quantize") > 1:
             raise ConfigError("a recipe takes at most one quantization stage")
 

@@ -40,6 +40,7 @@ def _load_builtin_stages() -> None:
     # Import for the side effect of registration; kept here so callers never depend on import order.
     import toolchain.pruning  # noqa: F401
     import toolchain.quantization  # noqa: F401
+    import toolchain.recovery  # noqa: F401
 
 
 def lookup(kind: str, name: str) -> StageEntry:

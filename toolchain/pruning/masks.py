@@ -27,14 +27,21 @@ def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
         layers[name].weight.mul_(mask.to(layers[name].weight.dtype))
 
 
-def layer_sparsity(layers: dict[str, nn.Module]) -> dict[str, float]:
-    return {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in layers.items()}
+def _dense_numel(layers: dict[str, nn.Module], dense: dict[str, int] | None) -> dict[str, int]:
+    return {n: (dense or {}).get(n, m.weight.numel()) for n, m in layers.items()}
 
 
-def overall_sparsity(layers: dict[str, nn.Module]) -> float:
-    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-    total = sum(m.weight.numel() for m in layers.values())
-    return zeros / total if total else 0.0
+def layer_sparsity(layers: dict[str, nn.Module], dense: dict[str, int] | None = None) -> dict[str, float]:
+    """Fraction of each layer's weights that are zero or gone. `dense` = weight counts before
+    pruning: structured pruning physically removes weights, and those count as removed too."""
+    total = _dense_numel(layers, dense)
+    return {n: 1.0 - float((m.weight != 0).sum()) / total[n] for n, m in layers.items()}
+
+
+def overall_sparsity(layers: dict[str, nn.Module], dense: dict[str, int] | None = None) -> float:
+    kept = sum(int((m.weight != 0).sum()) for m in layers.values())
+    total = sum(_dense_numel(layers, dense).values())
+    return 1.0 - kept / total if total else 0.0
 
 
 def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
