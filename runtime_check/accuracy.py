@@ -6,7 +6,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman"]
+__all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman", "softmax_kl", "topk_agreement"]
 
 
 def run_session(session: ort.InferenceSession, batches: list[dict], postprocess: Callable) -> np.ndarray:
@@ -18,9 +18,34 @@ def run_session(session: ort.InferenceSession, batches: list[dict], postprocess:
     return np.concatenate(outs)
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def softmax_kl(base_logits: np.ndarray, model_logits: np.ndarray) -> np.ndarray:
+    """Per-sample KL(softmax(base) || softmax(model)) in nats: how much of the FP32 model's
+    belief the compressed model loses, smooth where top-1 agreement moves in steps."""
+    lp, lq = _log_softmax(base_logits), _log_softmax(model_logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def topk_agreement(base_logits: np.ndarray, model_logits: np.ndarray, k: int = 5) -> float:
+    """Share of samples whose top-k class sets are equal (as sets, order ignored)."""
+    k = min(k, base_logits.shape[-1])
+    if k <= 1:
+        return float((base_logits.argmax(-1) == model_logits.argmax(-1)).mean())
+    b = np.sort(np.argpartition(-base_logits, k - 1, axis=-1)[:, :k], -1)
+    m = np.sort(np.argpartition(-model_logits, k - 1, axis=-1)[:, :k], -1)
+    return float((b == m).all(-1).mean())
+
+
 def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
                            labels: np.ndarray | None) -> dict:
-    """top-1 vs labels when there are labels, else agreement with the FP32 model's argmax."""
+    """top-1 vs labels when there are labels, else agreement with the FP32 model's argmax (the
+    gate then reads the drop in agreement points). Always also: top-5 set agreement and the mean
+    KL(FP32 softmax || model softmax), which need no labels."""
     base_pred, model_pred = base_logits.argmax(-1), model_logits.argmax(-1)
     agreement = float((base_pred == model_pred).mean())
     if labels is not None:
@@ -28,8 +53,11 @@ def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
         metric = "top1"
     else:
         base, model, metric = 1.0, agreement, "top1_agreement"
+    kl = softmax_kl(base_logits, model_logits)
     return {"metric": metric, "baseline": base, "model": model, "drop": base - model,
-            "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement}
+            "drop_points": 100.0 * (base - model), "agreement_with_baseline": agreement,
+            "top5_agreement": topk_agreement(base_logits, model_logits, 5),
+            "kl_to_baseline": float(kl.mean()), "samples": int(len(base_logits))}
 
 
 def _rank(x: np.ndarray) -> np.ndarray:

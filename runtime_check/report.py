@@ -22,7 +22,10 @@ def render_markdown(r: dict) -> str:
     acc = r["accuracy"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {_fmt(acc['baseline'])}, "
               f"model {_fmt(acc['model'])}, drop {_fmt(acc['drop'])}"]
-    for k in ("min_cosine", "spearman", "agreement_with_baseline"):
+    if acc["metric"] == "top1_agreement":
+        lines.append("- no labels: the metric is top-1 agreement with the FP32 model (baseline.onnx); "
+                     "top-5 agreement compares the top-5 class sets, KL is KL(FP32 softmax || model softmax)")
+    for k in ("min_cosine", "spearman", "agreement_with_baseline", "top5_agreement", "kl_to_baseline"):
         if k in acc:
             lines.append(f"- {k}: {_fmt(acc[k])}")
     if "max_abs_deviation" in r.get("fidelity", {}):

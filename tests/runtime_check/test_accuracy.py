@@ -4,7 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session, spearman
+from runtime_check.accuracy import (
+    classification_metrics, embedding_metrics, run_session, softmax_kl, spearman, topk_agreement,
+)
 
 
 def _logits(preds, n_classes=3):
@@ -78,3 +80,32 @@ def test_run_session_feeds_only_graph_inputs_and_concatenates():
     batches = [{"x": np.ones((2, 3)), "extra": np.zeros(1)}, {"x": np.full((1, 3), 3.0), "extra": np.zeros(1)}]
     out = run_session(FakeSession(), batches, lambda outs, batch: outs[0])
     np.testing.assert_array_equal(out, [[2, 2, 2], [2, 2, 2], [6, 6, 6]])
+
+
+def test_softmax_kl_hand_values():
+    # softmax([0, 0]) = [.5, .5], softmax([ln 3, 0]) = [.75, .25]:
+    # KL = .5 ln(.5/.75) + .5 ln(.5/.25) = .5 ln(4/3)
+    base = np.array([[0.0, 0.0], [1.0, 2.0]])
+    model = np.array([[math.log(3.0), 0.0], [11.0, 12.0]])  # a constant shift changes nothing
+    kl = softmax_kl(base, model)
+    assert kl[0] == pytest.approx(0.5 * math.log(4 / 3)) and kl[1] == pytest.approx(0.0, abs=1e-12)
+    assert softmax_kl(base, base) == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_top5_agreement_compares_sets():
+    base = np.array([[9, 8, 7, 6, 5, 0, 0], [9, 8, 7, 6, 5, 0, 0]], np.float32)
+    same_set = np.array([[5, 6, 7, 8, 9, 0, 0], [9, 8, 7, 6, 0, 5, 0]], np.float32)  # row 2 swaps class 4 for 5
+    assert topk_agreement(base, same_set, 5) == 0.5
+    assert topk_agreement(base, same_set, 1) == 0.5
+
+
+def test_classification_metrics_always_report_top5_and_kl():
+    base = np.array([[2.0, 1.0, 0.0]] * 4)
+    model = base.copy()
+    model[0] = [1.0, 2.0, 0.0]
+    m = classification_metrics(base, model, None)
+    # sample 0: p = softmax([2,1,0]), q = softmax([1,2,0]); others identical
+    p = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
+    q = np.exp([1.0, 2.0, 0.0]) / np.exp([1.0, 2.0, 0.0]).sum()
+    assert m["kl_to_baseline"] == pytest.approx(float((p * np.log(p / q)).sum()) / 4)
+    assert m["top5_agreement"] == 1.0 and m["model"] == 0.75 and m["samples"] == 4
