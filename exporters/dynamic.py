@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.qdq import Site, _ensure_node_names, toposort
-from toolchain.quantization.static import QuantParams
+from contracts.quant import QuantParams
+from exporters.graph import ensure_node_names, toposort
+from exporters.qdq import Site
 
 __all__ = ["insert_dynamic"]
 
@@ -17,7 +18,7 @@ def insert_dynamic(model: onnx.ModelProto, sites: dict[str, Site], params: Quant
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    _ensure_node_names(graph)
+    ensure_node_names(graph)
     nodes = {n.name: n for n in graph.node}
     removed, new_nodes, inits, dq_cache = set(), [], [], {}
     for anchor in params.anchors:

@@ -13,9 +13,9 @@ from pathlib import Path
 import onnx
 
 from exporters.onnx_export import check_model
-from models.hf import HF_TASKS
-from models.spec import ModelSpec
 from contracts.errors import ExportError
+from contracts.tasks import get_task
+from models.spec import ModelSpec
 
 __all__ = ["export_hf", "save_tokenizer"]
 
@@ -25,7 +25,7 @@ def save_tokenizer(spec: ModelSpec, outdir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     before = set(p.name for p in Path(outdir).iterdir())
-    AutoTokenizer.from_pretrained(spec.hf_folder, local_files_only=True).save_pretrained(str(outdir))
+    AutoTokenizer.from_pretrained(spec.kind.path, local_files_only=True).save_pretrained(str(outdir))
     return sorted(set(p.name for p in Path(outdir).iterdir()) - before)
 
 
@@ -38,7 +38,7 @@ def export_hf(spec: ModelSpec, model, path: Path) -> onnx.ModelProto:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                     _quiet("optimum", "transformers", "torch.onnx"):
                 warnings.simplefilter("ignore")
-                onnx_export_from_model(model.eval(), tmp, task=HF_TASKS[spec.task], do_validation=False)
+                onnx_export_from_model(model.eval(), tmp, task=get_task(spec.task).hf_task, do_validation=False)
         except Exception as exc:
             raise ExportError(f"optimum export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         shutil.move(str(Path(tmp) / "model.onnx"), path)

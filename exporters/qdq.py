@@ -8,18 +8,16 @@ the op takes one (Conv, Gemm), and adds Q/DQ pairs on the activations the plan n
 from __future__ import annotations
 
 import hashlib
-import heapq
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from toolchain.quantization.params import ActQuant
-from toolchain.quantization.static import QuantParams
+from contracts.quant import ActQuant, QuantParams
+from exporters.graph import consumers, ensure_node_names, toposort
 
-__all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq", "toposort", "merge_duplicate_nodes"]
+__all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq"]
 
 
 @dataclass(frozen=True)
@@ -38,38 +36,24 @@ def _digest(arr: np.ndarray) -> tuple:
     return a.shape, hashlib.sha1(a.tobytes()).hexdigest()
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            out[name].append(node)
-    return out
-
-
-def _ensure_node_names(graph: onnx.GraphProto) -> None:
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
-
-
 def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, Site]:
     """Map torch module name -> Site for every weight found as a Conv/Gemm/MatMul initializer."""
     graph = model.graph
-    _ensure_node_names(graph)
+    ensure_node_names(graph)
     inits = {i.name: i for i in graph.initializer}
     by_digest = {}
     for module, w in weights.items():
         by_digest[_digest(w)] = (module, False)
         if w.ndim == 2:
             by_digest.setdefault(_digest(w.T), (module, True))
-    consumers = _consumers(graph)
+    readers = consumers(graph)
     graph_outputs = {o.name for o in graph.output}
     sites = {}
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w_name = node.input[1]
-        if w_name not in inits or len(consumers[w_name]) != 1:
+        if w_name not in inits or len(readers[w_name]) != 1:
             continue
         hit = by_digest.get(_digest(numpy_helper.to_array(inits[w_name])))
         if hit is None:
@@ -87,7 +71,7 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
         rectified = None
-        nxt = consumers[node.output[0]]
+        nxt = readers[node.output[0]]
         if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in graph_outputs:
             rectified = nxt[0].output[0]
         sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified)
@@ -97,13 +81,13 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
 def find_embedding_sites(model: onnx.ModelProto, tables: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
     """Map embedding module name -> (Gather node name, table initializer) by content."""
     graph = model.graph
-    _ensure_node_names(graph)
+    ensure_node_names(graph)
     inits = {i.name: i for i in graph.initializer}
     wanted = {_digest(w): name for name, w in tables.items()}
-    consumers = _consumers(graph)
+    readers = consumers(graph)
     sites = {}
     for node in graph.node:
-        if node.op_type != "Gather" or node.input[0] not in inits or len(consumers[node.input[0]]) != 1:
+        if node.op_type != "Gather" or node.input[0] not in inits or len(readers[node.input[0]]) != 1:
             continue
         name = wanted.get(_digest(numpy_helper.to_array(inits[node.input[0]])))
         if name is not None:
@@ -149,7 +133,7 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    _ensure_node_names(graph)
+    ensure_node_names(graph)
     nodes = {n.name: n for n in graph.node}
     ed = _GraphEditor(graph)
     replaced: set[str] = set()
@@ -205,69 +189,3 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
     del graph.node[:]
     graph.node.extend(toposort(all_nodes, graph))
     return out
-
-
-def toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Kahn's algorithm, keeping the original order among ready nodes (stable, no recursion)."""
-    producer = {o: idx for idx, n in enumerate(nodes) for o in n.output}
-    deps = [{producer[i] for i in n.input if i in producer} for n in nodes]
-    users = defaultdict(list)
-    for idx, d in enumerate(deps):
-        for p in d:
-            users[p].append(idx)
-    pending = [len(d) for d in deps]
-    ready = [idx for idx, c in enumerate(pending) if c == 0]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        idx = heapq.heappop(ready)
-        ordered.append(nodes[idx])
-        for u in users[idx]:
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, u)
-    if len(ordered) != len(nodes):
-        raise ValueError("graph has a cycle after QDQ insertion")
-    return ordered
-
-
-def merge_duplicate_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("Mul",)) -> int:
-    """Common-subexpression elimination for `op_types`: nodes with the same inputs (initializers
-    compared by value) and attributes collapse into one. Smoothing gives Q/K/V the same
-    per-channel multiply; merged, the three MatMuls read one tensor and share one Q/DQ pair."""
-    graph = model.graph
-    _ensure_node_names(graph)
-    inits = {i.name: i for i in graph.initializer}
-    canonical: dict[tuple, str] = {}
-
-    # exporters dedupe equal constants as Identity(initializer): look through those
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
-
-    def key_of(name: str):
-        name = alias.get(name, name)
-        if name in inits:
-            arr = numpy_helper.to_array(inits[name])
-            return ("init", arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
-        return ("tensor", name)
-
-    rename: dict[str, str] = {}
-    keep = []
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-        if node.op_type in op_types and len(node.output) == 1:
-            key = (node.op_type, tuple(key_of(n) for n in node.input),
-                   tuple(a.SerializeToString() for a in node.attribute))
-            if key in canonical:
-                rename[node.output[0]] = canonical[key]
-                continue
-            canonical[key] = node.output[0]
-        keep.append(node)
-    outputs = {o.name for o in graph.output}
-    if rename.keys() & outputs:
-        return 0  # never rename a graph output; leave such graphs alone
-    merged = len(graph.node) - len(keep)
-    del graph.node[:]
-    graph.node.extend(keep)
-    return merged

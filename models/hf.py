@@ -6,16 +6,14 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
-from models.spec import ModelSpec
-from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
 from contracts.errors import ModelLoadError
+from contracts.tasks import get_task, hf_task_names, mean_pool
+from models.spec import HFFolder, ModelSpec
+from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
 
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 
 CORPUS = Path(__file__).parent / "corpus" / "sentences.txt"
-HF_TASKS = {"feature-extraction": "feature-extraction", "sequence-classification": "text-classification"}
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -23,21 +21,16 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def detect_task(config: dict) -> str:
-    archs = config.get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "sequence-classification"
-    return "feature-extraction"
-
-
-def mean_pool(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
-    """Attention-mask-weighted mean of the token embeddings (sentence-transformers' pooling)."""
-    hidden = outputs[0].astype(np.float32)
-    mask = batch["attention_mask"][..., None].astype(np.float32)
-    return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
-
-
-def _logits(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
-    return outputs[0]
+    """The registered task whose transformers head the config's architecture names
+    (BertForSequenceClassification -> AutoModelForSequenceClassification); a bare encoder
+    (BertModel, or no architectures) is the task loaded with AutoModel."""
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    tasks = [get_task(n) for n in hf_task_names()]
+    for task in tasks:
+        suffix = task.hf_head.removeprefix("AutoModel")
+        if suffix and any(a.endswith(suffix) for a in archs):
+            return task.name
+    return next(t.name for t in tasks if t.hf_head == "AutoModel")
 
 
 def default_corpus() -> tuple[list[str], list[str]]:
@@ -64,10 +57,14 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{folder}/config.json is unreadable: {exc}") from None
     task = task or detect_task(config)
+    info = get_task(task)
+    if info.hf_head is None:
+        raise ModelLoadError(f"a Hugging Face folder cannot be loaded as '{task}'")
     try:
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        import transformers
+        from transformers import AutoTokenizer
 
-        cls = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModel
+        cls = getattr(transformers, info.hf_head)
         model = cls.from_pretrained(str(folder), local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
@@ -77,7 +74,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
     accepted = inspect.signature(model.forward).parameters
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                    if n in accepted and (n in tokenizer.model_input_names or n == "input_ids")]
-    output_names = ["logits"] if task == "sequence-classification" else ["last_hidden_state"]
+    output_names = [info.hf_output]
     calib, evals = default_corpus()
     # transformers may save id2label alone (label2id null): invert it so label names still map
     id2label = getattr(model.config, "id2label", None) or {}
@@ -98,9 +95,8 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         calib_batches=tokenize_batches(tokenizer, calib, input_names),
         eval_batches=tokenize_batches(tokenizer, evals, input_names),
         eval_labels=None,
-        postprocess=_logits if task == "sequence-classification" else mean_pool,
-        exporter="optimum",
-        hf_folder=str(folder),
+        postprocess=info.postprocess,
+        kind=HFFolder(str(folder)),
         description=f"{config.get('model_type', '?')} ({task})",
         prune_prefix=_encoder_prefix(model),
         default_prune="none",

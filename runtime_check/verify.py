@@ -9,7 +9,8 @@ import numpy as np
 from contracts.progress import NULL_PROGRESS, Progress, track
 from exporters.sparse import file_sizes
 from models.spec import ModelSpec
-from runtime_check.accuracy import classification_metrics, embedding_metrics, run_session
+from contracts.tasks import get_task
+from runtime_check.accuracy import run_session, task_metrics
 from runtime_check.latency import measure_pair
 from runtime_check.session import make_session
 
@@ -23,9 +24,7 @@ def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
                            track(progress, spec.eval_batches, "evaluation baseline.onnx", "batches"), spec.postprocess)
     model_out = run_session(make_session(model, threads),
                             track(progress, spec.eval_batches, "evaluation model.onnx", "batches"), spec.postprocess)
-    if spec.task == "feature-extraction":
-        return embedding_metrics(base_out, model_out), model_out
-    return classification_metrics(base_out, model_out, spec.eval_labels), model_out
+    return task_metrics(get_task(spec.task), base_out, model_out, spec.eval_labels), model_out
 
 
 def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray,
@@ -36,7 +35,7 @@ def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray,
     dev = np.abs(ref.astype(np.float64) - onnx_out.astype(np.float64))
     out = {"max_abs_deviation": float(dev.max()), "mean_abs_deviation": float(dev.mean()),
            "reference_max_abs": float(np.abs(ref).max())}
-    if spec.task != "feature-extraction":
+    if get_task(spec.task).argmax_fidelity:
         out["argmax_agreement"] = float((ref.argmax(-1) == onnx_out.argmax(-1)).mean())
     return out
 

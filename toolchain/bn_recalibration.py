@@ -2,7 +2,7 @@
 
 Pruning shifts every channel's activation statistics, so the dense model's running mean/var no
 longer normalize correctly; re-estimating them on calibration data (no gradient step, no labels)
-recovers most of the loss for free. Standard practice in pruning pipelines; see methods.md.
+recovers most of the loss for free (standard practice in pruning pipelines).
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from contracts.errors import SqexportError
+from contracts.targets import target_names
+from contracts.tasks import hf_task_names
 
 __all__ = ["main", "cli"]
 
@@ -49,10 +51,14 @@ def cli():
     """
 
 
-def _methods(kind: str) -> list[str]:
-    from toolchain.registry import names
+def _names(kind: str) -> list[str]:
+    from toolchain.builtin_methods import names
 
-    return names(kind) + ["none"]
+    return names(kind)
+
+
+def _methods(kind: str) -> list[str]:
+    return _names(kind) + ["none"]
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -89,7 +95,7 @@ def _validate_positive(ctx, param, value):
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "mobile"]),
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
               help="Deployment target profile; mobile adds model.ort, NNAPI/CoreML coverage, ARM64 checks "
                    "(after `make arm64`) and <name>-mobile.zip.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxD",
@@ -103,9 +109,9 @@ def _validate_positive(ctx, param, value):
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--quant", default="int8", show_default=True, type=click.Choice(_methods("quantize")),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
-@click.option("--observer", default=None, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+@click.option("--observer", default=None, type=click.Choice(_names("observer")),
               help="Activation range observer for static int8 [minmax].")
-@click.option("--task", default=None, type=click.Choice(["feature-extraction", "sequence-classification"]),
+@click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
 @click.option("--recover/--no-recover", default=None,
               help="Distillation fine-tuning from the dense model after pruning [off].")
@@ -200,7 +206,7 @@ def _print_summary(report: dict, outdir: Path) -> None:
 @click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
               help=".npy/.npz inputs (optional 'labels'), or .txt/.jsonl text when a tokenizer sits "
                    "beside MODEL_ONNX (sqexport export writes one); without it, seeded synthetic inputs.")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]))
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()))
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-accuracy-drop", type=float, default=None, callback=_validate_positive)
 @click.option("--min-speedup", type=float, default=None, callback=_validate_positive)
@@ -330,13 +336,16 @@ def models_cmd():
 
 @cli.command("methods")
 def methods_cmd():
-    """List the pruning and quantization methods."""
-    from toolchain.registry import entries
+    """List the pruning, transform and quantization methods and the activation observers."""
+    from toolchain.builtin_methods import entries
+    from toolchain.stages import STAGE_KINDS
 
-    for e in entries():
-        click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
-    click.echo(f"{'prune':<9} {'none':<12} no pruning")
-    click.echo(f"{'quantize':<9} {'none':<12} FP32 export of the (pruned) model")
+    none = {"prune": "no pruning", "quantize": "FP32 export of the (pruned) model"}
+    for kind in STAGE_KINDS + ("observer",):
+        for e in [e for e in entries() if e.kind == kind]:
+            click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
+        if kind in none:
+            click.echo(f"{kind:<9} {'none':<12} {none[kind]}")
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""run(recipe, spec, outdir) -> report: prune -> fold -> quantize -> export -> verify -> report.
+"""run(recipe, spec, outdir) -> report: the named STEPS below, in order, over one RunState.
 
 Everything is built in a temporary folder next to `outdir` and renamed into place at the end, so
 a failed or interrupted run never leaves a half-written output folder behind.
@@ -10,7 +10,10 @@ import random
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -18,27 +21,27 @@ import torch
 
 from contracts.progress import NULL_PROGRESS, Progress, track
 from exporters.bundle import build_bundle
-from exporters.export import export_model
+from exporters.export import exporter_for
 from exporters.sparse import store_sparse
-from exporters.hf_export import save_tokenizer
 from models.spec import ModelSpec
 from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.sparse_check import storage_diff
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
+from contracts.errors import DataError, OutputError
 from toolchain.bn_recalibration import recalibrate_batchnorm
-from contracts.errors import OutputError
+from toolchain.builtin_methods import lookup
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.mobile_step import mobile_step
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
-from toolchain.quantization.smoothing import smooth_model
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
-from toolchain.registry import lookup
 from toolchain.stage_meter import measured_stage
+from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
-__all__ = ["run", "atomic_output"]
+__all__ = ["run", "atomic_output", "RunState", "STEPS"]
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -104,119 +107,194 @@ class _Stages:
         self.records.append(record)
 
 
-def _structured_context(spec: ModelSpec, threads: int):
-    from toolchain.pruning.structured_stage import StructuredContext
+@dataclass
+class RunState:
+    """What the steps hand on to each other; one run, one state."""
 
-    return StructuredContext(spec.example_inputs, spec.calib_batches, spec.torch_outputs,
-                             lambda model, path: export_model(spec, model, path), threads)
+    recipe: Recipe
+    spec: ModelSpec
+    tmp: Path  # the output folder being built
+    threads: int
+    timer: _Stages
+    progress: Progress
+    work: torch.nn.Module | None = None  # the copy being compressed (the user's model is never touched)
+    layers: dict = field(default_factory=dict)  # its prunable layers
+    notes: list[str] = field(default_factory=list)
+    sparsity: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # report sections methods add (structure, recovery)
+    prepared: onnx.ModelProto | None = None  # FP32 export of `work`, where int8 gets written
+    reference: Callable | None = None  # torch model that model.onnx must reproduce
+    quant_info: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)  # accuracy, fidelity, latency, sizes
+    report: dict | None = None
+    input_shapes: dict = field(default_factory=dict)  # --input-shape, for the mobile model
+    storage: dict = field(default_factory=dict)  # sparse initializer storage of model.onnx
+    mobile: dict | None = None  # the report's `mobile` section (--target mobile)
+    checks: list = field(default_factory=list)  # checks steps add beside the recipe's gates
+
+
+def _needs_calibration(state: RunState, stage) -> None:
+    if stage.config.requires_calibration and not state.spec.calib_batches:
+        raise DataError(f"{stage.qualified} needs calibration data; pass --calib-data")
+
+
+def export_baseline(state: RunState) -> None:
+    exporter = exporter_for(state.spec)
+    with state.timer.stage("export.baseline", {"exporter": exporter.name}):
+        exporter.export(state.spec, state.spec.model, state.tmp / "baseline.onnx")
+
+
+def prune(state: RunState) -> None:
+    spec = state.spec
+    state.work = copy_for_compression(spec.model)
+    state.layers = prunable_layers(state.work, spec.prune_prefix)
+    dense = {n: m.weight.numel() for n, m in state.layers.items()}  # structured pruning shrinks them
+    exporter = exporter_for(spec)
+    for stage in state.recipe.stages_of("prune"):
+        _needs_calibration(state, stage)
+        ctx = PruneContext(state.layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
+                           lambda model, path: exporter.export(spec, model, path), state.threads)
+        with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+            result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
+            rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
+        state.notes.append(result.speed_note)
+        state.extra.update(result.extra)
+    state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense)}
+
+
+def recalibrate(state: RunState) -> None:
+    """Pruning shifts activation statistics: re-estimate BatchNorm's before folding it."""
+    if state.recipe.stage("prune") is None:
+        return
+    with state.timer.stage("recalibrate_batchnorm") as rec:
+        batches = track(state.progress, state.spec.calib_batches, "BatchNorm statistics", "batches")
+        rec["params"]["layers"] = recalibrate_batchnorm(state.work, batches, state.spec.torch_outputs)
+
+
+def recover(state: RunState) -> None:
+    """Fine-tune the pruned copy; its BatchNorm statistics then move again."""
+    stage = state.recipe.stage("recover")
+    if stage is None:
+        return
+    _needs_calibration(state, stage)
+    with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+        ctx = RecoverContext(state.spec, state.recipe.seed, state.progress)
+        state.extra["recovery"] = lookup("recover", stage.name).handler(state.work, stage.config, ctx)
+        rec["params"]["steps_run"] = state.extra["recovery"]["steps"]
+    recalibrate(state)
+
+
+def fold(state: RunState) -> None:
+    with state.timer.stage("fold_batchnorm") as rec:
+        state.work, rec["params"]["folded"] = fold_batchnorm(state.work)
+
+
+def transform(state: RunState) -> None:
+    for stage in state.recipe.stages_of("transform"):
+        _needs_calibration(state, stage)
+        ctx = TransformContext(state.spec.calib_batches, state.spec.torch_outputs, state.progress)
+        with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
+            result = lookup("transform", stage.name).handler(state.work, stage.config, ctx)
+            state.work = result.model
+            rec["params"].update(result.info)
+
+
+def export_prepared(state: RunState) -> None:
+    exporter = exporter_for(state.spec)
+    with state.timer.stage("export.model", {"exporter": exporter.name}):
+        state.prepared = exporter.export(state.spec, state.work, state.tmp / "prepared.onnx")
+
+
+def quantize(state: RunState) -> None:
+    spec, work, quant = state.spec, state.work, state.recipe.stage("quantize")
+    if quant is None:
+        (state.tmp / "prepared.onnx").rename(state.tmp / "model.onnx")
+        state.reference = lambda b: spec.torch_outputs(work, b)
+        return
+    with state.timer.stage(quant.qualified, quant.to_dict()["params"]) as rec:
+        limit = accuracy_limit(state.recipe.gates, spec.task)
+        state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
+                                                 limit, state.recipe.target, state.progress)
+        rec["params"]["quantized_layers"] = info["quantized_layers"]
+        if info.get("fallback"):
+            state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
+                               + ", ".join(f["layer"] for f in info["fallback"]))
+    state.quant_info = info
+    (state.tmp / "prepared.onnx").unlink()
+
+
+def sparse_storage(state: RunState) -> None:
+    """Pruned initializers stored sparse where smaller; onnxruntime densifies them at load, which
+    is checked here on the eval data (bit-identical outputs expected)."""
+    path = state.tmp / "model.onnx"
+    with state.timer.stage("export.sparse_storage") as rec:
+        dense_bytes = path.read_bytes()
+        state.storage = store_sparse(path)
+        rec["params"]["sparse_initializers"] = len(state.storage["initializers"])
+        if state.storage["used"]:
+            state.storage["outputs_vs_dense"] = storage_diff(dense_bytes, path, state.spec.eval_batches)
+    if state.storage["used"]:
+        st = state.storage
+        state.notes.append(f"{len(st['initializers'])} pruned initializer(s) stored as ONNX sparse initializers "
+                           f"(int64 indices): model.onnx {st['dense']['raw']:,} -> {st['sparse']['raw']:,} bytes; "
+                           "onnxruntime densifies them at load, so the outputs are unchanged")
+
+
+def verify(state: RunState) -> None:
+    spec, tmp, threads, progress = state.spec, state.tmp, state.threads, state.progress
+    with state.timer.stage("verify.accuracy"):
+        accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+        fidelity = fidelity_of(spec, state.reference, onnx_out, progress)
+    with state.timer.stage("verify.latency", {"threads": threads}):
+        latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+    state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,
+                      "sizes": sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")}
+
+
+def package(state: RunState) -> None:
+    """What an app needs beside model.onnx (the tokenizer of a Hugging Face model)."""
+    files = exporter_for(state.spec).artifacts(state.spec, state.tmp)
+    if state.recipe.target == "mobile":
+        limit = accuracy_limit(state.recipe.gates, state.spec.task)
+        state.mobile, checks = mobile_step(state.spec, state.tmp, state.input_shapes, limit, state.timer.stage, files)
+        state.checks += checks
+        sizes = sizes_of(state.tmp / "baseline.onnx", state.tmp / "model.onnx")  # model.onnx: fixed shapes now
+        sizes.update(ort=state.mobile["sizes"]["ort"]["raw"], ort_compressed=state.mobile["sizes"]["ort"]["compressed"])
+        state.measured["sizes"] = sizes
+    if state.storage:
+        state.measured["sizes"].update(model_dense=state.storage["dense"]["raw"],
+                                       model_dense_compressed=state.storage["dense"]["compressed"])
+
+
+def report(state: RunState) -> None:
+    m, recipe, spec = state.measured, state.recipe, state.spec
+    checks = evaluate_gates(recipe.gates, m["accuracy"], m["latency"]) + state.checks
+    state.report = {
+        "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
+        "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m["sizes"],
+        "accuracy": m["accuracy"], "fidelity": m["fidelity"], "sparse_storage": state.storage,
+        "quantization": state.quant_info,
+        "latency_ms": m["latency"], "checks": checks, "notes": state.notes,
+        "recipe": recipe.to_dict(), "task": spec.task, **state.extra,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+    if state.mobile is not None:
+        state.report["mobile"] = state.mobile
+        state.mobile["bundle"] = build_bundle(state.tmp, state.report)
+    write_report(state.report, state.tmp)
+
+
+STEPS = (export_baseline, prune, recalibrate, recover, fold, transform, export_prepared, quantize, sparse_storage,
+         verify, package, report)
 
 
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS,
         input_shapes: dict | None = None) -> dict:
     """`input_shapes` (from --input-shape) fixes the mobile model's inputs; default: the spec's example."""
     seed_everything(recipe.seed)
-    threads = recipe.threads or default_threads()
-    st = _Stages(progress)
-    notes: list[str] = []
     with atomic_output(outdir) as tmp:
-        with st.stage("export.baseline", {"exporter": spec.exporter}):
-            export_model(spec, spec.model, tmp / "baseline.onnx")
-
-        work = copy_for_compression(spec.model)
-        layers = prunable_layers(work, spec.prune_prefix)
-        dense = {n: m.weight.numel() for n, m in layers.items()}  # structured pruning shrinks them
-        extra: dict = {}
-        for stage in [s for s in recipe.stages if s.kind == "prune"]:
-            with st.stage(stage.qualified, stage.to_dict()["params"]) as rec:
-                entry = lookup("prune", stage.name)
-                if getattr(stage.config, "NEEDS_MODEL", False):
-                    result = entry.handler(work, stage.config, _structured_context(spec, threads))
-                else:
-                    result = entry.handler(layers, stage.config, None)
-                rec["params"]["achieved_sparsity"] = round(overall_sparsity(layers, dense), 6)
-            notes.append(result.speed_note)
-            extra.update(result.extra)
-        sparsity = {"overall": overall_sparsity(layers, dense), "layers": layer_sparsity(layers, dense)}
-
-        if recipe.stage("prune") is not None:
-            with st.stage("recalibrate_batchnorm") as rec:
-                batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
-                rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
-        recover = recipe.stage("recover")
-        if recover is not None:
-            from toolchain.recovery import RecoverContext
-
-            with st.stage(recover.qualified, recover.to_dict()["params"]) as rec:
-                extra["recovery"] = lookup("recover", recover.name).handler(
-                    work, recover.config, RecoverContext(spec, recipe.seed, progress))
-                rec["params"]["steps_run"] = extra["recovery"]["steps"]
-            with st.stage("recalibrate_batchnorm") as rec:  # fine-tuning moved the statistics again
-                batches = track(progress, spec.calib_batches, "BatchNorm statistics", "batches")
-                rec["params"]["layers"] = recalibrate_batchnorm(work, batches, spec.torch_outputs)
-        with st.stage("fold_batchnorm") as rec:
-            work, folded = fold_batchnorm(work)
-            rec["params"]["folded"] = folded
-
-        quant = recipe.stage("quantize")
-        alpha = getattr(quant.config, "smoothquant", 0.0) if quant is not None else 0.0
-        if alpha > 0:
-            with st.stage("quantize.smoothquant", {"alpha": alpha}) as rec:
-                groups = smooth_model(work, spec.calib_batches, spec.torch_outputs, alpha, progress)
-                rec["params"]["groups"] = len(groups)
-                rec["params"]["layers"] = sum(len(g["linears"]) for g in groups)
-        with st.stage("export.model", {"exporter": spec.exporter}):
-            prepared = export_model(spec, work, tmp / "prepared.onnx")
-        quant_info = {}
-        if quant is not None:
-            with st.stage(quant.qualified, quant.to_dict()["params"]) as rec:
-                limit = accuracy_limit(recipe.gates, spec.task)
-                reference, quant_info = quantize_to_onnx(work, spec, quant, prepared, tmp / "model.onnx", limit,
-                                                         recipe.target, progress)
-                rec["params"]["quantized_layers"] = quant_info["quantized_layers"]
-                if quant_info.get("fallback"):
-                    notes.append(f"accuracy-aware fallback: {len(quant_info['fallback'])} layer(s) kept in FP32: "
-                                 + ", ".join(f["layer"] for f in quant_info["fallback"]))
-            (tmp / "prepared.onnx").unlink()
-        else:
-            (tmp / "prepared.onnx").rename(tmp / "model.onnx")
-            reference = lambda b: spec.torch_outputs(work, b)  # noqa: E731
-
-        with st.stage("export.sparse_storage") as rec:
-            dense_bytes = (tmp / "model.onnx").read_bytes()
-            storage = store_sparse(tmp / "model.onnx")
-            rec["params"]["sparse_initializers"] = len(storage["initializers"])
-            if storage["used"]:
-                storage["outputs_vs_dense"] = storage_diff(dense_bytes, tmp / "model.onnx", spec.eval_batches)
-        if storage["used"]:
-            notes.append(f"{len(storage['initializers'])} pruned initializer(s) stored as ONNX sparse initializers "
-                         f"(int64 indices): model.onnx {storage['dense']['raw']:,} -> {storage['sparse']['raw']:,} bytes; "
-                         "onnxruntime densifies them at load, so outputs are unchanged")
-        with st.stage("verify.accuracy"):
-            accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
-            fidelity = fidelity_of(spec, reference, onnx_out, progress)
-        with st.stage("verify.latency", {"threads": threads}):
-            latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
-        sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")
-        sizes.update(model_dense=storage["dense"]["raw"], model_dense_compressed=storage["dense"]["compressed"])
-        tokenizer_files = save_tokenizer(spec, tmp) if spec.hf_folder else []
-        checks = evaluate_gates(recipe.gates, accuracy, latency)
-        mobile = None
-        if recipe.target == "mobile":
-            mobile, mobile_checks = mobile_step(spec, tmp, input_shapes or {}, accuracy_limit(recipe.gates, spec.task),
-                                                st.stage, tokenizer_files)
-            checks += mobile_checks
-            sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")  # model.onnx now has fixed shapes
-            sizes.update(ort=mobile["sizes"]["ort"]["raw"], ort_compressed=mobile["sizes"]["ort"]["compressed"])
-        report = {
-            "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
-            "stages": st.records, "sparsity": sparsity, "size_bytes": sizes, "accuracy": accuracy,
-            "fidelity": fidelity, "sparse_storage": storage, "quantization": quant_info, "latency_ms": latency,
-            "checks": checks, "notes": notes, "recipe": recipe.to_dict(), "task": spec.task, **extra,
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": onnxruntime.__version__},
-        }
-        if mobile is not None:
-            report["mobile"] = mobile
-            mobile["bundle"] = build_bundle(tmp, report)
-        write_report(report, tmp)
-    return report
+        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress,
+                         input_shapes=dict(input_shapes or {}))
+        for step in STEPS:
+            step(state)
+    return state.report

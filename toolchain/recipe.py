@@ -9,13 +9,16 @@ import yaml
 
 from runtime_check.gates import Gates
 from contracts.errors import ConfigError
-from toolchain.registry import config_from_dict, config_to_dict
+from contracts.targets import target_names
+from toolchain.builtin_methods import config_from_dict, config_to_dict
+from toolchain.stages import STAGE_KINDS
 
-__all__ = ["Stage", "Recipe", "TARGETS", "load_recipe"]
+__all__ = ["Stage", "Recipe", "TARGETS", "load_recipe", "upgrade_stage_dicts"]
 
-TARGETS = ("cpu", "mobile")
-# sparsity before quantization (methods.md, "Order"); recovery fine-tunes the pruned model
-STAGE_ORDER = {"prune": 0, "recover": 1, "quantize": 2}
+TARGETS = tuple(target_names())  # the target registry (contracts/targets.py) owns them
+# prune, recover, transform, quantize: int8 scales are computed on the final (pruned, recovered,
+# smoothed) weights
+STAGE_ORDER = {kind: rank for rank, kind in enumerate(STAGE_KINDS)}
 
 
 @dataclass(frozen=True)
@@ -44,27 +47,41 @@ class Recipe:
         self.validate()
 
     def validate(self) -> None:
-        if self.target not in TARGETS:
-            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(TARGETS)}")
+        if self.target not in target_names():
+            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(target_names())}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        for s in self.stages:
+            if s.kind not in STAGE_ORDER:
+                raise ConfigError(f"'{s.qualified}' is not a recipe stage; stage kinds: {', '.join(STAGE_KINDS)}")
         ranks = [STAGE_ORDER[s.kind] for s in self.stages]
         if ranks != sorted(ranks):
-            raise ConfigError("stage order: pruning, then recovery, then quantization "
-                              "(quantization scales are computed on the pruned weights)")
+            raise ConfigError("stage order: pruning, then recovery, then transforms, then quantization "
+                              "(quantization scales are computed on the final weights)")
         if any(s.kind == "recover" for s in self.stages) and not any(s.kind == "prune" for s in self.stages):
             raise ConfigError("recovery fine-tunes a pruned model: the recipe needs a pruning stage before it")
         if sum(1 for s in self.stages if s.kind == "recover") > 1:
             raise ConfigError("a recipe takes at most one recovery stage")
         if sum(1 for s in self.stages if s.kind == "quantize") > 1:
             raise ConfigError("a recipe takes at most one quantization stage")
+        if self.stage("quantize") is None:
+            for s in self.stages:
+                if s.kind == "transform" and s.config.requires_quantization:
+                    raise ConfigError(f"{s.qualified} only prepares a model for quantization; "
+                                      "add a quantize stage after it or remove it")
 
     def stage(self, kind: str) -> Stage | None:
         return next((s for s in self.stages if s.kind == kind), None)
 
+    def stages_of(self, kind: str) -> list[Stage]:
+        return [s for s in self.stages if s.kind == kind]
+
     def with_stage(self, kind: str, stage: Stage | None) -> "Recipe":
         """Replace every stage of `kind` by `stage` (None removes them), keeping the order rule."""
-        kept = [s for s in self.stages if s.kind != kind] + ([stage] if stage else [])
+        return self.with_stages(kind, [stage] if stage else [])
+
+    def with_stages(self, kind: str, stages: list[Stage]) -> "Recipe":
+        kept = [s for s in self.stages if s.kind != kind] + list(stages)
         return replace(self, stages=tuple(sorted(kept, key=lambda s: STAGE_ORDER[s.kind])))
 
     def to_dict(self) -> dict:
@@ -80,8 +97,8 @@ class Recipe:
         if unknown:
             raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         stages = []
-        for item in data.get("stages") or []:
-            kind, name, config = config_from_dict(item if isinstance(item, dict) else {"type": item})
+        for item in upgrade_stage_dicts(data.get("stages") or []):
+            kind, name, config = config_from_dict(item)
             stages.append(Stage(kind, name, config))
         try:
             gates = Gates(**(data.get("gates") or {}))
@@ -92,6 +109,40 @@ class Recipe:
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+LEGACY_SMOOTHING = ("quantize.int8", "quantize.int8-dynamic")
+
+
+def upgrade_stage_dicts(items: list) -> list[dict]:
+    """Recipes written before SmoothQuant became a stage and fallback a policy still load:
+    `smoothquant: ALPHA` inside quantize.int8 / int8-dynamic becomes a `transform.smoothquant`
+    stage in front of it (0 = none), and `fallback: BOOL` + `max_fallback_fraction: F` become
+    `fallback: {enabled, max_fraction}`. Giving both the old key and the new stage is an error."""
+    items = [dict(i) if isinstance(i, dict) else {"type": i} for i in items]
+    explicit = any(str(i.get("type")) == "transform.smoothquant" for i in items)
+    out = []
+    for item in items:
+        params = item.get("params")
+        if str(item.get("type")) in LEGACY_SMOOTHING and isinstance(params, dict):
+            params = dict(params)
+            if "smoothquant" in params:
+                alpha = params.pop("smoothquant")
+                if explicit:
+                    raise ConfigError(f"{item['type']}: 'smoothquant' moved to its own stage; the recipe "
+                                      "already has transform.smoothquant, so remove the old parameter")
+                if alpha:
+                    out.append({"type": "transform.smoothquant", "params": {"alpha": alpha}})
+            if "max_fallback_fraction" in params:
+                old = params.pop("max_fallback_fraction")
+                policy = params.get("fallback", True)
+                if not isinstance(policy, bool):
+                    raise ConfigError(f"{item['type']}: give the fallback share as fallback.max_fraction, "
+                                      "not max_fallback_fraction")
+                params["fallback"] = {"enabled": policy, "max_fraction": old}
+            item = {**item, "params": params}
+        out.append(item)
+    return out
 
 
 def load_recipe(path: Path) -> Recipe:

@@ -6,21 +6,21 @@ import torch
 
 from contracts.progress import NULL_PROGRESS, Progress
 from models.spec import ModelSpec
-from runtime_check.accuracy import classification_metrics, embedding_metrics
+from contracts.tasks import get_task
+from runtime_check.accuracy import task_metrics
 from toolchain.folding import copy_for_compression
 from toolchain.recovery import RecoveryConfig, make_pool, recover
+from toolchain.registry import register
+from toolchain.stages import RecoverContext
 
-__all__ = ["run_recovery", "torch_metric"]
+__all__ = ["run_recovery", "torch_metric", "recover_distill"]
 
 
 def torch_metric(spec: ModelSpec, dense_out: np.ndarray, model: torch.nn.Module) -> float:
     """The report's metric of a torch model on the eval split: top-1 (labels), agreement with the
     dense model (no labels) or mean cosine to the dense embeddings (encoders)."""
     out = np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in spec.eval_batches])
-    if spec.task == "feature-extraction":
-        return embedding_metrics(dense_out, out)["model"]
-    m = classification_metrics(dense_out, out, spec.eval_labels)
-    return m["model"]
+    return task_metrics(get_task(spec.task), dense_out, out, spec.eval_labels)["model"]
 
 
 def _sources(spec: ModelSpec, extra_path: str | None):
@@ -43,7 +43,8 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
     teacher = copy_for_compression(spec.model)
     batches, labels = _sources(spec, extra_path)
     text = "input_ids" in batches[0]
-    pool = make_pool(batches, labels, text, encoder=spec.task == "feature-extraction")
+    kind = get_task(spec.task)
+    pool = make_pool(batches, labels, text, encoder=kind.output == "embeddings")
     dense_out = np.concatenate([spec.postprocess(spec.torch_outputs(teacher, b), b) for b in spec.eval_batches])
     with progress.task("recovery", config.steps, "step") as task:
         def update(step, steps, elapsed, budget, loss):
@@ -52,7 +53,13 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
             task.advance()
 
         info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update)
-    info["metric"] = "cosine" if spec.task == "feature-extraction" else \
-        ("top1" if spec.eval_labels is not None else "top1_agreement")
+    info["metric"] = kind.metric if kind.output == "embeddings" or spec.eval_labels is not None \
+        else f"{kind.metric}_agreement"
     info["labels_used"] = labels is not None
     return info
+
+
+@register("recover", "distill", RecoveryConfig,
+          "distillation from the dense teacher after pruning (KL / hidden-state MSE + cosine), augmented")
+def recover_distill(model: torch.nn.Module, config: RecoveryConfig, ctx: RecoverContext) -> dict:
+    return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.progress)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -25,11 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from contracts.errors import ConfigError
-from contracts.progress import NULL_PROGRESS
 from toolchain.recovery_data import Pool, make_pool
-from toolchain.registry import register
 
-__all__ = ["RecoveryConfig", "RecoverContext", "recover", "distill_loss"]
+__all__ = ["RecoveryConfig", "recover", "distill_loss"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,9 @@ class RecoveryConfig:
     temperature: float = 2.0
     label_weight: float = 0.5
     data: str | None = None  # extra unlabeled/labeled data file (same formats as --calib-data)
-    VERSION = 1
+    VERSION: ClassVar[int] = 1
+    kind: ClassVar[str] = "recover"
+    requires_calibration: ClassVar[bool] = True  # the calibration split is its training data
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:
@@ -153,19 +153,3 @@ def _thin(curve: list[float], points: int = 100) -> list[list[float]]:
 
 
 __all__ += ["make_pool", "Pool"]
-
-
-@dataclass
-class RecoverContext:
-    spec: object  # models.spec.ModelSpec
-    seed: int = 0
-    progress: object = NULL_PROGRESS  # contracts.progress.Progress
-
-
-@register("recover", "distill", RecoveryConfig,
-          "distillation from the dense teacher after pruning (KL / hidden-state MSE + cosine), augmented")
-def _recover_handler(model, config: RecoveryConfig, ctx):
-    """Registry entry; the pipeline runs recovery through toolchain.recover_step.run_recovery."""
-    from toolchain.recover_step import run_recovery
-
-    return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.progress)

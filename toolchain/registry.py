@@ -1,7 +1,11 @@
-"""Name -> (config class, handler) registry, one namespace per stage kind ("prune", "quantize").
+"""Name -> (config class, handler) registry, one namespace per kind ("prune", "transform",
+"quantize", and "observer").
 
 Every CLI choice, recipe stage and Python call resolves through here, so a listed method is a
-registered method, and a miss names the known ones.
+registered method, and a miss names the known ones. This module imports no method: method modules
+import `register` from here, and toolchain/builtin_methods.py imports every built-in method module
+(the one list). Code that looks methods up imports toolchain.builtin_methods, which re-exports
+the query functions below once everything is registered.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ _REGISTRY: dict[str, dict[str, StageEntry]] = {}
 
 
 def register(kind: str, name: str, config_cls: type, summary: str):
-    """Decorator registering `handler(model, config, ctx)` for `kind.name`."""
+    """Decorator registering `handler(model, config, ctx)` for `kind.name` (toolchain/stages.py)."""
+
+    if getattr(config_cls, "kind", kind) != kind:  # a programming error, caught at import time
+        raise TypeError(f"{config_cls.__name__}.kind is '{config_cls.kind}', registered as '{kind}'")
 
     def wrap(handler):
         _REGISTRY.setdefault(kind, {})[name] = StageEntry(kind, name, config_cls, handler, summary)
@@ -36,15 +43,7 @@ def register(kind: str, name: str, config_cls: type, summary: str):
     return wrap
 
 
-def _load_builtin_stages() -> None:
-    # Import for the side effect of registration; kept here so callers never depend on import order.
-    import toolchain.pruning  # noqa: F401
-    import toolchain.quantization  # noqa: F401
-    import toolchain.recovery  # noqa: F401
-
-
 def lookup(kind: str, name: str) -> StageEntry:
-    _load_builtin_stages()
     known = _REGISTRY.get(kind, {})
     if name not in known:
         raise ConfigError(f"unknown {kind} method '{name}'; known: {', '.join(sorted(known))}")
@@ -52,12 +51,10 @@ def lookup(kind: str, name: str) -> StageEntry:
 
 
 def names(kind: str) -> list[str]:
-    _load_builtin_stages()
     return sorted(_REGISTRY.get(kind, {}))
 
 
 def entries() -> list[StageEntry]:
-    _load_builtin_stages()
     return [e for kind in sorted(_REGISTRY) for e in _REGISTRY[kind].values()]
 
 

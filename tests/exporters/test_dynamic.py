@@ -4,7 +4,7 @@ torch fake-quant model (activations quantized per tensor at run time)."""
 from types import SimpleNamespace
 
 from runtime_check.isa import weight_qmax
-from toolchain.quantize_step import QuantContext
+from toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,9 +17,10 @@ from exporters.dynamic import insert_dynamic
 from exporters.onnx_export import export_torch
 from exporters.qdq import find_sites
 from toolchain.pruning import prunable_layers
-from toolchain.quantization import Int8DynamicConfig, QuantParams, fake_quant_model, quantize_weights
-from toolchain.quantization.plan import Anchor
-from toolchain.registry import lookup
+from contracts.quant import Anchor, QuantParams
+from toolchain.quantization import fake_quant_model, quantize_weights
+from toolchain.quantization.int8 import Int8DynamicConfig
+from toolchain.builtin_methods import lookup
 
 OPT_LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
 

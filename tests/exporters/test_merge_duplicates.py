@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.qdq import merge_duplicate_nodes
+from exporters.graph import merge_duplicate_nodes
 
 
 def _graph():

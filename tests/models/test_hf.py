@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from transformers import BertForSequenceClassification, BertModel
 
+from exporters.export import exporter_for
 from models.hf import build_hf_spec, default_corpus, detect_task, is_hf_folder, mean_pool
 from models.text_data import MAX_LENGTH
+from models.spec import HFFolder
 from models.zoo import load_model
 from contracts.errors import ModelLoadError
 
@@ -65,12 +67,12 @@ def test_mean_pool_full_mask_is_the_plain_mean_and_empty_mask_is_zero():
 
 def test_spec_of_the_tiny_bert(tiny_bert, tiny_bert_spec):
     spec = tiny_bert_spec
-    assert spec.name == tiny_bert.name and spec.hf_folder == str(tiny_bert)
+    assert spec.name == tiny_bert.name and spec.kind == HFFolder(str(tiny_bert))
     assert spec.task == "feature-extraction" and isinstance(spec.model, BertModel)
     assert not spec.model.training
     assert spec.input_names == OPTIMUM_INPUTS  # optimum's names, in optimum's order
     assert spec.output_names == ["last_hidden_state"]
-    assert spec.exporter == "optimum"
+    assert exporter_for(spec).name == "optimum"
     assert spec.default_prune == "none"  # no unstructured pruning by default for transformers
     assert spec.prune_prefix == "encoder."
     assert spec.postprocess is mean_pool
@@ -132,7 +134,7 @@ def test_task_override(tiny_bert, tiny_bert_cls):
 
 def test_load_model_resolves_a_folder(tiny_bert):
     spec = load_model(str(tiny_bert))
-    assert spec.exporter == "optimum" and spec.name == "tiny-bert"
+    assert exporter_for(spec).name == "optimum" and spec.name == "tiny-bert"
 
 
 @pytest.mark.parametrize("make", [

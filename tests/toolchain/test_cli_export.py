@@ -133,7 +133,7 @@ def test_recipe_in_the_report_reloads(default_export, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(default_export.report["recipe"]))
     recipe = load_recipe(path)
-    assert [s.qualified for s in recipe.stages] == ["prune.magnitude", "quantize.int8"]
+    assert [s.qualified for s in recipe.stages] == ["prune.magnitude", "transform.smoothquant", "quantize.int8"]
     assert recipe.to_dict() == Recipe.from_dict(default_export.report["recipe"]).to_dict()
 
 

@@ -13,9 +13,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from models.hf import mean_pool
 from runtime_check.isa import weight_qmax
-from toolchain.quantization.params import quantize_weight_per_channel
+from contracts.quant import quantize_weight_per_channel
 
-# the four design.md artifacts plus the tokenizer an app needs beside model.onnx
+# the four required artifacts (model, baseline, report.json, report.md) plus the tokenizer an app needs beside model.onnx
 EXPECTED_FILES = sorted(["baseline.onnx", "model.onnx", "report.json", "report.md", "special_tokens_map.json",
                          "tokenizer.json", "tokenizer_config.json", "vocab.txt"])
 OPTIMUM_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
@@ -110,8 +110,8 @@ def test_no_pruning_by_default_for_hf(fe):
     rep = _ok(fe)
     names = [s["name"] for s in rep["stages"]]
     assert not any(n.startswith("prune.") for n in names)
-    assert "quantize.smoothquant" in names and "quantize.int8" in names
-    assert names.index("quantize.smoothquant") < names.index("export.model") < names.index("quantize.int8")
+    assert "transform.smoothquant" in names and "quantize.int8" in names
+    assert names.index("transform.smoothquant") < names.index("export.model") < names.index("quantize.int8")
     assert rep["sparsity"]["overall"] == 0.0
     assert set(rep["sparsity"]["layers"]) == set(ENCODER_LINEARS)
     assert set(rep["sparsity"]["layers"].values()) == {0.0}
@@ -213,7 +213,7 @@ def test_sparsity_on_feature_extraction_prunes_encoder_only(sparse):
     assert set(layers) == set(ENCODER_LINEARS)
     assert rep["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
     names = [s["name"] for s in rep["stages"]]
-    assert names.index("prune.magnitude") < names.index("quantize.smoothquant") < names.index("quantize.int8")
+    assert names.index("prune.magnitude") < names.index("transform.smoothquant") < names.index("quantize.int8")
 
 
 # ---------------------------------------------------------------- accuracy-aware fallback
@@ -232,7 +232,7 @@ def test_fallback_when_the_gate_cannot_hold(strict, onnx_tools):
     rep = strict.report
     assert rep["passed"] is False and rep["checks"][0]["passed"] is False
     q = rep["quantization"]
-    max_layers = int(len(ENCODER_LINEARS) * 0.25)  # Int8StaticConfig.max_fallback_fraction
+    max_layers = int(len(ENCODER_LINEARS) * 0.25)  # FallbackPolicy.max_fraction
     assert len(q["fallback"]) == max_layers
     assert len(q["predicted_drop_trace"]) == len(q["fallback"]) + 1
     assert q["quantized_layers"] == len(ENCODER_LINEARS) - max_layers

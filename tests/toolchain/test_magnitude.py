@@ -7,7 +7,8 @@ from contracts.errors import ConfigError
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.pruning.magnitude import MagnitudePruneConfig, magnitude_masks
 from toolchain.pruning.masks import smallest_k_mask
-from toolchain.registry import lookup
+from toolchain.builtin_methods import lookup
+from toolchain.stages import PruneContext
 
 W_A = torch.tensor([[0.5, -0.1, 0.3], [-0.7, 0.2, 0.05]])  # |w| sorted: .05 .1 .2 .3 .5 .7
 W_B = torch.tensor([[4.0, -3.0], [2.0, 1.0]])
@@ -102,7 +103,7 @@ def test_registered_handler_zeroes_weights_and_leaves_bias_alone():
         lin.weight.copy_(W_A)
         lin.bias.copy_(torch.tensor([0.01, -0.02]))
     layers = {"lin": lin}
-    result = lookup("prune", "magnitude").handler(layers, MagnitudePruneConfig(0.5, "layer"))
+    result = lookup("prune", "magnitude").handler(lin, MagnitudePruneConfig(0.5, "layer"), PruneContext(layers))
     torch.testing.assert_close(lin.weight, torch.tensor([[0.5, 0.0, 0.3], [-0.7, 0.0, 0.0]]))
     assert (lin.weight == 0).sum() == 3  # exact zeros
     assert lin.bias.tolist() == pytest.approx([0.01, -0.02])

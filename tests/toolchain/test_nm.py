@@ -5,7 +5,8 @@ from torch import nn
 
 from contracts.errors import ConfigError
 from toolchain.pruning.nm import NMPruneConfig, nm_mask, parse_nm
-from toolchain.registry import lookup
+from toolchain.builtin_methods import lookup
+from toolchain.stages import PruneContext
 
 
 def test_linear_2_4_with_padded_last_group():
@@ -64,7 +65,7 @@ def test_handler_applies_masks_as_exact_zeros():
     lin = nn.Linear(8, 3, bias=False)
     torch.manual_seed(1)
     nn.init.normal_(lin.weight)
-    lookup("prune", "nm").handler({"lin": lin}, NMPruneConfig(1, 4))
+    lookup("prune", "nm").handler(lin, NMPruneConfig(1, 4), PruneContext({"lin": lin}))
     nonzeros = (lin.weight != 0).reshape(3, 2, 4).sum(-1)
     assert (nonzeros == 1).all()
 

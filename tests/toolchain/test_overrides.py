@@ -5,7 +5,8 @@ from runtime_check.gates import Gates
 from contracts.errors import ConfigError
 from toolchain.overrides import Overrides, apply_overrides
 from toolchain.pruning.magnitude import MagnitudePruneConfig
-from toolchain.quantization import Int8StaticConfig
+from toolchain.quantization.int8 import Int8StaticConfig
+from toolchain.quantization.smoothing import SmoothQuantConfig
 from toolchain.recipe import Recipe, Stage
 
 
@@ -17,13 +18,26 @@ def _recipe(**kw):
 
 def test_defaults_without_recipe():
     r = apply_overrides(None, Overrides())
-    assert [s.qualified for s in r.stages] == ["prune.magnitude", "quantize.int8"]
+    assert [s.qualified for s in r.stages] == ["prune.magnitude", "transform.smoothquant", "quantize.int8"]
     assert r.stage("prune").config == MagnitudePruneConfig(0.5, "global")
+    assert r.stage("transform").config == SmoothQuantConfig(alpha=0.85)
     assert r.stage("quantize").config == Int8StaticConfig()
 
 
+def test_no_default_smoothing_without_quantization_or_with_a_recipe_file():
+    assert [s.qualified for s in apply_overrides(None, Overrides(quant="none")).stages] == ["prune.magnitude"]
+    assert [s.qualified for s in apply_overrides(_recipe(), Overrides()).stages] == ["prune.magnitude", "quantize.int8"]
+
+
+def test_quant_none_drops_the_transforms_that_only_serve_quantization():
+    recipe = Recipe(stages=(Stage("transform", "smoothquant", SmoothQuantConfig(0.5)),
+                            Stage("quantize", "int8", Int8StaticConfig())))
+    assert apply_overrides(recipe, Overrides(quant="none")).stages == ()
+
+
 def test_model_default_prune_none_unless_sparsity_typed():
-    assert [s.qualified for s in apply_overrides(None, Overrides(), "none").stages] == ["quantize.int8"]
+    assert [s.qualified for s in apply_overrides(None, Overrides(), "none").stages] == ["transform.smoothquant",
+                                                                                       "quantize.int8"]
     r = apply_overrides(None, Overrides(sparsity=0.25), "none")
     assert r.stage("prune").config == MagnitudePruneConfig(0.25, "global")
 

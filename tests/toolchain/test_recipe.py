@@ -5,15 +5,20 @@ from runtime_check.gates import Gates
 from contracts.errors import ConfigError
 from toolchain.pruning.magnitude import MagnitudePruneConfig
 from toolchain.pruning.nm import NMPruneConfig
-from toolchain.quantization import Int8StaticConfig
+from toolchain.quantization.fallback import FallbackPolicy
+from toolchain.quantization.int8 import Int8DynamicConfig, Int8StaticConfig
+from toolchain.quantization.smoothing import SmoothQuantConfig
 from toolchain.recipe import Recipe, Stage, load_recipe
 
 PRUNE = Stage("prune", "magnitude", MagnitudePruneConfig(0.7, "layer"))
 QUANT = Stage("quantize", "int8", Int8StaticConfig(observer="minmax", percentile=99.9))
 
 
+SMOOTH = Stage("transform", "smoothquant", SmoothQuantConfig(0.6))
+
+
 def test_yaml_dump_load_round_trip(tmp_path):
-    recipe = Recipe(stages=(PRUNE, QUANT), target="cpu", gates=Gates(0.5, 1.2, 3.0), threads=2, seed=7)
+    recipe = Recipe(stages=(PRUNE, SMOOTH, QUANT), target="cpu", gates=Gates(0.5, 1.2, 3.0), threads=2, seed=7)
     path = tmp_path / "r.yaml"
     path.write_text(recipe.dump())
     loaded = load_recipe(path)
@@ -90,3 +95,71 @@ def test_empty_file_is_the_default_recipe(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("")
     assert load_recipe(path) == Recipe()
+
+
+# ---------------------------------------------------------------- transforms and recipes of version 1
+
+def test_transforms_sit_between_pruning_and_quantization():
+    with pytest.raises(ConfigError, match="transforms"):
+        Recipe(stages=(SMOOTH, PRUNE, QUANT))
+    with pytest.raises(ConfigError, match="transforms"):
+        Recipe(stages=(PRUNE, QUANT, SMOOTH))
+    assert Recipe(stages=(QUANT,)).with_stage("transform", SMOOTH).stages == (SMOOTH, QUANT)
+
+
+def test_smoothquant_without_quantization_is_rejected():
+    with pytest.raises(ConfigError, match="add a quantize stage"):
+        Recipe(stages=(PRUNE, SMOOTH))
+
+
+def test_an_observer_is_not_a_stage(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stages: [observer.minmax, quantize.int8]\n")
+    with pytest.raises(ConfigError, match="not a recipe stage"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5, "abc", True])
+def test_smoothquant_alpha_outside_0_1_is_an_error(alpha):
+    with pytest.raises(ConfigError, match="alpha"):
+        SmoothQuantConfig(alpha)
+
+
+def _load(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def test_old_smoothquant_parameter_becomes_a_stage(tmp_path):
+    r = _load(tmp_path, "stages:\n  - type: prune.magnitude\n  - type: quantize.int8\n"
+                        "    version: 1\n    params: {observer: minmax, smoothquant: 0.7, fallback: true}\n")
+    assert [s.qualified for s in r.stages] == ["prune.magnitude", "transform.smoothquant", "quantize.int8"]
+    assert r.stage("transform").config == SmoothQuantConfig(0.7)
+    assert r.stage("quantize").config == Int8StaticConfig(observer="minmax")
+
+
+def test_old_smoothquant_zero_means_no_stage(tmp_path):
+    r = _load(tmp_path, "stages:\n  - type: quantize.int8-dynamic\n    params: {smoothquant: 0.0}\n")
+    assert [s.qualified for s in r.stages] == ["quantize.int8-dynamic"]
+    assert r.stage("quantize").config == Int8DynamicConfig()
+
+
+def test_old_parameter_and_new_stage_together_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="moved to its own stage"):
+        _load(tmp_path, "stages:\n  - type: transform.smoothquant\n  - type: quantize.int8\n"
+                        "    params: {smoothquant: 0.5}\n")
+
+
+def test_old_fallback_fields_become_a_policy(tmp_path):
+    r = _load(tmp_path, "stages:\n  - type: quantize.int8\n"
+                        "    params: {fallback: false, max_fallback_fraction: 0.1}\n")
+    assert r.stage("quantize").config.fallback == FallbackPolicy(enabled=False, max_fraction=0.1)
+    assert _load(tmp_path, "stages: [quantize.int8]\n").stage("quantize").config.fallback == FallbackPolicy()
+
+
+@pytest.mark.parametrize("value", ["yes", 3, {"enabled": True, "share": 0.1}, {"max_fraction": 2.0},
+                                   {"enabled": "no"}])
+def test_bad_fallback_policies_are_config_errors(tmp_path, value):
+    with pytest.raises(ConfigError, match="fallback"):
+        Int8StaticConfig(fallback=value)

@@ -8,8 +8,8 @@ import yaml
 from contracts.errors import ConfigError
 from toolchain.pruning.magnitude import MagnitudePruneConfig
 from toolchain.pruning.nm import NMPruneConfig
-from toolchain.quantization import Int8StaticConfig
-from toolchain.registry import config_from_dict, config_to_dict, entries, lookup, names
+from toolchain.quantization.int8 import Int8StaticConfig
+from toolchain.builtin_methods import config_from_dict, config_to_dict, entries, lookup, names
 
 
 def test_builtin_methods_are_registered():

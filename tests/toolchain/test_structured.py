@@ -9,7 +9,8 @@ from torch import nn
 from contracts.errors import ConfigError
 from exporters.onnx_export import export_torch
 from toolchain.pruning import structured as S
-from toolchain.pruning.structured_stage import StructuredContext, StructuredPruneConfig, prune_structured
+from toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
+from toolchain.stages import PruneContext
 
 
 class TinyRes(nn.Module):
@@ -101,7 +102,7 @@ def test_round_to_multiple_of_eight_and_floor():
 
 def test_stage_exports_and_reloads_in_onnxruntime(tmp_path):
     model = _model()
-    ctx = StructuredContext(EXAMPLE, BATCHES, _run, lambda m, p: None, threads=1)
+    ctx = PruneContext({}, BATCHES, _run, example_inputs=EXAMPLE, export=lambda m, p: None, threads=1)
     result = prune_structured(model, StructuredPruneConfig(sparsity=0.5, round_to=8), ctx)
     st = result.extra["structure"]
     assert st["macs"]["after"] < 0.5 * st["macs"]["before"]
@@ -129,3 +130,18 @@ def test_config_rejects_bad_values():
         StructuredPruneConfig(sparsity=1.0)
     with pytest.raises(ConfigError):
         StructuredPruneConfig(importance="random")
+
+
+def test_latency_table_measures_every_group(tmp_path):
+    from toolchain.pruning.latency_table import measure_group_costs
+    from toolchain.pruning.structured_stage import _half_pruner
+
+    model = _model()
+    _, groups = S.channel_groups(model, EXAMPLE)
+
+    def export(m, path):
+        export_torch(m, EXAMPLE, ["x"], ["y"], {}, path)
+
+    costs = measure_group_costs(model, EXAMPLE, len(groups), _half_pruner(EXAMPLE), export, threads=1, budget_s=0.5)
+    assert len(costs) == len(groups) and all(c > 0 for c in costs)
+    assert model.c1[0].weight.shape[0] == 32  # the model itself is untouched

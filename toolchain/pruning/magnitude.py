@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from contracts.errors import ConfigError
 from toolchain.pruning.masks import apply_masks, smallest_k_mask
-from toolchain.pruning.result import PruneResult
 from toolchain.registry import register
+from toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["MagnitudePruneConfig", "magnitude_masks"]
 
@@ -23,7 +24,9 @@ class MagnitudePruneConfig:
 
     sparsity: float = 0.5
     scope: str = "global"
-    VERSION = 1
+    VERSION: ClassVar[int] = 1
+    kind: ClassVar[str] = "prune"
+    requires_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -52,8 +55,8 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: st
 
 @register("prune", "magnitude", MagnitudePruneConfig,
           "unstructured magnitude pruning (layer-wise or global); zeros = size, not CPU speed")
-def prune_magnitude(layers, config: MagnitudePruneConfig, ctx=None) -> PruneResult:
-    masks = magnitude_masks({n: m.weight for n, m in layers.items()}, config.sparsity, config.scope)
-    apply_masks(layers, masks)
+def prune_magnitude(model, config: MagnitudePruneConfig, ctx: PruneContext) -> PruneResult:
+    masks = magnitude_masks({n: m.weight for n, m in ctx.layers.items()}, config.sparsity, config.scope)
+    apply_masks(ctx.layers, masks)
     return PruneResult(masks=masks, speed_note="unstructured zeros shrink the compressed download; "
                        "onnxruntime's CPU kernels do not skip them, so they add no speed")

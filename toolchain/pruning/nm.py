@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from contracts.errors import ConfigError
 from toolchain.pruning.masks import apply_masks
-from toolchain.pruning.result import PruneResult
 from toolchain.registry import register
+from toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["NMPruneConfig", "nm_mask", "parse_nm"]
 
@@ -29,7 +30,9 @@ def parse_nm(text: str) -> tuple[int, int]:
 class NMPruneConfig:
     n: int = 2
     m: int = 4
-    VERSION = 1
+    VERSION: ClassVar[int] = 1
+    kind: ClassVar[str] = "prune"
+    requires_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         if not 0 < self.n < self.m:
@@ -53,8 +56,8 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 @register("prune", "nm", NMPruneConfig,
           "N:M semi-structured (default 2:4) along input channels; zeros = size, not CPU speed")
-def prune_nm(layers, config: NMPruneConfig, ctx=None) -> PruneResult:
-    masks = {name: nm_mask(mod.weight, config.n, config.m) for name, mod in layers.items()}
-    apply_masks(layers, masks)
+def prune_nm(model, config: NMPruneConfig, ctx: PruneContext) -> PruneResult:
+    masks = {name: nm_mask(mod.weight, config.n, config.m) for name, mod in ctx.layers.items()}
+    apply_masks(ctx.layers, masks)
     return PruneResult(masks=masks, speed_note=f"{config.n}:{config.m} zeros shrink the compressed "
                        "download; onnxruntime's CPU kernels have no N:M path, so they add no speed")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from contracts.errors import ConfigError
 from toolchain.pruning import structured as S
-from toolchain.pruning.result import PruneResult
 from toolchain.registry import register
+from toolchain.stages import PruneContext, PruneResult
 
-__all__ = ["StructuredPruneConfig", "StructuredContext", "prune_structured", "structure_of"]
+__all__ = ["StructuredPruneConfig", "prune_structured", "structure_of"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,9 @@ class StructuredPruneConfig:
     allocation: str = "global"
     round_to: int = 8
     repair: bool = True
-    VERSION = 1
-    NEEDS_MODEL = True  # the handler gets the whole model and a StructuredContext, not a layer dict
+    VERSION: ClassVar[int] = 1
+    kind: ClassVar[str] = "prune"
+    requires_calibration: ClassVar[bool] = True  # activation importance reads calibration data
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -43,15 +43,6 @@ class StructuredPruneConfig:
             raise ConfigError(f"allocation must be one of {', '.join(S.ALLOCATIONS)}, got '{self.allocation}'")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
-
-
-@dataclass
-class StructuredContext:
-    example_inputs: dict
-    calib_batches: list
-    run: Callable  # run(model, batch) -> outputs
-    export: Callable[[nn.Module, Path], None]  # for the latency table
-    threads: int = 1
 
 
 def _is_transformer(model: nn.Module) -> bool:
@@ -73,7 +64,7 @@ def structure_of(before: dict, after: dict, macs: tuple, params: tuple, removed:
             "macs": {"before": macs[0], "after": macs[1], "ratio": macs[1] / max(1, macs[0])}}
 
 
-def _prune_cnn(model: nn.Module, config: StructuredPruneConfig, ctx: StructuredContext) -> dict:
+def _prune_cnn(model: nn.Module, config: StructuredPruneConfig, ctx: PruneContext) -> dict:
     graph, groups = S.channel_groups(model, ctx.example_inputs)
     if not groups:
         raise ConfigError("structured pruning found no prunable channel groups in this model")
@@ -109,7 +100,7 @@ def _half_pruner(example: dict):
 
 @register("prune", "structured", StructuredPruneConfig,
           "remove whole channels / attention heads / FFN neurons (physically smaller: real CPU speed)")
-def prune_structured(model: nn.Module, config: StructuredPruneConfig, ctx: StructuredContext) -> PruneResult:
+def prune_structured(model: nn.Module, config: StructuredPruneConfig, ctx: PruneContext) -> PruneResult:
     before, macs0 = _layer_shapes(model), S.count_macs_params(model, ctx.example_inputs)
     if _is_transformer(model):
         from toolchain.pruning.transformer_structured import prune_transformer

@@ -9,19 +9,54 @@ for the final gate.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from contracts.errors import ConfigError
+from contracts.quant import QuantParams
 from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.params import fake_quant_act
-from toolchain.quantization.static import QuantParams
 
-__all__ = ["local_snr_db", "fallback_until"]
+__all__ = ["FallbackPolicy", "local_snr_db", "fallback_until"]
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """Whether and how far a quantize method's layers may return to FP32 to meet the accuracy
+    gate. Held by every quantize config that declares `supports_fallback = True`; in a recipe:
+    `fallback: {enabled: true, max_fraction: 0.25}` (`fallback: false` is short for disabled)."""
+
+    enabled: bool = True
+    max_fraction: float = 0.25  # at most this share of the quantized layers falls back
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"fallback.enabled must be true or false, got {self.enabled!r}")
+        if not 0.0 <= self.max_fraction <= 1.0:
+            raise ConfigError(f"fallback.max_fraction must be in [0, 1], got {self.max_fraction}")
+
+    @classmethod
+    def coerce(cls, value) -> "FallbackPolicy":
+        """A policy from what a recipe or a Python caller gives: a policy, a bool or a mapping."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"enabled", "max_fraction"})
+            if unknown:
+                raise ConfigError(f"fallback: unknown key(s) {', '.join(map(str, unknown))}; "
+                                  "known: enabled, max_fraction")
+            return cls(**value)
+        raise ConfigError(f"fallback must be true, false or {{enabled, max_fraction}}, got {value!r}")
+
+    def max_layers(self, n_layers: int) -> int:
+        return int(n_layers * self.max_fraction) if self.enabled else 0
 
 
 @torch.no_grad()

@@ -1,18 +1,27 @@
-"""Activation range observers for per-tensor calibration.
+"""Activation range observers for per-tensor calibration, registered like methods (kind "observer").
 
-Each observer keeps the exact min/max plus a bounded, deterministic subsample of the values it
-saw; the range methods (min-max, percentile, entropy, MSE) then work on that sample. A strided
-subsample (no RNG) keeps calibration reproducible run to run.
+Each RangeObserver keeps the exact min/max plus a bounded, deterministic subsample of the values it
+saw; the registered range methods (min-max, percentile, entropy, MSE) then work on that sample. A
+strided subsample (no RNG) keeps calibration reproducible run to run.
+
+An observer = a frozen config class (its parameters; `keeps_samples` says whether it needs more
+than the extremes) plus `range_fn(observed, config) -> (lo, hi)` registered for it. The returned
+range is clamped to the observed min/max by `compute_range`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["RangeObserver", "OBSERVERS", "compute_range"]
+from contracts.errors import ConfigError
+from toolchain.registry import lookup, register
 
-OBSERVERS = ("minmax", "percentile", "entropy", "mse")
+__all__ = ["RangeObserver", "compute_range", "observer_config", "MinMaxObserver", "PercentileObserver",
+           "EntropyObserver", "MSEObserver"]
+
 PER_CALL_SAMPLES = 1 << 16
 MAX_SAMPLES = 1 << 21
 
@@ -91,20 +100,69 @@ def _kl_threshold(x: np.ndarray, bins: int = 2048, target: int = 128) -> float:
     return float(edges[best_i])
 
 
+class _Observer:
+    kind: ClassVar[str] = "observer"
+    requires_calibration: ClassVar[bool] = True
+    keeps_samples: ClassVar[bool] = True  # False: the exact min/max is all the method reads
+    VERSION: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class MinMaxObserver(_Observer):
+    keeps_samples: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class PercentileObserver(_Observer):
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass(frozen=True)
+class EntropyObserver(_Observer):
+    pass
+
+
+@dataclass(frozen=True)
+class MSEObserver(_Observer):
+    pass
+
+
+@register("observer", "minmax", MinMaxObserver, "exact min/max of everything observed (the default)")
+def minmax_range(obs: RangeObserver, config: MinMaxObserver) -> tuple[float, float]:
+    return obs.min, obs.max
+
+
+@register("observer", "percentile", PercentileObserver, "clip to the `percentile` / 100 - `percentile` quantiles")
+def percentile_range(obs: RangeObserver, config: PercentileObserver) -> tuple[float, float]:
+    return _percentile_range(obs.samples(), config.percentile)
+
+
+@register("observer", "entropy", EntropyObserver, "TensorRT-style KL-divergence clip threshold on |x|")
+def entropy_range(obs: RangeObserver, config: EntropyObserver) -> tuple[float, float]:
+    t = _kl_threshold(obs.samples())
+    return max(obs.min, -t), min(obs.max, t)
+
+
+@register("observer", "mse", MSEObserver, "shrunk min-max range with the least quantization MSE")
+def mse_range(obs: RangeObserver, config: MSEObserver) -> tuple[float, float]:
+    return _mse_range(obs.samples(), obs.min, obs.max)
+
+
+def observer_config(method: str, **settings):
+    """The registered observer's config; `settings` (e.g. a quantize config's `percentile`) go to
+    the observers that declare them and are ignored by the others."""
+    cls = lookup("observer", method).config_cls
+    return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+
+
 def compute_range(obs: RangeObserver, method: str, percentile: float = 99.99) -> tuple[float, float]:
     """(rmin, rmax) for `method`; never wider than the observed min/max."""
+    entry = lookup("observer", method)
     if obs.min > obs.max:  # never observed
         return 0.0, 0.0
-    if method == "minmax":
-        return obs.min, obs.max
-    x = obs.samples()
-    if method == "percentile":
-        lo, hi = _percentile_range(x, percentile)
-    elif method == "mse":
-        lo, hi = _mse_range(x, obs.min, obs.max)
-    elif method == "entropy":
-        t = _kl_threshold(x)
-        lo, hi = max(obs.min, -t), min(obs.max, t)
-    else:
-        raise ValueError(f"unknown observer '{method}'; known: {', '.join(OBSERVERS)}")
+    lo, hi = entry.handler(obs, observer_config(method, percentile=percentile))
     return max(lo, obs.min), min(hi, obs.max)

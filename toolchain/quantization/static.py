@@ -3,35 +3,21 @@ torch fake-quant model that the exported QDQ graph must reproduce."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from toolchain.hooks import run_with_hooks
-from toolchain.quantization.observers import RangeObserver, compute_range
-from toolchain.quantization.params import (
-    ActQuant, WeightQuant, act_params_from_range, fake_quant_act, quantize_bias,
-    quantize_per_tensor_symmetric, quantize_weight_per_channel,
+from contracts.quant import (
+    ActQuant, Anchor, QuantParams, act_params_from_range, quantize_bias, quantize_per_tensor_symmetric,
+    quantize_weight_per_channel,
 )
-from toolchain.quantization.plan import Anchor
+from toolchain.hooks import run_with_hooks
+from toolchain.quantization.observers import RangeObserver, compute_range, observer_config
+from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic
 
-__all__ = ["QuantParams", "calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model"]
-
-
-@dataclass
-class QuantParams:
-    """Everything the QDQ writer needs; keyed by torch module name."""
-
-    inputs: dict[str, ActQuant] = field(default_factory=dict)
-    outputs: dict[str, ActQuant] = field(default_factory=dict)
-    weights: dict[str, WeightQuant] = field(default_factory=dict)
-    biases: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # int32 q, scale
-    embeddings: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)  # int8 q, scale
-    anchors: list[Anchor] = field(default_factory=list)
-    dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
+__all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model"]
 
 
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
@@ -39,16 +25,19 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
               ) -> tuple[dict[str, ActQuant], dict[str, ActQuant]]:
     """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
 
-    `observer` is a method of observers.OBSERVERS, or a dict mapping module names to methods
-    (modules not in it use min-max).
+    `observer` is a registered observer name (kind "observer"), or a dict mapping module names to
+    observer names (modules not in it use min-max).
     """
     modules = dict(model.named_modules())
 
     def method(name):
         return observer.get(name, "minmax") if isinstance(observer, dict) else observer
 
-    obs_in = {a.module: RangeObserver(method(a.module) != "minmax") for a in anchors}
-    obs_out = {a.module: RangeObserver(method(a.module) != "minmax") for a in anchors if a.quantize_output}
+    def keeps(name):
+        return observer_config(method(name), percentile=percentile).keeps_samples
+
+    obs_in = {a.module: RangeObserver(keeps(a.module)) for a in anchors}
+    obs_out = {a.module: RangeObserver(keeps(a.module)) for a in anchors if a.quantize_output}
     handles = []
     for a in anchors:
         mod = modules[a.module]
@@ -75,12 +64,6 @@ def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, 
         if a.quantize_bias and mod.bias is not None and a.module in inputs:
             params.biases[a.module] = quantize_bias(mod.bias.detach().numpy(), inputs[a.module].scale, wq.scale)
     return params
-
-
-def fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
-    """What DynamicQuantizeLinear does: uint8 over [min(x, 0), max(x, 0)] of this very tensor."""
-    p = act_params_from_range(float(x.min()), float(x.max()))
-    return fake_quant_act(x, p)
 
 
 MIN_EMBEDDING_ROWS = 1024  # vocabulary-sized tables; position/segment tables are tiny and sensitive

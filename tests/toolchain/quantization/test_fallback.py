@@ -6,11 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from contracts.quant import ActQuant, Anchor, QuantParams, WeightQuant
 from toolchain.quantization import calibrate, quantize_weights
 from toolchain.quantization.fallback import fallback_until, local_snr_db
-from toolchain.quantization.params import ActQuant, WeightQuant
-from toolchain.quantization.plan import Anchor
-from toolchain.quantization.static import QuantParams
 
 
 def _run(model, batch):

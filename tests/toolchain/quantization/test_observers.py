@@ -2,7 +2,11 @@
 import numpy as np
 import pytest
 
-from toolchain.quantization.observers import OBSERVERS, RangeObserver, _quant_error, compute_range
+from contracts.errors import ConfigError
+from toolchain.builtin_methods import names
+from toolchain.quantization.observers import RangeObserver, _quant_error, compute_range
+
+OBSERVERS = names("observer")
 
 
 def _observer(*chunks):
@@ -31,7 +35,7 @@ def test_never_observed_gives_an_empty_range():
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="minmax"):
         compute_range(_observer([1.0]), "bogus")
 
 

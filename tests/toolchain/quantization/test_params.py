@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.quantization.params import (
-    ActQuant, WeightQuant, act_params_from_range, fake_quant_act, quantize_bias, quantize_weight_per_channel,
-)
+from contracts.quant import ActQuant, WeightQuant, act_params_from_range, quantize_bias, quantize_weight_per_channel
+from toolchain.quantization.params import fake_quant_act
 
 F32 = np.float32
 

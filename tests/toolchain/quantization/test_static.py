@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain.quantization import Int8StaticConfig, calibrate, fake_quant_model, quantize_weights
-from toolchain.quantization.params import act_params_from_range, fake_quant_act
-from toolchain.quantization.plan import Anchor
+from contracts.quant import Anchor, act_params_from_range
+from toolchain.quantization import calibrate, fake_quant_model, quantize_weights
+from toolchain.quantization.int8 import Int8StaticConfig
+from toolchain.quantization.params import fake_quant_act
 from contracts.errors import ConfigError
 
 

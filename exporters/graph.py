@@ -1,0 +1,95 @@
+"""Graph utilities every ONNX writer shares: consumers, node names, topological order, and
+merging duplicate nodes."""
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["consumers", "ensure_node_names", "toposort", "merge_duplicate_nodes"]
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it."""
+    out = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            out[name].append(node)
+    return out
+
+
+def ensure_node_names(graph: onnx.GraphProto) -> None:
+    """Give unnamed nodes a unique name: the writers address nodes by name."""
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, keeping the original order among ready nodes (stable, no recursion)."""
+    producer = {o: idx for idx, n in enumerate(nodes) for o in n.output}
+    deps = [{producer[i] for i in n.input if i in producer} for n in nodes]
+    users = defaultdict(list)
+    for idx, d in enumerate(deps):
+        for p in d:
+            users[p].append(idx)
+    pending = [len(d) for d in deps]
+    ready = [idx for idx, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        idx = heapq.heappop(ready)
+        ordered.append(nodes[idx])
+        for u in users[idx]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(ordered) != len(nodes):
+        raise ValueError("graph has a cycle after QDQ insertion")
+    return ordered
+
+
+def merge_duplicate_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("Mul",)) -> int:
+    """Common-subexpression elimination for `op_types`: nodes with the same inputs (initializers
+    compared by value) and attributes collapse into one. Smoothing gives Q/K/V the same
+    per-channel multiply; merged, the three MatMuls read one tensor and share one Q/DQ pair."""
+    graph = model.graph
+    ensure_node_names(graph)
+    inits = {i.name: i for i in graph.initializer}
+    canonical: dict[tuple, str] = {}
+
+    # exporters dedupe equal constants as Identity(initializer): look through those
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+
+    def key_of(name: str):
+        name = alias.get(name, name)
+        if name in inits:
+            arr = numpy_helper.to_array(inits[name])
+            return ("init", arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
+        return ("tensor", name)
+
+    rename: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if node.op_type in op_types and len(node.output) == 1:
+            key = (node.op_type, tuple(key_of(n) for n in node.input),
+                   tuple(a.SerializeToString() for a in node.attribute))
+            if key in canonical:
+                rename[node.output[0]] = canonical[key]
+                continue
+            canonical[key] = node.output[0]
+        keep.append(node)
+    outputs = {o.name for o in graph.output}
+    if rename.keys() & outputs:
+        return 0  # never rename a graph output; leave such graphs alone
+    merged = len(graph.node) - len(keep)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return merged

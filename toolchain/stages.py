@@ -1,0 +1,141 @@
+"""The plug-in contract: what a method of each stage kind receives, returns and declares.
+
+A method is a frozen config dataclass plus a handler registered for it (toolchain.registry):
+
+    @register("prune", "magnitude", MagnitudePruneConfig, "one-line summary")
+    def prune_magnitude(model, config, ctx: PruneContext) -> PruneResult: ...
+
+Every handler has the shape `handler(model, config, ctx)`; the context type depends on the kind
+and sits next to its protocol below. The pipeline never probes a config's fields: what a method
+needs is declared on its config class (StageConfig), and the pipeline reads only the declarations.
+
+Stage kinds run in this order (a recipe is validated against it when it loads):
+    prune      zero or remove weights of the working copy, in place          -> PruneResult
+    recover    fine-tune the pruned copy (e.g. distillation from the dense)  -> dict (report "recovery")
+    transform  function-preserving rewrites before export (e.g. SmoothQuant)  -> TransformResult
+    quantize   int8 parameters computed in torch for the exported graph       -> QuantParams
+Observers (kind "observer") are registered the same way but are not stages: a quantize method
+uses them to turn observed activations into a range (toolchain.quantization.observers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from contracts.progress import NULL_PROGRESS, Progress
+from contracts.quant import Anchor, QuantParams
+from runtime_check.isa import int8_saturates
+
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
+
+__all__ = [
+    "STAGE_KINDS", "StageConfig", "Runner",
+    "PruneContext", "PruneResult", "PruneMethod", "RecoverContext", "RecoverMethod",
+    "TransformContext", "TransformResult", "TransformMethod",
+    "QuantContext", "QuantizeMethod",
+]
+
+STAGE_KINDS = ("prune", "recover", "transform", "quantize")  # also the order stages run in
+
+Runner = Callable[[nn.Module, dict], list[np.ndarray]]  # run(model, batch) -> outputs as numpy
+
+
+@runtime_checkable
+class StageConfig(Protocol):
+    """Declared on every method's config class (class attributes, never read from instances'
+    fields): the stage kind, whether the method reads calibration data, the config's schema
+    version (recipes and reports store it)."""
+
+    kind: ClassVar[str]
+    requires_calibration: ClassVar[bool]
+    VERSION: ClassVar[int]
+
+
+# ---- prune -------------------------------------------------------------------------------------
+
+@dataclass
+class PruneContext:
+    """Unstructured methods read `layers`; structured ones change `model` itself and read the
+    example inputs (dependency graph), the data, and `export` (latency-aware allocation)."""
+
+    layers: dict[str, nn.Module]  # the prunable Conv/Linear layers of `model`, by qualified name
+    calib_batches: list[dict] = field(default_factory=list)
+    run: Runner | None = None
+    progress: Progress = NULL_PROGRESS  # loops over batches report here (contracts.progress.track)
+    example_inputs: dict = field(default_factory=dict)
+    export: Callable[[nn.Module, Path], Any] | None = None  # the spec's exporter, for timing variants
+    threads: int = 1
+
+
+@dataclass
+class PruneResult:
+    masks: dict[str, torch.Tensor]  # 1 = kept; already applied to the weights
+    speed_note: str  # what these zeros buy on the target (the report repeats it)
+    extra: dict = field(default_factory=dict)
+
+
+class PruneMethod(Protocol):
+    def __call__(self, model: nn.Module, config: Any, ctx: PruneContext) -> PruneResult: ...
+
+
+# ---- recover -------------------------------------------------------------------------------------
+
+@dataclass
+class RecoverContext:
+    spec: "ModelSpec"  # the dense model is the teacher; its data feed the student
+    seed: int = 0
+    progress: Progress = NULL_PROGRESS
+
+
+class RecoverMethod(Protocol):
+    """Fine-tunes `model` in place; returns the report's `recovery` section."""
+
+    def __call__(self, model: nn.Module, config: Any, ctx: RecoverContext) -> dict: ...
+
+
+# ---- transform ---------------------------------------------------------------------------------
+
+@dataclass
+class TransformContext:
+    calib_batches: list[dict]
+    run: Runner
+    progress: Progress = NULL_PROGRESS
+
+
+@dataclass
+class TransformResult:
+    """`model` is the transformed model (the same object when changed in place); `info` goes into
+    the stage's record in the report."""
+
+    model: nn.Module
+    info: dict = field(default_factory=dict)
+
+
+class TransformMethod(Protocol):
+    def __call__(self, model: nn.Module, config: Any, ctx: TransformContext) -> TransformResult: ...
+
+
+# ---- quantize ----------------------------------------------------------------------------------
+
+@dataclass
+class QuantContext:
+    anchors: list[Anchor]  # where the exported graph can take int8 (exporters.qdq.find_sites)
+    calib_batches: list[dict]
+    run: Runner | None
+    # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
+    reduce_range: bool = field(default_factory=int8_saturates)
+    progress: Progress = NULL_PROGRESS
+
+
+class QuantizeMethod(Protocol):
+    """Returns the params of every anchor it quantizes (a subset of ctx.anchors). A config that
+    declares `supports_fallback = True` also carries a `fallback: FallbackPolicy` field, and the
+    pipeline may then return its worst layers to FP32 (toolchain.quantization.fallback)."""
+
+    def __call__(self, model: nn.Module, config: Any, ctx: QuantContext) -> QuantParams: ...
