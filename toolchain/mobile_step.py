@@ -23,7 +23,7 @@ __all__ = ["mobile_step", "app_metadata"]
 def app_metadata(spec: ModelSpec, tokenizer_files: list[str]) -> dict:
     """What an app needs besides the tensors: stored in model.onnx's metadata_props (the .ort keeps them)."""
     pre = dict(getattr(spec, "preprocessing", None) or {})
-    if spec.hf_folder:
+    if tokenizer_files:  # Hugging Face models ship their tokenizer beside model.onnx
         pre.setdefault("type", "text")
         pre["tokenizer_files"] = tokenizer_files
     return {"task": spec.task, "preprocessing": pre, "labels": getattr(spec, "labels", None)}
