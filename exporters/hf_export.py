@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from exporters.onnx_export import check_model
+from exporters.pooling import add_pooling_output
 from contracts.errors import ExportError
 from contracts.tasks import get_task
 from models.spec import ModelSpec
@@ -42,6 +43,9 @@ def export_hf(spec: ModelSpec, model, path: Path) -> onnx.ModelProto:
         except Exception as exc:
             raise ExportError(f"optimum export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         shutil.move(str(Path(tmp) / "model.onnx"), path)
+    pooling = getattr(spec, "pooling", None)  # a ModelSpec has it; lighter stand-ins (tests) may not
+    if pooling is not None and pooling.from_config and "attention_mask" in spec.input_names:
+        onnx.save(add_pooling_output(onnx.load(str(path)), pooling), str(path))
     return check_model(path)
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from contracts.errors import ModelLoadError
+from contracts.pooling import read_pooling
 from contracts.tasks import get_task, hf_task_names, mean_pool
 from models.spec import HFFolder, ModelSpec
 from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
@@ -84,6 +85,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         texts, labels = read_texts(path, label2id)
         return tokenize_batches(tokenizer, texts, input_names), labels
 
+    pooling = read_pooling(folder) if info.output == "embeddings" else None
     example = tokenize_batches(tokenizer, evals[:1], input_names, max_length=MAX_LENGTH, pad_to_max=True)[0]
     return ModelSpec(
         name=name or folder.name,
@@ -95,7 +97,8 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         calib_batches=tokenize_batches(tokenizer, calib, input_names),
         eval_batches=tokenize_batches(tokenizer, evals, input_names),
         eval_labels=None,
-        postprocess=info.postprocess,
+        postprocess=pooling if pooling is not None and pooling.from_config else info.postprocess,
+        pooling=pooling,
         kind=HFFolder(str(folder)),
         description=f"{config.get('model_type', '?')} ({task})",
         prune_prefix=_encoder_prefix(model),

@@ -7,6 +7,7 @@ from typing import Callable, ClassVar, Union
 import numpy as np
 import torch
 
+from contracts.pooling import Pooling
 from contracts.tasks import first_output, task_names
 
 __all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind"]
@@ -69,6 +70,9 @@ class ModelSpec:
     # model.onnx's metadata_props), and the class names in output order
     preprocessing: dict = field(default_factory=dict)
     labels: list[str] | None = None
+    # encoders: how token states become the embedding the metric compares (and, when it comes
+    # from the model folder's own config, the `sentence_embedding` output the export adds)
+    pooling: Pooling | None = None
 
     def __post_init__(self):
         if self.task not in task_names():

@@ -22,6 +22,10 @@ def render_markdown(r: dict) -> str:
     acc = r["accuracy"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {_fmt(acc['baseline'])}, "
               f"model {_fmt(acc['model'])}, drop {_fmt(acc['drop'])}"]
+    if acc.get("pooling"):
+        pl = acc["pooling"]
+        lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "
+                     f"({pl['source']})" + (f"; model.onnx output `{pl['onnx_output']}`" if pl.get("onnx_output") else ""))
     if acc["metric"] == "top1_agreement":
         lines.append("- no labels: the metric is top-1 agreement with the FP32 model (baseline.onnx); "
                      "top-5 agreement compares the top-5 class sets, KL is KL(FP32 softmax || model softmax)")

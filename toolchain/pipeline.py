@@ -214,11 +214,19 @@ def quantize(state: RunState) -> None:
     with state.timer.stage(quant.qualified, quant.to_dict()["params"]) as rec:
         limit = accuracy_limit(state.recipe.gates, spec.task)
         state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
-                                                 limit, state.recipe.target, state.progress)
+                                                 limit, state.recipe.target, state.progress,
+                                                 work_is_dense=state.recipe.stage("prune") is None)
         rec["params"]["quantized_layers"] = info["quantized_layers"]
         if info.get("fallback"):
             state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
                                + ", ".join(f["layer"] for f in info["fallback"]))
+        cap = info.get("fallback_cap") or {}
+        if cap.get("raised"):
+            state.notes.append(f"fallback cap raised from {cap['max_layers']} to {cap['used']} of {cap['layers']} "
+                               "layers because the predicted drop still exceeded the limit: accuracy traded for speed")
+        if cap and not cap["holds"]:
+            state.notes.append(f"fallback stopped at its cap ({cap['used']} of {cap['layers']} layers in FP32) with "
+                               f"the predicted drop {info['predicted_drop_trace'][-1]:.4g} still above the limit")
     state.quant_info = info
     (state.tmp / "prepared.onnx").unlink()
 
@@ -240,11 +248,20 @@ def sparse_storage(state: RunState) -> None:
                            "onnxruntime densifies them at load, so the outputs are unchanged")
 
 
+def _pooling_record(spec: ModelSpec) -> dict:
+    """Which pooling the embedding metric used, where it came from, and whether model.onnx has it."""
+    pooling = spec.pooling
+    exported = pooling.from_config and "attention_mask" in spec.input_names
+    return {**pooling.to_dict(), "onnx_output": "sentence_embedding" if exported else None}
+
+
 def verify(state: RunState) -> None:
     spec, tmp, threads, progress = state.spec, state.tmp, state.threads, state.progress
     with state.timer.stage("verify.accuracy"):
         accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
         fidelity = fidelity_of(spec, state.reference, onnx_out, progress)
+    if spec.pooling is not None:
+        accuracy["pooling"] = _pooling_record(spec)
     with state.timer.stage("verify.latency", {"threads": threads}):
         latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
     state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,

@@ -23,16 +23,19 @@ from runtime_check.accuracy import drop_in_unit, task_metrics
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
 from toolchain.builtin_methods import lookup
 from toolchain.pruning import prunable_layers
-from toolchain.quantization import fake_quant_model
+from toolchain.quantization.static import fake_quantized
 from toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
+from toolchain.quantization.prediction import (
+    EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
+)
 from toolchain.quantization.smoothing import SmoothedLinear
 from toolchain.recipe import Stage
 from toolchain.stages import QuantContext
 
 __all__ = ["QuantPlan", "plan_quantization", "compute_params", "apply_fallback", "write_model",
-           "quantize_to_onnx", "predicted_drop"]
+           "quantize_to_onnx"]
 
-FALLBACK_SAMPLES = 128  # calibration samples used to predict the gate during fallback
+FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
 
 
 @dataclass
@@ -86,18 +89,10 @@ def _fallback_batches(spec: ModelSpec) -> list[dict]:
     return batches
 
 
-def _calib_outputs(spec: ModelSpec, model: torch.nn.Module, progress: Progress = NULL_PROGRESS,
-                   what: str = "") -> np.ndarray:
-    batches = track(progress, _fallback_batches(spec), what, "batches") if what else _fallback_batches(spec)
+def _outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict], progress: Progress = NULL_PROGRESS,
+             what: str = "") -> np.ndarray:
+    batches = track(progress, batches, what, "batches") if what else batches
     return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
-
-
-def predicted_drop(spec: ModelSpec, fp_outputs: np.ndarray, model: torch.nn.Module) -> float:
-    """The gate's metric on calibration data, `model` vs the dense FP32 outputs, in the gate's unit."""
-    out = _calib_outputs(spec, model)
-    task = get_task(spec.task)
-    labels = spec.calib_labels[:len(out)] if spec.calib_labels is not None else None
-    return drop_in_unit(task, task_metrics(task, fp_outputs, out, labels))
 
 
 def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
@@ -110,31 +105,97 @@ def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
     return name_of
 
 
+class _Predictor:
+    """predicted drop on the evaluation data for a candidate set of params (prediction.py): the
+    FP32 statistics of calibration and evaluation inputs are gathered once, then each call runs the
+    fake-quantized model (in place, no copy) on the calibration samples only."""
+
+    def __init__(self, work, spec: ModelSpec, params: QuantParams, calib_noise: dict, fp32_calib: np.ndarray,
+                 progress: Progress):
+        self.work, self.spec, self.task = work, spec, get_task(spec.task)
+        self.batches = _fallback_batches(spec)
+        self.dense = fp32_calib
+        self.labels = spec.calib_labels[:len(self.dense)] if spec.calib_labels is not None else None
+        self.calib_noise = calib_noise
+        eval_out: list[np.ndarray] = []
+
+        def run(model, batch):  # FP32 outputs of the evaluation inputs, collected while the hooks observe
+            eval_out.append(spec.postprocess(spec.torch_outputs(model, batch), batch))
+        self.eval_noise = layer_noise(work, params, track(progress, spec.eval_batches, "evaluation inputs (FP32)",
+                                                          "batches"), run)
+        self.view = EvalView(np.concatenate(eval_out))
+        self.weight_noise = weight_noise(work, params)
+        self.last: dict = {}
+
+    def factor(self, params: QuantParams) -> float:
+        return shift_factor(self.calib_noise, self.eval_noise, self.weight_noise, [a.module for a in params.anchors])
+
+    def __call__(self, params: QuantParams) -> float:
+        with fake_quantized(self.work, params):
+            q = _outputs(self.spec, self.work, self.batches)
+        self.last = predict_drop(self.task, self.dense, q, self.view, self.labels, self.factor(params))
+        return self.last["predicted"]
+
+
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
-                   accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS) -> QuantParams:
+                   accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS,
+                   work_is_dense: bool = False) -> QuantParams:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
-    FP32 until the gate's metric, predicted on calibration data, holds."""
-    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"),
-                       spec.torch_outputs)
+    FP32 until the gate's drop predicted for the evaluation data holds (prediction.py).
+
+    One FP32 pass over the calibration data serves the SNR ranking, the calibration-side noise
+    statistics and the FP32 outputs; with `work_is_dense` (no pruning: smoothing and folding keep
+    the function) those outputs are the dense reference too, so the dense model is not run again."""
+    calib_noise, noise_handles = noise_hooks(work, params)
+    n_fallback = sum(len(next(iter(b.values()))) for b in _fallback_batches(spec))
+    fp32: list[np.ndarray] = []
+
+    def run(model, batch):
+        out = spec.torch_outputs(model, batch)
+        if sum(len(o) for o in fp32) < n_fallback:
+            fp32.append(spec.postprocess(out, batch))
+    snr = local_snr_db(work, params, track(progress, spec.calib_batches, "local SNR per layer", "batches"), run,
+                       noise_handles)
     public = _public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
     if not policy.enabled:
         return params
+    if not spec.calib_batches:
+        info["fallback_skipped"] = "no calibration data to predict the gate on; pass --calib-data"
+        return params
+    work_fp32 = np.concatenate(fp32)
+    dense = work_fp32 if work_is_dense else _outputs(spec, spec.model, _fallback_batches(spec), progress,
+                                                     "FP32 outputs for fallback")
+    predictor = _Predictor(work, spec, params, calib_noise, dense, progress)
     # Measured against the dense model, as the gate is; if pruning alone already exceeds the
     # limit, returning layers to FP32 cannot help and would only cost speed.
-    dense = _calib_outputs(spec, spec.model, progress, "FP32 outputs for fallback")
-    pruned_drop = predicted_drop(spec, dense, work)
+    task = get_task(spec.task)
+    pruned_drop = drop_in_unit(task, task_metrics(task, dense, work_fp32, predictor.labels))
     info.update(predicted_drop_limit=accuracy_limit, predicted_drop_fp32_pruned=round(pruned_drop, 6))
     if pruned_drop > accuracy_limit:
         info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
         return params
-    params, fallen, trace = fallback_until(
-        params, snr, lambda p: predicted_drop(spec, dense, fake_quant_model(work, p)),
-        accuracy_limit, policy.max_layers(len(params.anchors)), progress)
+    n, cap, hard = len(params.anchors), policy.max_layers(len(params.anchors)), policy.hard_max_layers(len(params.anchors))
+    first: dict = {}
+
+    def predict(p: QuantParams) -> float:
+        value = predictor(p)
+        first.setdefault("details", predictor.last)
+        return value
+    params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard)
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],
-                predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors))
+                predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors),
+                prediction={"before_fallback": _rounded(first["details"]), "final": _rounded(predictor.last),
+                            "uses": "calibration outputs (FP32 and fake-quant); evaluation inputs through the "
+                                    "FP32 model only (activation statistics, output margins); no evaluation labels"},
+                fallback_cap={"layers": n, "max_layers": cap, "hard_max_layers": hard, "used": len(fallen),
+                              "raised": len(fallen) > cap, "holds": trace[-1] <= accuracy_limit})
     return params
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def _check(path: Path) -> None:
@@ -157,7 +218,7 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
                      out_path: Path, accuracy_limit: float, target: str = "cpu",
-                     progress: Progress = NULL_PROGRESS) -> tuple[Callable, dict]:
+                     progress: Progress = NULL_PROGRESS, work_is_dense: bool = False) -> tuple[Callable, dict]:
     """Write the quantized model to out_path; return (torch reference runner, report info)."""
     plan = plan_quantization(work, prepared)
     params = compute_params(work, spec, stage, plan, target, progress)
@@ -165,7 +226,22 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                   "weight_range": _weight_range(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     if stage.config.supports_fallback:
-        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress)
+        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
+                                work_is_dense)
     write_model(prepared, plan, params, out_path)
-    fq = fake_quant_model(work, params)
-    return (lambda b: spec.torch_outputs(fq, b)), info
+    return _reference(work, spec, params, progress), info
+
+
+def _reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
+    """The torch fake-quant outputs model.onnx must reproduce, computed once on the evaluation
+    batches now (no copy of the model kept alive for verification); other batches on demand."""
+    with fake_quantized(work, params):
+        done = {id(b): spec.torch_outputs(work, b)
+                for b in track(progress, spec.eval_batches, "torch reference (fidelity)", "batches")}
+
+    def reference(batch: dict) -> list[np.ndarray]:
+        if id(batch) in done:
+            return done[id(batch)]
+        with fake_quantized(work, params):
+            return spec.torch_outputs(work, batch)
+    return reference

@@ -20,7 +20,7 @@ from contracts.errors import ConfigError
 from contracts.quant import QuantParams
 from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
-from toolchain.quantization.params import fake_quant_act
+from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic
 
 __all__ = ["FallbackPolicy", "local_snr_db", "fallback_until"]
 
@@ -29,16 +29,24 @@ __all__ = ["FallbackPolicy", "local_snr_db", "fallback_until"]
 class FallbackPolicy:
     """Whether and how far a quantize method's layers may return to FP32 to meet the accuracy
     gate. Held by every quantize config that declares `supports_fallback = True`; in a recipe:
-    `fallback: {enabled: true, max_fraction: 0.25}` (`fallback: false` is short for disabled)."""
+    `fallback: {enabled: true, max_fraction: 0.25, hard_max_fraction: 0.5}` (`fallback: false` is
+    short for disabled). When the predicted gate still fails with `max_fraction` of the layers in
+    FP32, the cap adapts up to `hard_max_fraction` (speed traded for accuracy; the report says so);
+    set both equal for a fixed cap."""
 
     enabled: bool = True
-    max_fraction: float = 0.25  # at most this share of the quantized layers falls back
+    max_fraction: float = 0.25  # at most this share of the quantized layers falls back ...
+    hard_max_fraction: float = 0.5  # ... unless the gate still fails: then up to this share
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"fallback.enabled must be true or false, got {self.enabled!r}")
         if not 0.0 <= self.max_fraction <= 1.0:
             raise ConfigError(f"fallback.max_fraction must be in [0, 1], got {self.max_fraction}")
+        if not 0.0 <= self.hard_max_fraction <= 1.0:
+            raise ConfigError(f"fallback.hard_max_fraction must be in [0, 1], got {self.hard_max_fraction}")
+        if self.hard_max_fraction < self.max_fraction:  # a recipe that only lowers max_fraction keeps it fixed
+            object.__setattr__(self, "hard_max_fraction", self.max_fraction)
 
     @classmethod
     def coerce(cls, value) -> "FallbackPolicy":
@@ -48,27 +56,32 @@ class FallbackPolicy:
         if isinstance(value, bool):
             return cls(enabled=value)
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"enabled", "max_fraction"})
+            unknown = sorted(set(value) - {"enabled", "max_fraction", "hard_max_fraction"})
             if unknown:
                 raise ConfigError(f"fallback: unknown key(s) {', '.join(map(str, unknown))}; "
-                                  "known: enabled, max_fraction")
+                                  "known: enabled, max_fraction, hard_max_fraction")
             return cls(**value)
         raise ConfigError(f"fallback must be true, false or {{enabled, max_fraction}}, got {value!r}")
 
     def max_layers(self, n_layers: int) -> int:
         return int(n_layers * self.max_fraction) if self.enabled else 0
 
+    def hard_max_layers(self, n_layers: int) -> int:
+        return int(n_layers * self.hard_max_fraction) if self.enabled else 0
+
 
 @torch.no_grad()
-def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: Callable) -> dict[str, float]:
-    """10*log10(|y|^2 / |y - y_q|^2) per anchor, summed over `batches`."""
+def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: Callable,
+                 other_hooks: Iterable = ()) -> dict[str, float]:
+    """10*log10(|y|^2 / |y - y_q|^2) per anchor, summed over `batches`. `other_hooks` (handles)
+    ride along the same pass and are removed with these: one FP32 pass serves several statistics."""
     modules = dict(model.named_modules())
     signal = {a.module: 0.0 for a in params.anchors}
     noise = dict(signal)
 
     def hook(name):
         def fn(mod, args, out):
-            x = fake_quant_act(args[0], params.inputs[name])
+            x = fake_quant_dynamic(args[0]) if params.dynamic else fake_quant_act(args[0], params.inputs[name])
             w = torch.from_numpy(params.weights[name].dequantized())
             bias = mod.bias
             if name in params.biases:
@@ -81,7 +94,7 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
             noise[name] += float(((out.double() - y.double()) ** 2).sum())
         return fn
 
-    handles = [modules[a.module].register_forward_hook(hook(a.module)) for a in params.anchors]
+    handles = list(other_hooks) + [modules[a.module].register_forward_hook(hook(a.module)) for a in params.anchors]
     run_with_hooks(model, handles, batches, run)
     return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf) for n in signal}
 
@@ -97,19 +110,21 @@ def without(params: QuantParams, modules: set[str]) -> QuantParams:
 
 def fallback_until(params: QuantParams, snr: dict[str, float], predicted_drop: Callable[[QuantParams], float],
                    limit: float, max_layers: int, progress: Progress = NULL_PROGRESS,
-                   ) -> tuple[QuantParams, list[dict], list[float]]:
-    """Drop anchors worst-SNR-first while predicted_drop(params) > limit, at most max_layers.
+                   hard_max_layers: int | None = None) -> tuple[QuantParams, list[dict], list[float]]:
+    """Drop anchors worst-SNR-first while predicted_drop(params) > limit, at most max_layers, or
+    up to hard_max_layers when the limit still fails at max_layers (the adaptive cap).
 
     Returns the final params, the fallen layers (with their SNR) and the drop trace
     (before any fallback, then after each)."""
     # one step = one prediction on calibration data; the first is before any fallback, and the
     # total is the most that can happen (the loop usually stops earlier)
-    with progress.task("fallback (predicted drop)", min(max_layers, len(snr)) + 1, "steps") as task:
+    cap = max(max_layers, hard_max_layers or 0)
+    with progress.task("fallback (predicted drop)", min(cap, len(snr)) + 1, "steps") as task:
         trace = [predicted_drop(params)]
         task.advance()
         fallen: list[dict] = []
         for name in sorted(snr, key=snr.get):
-            if trace[-1] <= limit or len(fallen) >= max_layers:
+            if trace[-1] <= limit or len(fallen) >= cap:
                 break
             params = without(params, {name})
             fallen.append({"layer": name, "snr_db": round(snr[name], 2)})

@@ -74,10 +74,15 @@ class Int8DynamicConfig:
 
     embeddings: bool = True  # int8 embedding tables, as in static int8
     reduce_range: bool | None = None  # as in static int8
+    # the same accuracy-aware fallback as static int8; its prediction scores calibration data
+    fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
     VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage
     kind: ClassVar[str] = "quantize"
     requires_calibration: ClassVar[bool] = False  # weights only; activations are ranged at run time
-    supports_fallback: ClassVar[bool] = False
+    supports_fallback: ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "fallback", FallbackPolicy.coerce(self.fallback))
 
 
 @register("quantize", "int8-dynamic", Int8DynamicConfig,

@@ -3,6 +3,7 @@ torch fake-quant model that the exported QDQ graph must reproduce."""
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import numpy as np
@@ -17,7 +18,7 @@ from toolchain.hooks import run_with_hooks
 from toolchain.quantization.observers import RangeObserver, compute_range, observer_config
 from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic
 
-__all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model"]
+__all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model", "fake_quantized"]
 
 
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
@@ -77,26 +78,57 @@ def quantize_embeddings(model: nn.Module) -> dict[str, tuple[np.ndarray, float]]
             if isinstance(mod, nn.Embedding) and mod.num_embeddings >= MIN_EMBEDDING_ROWS}
 
 
-def fake_quant_model(model: nn.Module, params: QuantParams) -> nn.Module:
-    """A copy of `model` computing exactly what the QDQ graph computes (up to int8 kernel rounding):
-    dequantized int8 weights and int32 biases, fake-quantized inputs and rectified outputs."""
-    fq = copy.deepcopy(model).eval()
-    modules = dict(fq.named_modules())
+def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handles: list) -> None:
+    """Swap int8 values into `model` and hook its activation quantizers, recording in `saved`
+    (tensor, FP32 value) and `handles` what undoes it, as it goes."""
+    modules = dict(model.named_modules())
+
+    def swap(tensor: torch.Tensor, value: np.ndarray) -> None:
+        saved.append((tensor, tensor.detach().clone()))
+        tensor.copy_(torch.from_numpy(value))
     with torch.no_grad():
         for name, (q, scale) in params.embeddings.items():
-            modules[name].weight.copy_(torch.from_numpy(q.astype(np.float32) * np.float32(scale)))
+            swap(modules[name].weight, q.astype(np.float32) * np.float32(scale))
         for a in params.anchors:
             mod = modules[a.module]
-            mod.weight.copy_(torch.from_numpy(params.weights[a.module].dequantized()))
+            swap(mod.weight, params.weights[a.module].dequantized())
             if a.module in params.biases:
                 q, scale = params.biases[a.module]
-                mod.bias.copy_(torch.from_numpy(q.astype(np.float32) * scale))
+                swap(mod.bias, q.astype(np.float32) * scale)
             if params.dynamic:
-                mod.register_forward_pre_hook(lambda m, args: (fake_quant_dynamic(args[0]),) + tuple(args[1:]))
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, args: (fake_quant_dynamic(args[0]),) + tuple(args[1:])))
                 continue
             p_in = params.inputs[a.module]
-            mod.register_forward_pre_hook(lambda m, args, p=p_in: (fake_quant_act(args[0], p),) + tuple(args[1:]))
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, p=p_in: (fake_quant_act(args[0], p),) + tuple(args[1:])))
             if a.module in params.outputs:
                 p_out = params.outputs[a.module]
-                mod.register_forward_hook(lambda m, args, out, p=p_out: fake_quant_act(torch.relu(out), p))
+                handles.append(mod.register_forward_hook(
+                    lambda m, args, out, p=p_out: fake_quant_act(torch.relu(out), p)))
+
+
+@contextmanager
+def fake_quantized(model: nn.Module, params: QuantParams):
+    """`model` itself computing what the QDQ graph computes, for the duration of the block: int8
+    weights (and int32 biases, embedding tables) swapped in, activation quantizers hooked on; on
+    exit the FP32 tensors and the model are exactly as before. No copy of the model is made
+    (a BERT-base copy is 440 MB and, per fallback step, seconds)."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles: list = []
+    try:
+        _apply_fake_quant(model, params, saved, handles)
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for tensor, original in reversed(saved):
+                tensor.copy_(original)
+
+
+def fake_quant_model(model: nn.Module, params: QuantParams) -> nn.Module:
+    """A fake-quantized copy of `model` that stays so (fake_quantized does it without a copy)."""
+    fq = copy.deepcopy(model).eval()
+    _apply_fake_quant(fq, params, [], [])
     return fq

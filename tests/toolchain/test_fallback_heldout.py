@@ -1,0 +1,111 @@
+"""Fallback whose prediction holds on data it never scored.
+
+A tiny classifier where plain int8 (static and dynamic) breaks the 1-point gate on held-out data:
+one input feature is a huge nuisance value the classifier ignores, so a per-tensor uint8 scale on
+the first layer's input rounds the informative features away. The fallback must bring the
+held-out drop under the limit in both modes, and say what its prediction used.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.spec import ModelSpec
+from runtime_check.gates import Gates
+from toolchain.builtin_methods import lookup
+from toolchain.pipeline import run
+from toolchain.quantization.fallback import FallbackPolicy
+from toolchain.recipe import Recipe, Stage
+
+FEATURES, CLASSES = 16, 6
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(FEATURES, 48), nn.Linear(48, CLASSES)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+CENTERS = np.random.default_rng(7).normal(scale=2.0, size=(CLASSES, FEATURES)).astype(np.float32)
+
+
+def _data(n: int, seed: int) -> np.ndarray:
+    """Clusters around one center per class, plus the nuisance feature 0: huge and meaningless."""
+    rng = np.random.default_rng(seed)
+    x = CENTERS[rng.integers(0, CLASSES, n)] + rng.normal(scale=0.7, size=(n, FEATURES)).astype(np.float32)
+    x[:, 0] = rng.choice([-1000.0, 1000.0], size=n)
+    return x.astype(np.float32)
+
+
+_TRAINED = []
+
+
+def _classifier() -> nn.Module:
+    """Trained briefly on the clusters with feature 0 blanked, then told to ignore it (weight 0)."""
+    if not _TRAINED:
+        torch.manual_seed(0)
+        model = Net()
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, CLASSES, 2000)
+        x = CENTERS[y] + rng.normal(scale=0.7, size=(2000, FEATURES)).astype(np.float32)
+        x[:, 0] = 0.0
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
+        for _ in range(150):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt), yt).backward()
+            opt.step()
+        with torch.no_grad():
+            model.fc1.weight[:, 0] = 0.0
+        _TRAINED.append(model.eval())
+    return _TRAINED[0]
+
+
+def _spec(model) -> ModelSpec:
+    calib, evals = _data(256, 1), _data(600, 2)  # held out: a different draw, more samples
+
+    def labels(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).argmax(-1).numpy()  # FP32 is right by construction
+    batches = lambda x: [{"x": x[i:i + 32]} for i in range(0, len(x), 32)]  # noqa: E731
+    return ModelSpec(name="nuisance-mlp", model=model, task="image-classification", input_names=["x"],
+                     output_names=["logits"], example_inputs={"x": evals[:1]}, calib_batches=batches(calib),
+                     eval_batches=batches(evals), eval_labels=labels(evals), calib_labels=labels(calib),
+                     dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, default_prune="none")
+
+
+def _run(tmp_path, quant: str, fallback) -> dict:
+    entry = lookup("quantize", quant)
+    recipe = Recipe(stages=(Stage("quantize", quant, entry.config_cls(fallback=fallback)),),
+                    gates=Gates(max_accuracy_drop=1.0), threads=1)
+    out = tmp_path / f"{quant}-{bool(fallback)}"
+    report = run(recipe, _spec(_classifier()), out)
+    assert json.loads((out / "report.json").read_text())["accuracy"] == report["accuracy"]
+    return report
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-dynamic"])
+def test_fallback_brings_the_held_out_drop_under_the_limit(tmp_path, quant):
+    plain = _run(tmp_path, quant, False)
+    assert plain["accuracy"]["drop_points"] > 1.0  # plain int8 breaks the gate on held-out data
+    assert plain["passed"] is False
+
+    fixed = _run(tmp_path, quant, FallbackPolicy())
+    q = fixed["quantization"]
+    assert fixed["accuracy"]["drop_points"] <= 1.0 and fixed["passed"] is True
+    assert [f["layer"] for f in q["fallback"]] == ["fc1"]  # the nuisance-fed layer, worst SNR first
+    assert q["predicted_drop_trace"][0] > 1.0 >= q["predicted_drop_trace"][-1]
+    pred = q["prediction"]
+    assert "no evaluation labels" in pred["uses"]
+    # smooth quantities: not a multiple of 1/n of the calibration samples
+    assert pred["before_fallback"]["smooth_flip_points"] > 1.0
+    assert pred["before_fallback"]["eval_samples"] == 600 and pred["before_fallback"]["samples"] == 256
+    # two layers: the default cap (25%) allows none, so it adapts to one and the report says so
+    assert q["fallback_cap"] == {"layers": 2, "max_layers": 0, "hard_max_layers": 1, "used": 1, "raised": True,
+                                 "holds": True}
+    assert any("cap raised" in note for note in fixed["notes"])
