@@ -84,6 +84,10 @@ class ModelSpec:
     data_info: dict = field(default_factory=dict)
     # () -> (batches, labels or None): extra data for recovery (e.g. a training split), loaded lazily
     recover_data: Callable | None = None
+    # what an app must do to raw data before the model (written into the mobile bundle and into
+    # model.onnx's metadata_props), and the class names in output order
+    preprocessing: dict = field(default_factory=dict)
+    labels: list[str] | None = None
     # encoders: how token states become the embedding the metric compares (and, when it comes
     # from the model folder's own config, the `sentence_embedding` output the export adds)
     pooling: Pooling | None = None
