@@ -77,17 +77,32 @@ def _to_sparse(init: onnx.TensorProto, arr: np.ndarray) -> onnx.SparseTensorProt
     return onnx.helper.make_sparse_tensor(values, numpy_helper.from_array(idx, f"{init.name}.indices"), list(arr.shape))
 
 
+# where a pruned weight sits: the data input of a DequantizeLinear (int8 weights) or the weight
+# input of a compute node (FP32 weights). Zero points (all zeros) and scales are never "pruned".
+WEIGHT_SLOTS = {("DequantizeLinear", 0), ("Conv", 1), ("Gemm", 1), ("MatMul", 1), ("MatMulInteger", 1)}
+
+
+def _weight_initializers(model: onnx.ModelProto) -> set[str]:
+    """Initializers read only in weight slots."""
+    slots: dict[str, set] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            slots.setdefault(name, set()).add((node.op_type, i))
+    return {name for name, used in slots.items() if used <= WEIGHT_SLOTS}
+
+
 def store_sparse(path: Path, min_elements: int = 256) -> dict:
-    """Rewrite the ONNX file at `path` with every initializer stored sparse where that is smaller;
+    """Rewrite the ONNX file at `path` with every pruned weight stored sparse where that is smaller;
     return the sizes before and after (raw and zip-deflated) and which initializers changed."""
     path = Path(path)
     before = file_sizes(path)
     model = onnx.load(str(path))
+    weights = _weight_initializers(model)
     keep, changed = [], []
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
         nnz = int(np.count_nonzero(arr))
-        if arr.size >= min_elements and nnz * (arr.itemsize + INDEX_BYTES) < arr.nbytes:
+        if init.name in weights and arr.size >= min_elements and nnz * (arr.itemsize + INDEX_BYTES) < arr.nbytes:
             model.graph.sparse_initializer.append(_to_sparse(init, arr))
             changed.append({"name": init.name, "density": round(nnz / arr.size, 4), "dense_bytes": int(arr.nbytes),
                             "sparse_bytes": nnz * (arr.itemsize + INDEX_BYTES)})

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 
+from exporters.sparse import densify
 from runtime_check.accuracy import classification_metrics, embedding_metrics
 from runtime_check.fixed_inputs import fit_batches
 from runtime_check.latency import measure_pair
@@ -45,8 +47,15 @@ def usability(onnx_path: Path) -> dict:
     from onnxruntime.tools.onnx_model_utils import optimize_model
 
     with tempfile.TemporaryDirectory(prefix="sqexport-usability-") as tmp:
+        source = Path(onnx_path)
+        model = onnx.load(str(source))
+        if model.graph.sparse_initializer:
+            # the checker only knows dense initializers (it takes sparse ones for missing inputs);
+            # storage does not change which nodes a provider takes
+            source = Path(tmp) / "dense.onnx"
+            onnx.save(densify(model), str(source))
         optimized = Path(tmp) / "model.onnx"
-        optimize_model(Path(onnx_path), optimized, use_external_initializers=True)
+        optimize_model(source, optimized, use_external_initializers=True)
         model = uc.ModelProtoWithShapeInfo(optimized).model_with_shape_info
         result = {}
         for key, (label, ops_file) in _EPS.items():

@@ -74,3 +74,27 @@ def test_export_at_90_percent_uses_sparse_initializers(run_cli, tmp_path, onnx_t
     assert len(weights) >= 1
     assert any(np.mean(w.q == 0) > 0.89 for w in weights)
     assert run_cli(["inspect", out / "model.onnx"]).exit_code == 0
+
+
+def test_zero_points_stay_dense_and_the_usability_checker_reads_sparse_models(tmp_path):
+    """Per-channel zero points are all zeros, and in a quantized transformer they are big enough
+    to look "sparser" stored sparse; they are not pruned weights, so they stay dense. onnxruntime's
+    mobile usability checker takes sparse initializers for missing inputs, so it gets a dense copy."""
+    from runtime_check.mobile_check import usability
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (64, 512)).astype(np.int8)  # (in, out): per-channel along axis 1
+    w[rng.random(w.shape) >= 0.05] = 0
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(512, 0.01, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(512, np.int8), "w_zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    dense = usability(tmp_path / "m.onnx")
+    info = store_sparse(tmp_path / "m.onnx")
+    assert [i["name"] for i in info["initializers"]] == ["w_q"]  # not w_zp, though all zeros
+    sparse = usability(tmp_path / "m.onnx")
+    for ep in ("nnapi", "coreml_mlprogram"):
+        assert sparse[ep]["nodes"] == dense[ep]["nodes"] and sparse[ep]["verdict"] == dense[ep]["verdict"]
