@@ -118,7 +118,8 @@ def prune(state: RunState) -> None:
         _needs_calibration(state, stage)
         ctx = PruneContext(state.layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
                            lambda model, path: exporter.export(spec, model, path), state.threads,
-                           make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None)
+                           make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None,
+                           state.recipe.seed)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
             # structured pruning may replace modules (transformers' prune_heads builds new Linears)

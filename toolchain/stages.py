@@ -76,6 +76,7 @@ class PruneContext:
     export: Callable[[nn.Module, Path], Any] | None = None  # the spec's exporter, for timing variants
     threads: int = 1
     fine_tune: FineTune | None = None  # iterative methods recover between rounds; None = not available
+    seed: int = 0  # the run's seed, for methods that sample
 
 
 @dataclass
