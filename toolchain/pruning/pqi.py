@@ -86,9 +86,13 @@ def sap_round(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], 
         stats.append({"index": index, "d": kept.numel(), "prune": prune_count(kept.numel(), index, sap)})
         kept_values.append(kept)
     total = sum(s["prune"] for s in stats)
-    if limit is not None and total > limit:
-        for s in stats:
-            s["prune"] = math.floor(s["prune"] * limit / total)
+    if limit is not None and total > limit:  # scale every scope alike; largest remainders take the rest
+        shares = [s["prune"] * limit / total for s in stats]
+        for s, share in zip(stats, shares):
+            s["prune"] = math.floor(share)
+        rest = limit - sum(s["prune"] for s in stats)
+        for k in sorted(range(len(stats)), key=lambda k: (math.floor(shares[k]) - shares[k], k))[:rest]:
+            stats[k]["prune"] += 1
     new = {n: m.clone() for n, m in masks.items()}
     for pieces, s, kept in zip(groups, stats, kept_values):
         if s["prune"] == 0:
