@@ -120,7 +120,8 @@ def prune_pqi(model: nn.Module, config: PqiPruneConfig, ctx: PruneContext) -> Pr
     masks = {n: m.weight.detach() != 0 for n, m in ctx.layers.items()}  # earlier zeros stay masked
     trace, stopped = [], "rounds"
     for i in range(config.rounds):
-        saved = (copy.deepcopy(model.state_dict()), {n: m.clone() for n, m in masks.items()})
+        # only an accuracy floor can undo a round, so only then is the state worth a copy
+        saved = (copy.deepcopy(model.state_dict()), masks) if config.max_drop is not None else None
         masks, entry = _round(model, config, ctx, masks, i)
         trace.append(entry)
         dense = entry.get("metric_dense")
