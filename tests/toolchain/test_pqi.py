@@ -149,5 +149,3 @@ def test_cli_pqi_on_digits_cnn(tmp_path, run_cli):
     assert report["sparsity"]["overall"] == pytest.approx(section["sparsity"], abs=1e-6)  # recovery kept the zeros
     assert (out / "pqi.png").is_file() and "## PQI / SAP rounds" in (out / "report.md").read_text()
     assert any("no speed" in n for n in report["notes"])
-    bad = run_cli(["export", "digits-cnn", "--prune", "pqi", "--sparsity", "0.3", "-o", tmp_path / "bad"])
-    assert bad.exit_code == 2 and "--sparsity does not apply to prune.pqi" in bad.output

@@ -168,5 +168,3 @@ def test_cli_sensitivity_on_digits_cnn(tmp_path, run_cli):
     assert report["sensitivity"]["variant"] == "pfp" and report["sensitivity"]["recovery"]["steps"] == 3
     assert report["structure"]["params"]["ratio"] < 0.65
     assert any("real CPU speed" in n for n in report["notes"])
-    bad = run_cli(["export", "digits-cnn", "--prune", "magnitude", "--variant", "pfp", "-o", tmp_path / "bad"])
-    assert bad.exit_code == 2 and "--variant does not apply to prune.magnitude" in bad.output
