@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Point", "latency_vs_metric", "layer_bars", "points_from_report", "write_plots"]
+__all__ = ["Point", "latency_vs_metric", "layer_bars", "pqi_trace", "points_from_report", "write_plots"]
 
 DPI = 100
 WIDTH_IN = 7.0
@@ -87,6 +87,37 @@ def layer_bars(values: dict[str, float | None], xlabel: str, path: Path, title: 
     _save(fig, path)
 
 
+def _pqi_value(pqi: dict) -> float:
+    """A round's PQI as one number: the global index, or the mean over layers."""
+    return pqi["global"] if "global" in pqi else sum(pqi.values()) / max(1, len(pqi))
+
+
+def pqi_trace(trace: list[dict], path: Path, title: str) -> None:
+    """Per prune-recover round: PQI (before the round's pruning) and overall sparsity on the left
+    axis, the metric after recovery on the right one, when recovery ran."""
+    fig = _figure(3.5)
+    ax = fig.add_subplot()
+    rounds = [t["round"] for t in trace]
+    ax.plot(rounds, [_pqi_value(t["pqi"]) for t in trace], "o-", color="#1f77b4", label="PQI")
+    ax.plot(rounds, [t["sparsity"] for t in trace], "s--", color="#7f7f7f", label="sparsity")
+    ax.set_xlabel("round")
+    ax.set_ylabel("PQI / sparsity")
+    ax.set_xticks(rounds)
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    metric = [(t["round"], t["metric_after"]) for t in trace if t.get("metric_after") is not None]
+    if metric:
+        right = ax.twinx()
+        right.plot([r for r, _ in metric], [m for _, m in metric], "^-", color="#ff7f0e", label="metric after recovery")
+        unit = trace[0].get("unit") or ""
+        right.set_ylabel(f"{trace[0].get('metric', 'metric')} ({unit})" if unit else trace[0].get("metric", "metric"))
+        h2, l2 = right.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="best", fontsize=8)
+    ax.set_title(title)
+    _save(fig, path)
+
+
 def points_from_report(report: dict) -> list[Point]:
     """Baseline and model at the report's thread count (the latency the gates use)."""
     acc, lat = report["accuracy"], report["latency_ms"]
@@ -116,6 +147,10 @@ def write_plots(report: dict, outdir: Path) -> dict[str, str]:
         layer_bars(sparsity["layers"], "fraction of weights that are zero", outdir / "sparsity.png",
                    f"{report['model']}: per-layer sparsity (overall {sparsity['overall']:.3f})", skipped, (0.0, 1.0))
         written["sparsity"] = "sparsity.png"
+    if (report.get("pqi") or {}).get("trace"):
+        pqi_trace(report["pqi"]["trace"], outdir / "pqi.png",
+                  f"{report['model']}: PQI per round ({report['pqi']['scope']} scope)")
+        written["pqi"] = "pqi.png"
     quant = report.get("quantization") or {}
     if quant.get("layers_snr_db"):
         fallen = {f["layer"]: "FP32 fallback" for f in quant.get("fallback", [])}

@@ -73,6 +73,8 @@ def render_markdown(r: dict) -> str:
               "| layer | sparsity | note |", "|---|---|---|"]
     lines += [f"| {k} | {v:.4f} | {why.get(k, '')} |" for k, v in sp["layers"].items()]
     lines += render_mobile_sections(r)
+    if r.get("pqi"):
+        lines += _pqi_lines(r["pqi"])
     if r.get("plots"):
         lines += _plots_section(r["plots"])
     if r.get("notes"):
@@ -80,6 +82,22 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Stages", ""] + [f"- {st['name']} ({_stage_cost(st)}): {json.dumps(st['params'])}"
                                       for st in r["stages"]]
     return "\n".join(lines) + "\n"
+
+
+def _pqi_lines(pqi: dict) -> list[str]:
+    """The PQI trace: per round the index before pruning, what was pruned and the metric after recovery."""
+    lines = ["", "## PQI / SAP rounds", "",
+             f"scope {pqi['scope']}, p {pqi['p']}, q {pqi['q']}; stopped by {pqi['stopped']}; "
+             f"sparsity {pqi['sparsity']:.4f} (unstructured: size, not speed)", "",
+             "| round | PQI | pruned | sparsity | metric before -> after recovery |", "|---|---|---|---|---|"]
+    for t in pqi["trace"]:
+        index = t["pqi"]
+        value = index["global"] if "global" in index else sum(index.values()) / max(1, len(index))
+        metric = (f"{t['metric_before']:.4g} -> {t['metric_after']:.4g} {t.get('unit') or ''}"
+                  if t.get("metric_after") is not None else "no recovery")
+        lines.append(f"| {t['round']}{' (undone)' if t.get('undone') else ''} | {value:.4f}"
+                     f"{'' if 'global' in index else ' (mean)'} | {t['pruned']:,} | {t['sparsity']:.4f} | {metric} |")
+    return lines
 
 
 _DATA_KEYS = ("source", "split", "format", "samples", "layout", "labels", "class_names", "size", "resize",
@@ -120,7 +138,8 @@ def _cell(value, key: str = "") -> str:
 
 
 def _plots_section(plots: dict[str, str]) -> list[str]:
-    titles = {"latency_vs_metric": "Latency vs metric", "sparsity": "Per-layer sparsity", "snr": "Per-layer int8 SNR"}
+    titles = {"latency_vs_metric": "Latency vs metric", "sparsity": "Per-layer sparsity", "snr": "Per-layer int8 SNR",
+              "pqi": "PQI per round"}
     lines = ["", "## Plots", ""]
     for name, file in plots.items():
         lines += [f"![{titles.get(name, name)}]({file})", ""]

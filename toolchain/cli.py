@@ -90,6 +90,19 @@ class _MethodChoice(click.Choice):
         return tuple(_methods(self.kind) if self.with_none else _names(self.kind))
 
 
+class _VariantChoice(click.Choice):
+    """prune.sensitivity's variants, read from its module when first needed (it imports torch)."""
+
+    def __init__(self):
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from toolchain.pruning.sensitivity_stage import SENSITIVITY_VARIANTS
+
+        return SENSITIVITY_VARIANTS
+
+
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
 
@@ -100,7 +113,7 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
     from toolchain.overrides import Overrides, apply_overrides
     from toolchain.recipe import load_recipe
 
-    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "quant", "observer", "max_accuracy_drop",
+    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "variant", "quant", "observer", "max_accuracy_drop",
                                   "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
                                   "recover_steps", "recover_minutes", "recover_data")
              if _given(ctx, k) and opts[k] is not None}
@@ -147,10 +160,15 @@ def _validate_positive(ctx, param, value):
                    "(after `make arm64`) and <name>-mobile.zip.")
 @click.option("--prune", default=None, type=_MethodChoice("prune"),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
-                   "unstructured zeros without recovery cost fidelity and buy only size].")
+                   "unstructured zeros without recovery cost fidelity and buy only size]. sensitivity "
+                   "defaults to PFP (whole channels: real CPU speed on CNNs); --variant sipp-* for zeros.")
 @click.option("--sparsity", default=0.5, show_default=True, type=SettingType("sparsity"),
-              help="Fraction of prunable weights removed (magnitude), or of channels/heads/neurons (structured).")
+              help="Fraction of prunable weights removed (magnitude, sensitivity), or of channels/heads/neurons "
+                   "(structured); pqi picks its own sparsity (SAP rounds).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
+@click.option("--variant", default=None, type=_VariantChoice(),
+              help="For --prune sensitivity: pfp removes whole channels (real CPU speed; the default for "
+                   "CNNs), sipp-* zero single weights (size only) [pfp].")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False),

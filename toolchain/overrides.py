@@ -25,6 +25,7 @@ class Overrides:
     prune: str | None = None
     sparsity: float | None = None
     nm: str | None = None
+    variant: str | None = None
     quant: str | None = None
     observer: str | None = None
     max_accuracy_drop: float | None = None
@@ -59,6 +60,8 @@ def _prune_stage(recipe: Recipe, o: Overrides, from_file: bool, default_prune: s
     updates = {}
     if o.sparsity is not None or not (from_file and current and current.name == name):
         updates["sparsity"] = o.sparsity if o.sparsity is not None else DEFAULT_SPARSITY
+    if o.variant is not None:
+        updates["variant"] = o.variant
     if name == "nm" and (o.nm is not None or not (from_file and current and current.name == "nm")):
         updates["n"], updates["m"] = parse_nm(o.nm or "2:4")
     return _stage("prune", name, current, updates)
@@ -100,6 +103,7 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
     recipe = recipe.with_stage("prune", _prune_stage(recipe, o, from_file, default_prune))
     _reject_inapplicable(o.sparsity, "--sparsity", recipe.stage("prune"), "sparsity")
     _reject_inapplicable(o.nm, "--nm", recipe.stage("prune"), "n")
+    _reject_inapplicable(o.variant, "--variant", recipe.stage("prune"), "variant")
     recipe = recipe.with_stage("recover", _recover_stage(recipe, o))
     current_q = recipe.stage("quantize")
     q_name = o.quant or (current_q.name if current_q else (None if from_file else "int8"))

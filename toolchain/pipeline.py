@@ -37,6 +37,7 @@ from toolchain.output_folder import atomic_output
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantize_step import quantize_to_onnx
 from toolchain.recipe import Recipe
+from toolchain.recover_step import make_fine_tune
 from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
@@ -81,6 +82,7 @@ class RunState:
     progress: Progress
     work: torch.nn.Module | None = None  # the copy being compressed (the user's model is never touched)
     layers: dict = field(default_factory=dict)  # its prunable layers
+    masks: dict = field(default_factory=dict)  # layer -> 1 = kept, from the prune stages (recovery keeps them)
     notes: list[str] = field(default_factory=list)
     sparsity: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # report sections methods add (structure, recovery)
@@ -106,6 +108,13 @@ def export_baseline(state: RunState) -> None:
         exporter.export(state.spec, state.spec.model, state.tmp / "baseline.onnx")
 
 
+def _merge_masks(state: RunState, masks: dict) -> None:
+    """AND of every prune stage's masks; a layer whose shape changed since keeps only the new one."""
+    for name, mask in masks.items():
+        old = state.masks.get(name)
+        state.masks[name] = mask.bool() & old if old is not None and old.shape == mask.shape else mask.bool()
+
+
 def prune(state: RunState) -> None:
     spec = state.spec
     state.work = copy_for_compression(spec.model)
@@ -116,7 +125,9 @@ def prune(state: RunState) -> None:
     for stage in state.recipe.stages_of("prune"):
         _needs_calibration(state, stage)
         ctx = PruneContext(state.layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
-                           lambda model, path: exporter.export(spec, model, path), state.threads)
+                           lambda model, path: exporter.export(spec, model, path), state.threads,
+                           make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None,
+                           state.recipe.seed)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
             # structured pruning may replace modules (transformers' prune_heads builds new Linears)
@@ -124,6 +135,7 @@ def prune(state: RunState) -> None:
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
         state.extra.update(result.extra)
+        _merge_masks(state, result.masks)
         for name, why in result.skipped.items():
             skipped.append({"layer": name, "stage": stage.qualified, "reason": why})
             state.notes.append(f"{stage.qualified} skipped {name}: {why}")
@@ -147,7 +159,7 @@ def recover(state: RunState) -> None:
         return
     _needs_calibration(state, stage)
     with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
-        ctx = RecoverContext(state.spec, state.recipe.seed, state.progress)
+        ctx = RecoverContext(state.spec, state.recipe.seed, state.progress, state.masks)
         state.extra["recovery"] = lookup("recover", stage.name).handler(state.work, stage.config, ctx)
         rec["params"]["steps_run"] = state.extra["recovery"]["steps"]
     recalibrate(state)

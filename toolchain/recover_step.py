@@ -14,7 +14,7 @@ from toolchain.recovery import RecoveryConfig, make_pool, recover
 from toolchain.registry import register
 from toolchain.stages import RecoverContext
 
-__all__ = ["run_recovery", "torch_metric", "recover_distill", "METRIC_SAMPLES"]
+__all__ = ["run_recovery", "make_fine_tune", "torch_metric", "recover_distill", "METRIC_SAMPLES"]
 
 
 METRIC_SAMPLES = 2000  # eval samples for the before/after metric (the final one uses them all, in onnxruntime)
@@ -48,7 +48,8 @@ def _sources(spec: ModelSpec, extra_path: str | None):
 
 
 def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig, seed: int,
-                 extra_path: str | None = None, progress: Progress = NULL_PROGRESS) -> dict:
+                 extra_path: str | None = None, progress: Progress = NULL_PROGRESS,
+                 masks: dict[str, torch.Tensor] | None = None) -> dict:
     teacher = copy_for_compression(spec.model)
     batches, labels = _sources(spec, extra_path)
     text = "input_ids" in batches[0]
@@ -61,7 +62,7 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
                 task.set_total(step * budget / max(elapsed, 1e-6))
             task.advance()
 
-        info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update)
+        info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update, masks)
     info["metric"] = kind.metric if kind.output == "embeddings" or spec.eval_labels is not None \
         else f"{kind.metric}_agreement"
     info["unit"] = metric_units(info["metric"])[0]  # of metric_before / metric_after, as in "accuracy"
@@ -70,7 +71,24 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
     return info
 
 
+def make_fine_tune(spec: ModelSpec, seed: int, progress: Progress = NULL_PROGRESS):
+    """The PruneContext's `fine_tune` (toolchain/stages.py): distillation for a given number of
+    steps with masks held, between the rounds of an iterative pruning method. Its record adds
+    `metric_dense`, the dense model's metric on the same samples (computed once)."""
+    dense: list[float] = []
+
+    def fine_tune(model: torch.nn.Module, masks: dict, steps: int, round_: int) -> dict:
+        if not dense:
+            teacher_out = np.concatenate([spec.postprocess(spec.torch_outputs(spec.model, b), b)
+                                          for b in _metric_batches(spec)])
+            dense.append(torch_metric(spec, teacher_out, spec.model))
+        info = run_recovery(model, spec, RecoveryConfig(steps=steps), seed + round_, progress=progress, masks=masks)
+        return {**info, "metric_dense": dense[0]}
+
+    return fine_tune
+
+
 @register("recover", "distill", RecoveryConfig,
           "distillation from the dense teacher after pruning (KL / hidden-state MSE + cosine), augmented")
 def recover_distill(model: torch.nn.Module, config: RecoveryConfig, ctx: RecoverContext) -> dict:
-    return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.progress)
+    return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.progress, ctx.masks)

@@ -101,14 +101,32 @@ def _set_train(model: nn.Module, train: bool) -> None:
         p.requires_grad_(train)
 
 
+def _mask_keeper(student: nn.Module, masks: dict[str, torch.Tensor] | None) -> Callable[[], None]:
+    """Re-applies pruning masks (module name -> 1 = kept) after each optimizer step, so pruned
+    weights stay exact zeros; masks whose layer changed shape (removed channels) are skipped."""
+    modules = dict(student.named_modules())
+    pairs = [(modules[n].weight, m.bool()) for n, m in (masks or {}).items()
+             if n in modules and getattr(modules[n], "weight", None) is not None and modules[n].weight.shape == m.shape]
+
+    @torch.no_grad()
+    def reapply():
+        for weight, mask in pairs:
+            weight.mul_(mask.to(weight.device, weight.dtype))
+
+    return reapply
+
+
 def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: RecoveryConfig, seed: int = 0,
-            evaluate: Callable[[nn.Module], float] | None = None, progress: Callable | None = None) -> dict:
-    """Fine-tune `student` in place; returns the report's `recovery` section."""
+            evaluate: Callable[[nn.Module], float] | None = None, progress: Callable | None = None,
+            masks: dict[str, torch.Tensor] | None = None) -> dict:
+    """Fine-tune `student` in place; returns the report's `recovery` section. `masks` (module name
+    -> 1 = kept) are re-applied after every optimizer step."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = _device()
     before = evaluate(student) if evaluate else None
     student.to(device)
+    keep_masks = _mask_keeper(student, masks)
     teacher.to(device).eval()
     _set_train(student, True)
     for p in teacher.parameters():
@@ -135,6 +153,7 @@ def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: Recovery
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            keep_masks()
             step += 1
             curve.append(float(loss.detach()))
             if progress:

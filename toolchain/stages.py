@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from models.spec import ModelSpec
 
 __all__ = [
-    "STAGE_KINDS", "StageConfig", "Runner",
+    "STAGE_KINDS", "StageConfig", "Runner", "FineTune",
     "PruneContext", "PruneResult", "PruneMethod", "RecoverContext", "RecoverMethod",
     "TransformContext", "TransformResult", "TransformMethod",
     "QuantContext", "QuantizeMethod",
@@ -44,6 +44,10 @@ __all__ = [
 STAGE_KINDS = ("prune", "recover", "transform", "quantize")  # also the order stages run in
 
 Runner = Callable[[nn.Module, dict], list[np.ndarray]]  # run(model, batch) -> outputs as numpy
+# fine_tune(model, masks, steps, round) -> the recovery record (metric_before / metric_after, ...):
+# distillation from the dense model for `steps` optimizer steps, masks (layer name -> 1 = kept)
+# re-applied after each step; `round` varies the seed between calls of one run
+FineTune = Callable[[nn.Module, dict, int, int], dict]
 
 
 @runtime_checkable
@@ -71,6 +75,8 @@ class PruneContext:
     example_inputs: dict = field(default_factory=dict)
     export: Callable[[nn.Module, Path], Any] | None = None  # the spec's exporter, for timing variants
     threads: int = 1
+    fine_tune: FineTune | None = None  # iterative methods recover between rounds; None = not available
+    seed: int = 0  # the run's seed, for methods that sample
 
 
 @dataclass
@@ -92,6 +98,7 @@ class RecoverContext:
     spec: "ModelSpec"  # the dense model is the teacher; its data feed the student
     seed: int = 0
     progress: Progress = NULL_PROGRESS
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> 1 = kept; zeros stay zeros
 
 
 class RecoverMethod(Protocol):

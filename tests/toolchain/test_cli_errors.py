@@ -61,13 +61,15 @@ def test_unknown_model_lists_known_models(run_cli, workdir, args):
     (["export", "digits-cnn", "--prune", "nm", "--nm", "4:2", "-o", "out"], "4:2"),
     (["export", "digits-cnn", "--prune", "nm", "--nm", "x", "-o", "out"], "'x'"),
     (["export", "digits-cnn", "--prune", "nm", "--nm", "2:2", "-o", "out"], "2:2"),
-    (["export", "digits-cnn", "--prune", "pqi", "-o", "out"], "prune"),  # reserved, not built yet
+    (["export", "digits-cnn", "--prune", "sipp", "-o", "out"], "prune"),  # a variant, not a method: --variant
+    (["export", "digits-cnn", "--prune", "pqi", "--sparsity", "0.3", "-o", "out"], "--sparsity"),  # SAP picks it
+    (["export", "digits-cnn", "--prune", "magnitude", "--variant", "pfp", "-o", "out"], "--variant"),
     (["export", "digits-cnn", "--threads", "0", "-o", "out"], "threads"),
     (["export", "digits-cnn", "--max-accuracy-drop", "-1", "-o", "out"], "max-accuracy-drop"),
     (["export", "digits-cnn", "--bogus-flag", "-o", "out"], "bogus"),
 ], ids=["missing-recipe", "sparsity-1.5", "sparsity-neg", "sparsity-1", "calib-9x9", "eval-9x9", "calib-missing",
         "target-gpu", "mobile-bad-shape", "under-file", "is-file", "quant-before-prune", "nm-4:2", "nm-x", "nm-2:2",
-        "prune-pqi", "threads-0", "neg-gate", "unknown-flag"])
+        "prune-sipp", "pqi-sparsity", "variant-magnitude", "threads-0", "neg-gate", "unknown-flag"])
 def test_bad_export_input(run_cli, workdir, args, needle):
     line = _check(run_cli(args), workdir)
     assert needle in line

@@ -47,6 +47,17 @@ def test_distillation_reduces_the_loss_and_is_deterministic():
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_pruning_masks_hold_through_recovery():
+    """Masked weights get gradients too; recovery re-applies the masks after every step."""
+    teacher, student = _Wrap(_teacher()), _Wrap(_teacher())
+    mask = torch.rand(student.net[3].weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        student.net[3].weight.mul_(mask)
+    pool = make_pool(_data(), None, text=False, encoder=False)
+    recover(student, teacher, pool, RecoveryConfig(steps=5, lr=3e-3, batch_size=16), masks={"net.3": mask})
+    assert torch.all(student.net[3].weight[~mask] == 0) and torch.any(student.net[3].weight[mask] != 0)
+
+
 def test_kl_is_zero_when_student_matches_teacher_and_labels_add_cross_entropy():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     cfg = RecoveryConfig(temperature=2.0, label_weight=0.5)
