@@ -52,6 +52,12 @@ class Anchor:
     quantize_output: bool = False  # quantize relu(output) too
     quantize_bias: bool = False  # bias as int32 with scale s_in * s_w (Conv / Gemm)
     dynamic_ok: bool = False  # MatMul / Gemm: can take run-time (dynamic) activation quantization
+    # the output feeds a sum (a residual Add): quantized as is, so that onnxruntime runs the Conv as
+    # QLinearConv; without it the Conv stays FP32 and dequantizes its int8 weight on every run
+    quantize_raw_output: bool = False
+    # the input is also read by a residual Add (the skip path): that Add reads the same quantized
+    # tensor, so both of its inputs are int8 and onnxruntime runs it as QLinearAdd
+    quantize_input_for_sum: bool = False
 
 
 @dataclass
@@ -59,7 +65,8 @@ class QuantParams:
     """Everything the QDQ writer needs; keyed by torch module name."""
 
     inputs: dict[str, ActQuant] = field(default_factory=dict)
-    outputs: dict[str, ActQuant] = field(default_factory=dict)
+    outputs: dict[str, ActQuant] = field(default_factory=dict)  # relu(output) (Anchor.quantize_output)
+    raw_outputs: dict[str, ActQuant] = field(default_factory=dict)  # output as is (Anchor.quantize_raw_output)
     weights: dict[str, WeightQuant] = field(default_factory=dict)
     biases: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # int32 q, scale
     embeddings: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)  # int8 q, scale

@@ -29,6 +29,11 @@ class Site:
     transposed: bool  # ONNX stores W^T (in, out): per-channel axis 1
     bias: str | None  # bias initializer consumed by the node itself (Conv / Gemm)
     rectified_output: str | None  # output of a Relu that alone consumes the node's output
+    # a Conv's output read only by Add nodes (a residual sum): quantizing it is what lets
+    # onnxruntime fuse DQ -> Conv -> Q into QLinearConv
+    summed_output: str | None = None
+    # the Conv's activation input is also read by Add nodes (a residual skip path)
+    input_summed: bool = False
 
 
 def _digest(arr: np.ndarray) -> tuple:
@@ -74,7 +79,14 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
         nxt = readers[node.output[0]]
         if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in graph_outputs:
             rectified = nxt[0].output[0]
-        sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified)
+        summed = None
+        if (node.op_type == "Conv" and nxt and all(n.op_type == "Add" for n in nxt)
+                and node.output[0] not in graph_outputs):
+            summed = node.output[0]
+        input_summed = (node.op_type == "Conv" and node.input[0] not in {i.name for i in graph.input}
+                        and any(n.op_type == "Add" for n in readers[node.input[0]]))
+        sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified, summed,
+                             input_summed)
     return sites
 
 
@@ -138,6 +150,7 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
     ed = _GraphEditor(graph)
     replaced: set[str] = set()
     rewire: dict[str, str] = {}
+    sum_rewire: dict[str, str] = {}  # skip-path tensors: Add readers take the quantized one
     for anchor in params.anchors:
         site = sites[anchor.module]
         node = nodes[site.node]
@@ -150,8 +163,12 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
             node.input[2] = ed.dq_constant(bq, bscale, 0, f"{anchor.module}.bias")
             replaced.add(site.bias)
         node.input[0] = ed.qdq_activation(site.activation, params.inputs[anchor.module])
+        if anchor.quantize_input_for_sum and site.input_summed:
+            sum_rewire.setdefault(site.activation, node.input[0])
         if anchor.module in params.outputs and site.rectified_output:
             rewire[site.rectified_output] = ed.qdq_activation(site.rectified_output, params.outputs[anchor.module])
+        if anchor.module in params.raw_outputs and site.summed_output:
+            rewire[site.summed_output] = ed.qdq_activation(site.summed_output, params.raw_outputs[anchor.module])
     for module, (node_name, table) in (embedding_sites or {}).items():
         if module not in params.embeddings:
             continue
@@ -182,6 +199,8 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
         for i, name in enumerate(node.input):
             if name in rewire:
                 node.input[i] = rewire[name]
+            elif node.op_type == "Add" and name in sum_rewire:
+                node.input[i] = sum_rewire[name]
     kept = [i for i in graph.initializer if i.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -55,7 +55,8 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto) -> Quant
     sites = find_sites(prepared, weights)
     if not sites:
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
-    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
+    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"),
+                      quantize_raw_output=s.summed_output is not None, quantize_input_for_sum=s.input_summed)
                for name, s in sites.items()]
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
     return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged)

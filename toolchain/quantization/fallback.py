@@ -90,6 +90,8 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
             y = nn.functional.linear(x, w, bias) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, bias)
             if name in params.outputs:
                 out, y = torch.relu(out), fake_quant_act(torch.relu(y), params.outputs[name])
+            elif name in params.raw_outputs:
+                y = fake_quant_act(y, params.raw_outputs[name])
             signal[name] += float((out.double() ** 2).sum())
             noise[name] += float(((out.double() - y.double()) ** 2).sum())
         return fn
@@ -104,6 +106,7 @@ def without(params: QuantParams, modules: set[str]) -> QuantParams:
     return replace(params, anchors=keep,
                    inputs={k: v for k, v in params.inputs.items() if k not in modules},
                    outputs={k: v for k, v in params.outputs.items() if k not in modules},
+                   raw_outputs={k: v for k, v in params.raw_outputs.items() if k not in modules},
                    weights={k: v for k, v in params.weights.items() if k not in modules},
                    biases={k: v for k, v in params.biases.items() if k not in modules})
 

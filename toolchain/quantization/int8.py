@@ -60,7 +60,8 @@ def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> Quant
     batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
     ins, outs = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile)
     params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
-    params.outputs = outs
+    params.outputs = {a.module: outs[a.module] for a in ctx.anchors if a.quantize_output}
+    params.raw_outputs = {a.module: outs[a.module] for a in ctx.anchors if a.quantize_raw_output}
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)
     return params
@@ -89,7 +90,8 @@ class Int8DynamicConfig:
           "dynamic int8 for MatMul/Gemm: per-channel int8 weights, activations quantized at run time")
 def quantize_dynamic(model, config: Int8DynamicConfig, ctx: QuantContext) -> QuantParams:
     anchors = [a for a in ctx.anchors if a.dynamic_ok]
-    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False) for a in anchors], {},
+    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False,
+                                                      quantize_raw_output=False, quantize_input_for_sum=False) for a in anchors], {},
                               _qmax(config, ctx))
     params.dynamic = True
     if config.embeddings:

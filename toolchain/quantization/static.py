@@ -24,7 +24,9 @@ __all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_m
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
               observer: str | dict[str, str] = "minmax", percentile: float = 99.99,
               ) -> tuple[dict[str, ActQuant], dict[str, ActQuant]]:
-    """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
+    """Observe anchor inputs (and rectified or summed outputs) over `batches`; `run(model, batch)`
+    runs one. The second dict holds relu(output) for `quantize_output` anchors and the output as is
+    for `quantize_raw_output` anchors.
 
     `observer` is a registered observer name (kind "observer"), or a dict mapping module names to
     observer names (modules not in it use min-max).
@@ -38,7 +40,8 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
         return observer_config(method(name), percentile=percentile).keeps_samples
 
     obs_in = {a.module: RangeObserver(keeps(a.module)) for a in anchors}
-    obs_out = {a.module: RangeObserver(keeps(a.module)) for a in anchors if a.quantize_output}
+    obs_out = {a.module: RangeObserver(keeps(a.module)) for a in anchors
+               if a.quantize_output or a.quantize_raw_output}
     handles = []
     for a in anchors:
         mod = modules[a.module]
@@ -47,6 +50,9 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
         if a.quantize_output:
             handles.append(mod.register_forward_hook(
                 lambda m, args, out, o=obs_out[a.module]: o.update(torch.relu(out).detach().numpy())))
+        elif a.quantize_raw_output:
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, o=obs_out[a.module]: o.update(out.detach().numpy())))
     run_with_hooks(model, handles, batches, run)
 
     ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
@@ -78,6 +84,16 @@ def quantize_embeddings(model: nn.Module) -> dict[str, tuple[np.ndarray, float]]
             if isinstance(mod, nn.Embedding) and mod.num_embeddings >= MIN_EMBEDDING_ROWS}
 
 
+def _quantize_in_place(x: torch.Tensor, p) -> torch.Tensor:
+    """The QDQ graph quantizes a skip-path tensor once, for the conv and the residual Add that both
+    read it; in torch the Add reads the same tensor object later in forward (`out + x`), so
+    quantizing it in place gives the Add the quantized values too (idempotent for a second reader
+    with the same params)."""
+    with torch.no_grad():
+        x.copy_(fake_quant_act(x, p))
+    return x
+
+
 def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handles: list) -> None:
     """Swap int8 values into `model` and hook its activation quantizers, recording in `saved`
     (tensor, FP32 value) and `handles` what undoes it, as it goes."""
@@ -100,12 +116,16 @@ def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handle
                     lambda m, args: (fake_quant_dynamic(args[0]),) + tuple(args[1:])))
                 continue
             p_in = params.inputs[a.module]
+            quantize = _quantize_in_place if a.quantize_input_for_sum else fake_quant_act
             handles.append(mod.register_forward_pre_hook(
-                lambda m, args, p=p_in: (fake_quant_act(args[0], p),) + tuple(args[1:])))
+                lambda m, args, p=p_in, fq=quantize: (fq(args[0], p),) + tuple(args[1:])))
             if a.module in params.outputs:
                 p_out = params.outputs[a.module]
                 handles.append(mod.register_forward_hook(
                     lambda m, args, out, p=p_out: fake_quant_act(torch.relu(out), p)))
+            elif a.module in params.raw_outputs:
+                handles.append(mod.register_forward_hook(
+                    lambda m, args, out, p=params.raw_outputs[a.module]: fake_quant_act(out, p)))
 
 
 @contextmanager
