@@ -36,7 +36,7 @@ from toolchain.recipe import Recipe
 from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
-__all__ = ["run", "RunState", "STEPS"]
+__all__ = ["run", "RunState", "STEPS", "StageTimer", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _Stages:
+class StageTimer:
     """Times each stage, measures its peak memory, reports it as progress and records it for the report."""
 
     def __init__(self, progress: Progress):
@@ -73,7 +73,7 @@ class RunState:
     spec: ModelSpec
     tmp: Path  # the output folder being built
     threads: int
-    timer: _Stages
+    timer: StageTimer
     progress: Progress
     work: torch.nn.Module | None = None  # the copy being compressed (the user's model is never touched)
     layers: dict = field(default_factory=dict)  # its prunable layers
@@ -238,7 +238,7 @@ STEPS = (export_baseline, prune, recalibrate, recover, fold, transform, export_p
 def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS) -> dict:
     seed_everything(recipe.seed)
     with atomic_output(outdir, progress.message) as tmp:
-        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress)
+        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), StageTimer(progress), progress)
         state.notes += spec.data_info.get("notes", [])  # e.g. synthetic data: said first
         for step in STEPS:
             step(state)

@@ -34,7 +34,7 @@ from toolchain.recipe import Stage
 from toolchain.stages import QuantContext
 
 __all__ = ["QuantPlan", "plan_quantization", "compute_params", "apply_fallback", "write_model",
-           "quantize_to_onnx"]
+           "quantize_to_onnx", "torch_reference", "weight_range_info"]
 
 FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
 
@@ -72,7 +72,7 @@ def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Q
     return lookup("quantize", stage.name).handler(work, stage.config, ctx)
 
 
-def _weight_range(params: QuantParams) -> dict:
+def weight_range_info(params: QuantParams) -> dict:
     qmax = max((int(abs(w.q.astype(np.int16)).max()) for w in params.weights.values()), default=0)
     reduced = qmax <= REDUCED_QMAX
     return {"reduce_range": reduced, "max_abs_q": qmax,
@@ -224,16 +224,16 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     plan = plan_quantization(work, prepared)
     params = compute_params(work, spec, stage, plan, target, progress)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
-                  "weight_range": _weight_range(params),
+                  "weight_range": weight_range_info(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     if stage.config.supports_fallback:
         params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
                                 work_is_dense)
     write_model(prepared, plan, params, out_path)
-    return _reference(work, spec, params, progress), info
+    return torch_reference(work, spec, params, progress), info
 
 
-def _reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
+def torch_reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
     """The torch fake-quant outputs model.onnx must reproduce, computed once on the evaluation
     batches now (no copy of the model kept alive for verification); other batches on demand."""
     with fake_quantized(work, params):
