@@ -133,6 +133,11 @@ class _Search:
                 cid = f"{tag}-{variant.label.replace(' +', '-')}"
                 built, spent = timed(write_mode, state, plan, variant, self.tmp / "candidates" / cid, self.limit,
                                      cache)
+                if variant.fallback and not built.quant_info.get("fallback"):
+                    # nothing returned to FP32: the same model as plain int8, not worth measuring again
+                    why = built.quant_info.get("fallback_skipped") or "no layer needed to return to FP32"
+                    self.skipped.append({"id": cid, "reason": f"fallback changed nothing: {why}"})
+                    continue
                 ok = self._measure(built, cid, sparsity, recovery, seconds + spent)["accuracy_passed"]
                 seconds = 0.0  # the level's shared cost is counted once, with its first candidate
                 passed, measured = passed or ok, measured + 1

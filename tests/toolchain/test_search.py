@@ -56,7 +56,9 @@ def test_scan_stops_at_first_level_failing_accuracy(searched):
     assert "assumed no better" in rep["auto"]["stopped"]
     # plain int8 failing accuracy is retried with fallback; dense (level 0) has no FP32 candidate
     ids = [c["id"] for c in rep["frontier"]]
-    assert "s0-int8" in ids and "s0-none" not in ids and f"s{levels[-1]:g}-int8-fallback" in ids
+    fallback = f"s{levels[-1]:g}-int8-fallback"  # tried; measured unless it changed nothing
+    assert "s0-int8" in ids and "s0-none" not in ids
+    assert fallback in ids or any(s["id"] == fallback for s in rep["auto"]["skipped"])
 
 
 def test_frontier_fields_and_report_md(searched):
