@@ -125,7 +125,8 @@ class _Search:
         tag = f"s{sparsity:g}" + ("-recovered" if recovery else "")
         passed, measured = False, 0
         for mode in self._modes(sparsity, plan):
-            if self.frontier and self.remaining_s() <= 0:
+            # a level's first candidate is always measured: its pruning and recovery are paid for
+            if measured and self.remaining_s() <= 0:
                 self.skipped.append({"id": f"{tag}-{mode.label}", "reason": "time budget spent"})
                 continue
             modes = [mode, dataclasses.replace(mode, fallback=True)] if mode.quant == "int8" else [mode]
