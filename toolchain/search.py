@@ -152,17 +152,27 @@ class _Search:
         config = RecoveryConfig(minutes=round(minutes, 3), data=self.config.recover_data)
         return Stage("recover", "distill", config), {"minutes": config.minutes}
 
+    def _prune(self, s: float) -> pipeline.RunState:
+        return pruned_level(self.recipe, self.spec, s, self.tmp / "scratch" / f"s{s:g}", self.threads, self.progress)
+
+    def _unrecovered(self, s: float, pruned: dict) -> bool | None:
+        pruned[s] = self._prune(s)
+        return self.try_level(pruned[s], s, None)
+
+    def _recovered(self, s: float, pruned: dict, levels_left: int) -> bool | None:
+        stage, info = self._recovery_stage(levels_left)
+        level = pruned.pop(s) if s in pruned else self._prune(s)
+        return self.try_level(with_recovery(level, stage, self.tmp / "scratch" / f"s{s:g}-recovered"), s, info)
+
     def run(self) -> str:
         """Fill the frontier; return why the search stopped where it did."""
         pruned: dict[float, pipeline.RunState] = {}
         levels, last_ok, why = list(self.config.levels), None, "every level measured"
-        for i, s in enumerate(levels):
+        for s in levels:
             if self.frontier and self.remaining_s() <= 0:
                 why = f"time budget spent before sparsity {s:g}"
                 break
-            pruned[s] = pruned_level(self.recipe, self.spec, s, self.tmp / "scratch" / f"s{s:g}", self.threads,
-                                     self.progress)
-            result = self._safe(self.try_level, pruned[s], s, None)
+            result = self._safe(s, self._unrecovered, s, pruned)
             if result is None:
                 why = f"time budget spent at sparsity {s:g}"
                 break
@@ -176,12 +186,7 @@ class _Search:
             if self.remaining_s() <= 0:
                 why += f"; time budget spent before recovering sparsity {s:g}"
                 break
-            if s not in pruned:
-                pruned[s] = pruned_level(self.recipe, self.spec, s, self.tmp / "scratch" / f"s{s:g}", self.threads,
-                                         self.progress)
-            stage, info = self._recovery_stage(len(todo) - i)
-            recovered = with_recovery(pruned.pop(s), stage, self.tmp / "scratch" / f"s{s:g}-recovered")
-            result = self._safe(self.try_level, recovered, s, info)
+            result = self._safe(s, self._recovered, s, pruned, len(todo) - i)
             if result is None:
                 why += f"; time budget spent at recovered sparsity {s:g}"
                 break
@@ -191,12 +196,12 @@ class _Search:
                 break
         return why
 
-    def _safe(self, fn: Callable, *args) -> bool | None:
+    def _safe(self, s: float, fn: Callable, *args) -> bool | None:
         """A level that cannot be built (e.g. nothing prunable) ends the scan instead of the run."""
         try:
             return fn(*args)
         except SqexportError as exc:
-            self.skipped.append({"id": f"s{args[1]:g}", "reason": first_line(exc)})
+            self.skipped.append({"id": f"s{s:g}", "reason": first_line(exc)})
             return False
 
 
