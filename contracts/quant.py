@@ -59,6 +59,9 @@ class Anchor:
     quantize_bias: bool = False  # bias as int32 with scale s_in * s_w (Conv / Gemm)
     dynamic_ok: bool = False  # MatMul / Gemm: can take run-time (dynamic) activation quantization
     output_range: tuple[float, float] = RELU  # bounds of the rectifier before the output's Q
+    # the input is also read by a plain residual Add (the skip path): that Add reads the same
+    # quantized tensor, so both its inputs are int8 and onnxruntime runs it as QLinearAdd
+    quantize_input_for_sum: bool = False
 
 
 @dataclass

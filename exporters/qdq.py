@@ -34,6 +34,7 @@ class Site:
     # output feeds other nodes, `linear_output` is that output and the bounds are (-inf, inf)
     output_range: tuple[float, float] = RELU
     linear_output: str | None = None
+    input_summed: bool = False  # a Conv's activation input is also read by Add nodes (a skip path)
 
     @property
     def output(self) -> str | None:
@@ -85,8 +86,10 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
         if rectified is None and node.op_type == "Conv" and readers[node.output[0]] \
                 and node.output[0] not in graph_outputs:
             linear, bounds = node.output[0], LINEAR
+        input_summed = (node.op_type == "Conv" and node.input[0] not in {i.name for i in graph.input}
+                        and any(n.op_type == "Add" for n in readers[node.input[0]]))
         sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified,
-                             bounds, linear)
+                             bounds, linear, input_summed)
     return sites
 
 
@@ -178,6 +181,7 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
     ed = _GraphEditor(graph)
     replaced: set[str] = set()
     rewire: dict[str, str] = {}
+    sum_rewire: dict[str, str] = {}  # skip-path tensors: their Add readers take the quantized one
     for anchor in params.anchors:
         site = sites[anchor.module]
         node = nodes[site.node]
@@ -190,6 +194,8 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
             node.input[2] = ed.dq_constant(bq, bscale, 0, f"{anchor.module}.bias")
             replaced.add(site.bias)
         node.input[0] = ed.qdq_activation(site.activation, params.inputs[anchor.module])
+        if anchor.quantize_input_for_sum and site.input_summed:
+            sum_rewire.setdefault(site.activation, node.input[0])
         if anchor.module in params.outputs and site.output:
             rewire[site.output] = ed.qdq_activation(site.output, params.outputs[anchor.module])
     for module, tensor in (tensor_sites or {}).items():
@@ -225,6 +231,8 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
         for i, name in enumerate(node.input):
             if name in rewire:
                 node.input[i] = rewire[name]
+            elif node.op_type == "Add" and name in sum_rewire:
+                node.input[i] = sum_rewire[name]
     kept = [i for i in graph.initializer if i.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Point", "latency_vs_metric", "layer_bars", "pqi_trace", "points_from_report", "write_plots"]
+__all__ = ["Point", "latency_vs_metric", "layer_bars", "pqi_trace", "points_from_report", "frontier_points",
+           "write_plots"]
 
 DPI = 100
 WIDTH_IN = 7.0
@@ -42,7 +43,8 @@ def _save(fig, path: Path) -> None:
     fig.savefig(str(path), format="png", dpi=DPI, metadata={"Software": None})
 
 
-def latency_vs_metric(points: list[Point], metric_label: str, path: Path, title: str = "") -> None:
+def latency_vs_metric(points: list[Point], metric_label: str, path: Path, title: str = "",
+                      xlabel: str = "latency p50 (ms)") -> None:
     """Scatter of p50 latency (x) against the metric (y); every point labelled. Lower-left is
     faster, higher is better for similarity and accuracy metrics."""
     fig = _figure(4.0)
@@ -54,7 +56,7 @@ def latency_vs_metric(points: list[Point], metric_label: str, path: Path, title:
                        color=_COLORS.get(kind, "#2ca02c"), label=kind, zorder=3 if kind == "model" else 2)
     for p in points:
         ax.annotate(p.label, (p.latency_ms, p.metric), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("latency p50 (ms)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric_label)
     ax.set_title(title or f"latency vs {metric_label}")
     ax.grid(True, alpha=0.3)
@@ -127,6 +129,18 @@ def points_from_report(report: dict) -> list[Point]:
             Point("model.onnx", lat["model"]["p50"], acc["model"], "model")]
 
 
+def frontier_points(report: dict) -> list[Point]:
+    """Every candidate an --auto search measured, at its p50 relative to FP32 (each measured
+    interleaved with baseline.onnx in its own run), plus FP32 itself at 1.0."""
+    frontier, acc = report.get("frontier") or [], report["accuracy"]
+    points = [Point("FP32", 1.0, acc["baseline"], "baseline")] if acc.get("baseline") is not None else []
+    for c in frontier:
+        if c.get("metric") is not None and c.get("speedup"):
+            label = f"{c['sparsity']:g}{' rec' if c['recovered'] else ''} {c['quant']}{' fb' if c['fallback'] else ''}"
+            points.append(Point(label, 1.0 / c["speedup"], c["metric"], "model" if c.get("chosen") else "candidate"))
+    return points
+
+
 def _metric_label(acc: dict) -> str:
     unit = acc.get("unit")
     return f"{acc['metric']} ({unit})" if unit else acc["metric"]
@@ -141,6 +155,12 @@ def write_plots(report: dict, outdir: Path) -> dict[str, str]:
         latency_vs_metric(points, _metric_label(report["accuracy"]), outdir / "latency_vs_metric.png",
                           f"{report['model']}: latency ({threads} thread(s)) vs {report['accuracy']['metric']}")
         written["latency_vs_metric"] = "latency_vs_metric.png"
+    frontier = frontier_points(report)
+    if len(frontier) > 1:
+        latency_vs_metric(frontier, _metric_label(report["accuracy"]), outdir / "frontier.png",
+                          f"{report['model']}: --auto frontier (chosen: model)",
+                          "p50 latency / FP32 p50 (same run; lower is faster)")
+        written["frontier"] = "frontier.png"
     sparsity = report.get("sparsity") or {}
     if sparsity.get("layers") and (sparsity.get("overall") or sparsity.get("skipped")):  # something was pruned
         skipped = {s["layer"]: "skipped" for s in sparsity.get("skipped", [])}

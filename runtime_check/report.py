@@ -75,6 +75,8 @@ def render_markdown(r: dict) -> str:
     lines += render_mobile_sections(r)
     if r.get("pqi"):
         lines += _pqi_lines(r["pqi"])
+    if r.get("frontier"):
+        lines += _frontier_lines(r)
     if r.get("plots"):
         lines += _plots_section(r["plots"])
     if r.get("notes"):
@@ -97,6 +99,25 @@ def _pqi_lines(pqi: dict) -> list[str]:
                   if t.get("metric_after") is not None else "no recovery")
         lines.append(f"| {t['round']}{' (undone)' if t.get('undone') else ''} | {value:.4f}"
                      f"{'' if 'global' in index else ' (mean)'} | {t['pruned']:,} | {t['sparsity']:.4f} | {metric} |")
+    return lines
+
+
+def _frontier_lines(r: dict) -> list[str]:
+    """Every --auto candidate: settings, p50 ratio vs FP32, metric, pass/fail, seconds spent."""
+    auto = r.get("auto") or {}
+    lines = ["", "## --auto search", "", f"- chosen: {auto.get('chosen')}: {auto.get('why', '')}",
+             f"- stopped: {auto.get('stopped', '')}",
+             f"- budget {auto.get('budget_minutes')} min, spent {auto.get('seconds')} s", "",
+             "| candidate | sparsity | recovered | quant | fallback layers | speedup (p50) | metric | drop | passed "
+             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in r["frontier"]:
+        mark = " **(chosen)**" if c.get("chosen") else ""
+        lines.append(f"| {c['id']}{mark} | {c['sparsity']:g} | {'yes' if c['recovered'] else 'no'} | {c['quant']} | "
+                     f"{c['fallback_layers'] if c['fallback'] else '-'} | {c['speedup']:.2f}x ({c['threads']} thr) | "
+                     f"{format_value(c['metric'], c.get('unit') or '')} | {format_value(c['drop'], c.get('drop_unit') or '')} | "
+                     f"{'yes' if c['passed'] else 'no: ' + ', '.join(c['failed_checks'])} | {c['seconds']:.1f} |")
+    for s in auto.get("skipped", []):
+        lines.append(f"| {s['id']} | | | | | skipped | | | {s['reason']} | |")
     return lines
 
 
@@ -138,8 +159,8 @@ def _cell(value, key: str = "") -> str:
 
 
 def _plots_section(plots: dict[str, str]) -> list[str]:
-    titles = {"latency_vs_metric": "Latency vs metric", "sparsity": "Per-layer sparsity", "snr": "Per-layer int8 SNR",
-              "pqi": "PQI per round"}
+    titles = {"latency_vs_metric": "Latency vs metric", "frontier": "--auto frontier: latency vs metric",
+              "sparsity": "Per-layer sparsity", "snr": "Per-layer int8 SNR", "pqi": "PQI per round"}
     lines = ["", "## Plots", ""]
     for name, file in plots.items():
         lines += [f"![{titles.get(name, name)}]({file})", ""]

@@ -183,6 +183,11 @@ def _validate_positive(ctx, param, value):
               help="Recovery wall-clock budget in minutes [10].")
 @click.option("--recover-data", type=click.Path(dir_okay=False), default=None,
               help="More data for recovery (same formats as --calib-data); labels are used when present.")
+@click.option("--auto", "auto", is_flag=True,
+              help="Search structured sparsity x int8 mode x fallback (and recovery) for the fastest model that "
+                   "passes the gates; every candidate measured is listed in the report's frontier.")
+@click.option("--auto-minutes", type=float, default=None, callback=_validate_positive,
+              help="Time budget of --auto's search in minutes [15]; the chosen model's verification comes on top.")
 @click.option("--calib-data", type=click.Path(),
               help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz; "
                    "an image folder (one subfolder per class, or flat). User models without it: seeded "
@@ -228,6 +233,9 @@ def export_cmd(ctx, model, quiet, **opts):
 
     from toolchain.output_folder import check_output
 
+    auto = _guard(_auto_config, ctx, opts)
+    if auto is not None:  # recovery settings went into AutoConfig; the search builds its own stages
+        opts = {**opts, "recover": None, "recover_data": None}
     recipe = _guard(build_recipe, ctx, opts)
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
     _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
@@ -246,13 +254,35 @@ def export_cmd(ctx, model, quiet, **opts):
                 click.secho(f"! {note}", fg="yellow", err=True)
             else:
                 progress.message(f"! {note}")
-        report = _guard(pipeline.run, recipe, spec, outdir, progress, shapes if recipe.target == "mobile" else None)
+        if auto is not None:
+            from toolchain.search import run_auto
+
+            report = _guard(run_auto, recipe, spec, outdir, progress, auto)
+        else:
+            report = _guard(pipeline.run, recipe, spec, outdir, progress,
+                            shapes if recipe.target == "mobile" else None)
     if not quiet:
         _print_summary(report, outdir)
     if not report["passed"]:
         failed = ", ".join(f"{c['name']} {format_value(c['value'], c['unit'])} "
                            f"(limit {format_value(c['limit'], c['unit'])})" for c in report["checks"] if not c["passed"])
         raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
+
+
+def _auto_config(ctx: click.Context, opts: dict):
+    """--auto's settings, or None without --auto; flags naming what it chooses itself are errors."""
+    if not opts["auto"]:
+        if opts["auto_minutes"] is not None:
+            raise ConfigError("--auto-minutes needs --auto")
+        return None
+    from toolchain.search import AutoConfig, check_auto_flags
+
+    check_auto_flags([k for k in opts if _given(ctx, k) and opts[k] is not None and k != "recover"]
+                     + (["recipe"] if opts["recipe"] else []))
+    kwargs = {"recover": opts["recover"] is not False, "recover_data": opts["recover_data"]}
+    if opts["auto_minutes"] is not None:
+        kwargs["minutes"] = opts["auto_minutes"]
+    return AutoConfig(**kwargs)
 
 
 def _with_user_data(spec, calib_data, eval_data, prep, seed):

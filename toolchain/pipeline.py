@@ -41,7 +41,7 @@ from toolchain.recover_step import make_fine_tune
 from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
-__all__ = ["run", "RunState", "STEPS"]
+__all__ = ["run", "RunState", "STEPS", "StageTimer", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -50,7 +50,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _Stages:
+class StageTimer:
     """Times each stage, measures its peak memory, reports it as progress and records it for the report."""
 
     def __init__(self, progress: Progress):
@@ -78,7 +78,7 @@ class RunState:
     spec: ModelSpec
     tmp: Path  # the output folder being built
     threads: int
-    timer: _Stages
+    timer: StageTimer
     progress: Progress
     work: torch.nn.Module | None = None  # the copy being compressed (the user's model is never touched)
     layers: dict = field(default_factory=dict)  # its prunable layers
@@ -292,7 +292,7 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
     """`input_shapes` (from --input-shape) fixes the mobile model's inputs; default: the spec's example."""
     seed_everything(recipe.seed)
     with atomic_output(outdir, progress.message) as tmp:
-        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress,
+        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), StageTimer(progress), progress,
                          input_shapes=dict(input_shapes or {}))
         state.notes += spec.data_info.get("notes", [])  # e.g. synthetic data: said first
         for step in STEPS:

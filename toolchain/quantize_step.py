@@ -37,7 +37,7 @@ from toolchain.recipe import Stage
 from toolchain.stages import QuantContext
 
 __all__ = ["QuantPlan", "plan_quantization", "compute_params", "apply_fallback", "write_model",
-           "quantize_to_onnx"]
+           "quantize_to_onnx", "torch_reference", "weight_range_info"]
 
 FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
 
@@ -78,10 +78,12 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: Mo
     sites = find_sites(prepared, weights)
     if not sites:
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
-    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range)
+    tensors = _tensor_sites(work, spec, prepared) if spec is not None else {}
+    skip_quantized = set(tensors.values())  # already one Q/DQ for every reader (FloatFunctional adds)
+    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range,
+                      quantize_input_for_sum=s.input_summed and s.activation not in skip_quantized)
                for name, s in sites.items()]
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
-    tensors = _tensor_sites(work, spec, prepared) if spec is not None else {}
     return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors)
 
 
@@ -96,7 +98,7 @@ def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Q
     return lookup("quantize", stage.name).handler(work, stage.config, ctx)
 
 
-def _weight_range(params: QuantParams) -> dict:
+def weight_range_info(params: QuantParams) -> dict:
     qmax = max((int(abs(w.q.astype(np.int16)).max()) for w in params.weights.values()), default=0)
     reduced = qmax <= REDUCED_QMAX
     return {"reduce_range": reduced, "max_abs_q": qmax,
@@ -248,16 +250,16 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     plan = plan_quantization(work, prepared, spec)
     params = compute_params(work, spec, stage, plan, target, progress)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
-                  "weight_range": _weight_range(params),
+                  "weight_range": weight_range_info(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     if stage.config.supports_fallback:
         params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
                                 work_is_dense)
     write_model(prepared, plan, params, out_path)
-    return _reference(work, spec, params, progress), info
+    return torch_reference(work, spec, params, progress), info
 
 
-def _reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
+def torch_reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
     """The torch fake-quant outputs model.onnx must reproduce, computed once on the evaluation
     batches now (no copy of the model kept alive for verification); other batches on demand."""
     with fake_quantized(work, params):

@@ -97,7 +97,8 @@ class Int8DynamicConfig:
           "dynamic int8 for MatMul/Gemm: per-channel int8 weights, activations quantized at run time")
 def quantize_dynamic(model, config: Int8DynamicConfig, ctx: QuantContext) -> QuantParams:
     anchors = [a for a in ctx.anchors if a.dynamic_ok]
-    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False) for a in anchors], {},
+    params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False, quantize_input_for_sum=False)
+                                      for a in anchors], {},
                               _qmax(config, ctx))
     params.dynamic = True
     if config.embeddings:

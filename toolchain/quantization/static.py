@@ -97,6 +97,16 @@ def quantize_embeddings(model: nn.Module) -> dict[str, tuple[np.ndarray, float]]
             if isinstance(mod, nn.Embedding) and mod.num_embeddings >= MIN_EMBEDDING_ROWS}
 
 
+def _quantize_in_place(x: torch.Tensor, p) -> torch.Tensor:
+    """The QDQ graph quantizes a skip-path tensor once, for the conv and the residual Add that both
+    read it; in torch the Add reads the same tensor object later in forward (`out + x`), so
+    quantizing it in place gives the Add the quantized values too (idempotent for a second reader
+    with the same params)."""
+    with torch.no_grad():
+        x.copy_(fake_quant_act(x, p))
+    return x
+
+
 def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handles: list) -> None:
     """Swap int8 values into `model` and hook its activation quantizers, recording in `saved`
     (tensor, FP32 value) and `handles` what undoes it, as it goes."""
@@ -119,8 +129,9 @@ def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handle
                     lambda m, args: (fake_quant_dynamic(args[0]),) + tuple(args[1:])))
                 continue
             p_in = params.inputs[a.module]
+            quantize = _quantize_in_place if a.quantize_input_for_sum else fake_quant_act
             handles.append(mod.register_forward_pre_hook(
-                lambda m, args, p=p_in: (fake_quant_act(args[0], p),) + tuple(args[1:])))
+                lambda m, args, p=p_in, fq=quantize: (fq(args[0], p),) + tuple(args[1:])))
             if a.module in params.outputs:
                 p_out = params.outputs[a.module]
                 handles.append(mod.register_forward_hook(
