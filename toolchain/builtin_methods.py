@@ -6,6 +6,7 @@ pipeline, CLI) imports the query functions from this module, so they always see 
 """
 from toolchain.pruning import magnitude, nm  # noqa: F401  prune.magnitude, prune.nm
 from toolchain.pruning import structured_stage  # noqa: F401  prune.structured
+from toolchain.pruning import lowrank  # noqa: F401  prune.lowrank
 from toolchain import recover_step  # noqa: F401  recover.distill
 from toolchain.quantization import smoothing  # noqa: F401  transform.smoothquant
 from toolchain.quantization import int8  # noqa: F401  quantize.int8, quantize.int8-dynamic

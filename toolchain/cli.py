@@ -99,7 +99,7 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
     from toolchain.overrides import Overrides, apply_overrides
     from toolchain.recipe import load_recipe
 
-    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "quant", "observer", "max_accuracy_drop",
+    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "rank_energy", "lowrank_eps", "quant", "observer", "max_accuracy_drop",
                                   "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
                                   "recover_steps", "recover_minutes", "recover_data")
              if _given(ctx, k) and opts[k] is not None}
@@ -149,6 +149,11 @@ def _validate_positive(ctx, param, value):
 @click.option("--sparsity", default=0.5, show_default=True, type=SettingType("sparsity"),
               help="Fraction of prunable weights removed (magnitude), or of channels/heads/neurons (structured).")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
+@click.option("--rank-energy", type=SettingType("rank_energy"), default=None,
+              help="--prune lowrank: keep the smallest rank holding this fraction of the squared "
+                   "singular values [0.9].")
+@click.option("--lowrank-eps", type=SettingType("lowrank_eps"), default=None,
+              help="--prune lowrank: H-matrix Linears with relative Frobenius error <= EPS [off: plain SVD].")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False),
