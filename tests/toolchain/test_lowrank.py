@@ -204,3 +204,41 @@ def test_config_rejects_bad_values():
                 {"min_block": 0}, {"min_gain": 1.0}):
         with pytest.raises(ConfigError):
             LowRankPruneConfig(**bad)
+
+
+def test_overrides_wire_the_flags_and_recovery_by_default():
+    from toolchain.overrides import Overrides, apply_overrides
+
+    recipe = apply_overrides(None, Overrides(prune="lowrank"))
+    assert recipe.stage("recover").name == "distill" and recipe.stage("recover").config.steps == 300
+    assert apply_overrides(None, Overrides(prune="lowrank", recover=False)).stage("recover") is None
+    minutes = apply_overrides(None, Overrides(prune="lowrank", recover_minutes=0.5)).stage("recover").config
+    assert (minutes.steps, minutes.minutes) == (300, 0.5)
+    implied = apply_overrides(None, Overrides(rank_energy=0.8, lowrank_eps=0.1)).stage("prune")
+    assert implied.name == "lowrank" and (implied.config.rank_energy, implied.config.eps) == (0.8, 0.1)
+    assert apply_overrides(None, Overrides(prune="magnitude")).stage("recover") is None
+    with pytest.raises(ConfigError, match="--lowrank-eps does not apply"):
+        apply_overrides(None, Overrides(prune="magnitude", lowrank_eps=0.1))
+
+
+def test_recipe_file_runs_exactly_its_stages(tmp_path):
+    from toolchain.overrides import Overrides, apply_overrides
+    from toolchain.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - type: prune.lowrank\n    params: {rank_energy: 0.8, eps: 0.2}\n  - type: quantize.int8\n")
+    recipe = apply_overrides(load_recipe(path), Overrides())
+    assert recipe.stage("recover") is None and recipe.stage("prune").config.eps == 0.2
+
+
+@pytest.mark.parametrize("args", [["--rank-energy", "1.5"], ["--rank-energy", "0"], ["--lowrank-eps", "1"],
+                                  ["--prune", "nm", "--rank-energy", "0.8"]])
+def test_cli_bad_values_are_one_line_exit_2(args, tmp_path):
+    from click.testing import CliRunner
+
+    from toolchain.cli import cli
+
+    result = CliRunner().invoke(cli, ["digits-cnn", *args, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "o").exists()
