@@ -151,7 +151,7 @@ def _validate_positive(ctx, param, value):
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--rank-energy", type=SettingType("rank_energy"), default=None,
               help="--prune lowrank: keep the smallest rank holding this fraction of the squared "
-                   "singular values [0.9].")
+                   "singular values [0.8].")
 @click.option("--lowrank-eps", type=SettingType("lowrank_eps"), default=None,
               help="--prune lowrank: H-matrix Linears with relative Frobenius error <= EPS [off: plain SVD].")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
