@@ -100,6 +100,8 @@ def plan_layer(mod: nn.Module, config: LowRankPruneConfig) -> tuple[dict, Callab
                      relative_error=_rel_error(w, L.hmatrix_dense(blocks, tuple(w.shape))))
         if after >= w.numel():
             return {**entry, "params_after": w.numel(), "reason": "no block partition is smaller than W"}, None
+        if len(blocks) == 1:  # the whole matrix is one low-rank leaf: two plain Linears, no Slice/Concat
+            return entry, lambda layer: factored_linear(layer, blocks[0].b, blocks[0].a)
         return entry, lambda layer: HMatrixLinear(blocks, layer.out_features, layer.in_features, layer.bias)
     separable = isinstance(mod, nn.Conv2d) and min(mod.kernel_size) > 1
     matrix = L.conv_unfold(w) if separable else w.reshape(w.shape[0], -1)

@@ -54,7 +54,7 @@ def _timing_copy(module: nn.Module) -> nn.Sequential:
     Add between MatMul and ReLU would hide the ReLU, and it costs the same in both variants."""
     layer = copy.deepcopy(module)
     for m in layer.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if getattr(m, "bias", None) is not None:  # the layers' and an H-matrix layer's own
             m.bias = None
     # a bare layer would be named "" by prunable_layers, which find_sites cannot key
     return nn.Sequential(layer, nn.ReLU()).eval()
