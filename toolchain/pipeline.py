@@ -116,7 +116,7 @@ def prune(state: RunState) -> None:
                                 lambda model, path: exporter.export(spec, model, path), state.threads)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, context(state.layers))
-            if dense_weights:
+            if dense_weights and result.masks:  # methods that remove structure have no masks to compare
                 _compare_orders(state, stage, dense_weights, result.masks, context)
             # structured pruning may replace modules (transformers' prune_heads builds new Linears)
             state.layers = prunable_layers(state.work, spec.prune_prefix)
