@@ -265,3 +265,16 @@ def test_hf_bert_factored_exports_through_optimum_and_quantizes(run_cli, tiny_be
         12 + len(factored)
     assert rep["fidelity"]["max_abs_deviation"] <= 0.05 * max(1.0, rep["fidelity"]["reference_max_abs"])
     assert rep["recovery"]["steps"] == 2
+
+
+def test_latency_decision_times_each_candidate_and_follows_the_measurement():
+    model = LowRankNet().eval()
+    ctx = PruneContext(prunable_layers(model), BATCHES, _run, example_inputs={"x": BATCHES[0]["x"][:1]})
+    info = prune_lowrank(model, LowRankPruneConfig(rank_energy=0.99, min_gain=0.05), ctx).extra["lowrank"]
+    for name in ("conv", "pw", "fc"):  # the layers whose factors are smaller get timed
+        e = info["layers"][name]
+        assert e["latency_ms"]["dense"] > 0 and e["latency_ms"]["factored"] > 0
+        assert (e["decision"] == "factored") == (e["speedup"] >= 1 / 0.95)
+        if e["decision"] == "dense":
+            assert "not faster" in e["reason"] and e["relative_error"] == 0.0 and e["params_after"] == e["params_before"]
+    assert "latency_ms" not in info["layers"]["stem"]

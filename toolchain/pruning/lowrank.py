@@ -99,7 +99,8 @@ def plan_layer(mod: nn.Module, config: LowRankPruneConfig) -> tuple[dict, Callab
                      dense_blocks=sum(b.dense is not None for b in blocks),
                      relative_error=_rel_error(w, L.hmatrix_dense(blocks, tuple(w.shape))))
         if after >= w.numel():
-            return {**entry, "params_after": w.numel(), "reason": "no block partition is smaller than W"}, None
+            return {**entry, "params_after": w.numel(), "relative_error": 0.0,
+                    "reason": "no block partition is smaller than W"}, None
         if len(blocks) == 1:  # the whole matrix is one low-rank leaf: two plain Linears, no Slice/Concat
             return entry, lambda layer: factored_linear(layer, blocks[0].b, blocks[0].a)
         return entry, lambda layer: HMatrixLinear(blocks, layer.out_features, layer.in_features, layer.bias)
@@ -138,6 +139,18 @@ def _check_speed(mod: nn.Module, build, x, config: LowRankPruneConfig) -> tuple[
     return record, speedup >= 1.0 / (1.0 - config.min_gain)
 
 
+def _why_dense(mod: nn.Module, build, x, entry: dict, config: LowRankPruneConfig) -> str | None:
+    """None if the planned factors should replace `mod`; else why it stays dense (timing in `entry`)."""
+    if config.decide != "latency":
+        return None
+    if x is None:
+        return "the example inputs never reach this layer: not timed, left dense"
+    record, faster = _check_speed(mod, build, x, config)
+    entry.update(record)
+    return None if faster else (f"factored int8 graph not faster by {config.min_gain:.0%} "
+                                f"(speedup {record['speedup']:.2f}x): left dense")
+
+
 @register("prune", "lowrank", LowRankPruneConfig,
           "low-rank factorization (SVD Linears, separable convs, H-matrix with --lowrank-eps) where it measures faster")
 def prune_lowrank(model: nn.Module, config: LowRankPruneConfig, ctx: PruneContext) -> PruneResult:
@@ -157,24 +170,17 @@ def prune_lowrank(model: nn.Module, config: LowRankPruneConfig, ctx: PruneContex
         if build is not None:
             plans[name] = build
     inputs = layer_inputs(model, list(plans), ctx.example_inputs, ctx.run) if config.decide == "latency" else {}
-    for name in track(ctx.progress, list(plans), "per-layer latency (int8, 1 thread)", "layers") \
-            if config.decide == "latency" else list(plans):
-        keep = True
-        if config.decide == "latency":
-            if name not in inputs:
-                layers[name]["reason"] = "the example inputs never reach this layer: not timed, left dense"
-                keep = False
-            else:
-                record, keep = _check_speed(candidates[name], plans[name], inputs[name], config)
-                layers[name].update(record)
-                if not keep:
-                    layers[name]["reason"] = (f"factored int8 graph not faster by {config.min_gain:.0%} "
-                                              f"(speedup {record['speedup']:.2f}x): left dense")
-        if keep:
+    names = list(plans)
+    if config.decide == "latency":
+        names = track(ctx.progress, names, "per-layer latency (int8, 1 thread)", "layers")
+    for name in names:
+        why_dense = _why_dense(candidates[name], plans[name], inputs.get(name), layers[name], config)
+        if why_dense is None:
             replace_module(model, name, plans[name](candidates[name]))
             layers[name]["decision"] = "factored"
-        else:
-            layers[name].update(decision="dense", params_after=layers[name]["params_before"])
+        else:  # the error it would have had stays in the report; the layer itself is exact
+            layers[name].update(decision="dense", reason=why_dense, params_after=layers[name]["params_before"],
+                                factored_relative_error=layers[name]["relative_error"], relative_error=0.0)
     for entry in layers.values():
         entry.setdefault("decision", "dense")
     return PruneResult(masks={}, speed_note=_speed_note(layers), skipped=skipped,
