@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench arm64 clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# aarch64 onnxruntime under qemu user-mode emulation, for `sqexport check --arch arm64`; writes only
+# under $SQEXPORT_ARM64_ROOT [~/.cache/sqexport/arm64] (and installs qemu-user-static with apt)
+arm64: $(STAMP)
+	PYTHON=$(abspath $(BIN))/python scripts/setup_arm64.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/minilm.py

@@ -2,7 +2,7 @@
 
 __all__ = [
     "SqexportError", "ConfigError", "ModelLoadError", "DataError", "ExportError",
-    "OutputError", "GateFailed", "first_line",
+    "OutputError", "DeviceError", "GateFailed", "first_line",
 ]
 
 
@@ -32,6 +32,10 @@ class ExportError(SqexportError):
 
 class OutputError(SqexportError):
     """The output folder cannot be written."""
+
+
+class DeviceError(SqexportError):
+    """A device for `sqexport bench` is unreachable, or the runner failed there."""
 
 
 class GateFailed(SqexportError):

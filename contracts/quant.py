@@ -5,16 +5,21 @@ in exporters store them, and neither has to import the other.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = [
-    "INT8_MAX", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "act_params_from_range",
+    "INT8_MAX", "RELU", "LINEAR", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "act_params_from_range",
     "quantize_weight_per_channel", "quantize_per_tensor_symmetric", "quantize_bias",
 ]
 
 INT8_MAX = 127  # symmetric weights use [-127, 127] so that -w quantizes to -q exactly
+# what lies between a layer and its quantized output: Relu (0, inf) or ReLU6's Clip (0, 6);
+# LINEAR for a Conv whose plain output is quantized
+RELU = (0.0, math.inf)
+LINEAR = (-math.inf, math.inf)
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,15 @@ class Anchor:
     """A layer whose weight becomes int8, and where its activations get quantized.
 
     Anchors come from the exported FP32 graph (exporters.qdq.find_sites), so torch and ONNX agree
-    on every quantization point: the anchor's activation input, and for Conv/Linear + ReLU its
-    rectified output (what lets onnxruntime fuse the node into QLinearConv)."""
+    on every quantization point: the anchor's activation input, and its output: for Conv/Linear +
+    ReLU or ReLU6 (Clip) the rectified output, for a Conv without one its plain output (what lets
+    onnxruntime fuse the node into QLinearConv, which needs a QuantizeLinear right after it)."""
 
     module: str  # qualified torch module name
-    quantize_output: bool = False  # quantize relu(output) too
+    quantize_output: bool = False  # quantize the output too (after its rectifier, see output_range)
     quantize_bias: bool = False  # bias as int32 with scale s_in * s_w (Conv / Gemm)
     dynamic_ok: bool = False  # MatMul / Gemm: can take run-time (dynamic) activation quantization
+    output_range: tuple[float, float] = RELU  # bounds of the rectifier before the output's Q
 
 
 @dataclass
@@ -64,6 +71,9 @@ class QuantParams:
     biases: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # int32 q, scale
     embeddings: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)  # int8 q, scale
     anchors: list[Anchor] = field(default_factory=list)
+    # outputs of weightless modules (a residual add's FloatFunctional.activation_post_process),
+    # quantized so that onnxruntime runs the add as QLinearAdd and its readers stay int8
+    tensors: dict[str, ActQuant] = field(default_factory=dict)
     dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
 
 

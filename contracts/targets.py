@@ -38,3 +38,4 @@ def target_names() -> list[str]:
 
 
 register_target(Target("cpu", "onnxruntime CPUExecutionProvider on this host, all graph optimizations"))
+register_target(Target("mobile", "a phone app: ARM int8 (full-range weights), fixed shapes, model.ort, app bundle"))

@@ -8,13 +8,14 @@ the op takes one (Conv, Gemm), and adds Q/DQ pairs on the activations the plan n
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from contracts.quant import ActQuant, QuantParams
+from contracts.quant import LINEAR, RELU, ActQuant, QuantParams
 from exporters.graph import consumers, ensure_node_names, toposort
 
 __all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq"]
@@ -28,7 +29,16 @@ class Site:
     activation: str  # the node's activation input tensor
     transposed: bool  # ONNX stores W^T (in, out): per-channel axis 1
     bias: str | None  # bias initializer consumed by the node itself (Conv / Gemm)
-    rectified_output: str | None  # output of a Relu that alone consumes the node's output
+    rectified_output: str | None  # output of a Relu / Clip(0, hi) that alone consumes the node's output
+    # bounds of that rectifier (Relu: (0, inf), ReLU6's Clip: (0, 6)); for a Conv without one whose
+    # output feeds other nodes, `linear_output` is that output and the bounds are (-inf, inf)
+    output_range: tuple[float, float] = RELU
+    linear_output: str | None = None
+
+    @property
+    def output(self) -> str | None:
+        """The tensor that gets an output Q/DQ pair, if any."""
+        return self.rectified_output or self.linear_output
 
 
 def _digest(arr: np.ndarray) -> tuple:
@@ -70,12 +80,40 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
         elif node.op_type == "Conv" and transposed:
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        rectified = None
-        nxt = readers[node.output[0]]
-        if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in graph_outputs:
-            rectified = nxt[0].output[0]
-        sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified)
+        rectified, bounds = _rectifier(node, readers, inits, graph, graph_outputs)
+        linear = None
+        if rectified is None and node.op_type == "Conv" and readers[node.output[0]] \
+                and node.output[0] not in graph_outputs:
+            linear, bounds = node.output[0], LINEAR
+        sites[module] = Site(node.name, node.op_type, w_name, node.input[0], transposed, bias, rectified,
+                             bounds, linear)
     return sites
+
+
+def _constant(name: str, inits: dict, graph: onnx.GraphProto) -> float | None:
+    if name in inits:
+        return float(numpy_helper.to_array(inits[name]))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return float(numpy_helper.to_array(helper.get_attribute_value(node.attribute[0])))
+    return None
+
+
+def _rectifier(node, readers, inits, graph, graph_outputs) -> tuple[str | None, tuple[float, float]]:
+    """(output, bounds) of a Relu, or of a Clip with constant bounds and min 0 (ReLU6), that alone
+    reads the node's output; onnxruntime folds both into QLinearConv when the QuantizeLinear after
+    them saturates inside the bounds."""
+    nxt = readers[node.output[0]]
+    if len(nxt) != 1 or node.output[0] in graph_outputs:
+        return None, RELU
+    act = nxt[0]
+    if act.op_type == "Relu":
+        return act.output[0], RELU
+    if act.op_type == "Clip" and len(act.input) == 3 and all(act.input[1:]):
+        lo, hi = _constant(act.input[1], inits, graph), _constant(act.input[2], inits, graph)
+        if lo == 0.0 and hi is not None and 0 < hi < math.inf:
+            return act.output[0], (0.0, hi)
+    return None, RELU
 
 
 def find_embedding_sites(model: onnx.ModelProto, tables: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
@@ -129,7 +167,9 @@ class _GraphEditor:
 
 
 def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams,
-               embedding_sites: dict[str, tuple[str, str]] | None = None) -> onnx.ModelProto:
+               embedding_sites: dict[str, tuple[str, str]] | None = None,
+               tensor_sites: dict[str, str] | None = None) -> onnx.ModelProto:
+    """`tensor_sites` maps a torch module whose output is quantized (params.tensors) to its tensor."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -150,8 +190,11 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
             node.input[2] = ed.dq_constant(bq, bscale, 0, f"{anchor.module}.bias")
             replaced.add(site.bias)
         node.input[0] = ed.qdq_activation(site.activation, params.inputs[anchor.module])
-        if anchor.module in params.outputs and site.rectified_output:
-            rewire[site.rectified_output] = ed.qdq_activation(site.rectified_output, params.outputs[anchor.module])
+        if anchor.module in params.outputs and site.output:
+            rewire[site.output] = ed.qdq_activation(site.output, params.outputs[anchor.module])
+    for module, tensor in (tensor_sites or {}).items():
+        if module in params.tensors:  # e.g. residual adds: every reader reads the Q/DQ'd sum
+            rewire[tensor] = ed.qdq_activation(tensor, params.tensors[module])
     for module, (node_name, table) in (embedding_sites or {}).items():
         if module not in params.embeddings:
             continue

@@ -137,6 +137,10 @@ def build_digits_spec(name: str) -> ModelSpec:
         eval_labels=split.y_eval,
         calib_labels=split.y_calib,
         dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
+        preprocessing={"type": "image", "layout": "NCHW", "channels": "grayscale", "size": [8, 8],
+                       "scale": "pixel intensity 0..16 (sklearn digits) divided by 16 -> [0, 1]",
+                       "mean": [0.0], "std": [1.0]},
+        labels=[str(d) for d in range(10)],
         description=f"{ARCHITECTURES[name].__doc__.splitlines()[0]} (sklearn digits, 8x8)",
         data_info={split: {"source": f"built-in: scikit-learn digits, {split} split (seeded permutation)",
                            "samples": n, "labels": "digit 0-9", "scale": "pixel / 16 -> [0, 1]"}

@@ -131,6 +131,12 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
                              "labels": "none"},
                    "eval": {"source": f"built-in corpus {CORPUS.name}, lines i % 5 in (1, 3)", "samples": len(evals),
                             "labels": "none"}},
+        preprocessing={"type": "text", "tokenizer": type(tokenizer).__name__, "max_length": MAX_LENGTH,
+                       "padding": "max_length (pad id 0, attention_mask 0)", "truncation": True,
+                       "pooling": "mean of last_hidden_state over attention_mask" if task == "feature-extraction"
+                       else None},
+        labels=[id2label[k] for k in sorted(id2label, key=int)] if task == "sequence-classification" and id2label
+        else None,
     )
 
 

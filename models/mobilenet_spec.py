@@ -10,10 +10,15 @@ from models.spec import ModelSpec
 __all__ = ["build_mobilenet_spec", "mobilenet_data", "INPUT_NAME"]
 
 INPUT_NAME = "pixels"
-CALIB_PER_PHOTO = 32  # 10 photos -> 320 calibration crops
+CALIB_PER_PHOTO = 16  # 10 photos -> 160 calibration crops
 EVAL_PER_PHOTO = 48  # 7 held-out photos -> 336 evaluation crops
 CALIB_SEED, EVAL_SEED = 0, 1
 BATCH = 32
+# the int8 params `sqexport mobilenet-v2` runs with by default (benchmarks/mobilenet.py measures each
+# remedy on and off). On the 336 held-out crops, MSE ranges + bias correction took top-1 agreement
+# from 66.7% to 83.6% and KL from 0.495 to 0.084 against plain min-max. Fallback stays off: the
+# 1-point agreement gate is out of reach on these hard crops, and each FP32 layer costs speed.
+RECIPE_PARAMS = {"observer": "mse", "bias_correction": True, "fallback": False}
 
 
 def _batches(x: np.ndarray) -> list[dict]:
@@ -42,4 +47,5 @@ def build_mobilenet_spec() -> ModelSpec:
         dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
         description=f"{MobileNetV2.__doc__.splitlines()[0]}; crops of photos from scikit-image/scikit-learn",
         default_prune="none",
+        quant_defaults=dict(RECIPE_PARAMS),
     )

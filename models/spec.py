@@ -73,6 +73,9 @@ class ModelSpec:
     # pruning method used when neither --prune nor a recipe names one ("none" for transformers:
     # unstructured zeros without recovery cost fidelity and buy only size)
     default_prune: str = "magnitude"
+    # quantization params this model runs with when no recipe file and no flag says otherwise
+    # (e.g. the remedies that pay on mobilenet-v2); keys of the quantize method's config
+    quant_defaults: dict = field(default_factory=dict)
     # path -> (batches, labels or None) for user data; None = tensor files (.npy/.npz)
     load_data: Callable | None = None
     # where the model came from (user models: kind, reference, input shapes); report.json "source"
@@ -81,6 +84,10 @@ class ModelSpec:
     data_info: dict = field(default_factory=dict)
     # () -> (batches, labels or None): extra data for recovery (e.g. a training split), loaded lazily
     recover_data: Callable | None = None
+    # what an app must do to raw data before the model (written into the mobile bundle and into
+    # model.onnx's metadata_props), and the class names in output order
+    preprocessing: dict = field(default_factory=dict)
+    labels: list[str] | None = None
     # encoders: how token states become the embedding the metric compares (and, when it comes
     # from the model folder's own config, the `sentence_embedding` output the export adds)
     pooling: Pooling | None = None

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from contracts.errors import ConfigError, ModelLoadError
+from contracts.shapes import parse_input_shapes
 from models.spec import ModelSpec
 
 __all__ = ["FACTORY_RE", "MODEL_SUFFIXES", "is_user_model", "parse_input_shapes", "load_user_model"]
@@ -34,23 +35,6 @@ Shapes = dict  # input name (None = the only input) -> shape tuple
 
 def is_user_model(ref: str) -> bool:
     return bool(FACTORY_RE.match(ref)) or Path(ref).suffix in MODEL_SUFFIXES
-
-
-def parse_input_shapes(values) -> Shapes:
-    """--input-shape values: `1x3x224x224` (the only input) or `NAME=1x3x224x224` (repeatable)."""
-    shapes: Shapes = {}
-    for value in values or ():
-        name, _, dims = value.rpartition("=")
-        name = name.strip() or None
-        parts = dims.lower().split("x")
-        if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"--input-shape '{value}': dimensions must be positive integers joined by 'x' "
-                              "(e.g. 1x3x224x224 or image=1x3x224x224)")
-        if name in shapes or (shapes and (name is None or None in shapes)):
-            raise ConfigError(f"--input-shape '{value}': give one unnamed shape, or one NAME=shape per input "
-                              "(each name once)")
-        shapes[name] = tuple(int(p) for p in parts)
-    return shapes
 
 
 # ---------------------------------------------------------------- loading the module

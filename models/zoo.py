@@ -67,8 +67,9 @@ def load_model(ref: str, task: str | None = None, input_shapes: dict | None = No
     from models.user_model import is_user_model, load_user_model
 
     if input_shapes and (ref in BUILTIN_MODELS or not is_user_model(ref)):
-        raise ModelLoadError("--input-shape applies to TorchScript (.pt), ExportedProgram (.pt2) and "
-                             "pkg.module:factory models; this model's inputs are known")
+        raise ModelLoadError("--input-shape gives the example input of TorchScript (.pt), ExportedProgram "
+                             "(.pt2) and pkg.module:factory models, and fixes shapes for --target mobile; "
+                             "this model's inputs are known")
     if ref not in BUILTIN_MODELS and is_user_model(ref):
         if task:
             raise ModelLoadError("--task applies to Hugging Face folders; a user model's task follows its "

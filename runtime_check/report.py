@@ -6,6 +6,7 @@ from pathlib import Path
 
 from contracts.units import format_value
 from runtime_check.plots import write_plots
+from runtime_check.report_mobile import render_mobile_sections
 
 __all__ = ["write_report", "render_markdown"]
 
@@ -71,6 +72,7 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Sparsity", "", f"overall {sp['overall']:.4f} of prunable weights", "",
               "| layer | sparsity | note |", "|---|---|---|"]
     lines += [f"| {k} | {v:.4f} | {why.get(k, '')} |" for k, v in sp["layers"].items()]
+    lines += render_mobile_sections(r)
     if r.get("plots"):
         lines += _plots_section(r["plots"])
     if r.get("notes"):

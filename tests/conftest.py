@@ -3,6 +3,7 @@ that every end-to-end test reuses (the run takes a few seconds, so it happens on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
+from exporters.sparse import initializer_arrays
 from toolchain.cli import cli
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -32,7 +34,7 @@ def quantized_weights(model) -> list[SimpleNamespace]:
     of the DequantizeLinear and `in_axis`, the axis that runs over input channels in the stored
     layout (Conv (out,in,kh,kw): 1; Gemm transB=1 (out,in): 1; Gemm transB=0 / MatMul (in,out): 0).
     """
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits = initializer_arrays(model)  # sparse initializers too
     producers = {o: n for n in model.graph.node for o in n.output}
     rows = []
     for node in model.graph.node:
@@ -82,6 +84,20 @@ def default_export(tmp_path_factory):
     result = invoke_cli(["export", "digits-cnn", "-o", out])
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return SimpleNamespace(result=result, out=out, report=report)
+
+
+@pytest.fixture(scope="session")
+def mobile_export(tmp_path_factory, run_cli):
+    """`sqexport digits-cnn --target mobile` once; the emulated ARM64 part is tested on its own."""
+    out = tmp_path_factory.mktemp("mobile") / "digits-cnn"
+    old = os.environ.get("SQEXPORT_ARM64_ROOT")
+    os.environ["SQEXPORT_ARM64_ROOT"] = str(out.parent / "no-emulator")
+    try:
+        result = run_cli(["digits-cnn", "--target", "mobile", "-o", out, "--threads", "1"])
+    finally:
+        os.environ.pop("SQEXPORT_ARM64_ROOT") if old is None else os.environ.__setitem__("SQEXPORT_ARM64_ROOT", old)
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     return SimpleNamespace(result=result, out=out, report=report)
 
 

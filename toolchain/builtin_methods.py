@@ -9,6 +9,7 @@ from toolchain.pruning import structured_stage  # noqa: F401  prune.structured
 from toolchain.pruning import lowrank  # noqa: F401  prune.lowrank
 from toolchain import recover_step  # noqa: F401  recover.distill
 from toolchain.quantization import smoothing  # noqa: F401  transform.smoothquant
+from toolchain.quantization import equalization  # noqa: F401  transform.equalize
 from toolchain.quantization import int8  # noqa: F401  quantize.int8, quantize.int8-dynamic
 from toolchain.quantization import observers  # noqa: F401  observer.minmax/percentile/entropy/mse
 from toolchain.registry import StageEntry, config_from_dict, config_to_dict, entries, lookup, names

@@ -94,7 +94,8 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
 
 
-def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude"):
+def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude",
+                 quant_defaults: dict | None = None):
     """The recipe file (if any), then every flag the user actually typed on top of it."""
     from toolchain.overrides import Overrides, apply_overrides
     from toolchain.recipe import load_recipe
@@ -107,7 +108,7 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
         typed.setdefault("seed", opts["seed"])
         typed.setdefault("target", opts["target"])
     recipe = load_recipe(opts["recipe"]) if opts["recipe"] else None
-    return apply_overrides(recipe, Overrides(**typed), default_prune)
+    return apply_overrides(recipe, Overrides(**typed), default_prune, quant_defaults)
 
 
 class SettingType(click.ParamType):
@@ -142,7 +143,8 @@ def _validate_positive(ctx, param, value):
 @cli.command("export")
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
-              help="Deployment target profile.")
+              help="Deployment target profile; mobile adds model.ort, NNAPI/CoreML coverage, ARM64 checks "
+                   "(after `make arm64`) and <name>-mobile.zip.")
 @click.option("--prune", default=None, type=_MethodChoice("prune"),
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size].")
@@ -177,7 +179,9 @@ def _validate_positive(ctx, param, value):
                    "its class subfolders. User models without it: every 4th sample of --calib-data.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxDx...",
               help="Example input of a .pt/.pt2/pkg.module:factory model, batch first: 1x3x224x224 for "
-                   "one input, NAME=1x3x224x224 per input (repeatable); the batch dimension is exported dynamic.")
+                   "one input, NAME=1x3x224x224 per input (repeatable); the batch dimension is exported dynamic. "
+                   "With --target mobile it also fixes the mobile model's shapes (any model: NAME=1x128 for "
+                   "text) [the model's example input, batch 1].")
 @click.option("--image-size", default=None, metavar="HxW",
               help="Resize image-folder images to HxW (bilinear) [the model input's H x W].")
 @click.option("--mean", default=None, metavar="M1,M2,...",
@@ -215,19 +219,21 @@ def export_cmd(ctx, model, quiet, **opts):
     outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
     _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
     shapes = _guard(_input_shapes, opts["input_shape"])
+    # a built-in or Hugging Face model knows its inputs: --input-shape only fixes its mobile shapes
+    mobile_only = recipe.target == "mobile" and not _is_user_model(model)
     prep = _guard(_image_prep, opts)
     with make_progress(quiet) as progress:
         with measured_stage(progress, f"load {model}"):
-            spec = _guard(load_model, model, opts["task"], shapes)
-            if spec.default_prune != "magnitude":
-                recipe = _guard(build_recipe, ctx, opts, spec.default_prune)
+            spec = _guard(load_model, model, opts["task"], None if mobile_only else shapes)
+            if spec.default_prune != "magnitude" or spec.quant_defaults:
+                recipe = _guard(build_recipe, ctx, opts, spec.default_prune, spec.quant_defaults)
             spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"], prep, recipe.seed)
         for note in spec.data_info.get("notes", []):  # e.g. synthetic data: said loudly, even with --quiet
             if quiet:
                 click.secho(f"! {note}", fg="yellow", err=True)
             else:
                 progress.message(f"! {note}")
-        report = _guard(pipeline.run, recipe, spec, outdir, progress)
+        report = _guard(pipeline.run, recipe, spec, outdir, progress, shapes if recipe.target == "mobile" else None)
     if not quiet:
         _print_summary(report, outdir)
     if not report["passed"]:
@@ -243,9 +249,16 @@ def _with_user_data(spec, calib_data, eval_data, prep, seed):
 
 
 def _input_shapes(values):
-    from models.user_model import parse_input_shapes
+    from contracts.shapes import parse_input_shapes
 
     return parse_input_shapes(values)
+
+
+def _is_user_model(ref: str) -> bool:
+    from models.user_model import is_user_model
+    from models.zoo import BUILTIN_MODELS
+
+    return ref not in BUILTIN_MODELS and is_user_model(ref)
 
 
 def _image_prep(opts: dict):
@@ -291,10 +304,13 @@ def _print_checks(checks: list[dict]) -> None:
 @click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None)
 @click.option("--min-speedup", type=SettingType("min_speedup"), default=None)
 @click.option("--max-latency-ms", type=SettingType("max_latency_ms"), default=None)
+@click.option("--arch", type=click.Choice(["arm64"]), default=None,
+              help="Also run the file on aarch64 onnxruntime under emulation at three CPU tiers "
+                   "(needs `make arm64`); outputs must match this host's and the accuracy gate must hold.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, threads, max_accuracy_drop,
-              min_speedup, max_latency_ms, as_json):
-    """Verify an existing ONNX model (accuracy vs --baseline, latency, gates)."""
+              min_speedup, max_latency_ms, arch, as_json):
+    """Verify an existing .onnx or .ort model (accuracy vs --baseline, latency, gates)."""
     from runtime_check.check import check_model
     from runtime_check.gates import Gates
     from runtime_check.session import default_threads
@@ -302,7 +318,7 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
     prep = _guard(_image_prep, {"image_size": image_size, "mean": mean, "std": std})
     result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else None,
-                    Path(eval_data) if eval_data else None, threads or default_threads(), gates, prep)
+                    Path(eval_data) if eval_data else None, threads or default_threads(), gates, prep, arch)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -314,6 +330,10 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
                           if acc.get("baseline") is not None else ""))
         click.echo(f"  latency   p50 {lat['model']['p50']:.3f} ms at {lat['threads']} thread(s)"
                    + (f", {lat['speedup']:.2f}x vs baseline" if "speedup" in lat else ""))
+        for tier, t in (result.get("arm64") or {}).get("tiers", {}).items():
+            click.echo(f"  arm64     {tier:<10} max |diff| vs x86 {t['vs_x86']['max_abs_diff']:.3g} "
+                       f"(tolerance {t['vs_x86']['tolerance']:.3g}), {t['accuracy']['metric']} "
+                       f"{t['accuracy']['model']:.4f}")
         _print_checks(result["checks"])
     if not result["passed"]:
         raise ToolError("gate failed", 1)
@@ -339,6 +359,63 @@ def inspect_cmd(model_onnx, as_json):
     for w in info["weights"]:
         click.echo(f"  {w['name'][:48]:<48} {w['op']:<7} {w['dtype']:<7} {str(w['shape']):<18} "
                    f"{w['sparsity']:>8.3f} {'yes' if w['activation_qdq'] else 'no':>7}")
+
+
+@cli.command("package")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--target", type=click.Choice(["mobile"]), required=True, help="What to package for.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Zip to write [OUTDIR/<name>-mobile.zip].")
+def package_cmd(outdir, target, output):
+    """Build <name>-mobile.zip from the output folder of `sqexport MODEL --target mobile`."""
+    from toolchain.packaging import package_outdir
+
+    info = _guard(package_outdir, Path(outdir), Path(output) if output else None)
+    click.echo(f"{info['path']}: {info['bytes']:,} bytes, {len(info['files'])} files ({', '.join(info['files'])})")
+
+
+@cli.command("bench")
+@click.argument("model_or_bundle", type=click.Path())
+@click.option("--device", required=True, metavar="local|ssh://user@host[:port]|adb[:serial]",
+              help="Where to run: this machine, a host over ssh/scp, or an Android device over adb.")
+@click.option("--device-cmd", default=None, metavar="TEMPLATE",
+              help="Replace the run command; placeholders {python} {runner} {model} {reference} {dir} "
+                   "{threads} {iters}.")
+@click.option("--perf-test", type=click.Path(dir_okay=False), default=None,
+              help="Push and run this onnxruntime_perf_test binary instead of the Python runner "
+                   "(its 'Average inference time cost' line is parsed).")
+@click.option("--device-python", default=None, help="Python on the device [local: this one; ssh: python3; "
+                                                    "adb: Termux's python3].")
+@click.option("--threads", "thread_list", default="1,2", show_default=True, help="Thread counts to time.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--max-device-latency-ms", type=float, default=None, callback=_validate_positive,
+              help="Gate: p50 on the device (best thread count).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_cmd(model_or_bundle, device, device_cmd, perf_test, device_python, thread_list, iters,
+              max_device_latency_ms, as_json):
+    """Latency of a mobile bundle (or .ort/.onnx) on a device, with the bundled runner."""
+    import re
+
+    from toolchain.bench import bench
+
+    if not re.fullmatch(r"\d+(,\d+)*", thread_list) or "0" in thread_list.split(","):
+        raise ToolError(f"--threads {thread_list}: expected thread counts like 1,2")
+    res = _guard(bench, Path(model_or_bundle), device, device_cmd, perf_test, device_python, thread_list, iters,
+                 max_device_latency_ms)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"{model_or_bundle} on {res['device']} ({res.get('cpu')}, {res.get('machine')}, "
+                   f"onnxruntime {res.get('onnxruntime')})")
+        for t, v in res["latency_ms"].items():
+            click.echo(f"  latency   {t} thread(s): p50 {v['p50']:.3f} ms  p90 {v['p90']:.3f} ms")
+        click.echo(f"  model     sha256 {'matches' if res['same_model'] else 'DIFFERS'}; reference: {res['reproduction']}")
+        for c in res["checks"]:
+            click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} {'ok' if c['passed'] else 'FAILED'}")
+        if res["report"]:
+            click.echo(f"  report    device_latency written to {res['report']}")
+    if not res["passed"]:
+        raise ToolError("device gate failed: " + ", ".join(c["name"] for c in res["checks"] if not c["passed"]), 1)
 
 
 @cli.command("models")

@@ -101,9 +101,11 @@ def _recover_stage(recipe: Recipe, o: Overrides, from_file: bool) -> Stage | Non
     return _stage("recover", current.name if current else "distill", current, updates)
 
 
-def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "magnitude") -> Recipe:
+def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "magnitude",
+                    quant_defaults: dict | None = None) -> Recipe:
     """`default_prune` is the model's default method (used without --prune, --sparsity, --nm or a
-    recipe stage)."""
+    recipe stage); `quant_defaults` are the model's quantization params, used without a recipe
+    file (a typed flag still wins; keys the chosen method lacks are ignored)."""
     from_file = recipe is not None
     recipe = recipe or Recipe()
     lowrank_flags = o.rank_energy is not None or o.lowrank_eps is not None
@@ -123,7 +125,9 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
         recipe = recipe.with_stages("transform", [s for s in recipe.stages if s.kind == "transform"
                                                   and not s.config.requires_quantization])
     if q_name is not None:
-        updates = {"observer": o.observer} if o.observer else {}
+        updates = dict(quant_defaults or {}) if not from_file else {}
+        if o.observer:
+            updates["observer"] = o.observer
         recipe = recipe.with_stage("quantize", _stage("quantize", q_name, current_q, updates))
     if not from_file and recipe.stage("quantize") is not None:
         recipe = recipe.with_stages("transform", [Stage("transform", name, lookup("transform", name).config_cls())

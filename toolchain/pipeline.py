@@ -18,17 +18,21 @@ import onnxruntime
 import torch
 
 from contracts.progress import NULL_PROGRESS, Progress, track
+from exporters.bundle import build_bundle
 from exporters.export import exporter_for
+from exporters.sparse import store_sparse
 from models.spec import ModelSpec
 from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
 from runtime_check.session import default_threads
+from runtime_check.sparse_check import storage_diff
 from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
 from contracts.errors import DataError
 from toolchain import signals
 from toolchain.bn_recalibration import recalibrate_batchnorm
 from toolchain.builtin_methods import lookup
 from toolchain.folding import copy_for_compression, fold_batchnorm
+from toolchain.mobile_step import mobile_step
 from toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
 from runtime_check.isa import weight_qmax
 from toolchain.output_folder import atomic_output
@@ -87,6 +91,10 @@ class RunState:
     quant_info: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)  # accuracy, fidelity, latency, sizes
     report: dict | None = None
+    input_shapes: dict = field(default_factory=dict)  # --input-shape, for the mobile model
+    storage: dict = field(default_factory=dict)  # sparse initializer storage of model.onnx
+    mobile: dict | None = None  # the report's `mobile` section (--target mobile)
+    checks: list = field(default_factory=list)  # checks steps add beside the recipe's gates
 
 
 def _needs_calibration(state: RunState, stage) -> None:
@@ -223,6 +231,23 @@ def quantize(state: RunState) -> None:
     (state.tmp / "prepared.onnx").unlink()
 
 
+def sparse_storage(state: RunState) -> None:
+    """Pruned initializers stored sparse where smaller; onnxruntime densifies them at load, which
+    is checked here on the eval data (bit-identical outputs expected)."""
+    path = state.tmp / "model.onnx"
+    with state.timer.stage("export.sparse_storage") as rec:
+        dense_bytes = path.read_bytes()
+        state.storage = store_sparse(path)
+        rec["params"]["sparse_initializers"] = len(state.storage["initializers"])
+        if state.storage["used"]:
+            state.storage["outputs_vs_dense"] = storage_diff(dense_bytes, path, state.spec.eval_batches)
+    if state.storage["used"]:
+        st = state.storage
+        state.notes.append(f"{len(st['initializers'])} pruned initializer(s) stored as ONNX sparse initializers "
+                           f"(int64 indices): model.onnx {st['dense']['raw']:,} -> {st['sparse']['raw']:,} bytes; "
+                           "onnxruntime densifies them at load, so the outputs are unchanged")
+
+
 def _pooling_record(spec: ModelSpec) -> dict:
     """Which pooling the embedding metric used, where it came from, and whether model.onnx has it."""
     pooling = spec.pooling
@@ -245,31 +270,49 @@ def verify(state: RunState) -> None:
 
 def package(state: RunState) -> None:
     """What an app needs beside model.onnx (the tokenizer of a Hugging Face model)."""
-    exporter_for(state.spec).artifacts(state.spec, state.tmp)
+    files = exporter_for(state.spec).artifacts(state.spec, state.tmp)
+    if state.recipe.target == "mobile":
+        limit = accuracy_limit(state.recipe.gates, state.spec.task)
+        state.mobile, checks = mobile_step(state.spec, state.tmp, state.input_shapes, limit, state.timer.stage, files)
+        state.checks += checks
+        sizes = sizes_of(state.tmp / "baseline.onnx", state.tmp / "model.onnx")  # model.onnx: fixed shapes now
+        sizes.update(ort=state.mobile["sizes"]["ort"]["raw"], ort_compressed=state.mobile["sizes"]["ort"]["compressed"])
+        state.measured["sizes"] = sizes
+    if state.storage:
+        state.measured["sizes"].update(model_dense=state.storage["dense"]["raw"],
+                                       model_dense_compressed=state.storage["dense"]["compressed"])
 
 
 def report(state: RunState) -> None:
     m, recipe, spec = state.measured, state.recipe, state.spec
-    checks = evaluate_gates(recipe.gates, m["accuracy"], m["latency"])
+    checks = evaluate_gates(recipe.gates, m["accuracy"], m["latency"]) + state.checks
     state.report = {
         "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
         "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m["sizes"],
-        "accuracy": m["accuracy"], "fidelity": m["fidelity"], "quantization": state.quant_info,
+        "accuracy": m["accuracy"], "fidelity": m["fidelity"], "sparse_storage": state.storage,
+        "quantization": state.quant_info,
         "latency_ms": m["latency"], "checks": checks, "notes": state.notes,
         "recipe": recipe.to_dict(), "task": spec.task, "data": spec.data_info, **state.extra,
         **({"source": spec.source} if spec.source else {}),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+    if state.mobile is not None:
+        state.report["mobile"] = state.mobile
+        state.mobile["bundle"] = build_bundle(state.tmp, state.report)
     write_report(state.report, state.tmp)
 
 
-STEPS = (export_baseline, prune, recalibrate, recover, fold, transform, export_prepared, quantize, verify, package, report)
+STEPS = (export_baseline, prune, recalibrate, recover, fold, transform, export_prepared, quantize, sparse_storage,
+         verify, package, report)
 
 
-def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS) -> dict:
+def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL_PROGRESS,
+        input_shapes: dict | None = None) -> dict:
+    """`input_shapes` (from --input-shape) fixes the mobile model's inputs; default: the spec's example."""
     seed_everything(recipe.seed)
     with atomic_output(outdir, progress.message) as tmp:
-        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress)
+        state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), _Stages(progress), progress,
+                         input_shapes=dict(input_shapes or {}))
         state.notes += spec.data_info.get("notes", [])  # e.g. synthetic data: said first
         for step in STEPS:
             step(state)

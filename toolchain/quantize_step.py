@@ -4,13 +4,14 @@ plan (where the exported graph takes int8) -> compute params in torch (the regis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 import torch
+from torch.ao.nn.quantized import FloatFunctional
 
 from contracts.errors import DataError, ExportError, first_line
 from contracts.progress import NULL_PROGRESS, Progress, track
@@ -19,10 +20,12 @@ from contracts.tasks import get_task
 from exporters.dynamic import insert_dynamic
 from exporters.graph import merge_duplicate_nodes
 from exporters.qdq import Site, find_embedding_sites, find_sites, insert_qdq
+from exporters.tensor_sites import find_tensor_sites
 from models.spec import ModelSpec, first_samples
 from runtime_check.accuracy import drop_in_unit, task_metrics
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
 from toolchain.builtin_methods import lookup
+from toolchain.hooks import run_with_hooks
 from toolchain.pruning import prunable_layers
 from toolchain.quantization.static import fake_quantized
 from toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
@@ -47,18 +50,39 @@ class QuantPlan:
     anchors: list[Anchor]
     embedding_sites: dict[str, tuple[str, str]]  # embedding module -> (Gather node, table)
     merged_duplicate_nodes: int
+    # weightless modules whose outputs get Q/DQ (residual adds) -> the ONNX tensor holding them
+    tensor_sites: dict[str, str] = field(default_factory=dict)
 
 
-def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto) -> QuantPlan:
+def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelProto) -> dict[str, str]:
+    """Residual adds written with torch's FloatFunctional (its activation_post_process sees the
+    sum): module -> the ONNX Add output holding the same values on the example input. Types are
+    read on the user's model: BN folding (torch.fx) keeps only the observer's path in `work`."""
+    original = dict(spec.model.named_modules())
+    modules = dict(work.named_modules())
+    wanted = [n for n in modules if n.endswith(".activation_post_process")
+              and isinstance(original.get(n.rpartition(".")[0]), FloatFunctional)]
+    if not wanted:
+        return {}
+    values: dict[str, np.ndarray] = {}
+    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: values.__setitem__(n, out.detach().numpy()))
+               for n in wanted]
+    run_with_hooks(work, handles, [spec.example_inputs], spec.torch_outputs)
+    return find_tensor_sites(prepared, values, spec.example_inputs)
+
+
+def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: ModelSpec | None = None) -> QuantPlan:
+    """`spec` (optional) lets residual adds of the model be quantized too (_tensor_sites)."""
     merged = merge_duplicate_nodes(prepared)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
     sites = find_sites(prepared, weights)
     if not sites:
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
-    anchors = [Anchor(name, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
+    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range)
                for name, s in sites.items()]
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
-    return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged)
+    tensors = _tensor_sites(work, spec, prepared) if spec is not None else {}
+    return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors)
 
 
 def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan,
@@ -67,7 +91,8 @@ def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Q
     if stage.config.requires_calibration and not spec.calib_batches:
         raise DataError(f"{stage.qualified} needs calibration data; pass --calib-data")
     ctx = QuantContext(plan.anchors, spec.calib_batches, spec.torch_outputs,
-                       reduce_range=weight_qmax(target) < FULL_QMAX, progress=progress)
+                       reduce_range=weight_qmax(target) < FULL_QMAX, progress=progress,
+                       tensors=list(plan.tensor_sites))
     return lookup("quantize", stage.name).handler(work, stage.config, ctx)
 
 
@@ -211,7 +236,7 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
         with_tables = insert_qdq(prepared, plan.sites, QuantParams(embeddings=params.embeddings), plan.embedding_sites)
         model = insert_dynamic(with_tables, plan.sites, params)
     else:
-        model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites)
+        model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites)
     onnx.save(model, str(out_path))
     _check(out_path)
 
@@ -220,7 +245,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                      out_path: Path, accuracy_limit: float, target: str = "cpu",
                      progress: Progress = NULL_PROGRESS, work_is_dense: bool = False) -> tuple[Callable, dict]:
     """Write the quantized model to out_path; return (torch reference runner, report info)."""
-    plan = plan_quantization(work, prepared)
+    plan = plan_quantization(work, prepared, spec)
     params = compute_params(work, spec, stage, plan, target, progress)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
                   "weight_range": _weight_range(params),

@@ -132,6 +132,8 @@ class QuantContext:
     # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
     reduce_range: bool = field(default_factory=int8_saturates)
     progress: Progress = NULL_PROGRESS
+    # weightless modules whose outputs get quantized as they are (residual adds, QuantPlan.tensor_sites)
+    tensors: list[str] = field(default_factory=list)
 
 
 class QuantizeMethod(Protocol):

@@ -46,7 +46,8 @@ def test_initializer_stats_and_sizes(tmp_path):
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph)
     rows = {r["name"]: r for r in initializer_stats(model)}
-    assert rows["w"] == {"name": "w", "dtype": "int8", "shape": [1, 4], "bytes": 4, "elements": 4, "sparsity": 0.5}
+    assert rows["w"] == {"name": "w", "dtype": "int8", "shape": [1, 4], "bytes": 4, "elements": 4, "sparsity": 0.5,
+                         "storage": "dense"}
     assert rows["b"]["sparsity"] == 1.0 and rows["b"]["bytes"] == 12
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))

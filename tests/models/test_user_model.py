@@ -123,5 +123,5 @@ def test_state_dict_and_pickled_module_say_what_is_supported(user_project):
 
 
 def test_input_shape_only_for_user_models():
-    with pytest.raises(ModelLoadError, match="--input-shape applies to"):
+    with pytest.raises(ModelLoadError, match="--input-shape gives the example input"):
         load_model("digits-cnn", input_shapes={None: (1, 1, 8, 8)})

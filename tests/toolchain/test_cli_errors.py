@@ -54,7 +54,7 @@ def test_unknown_model_lists_known_models(run_cli, workdir, args):
     (["export", "digits-cnn", "--eval-data", "bad_calib.npy", "-o", "out"], "bad_calib.npy"),
     (["export", "digits-cnn", "--calib-data", "missing.npy", "-o", "out"], "missing.npy"),
     (["export", "digits-cnn", "--target", "gpu", "-o", "out"], "target"),
-    (["export", "digits-cnn", "--target", "mobile", "-o", "out"], "target"),  # reserved, not built yet
+    (["export", "digits-cnn", "--target", "mobile", "--input-shape", "1xa", "-o", "out"], "input-shape"),
     (["export", "digits-cnn", "-o", "file/out"], "file"),  # under a regular file
     (["export", "digits-cnn", "-o", "file"], "file"),  # a regular file itself
     (["export", "digits-cnn", "--recipe", "q_then_p.yaml", "-o", "out"], "prun"),
@@ -66,7 +66,7 @@ def test_unknown_model_lists_known_models(run_cli, workdir, args):
     (["export", "digits-cnn", "--max-accuracy-drop", "-1", "-o", "out"], "max-accuracy-drop"),
     (["export", "digits-cnn", "--bogus-flag", "-o", "out"], "bogus"),
 ], ids=["missing-recipe", "sparsity-1.5", "sparsity-neg", "sparsity-1", "calib-9x9", "eval-9x9", "calib-missing",
-        "target-gpu", "target-mobile", "under-file", "is-file", "quant-before-prune", "nm-4:2", "nm-x", "nm-2:2",
+        "target-gpu", "mobile-bad-shape", "under-file", "is-file", "quant-before-prune", "nm-4:2", "nm-x", "nm-2:2",
         "prune-pqi", "threads-0", "neg-gate", "unknown-flag"])
 def test_bad_export_input(run_cli, workdir, args, needle):
     line = _check(run_cli(args), workdir)

@@ -102,7 +102,7 @@ def test_exported_program_without_data_uses_seeded_synthetic_inputs(user_project
     (["mypkg.nets:tiny_cnn", "--input-shape", "1x3x8x8", "--calib-data", "empty"], "no images found"),
     (["mypkg.nets:tiny_cnn", "--input-shape", "1x3x8x8", "--calib-data", "imgs", "--eval-data", "corrupt"],
      "corrupt/bad.jpg"),
-    (["digits-cnn", "--input-shape", "1x1x8x8"], "--input-shape applies to"),
+    (["digits-cnn", "--input-shape", "1x1x8x8"], "--input-shape gives the example input"),
 ])
 def test_bad_input_is_one_line_exit_2(user_project, images_factory, run_cli, args, words):
     images_factory(user_project / "imgs", ["a"], 2)

@@ -172,7 +172,8 @@ def test_factored_model_exports_to_int8_and_matches_torch(tmp_path):
     assert {"conv.0", "conv.1", "pw.0", "pw.1", "fc.0", "fc.1"} <= set(layers)
     sites = find_sites(graph, {n: m.weight.detach().numpy() for n, m in layers.items()})
     assert set(sites) == set(layers)  # every factor is a plain Conv / MatMul node of its own
-    anchors = [Anchor(n, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
+    anchors = [Anchor(n, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"),
+                      s.output_range)
                for n, s in sites.items()]
     params = quantize_static(model, Int8StaticConfig(), QuantContext(anchors, BATCHES, _run, reduce_range=QMAX < 127))
     path = tmp_path / "int8.onnx"

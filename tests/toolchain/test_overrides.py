@@ -79,3 +79,14 @@ def test_sparsity_without_a_prune_stage_in_the_recipe_is_an_error():
 def test_flags_the_method_cannot_use_are_errors_not_no_ops(overrides, flag):
     with pytest.raises(ConfigError, match=flag):
         apply_overrides(None, overrides)
+
+
+def test_model_quant_defaults_apply_without_recipe_and_flags_win():
+    d = {"observer": "mse", "bias_correction": True}
+    r = apply_overrides(None, Overrides(), "none", d)
+    assert r.stage("quantize").config == Int8StaticConfig(observer="mse", bias_correction=True)
+    r = apply_overrides(None, Overrides(observer="minmax"), "none", d)
+    assert r.stage("quantize").config == Int8StaticConfig(observer="minmax", bias_correction=True)
+    # a recipe file says everything itself; int8-dynamic ignores keys it does not have
+    assert apply_overrides(_recipe(), Overrides(), "none", d).stage("quantize").config.observer == "percentile"
+    assert apply_overrides(None, Overrides(quant="int8-dynamic"), "none", d).stage("quantize").name == "int8-dynamic"

@@ -65,13 +65,14 @@ def _int8_graph(module: nn.Module, x: np.ndarray, path: Path, qmax: int) -> None
     graph = export_torch(wrapped, {"x": x}, ["x"], ["y"], {}, path)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(wrapped).items()}
     sites = find_sites(graph, weights)
-    anchors = [Anchor(n, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
+    anchors = [Anchor(n, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"),
+                      s.output_range)
                for n, s in sites.items()]
 
     def run(model, batch):
         with torch.no_grad():
             return [model(torch.from_numpy(batch["x"])).numpy()]
-    ins, outs = calibrate(wrapped, anchors, [{"x": x}], run)
+    ins, outs, _ = calibrate(wrapped, anchors, [{"x": x}], run)
     params = quantize_weights(wrapped, anchors, ins, qmax)
     params.outputs = outs
     onnx.save(insert_qdq(graph, sites, params), str(path))

@@ -20,7 +20,7 @@ from contracts.errors import ConfigError
 from contracts.quant import QuantParams
 from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
-from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic
+from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
 
 __all__ = ["FallbackPolicy", "local_snr_db", "fallback_until"]
 
@@ -76,6 +76,7 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
     """10*log10(|y|^2 / |y - y_q|^2) per anchor, summed over `batches`. `other_hooks` (handles)
     ride along the same pass and are removed with these: one FP32 pass serves several statistics."""
     modules = dict(model.named_modules())
+    bounds = {a.module: a.output_range for a in params.anchors}
     signal = {a.module: 0.0 for a in params.anchors}
     noise = dict(signal)
 
@@ -89,7 +90,8 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
                 bias = torch.from_numpy(q.astype(np.float32) * scale)
             y = nn.functional.linear(x, w, bias) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, bias)
             if name in params.outputs:
-                out, y = torch.relu(out), fake_quant_act(torch.relu(y), params.outputs[name])
+                b = bounds[name]
+                out, y = rectify(out, b), fake_quant_act(rectify(y, b), params.outputs[name])
             signal[name] += float((out.double() ** 2).sum())
             noise[name] += float(((out.double() - y.double()) ** 2).sum())
         return fn

@@ -8,6 +8,7 @@ from contracts.errors import ConfigError
 from contracts.progress import track
 from contracts.quant import QuantParams
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
+from toolchain.quantization.bias_correction import bias_corrections
 from toolchain.quantization.fallback import FallbackPolicy
 from toolchain.quantization.static import calibrate, quantize_embeddings, quantize_weights
 from toolchain.registry import names, register
@@ -35,6 +36,8 @@ class Int8StaticConfig:
     # 7-bit weights (|q| <= 63): None = decided by the target (runtime_check.isa: x86 without VNNI
     # saturates full-range int8 sums); True/False force it
     reduce_range: bool | None = None
+    # subtract the expected quantization error E[(W_q - W) x] from each bias (bias_correction.py)
+    bias_correction: bool = False
     VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage, fallback a policy
     kind: ClassVar[str] = "quantize"
     requires_calibration: ClassVar[bool] = True
@@ -58,9 +61,14 @@ def _qmax(config, ctx) -> int:
           "static QDQ int8: per-channel symmetric weights, calibrated per-tensor uint8 activations")
 def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> QuantParams:
     batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
-    ins, outs = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile)
+    ins, outs, tensors = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile,
+                                   ctx.tensors)
     params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
+    if config.bias_correction:
+        corrected = bias_corrections(model, params.weights, ctx.calib_batches, ctx.run)
+        params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx), corrected)
     params.outputs = outs
+    params.tensors = tensors
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)
     return params

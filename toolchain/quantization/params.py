@@ -2,11 +2,13 @@
 contracts.quant so the ONNX writers can share it without importing toolchain."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from contracts.quant import ActQuant, act_params_from_range
 
-__all__ = ["fake_quant_act", "fake_quant_dynamic"]
+__all__ = ["fake_quant_act", "fake_quant_dynamic", "rectify"]
 
 
 def fake_quant_act(x: torch.Tensor, p: ActQuant) -> torch.Tensor:
@@ -18,3 +20,13 @@ def fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
     """What DynamicQuantizeLinear does: uint8 over [min(x, 0), max(x, 0)] of this very tensor."""
     p = act_params_from_range(float(x.min()), float(x.max()))
     return fake_quant_act(x, p)
+
+
+def rectify(out: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """What the graph computes between a layer and its output QuantizeLinear (Anchor.output_range)."""
+    lo, hi = bounds
+    if lo == -math.inf and hi == math.inf:
+        return out
+    if hi == math.inf:
+        return torch.relu(out) if lo == 0.0 else torch.clamp(out, min=lo)
+    return torch.clamp(out, min=None if lo == -math.inf else lo, max=hi)

@@ -88,9 +88,11 @@ def smooth_model(model: nn.Module, batches: Iterable, run: Callable, alpha: floa
                  progress: Progress = NULL_PROGRESS) -> list[dict]:
     """Smooth every shared-input group in place (Linears become SmoothedLinear); returns a summary."""
     batches = list(batches)
-    if not batches:
+    if not batches or not any(isinstance(m, nn.Linear) for m in model.modules()):
         return []
     groups = find_shared_input_groups(model, batches[0], run)
+    if not groups:  # e.g. a CNN's classifier reads a pooled (rank-2) vector: nothing to smooth
+        return []
     modules = dict(model.named_modules())
     act_max: dict[str, torch.Tensor] = {}
 

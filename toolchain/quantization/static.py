@@ -16,18 +16,29 @@ from contracts.quant import (
 )
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.observers import RangeObserver, compute_range, observer_config
-from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic
+from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
 
 __all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model", "fake_quantized"]
 
 
+def _within(p: ActQuant, hi: float) -> ActQuant:
+    """Shrink the float32 scale by ulps until the top of the uint8 grid is <= hi: onnxruntime drops
+    a Clip(0, hi) before a QuantizeLinear (and fuses QLinearConv) only if Q saturates inside it."""
+    scale = np.float32(p.scale)
+    while np.float32(255 - p.zero_point) * scale > np.float32(hi):
+        scale = np.nextafter(scale, np.float32(0))
+    return ActQuant(float(scale), p.zero_point)
+
+
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
               observer: str | dict[str, str] = "minmax", percentile: float = 99.99,
-              ) -> tuple[dict[str, ActQuant], dict[str, ActQuant]]:
+              tensors: Iterable[str] = (),
+              ) -> tuple[dict[str, ActQuant], dict[str, ActQuant], dict[str, ActQuant]]:
     """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
 
     `observer` is a registered observer name (kind "observer"), or a dict mapping module names to
-    observer names (modules not in it use min-max).
+    observer names (modules not in it use min-max). `tensors` names weightless modules whose
+    outputs are quantized as they are (residual adds); the third dict holds their params.
     """
     modules = dict(model.named_modules())
 
@@ -39,31 +50,39 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
 
     obs_in = {a.module: RangeObserver(keeps(a.module)) for a in anchors}
     obs_out = {a.module: RangeObserver(keeps(a.module)) for a in anchors if a.quantize_output}
-    handles = []
+    obs_t = {t: RangeObserver(keeps(t)) for t in tensors}
+    bounds = {a.module: a.output_range for a in anchors}
+    handles = [modules[t].register_forward_hook(lambda m, args, out, o=o: o.update(out.detach().numpy()))
+               for t, o in obs_t.items()]
     for a in anchors:
         mod = modules[a.module]
         handles.append(mod.register_forward_pre_hook(
             lambda m, args, o=obs_in[a.module]: o.update(args[0].detach().numpy())))
         if a.quantize_output:
             handles.append(mod.register_forward_hook(
-                lambda m, args, out, o=obs_out[a.module]: o.update(torch.relu(out).detach().numpy())))
+                lambda m, args, out, o=obs_out[a.module], b=a.output_range: o.update(rectify(out, b).detach().numpy())))
     run_with_hooks(model, handles, batches, run)
 
     ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
-    outs = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_out.items()}
-    return ins, outs
+    outs = {n: _within(act_params_from_range(*compute_range(o, method(n), percentile)), bounds[n][1])
+            for n, o in obs_out.items()}
+    done = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_t.items()}
+    return ins, outs, done
 
 
 def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant],
-                     qmax: int = 127) -> QuantParams:
+                     qmax: int = 127, biases: dict[str, np.ndarray] | None = None) -> QuantParams:
+    """`biases` overrides float biases by module name (bias correction); the model is not changed."""
     modules = dict(model.named_modules())
+    biases = biases or {}
     params = QuantParams(inputs=dict(inputs), anchors=list(anchors))
     for a in anchors:
         mod = modules[a.module]
         wq = quantize_weight_per_channel(mod.weight.detach().numpy(), qmax)
         params.weights[a.module] = wq
         if a.quantize_bias and mod.bias is not None and a.module in inputs:
-            params.biases[a.module] = quantize_bias(mod.bias.detach().numpy(), inputs[a.module].scale, wq.scale)
+            bias = biases.get(a.module, mod.bias.detach().numpy())
+            params.biases[a.module] = quantize_bias(bias, inputs[a.module].scale, wq.scale)
     return params
 
 
@@ -105,7 +124,9 @@ def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handle
             if a.module in params.outputs:
                 p_out = params.outputs[a.module]
                 handles.append(mod.register_forward_hook(
-                    lambda m, args, out, p=p_out: fake_quant_act(torch.relu(out), p)))
+                    lambda m, args, out, p=p_out, b=a.output_range: fake_quant_act(rectify(out, b), p)))
+        for name, p_t in ([] if params.dynamic else params.tensors.items()):
+            handles.append(modules[name].register_forward_hook(lambda m, args, out, p=p_t: fake_quant_act(out, p)))
 
 
 @contextmanager

@@ -29,7 +29,7 @@ def _one_linear():
 
 
 def _params(model, batches, anchors):
-    ins, outs = calibrate(model, anchors, batches, _run, "minmax")
+    ins, outs, _ = calibrate(model, anchors, batches, _run, "minmax")
     params = quantize_weights(model, anchors, ins)
     params.outputs = outs
     return params

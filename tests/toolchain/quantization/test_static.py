@@ -32,7 +32,7 @@ BATCHES = [{"x": np.array([[-1.0, 0.0]], np.float32)}, {"x": np.array([[3.0, 1.0
 
 
 def test_minmax_calibration_of_inputs_and_rectified_outputs():
-    ins, outs = calibrate(_Tiny(), [Anchor("fc", True, True)], BATCHES, _run, "minmax")
+    ins, outs, _ = calibrate(_Tiny(), [Anchor("fc", True, True)], BATCHES, _run, "minmax")
     assert ins["fc"] == act_params_from_range(-1.0, 3.0)  # inputs seen: -1 .. 3
     assert ins["fc"].zero_point == 64
     assert outs["fc"] == act_params_from_range(0.0, 4.0)  # relu(fc(x)) seen: 0 and 4
@@ -49,7 +49,7 @@ def test_quantize_weights_and_bias():
     model = _Tiny()
     with torch.no_grad():
         model.fc.bias.fill_(0.5)
-    ins, _ = calibrate(model, [Anchor("fc", True, True)], BATCHES, _run, "minmax")
+    ins, _, _ = calibrate(model, [Anchor("fc", True, True)], BATCHES, _run, "minmax")
     params = quantize_weights(model, [Anchor("fc", True, True)], ins)
     wq = params.weights["fc"]
     assert wq.q.tolist() == [[127, 127]]
@@ -64,7 +64,7 @@ def test_quantize_weights_and_bias():
 def test_fake_quant_model_computes_the_quantized_graph_by_hand():
     model = _Tiny()
     anchors = [Anchor("fc", True, True)]
-    ins, outs = calibrate(model, anchors, BATCHES, _run, "minmax")
+    ins, outs, _ = calibrate(model, anchors, BATCHES, _run, "minmax")
     params = quantize_weights(model, anchors, ins)
     params.outputs = outs
     fq = fake_quant_model(model, params)

@@ -1,0 +1,94 @@
+"""The same .onnx/.ort on the aarch64 build of the same onnxruntime, under user-mode emulation.
+
+`make arm64` (scripts/setup_arm64.sh) puts qemu-aarch64-static on the host and an arm64 Python
+with onnxruntime under the cache root. Each CPU tier a phone may have picks different int8 kernels
+in onnxruntime's MLAS: cortex-a53 (NEON only), cortex-a76 (sdot/udot dot products), max (i8mm
+smmla/ummla). Emulated runs measure outputs only; their timings say nothing about a phone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from contracts.errors import ConfigError
+
+__all__ = ["TIERS", "arm64_root", "emulator_status", "run_tiers", "ARM64_RTOL", "MAX_SAMPLES", "EMULATION_FACTOR",
+           "BUDGET_S"]
+
+TIERS = {"cortex-a53": "NEON only", "cortex-a76": "NEON + dot product (sdot/udot)",
+         "max": "NEON + dot product + i8mm (smmla/ummla)"}
+# ARM int8 kernels vs the exact QDQ arithmetic: a requantized activation may round one step apart
+# and such steps travel through the layers (digits-cnn: 8e-4 of the largest |output|). Allowed
+# deviation relative to the largest |output|; the accuracy gate is judged on the ARM64 outputs too.
+ARM64_RTOL = 0.01
+# Emulation runs ~20-50x slower than the host: the eval rows are taken in order until their host
+# run time x EMULATION_FACTOR reaches BUDGET_S (all 450 digits; ~20 MiniLM sentences at 1x128).
+MAX_SAMPLES = 512
+EMULATION_FACTOR = 30
+BUDGET_S = 60.0
+RUNNER = Path(__file__).with_name("device_runner.py")
+
+
+def arm64_root() -> Path:
+    return Path(os.environ.get("SQEXPORT_ARM64_ROOT") or Path.home() / ".cache" / "sqexport" / "arm64")
+
+
+def emulator_status() -> tuple[bool, str]:
+    """(ready, why not): the emulator, the arm64 Python and the wheels must all be in place."""
+    root = arm64_root()
+    if shutil.which("qemu-aarch64-static") is None:
+        return False, "qemu-aarch64-static is not installed (run `make arm64`)"
+    if not (root / "ready.json").is_file() or not (root / "sysroot/usr/bin/python3.11").is_file():
+        return False, f"no arm64 onnxruntime under {root} (run `make arm64`)"
+    return True, ""
+
+
+def _command(root: Path) -> list[str]:
+    return ["qemu-aarch64-static", "-L", str(root / "sysroot"), str(root / "sysroot/usr/bin/python3.11")]
+
+
+def _env(root: Path, tier: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "QEMU_"))}
+    env.update(QEMU_CPU=tier, PYTHONPATH=str(root / "site"), PYTHONHOME=str(root / "sysroot/usr"),
+               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_tiers(model_path: Path, feeds: list[dict], tiers=tuple(TIERS)) -> dict[str, dict]:
+    """Run `feeds` (each at the model's fixed input shapes) through model_path under each tier,
+    all tiers at once. Returns tier -> {"outputs": {name: stacked array}, "runner": runner JSON}."""
+    ok, why = emulator_status()
+    if not ok:
+        raise ConfigError(f"--arch arm64: {why}")
+    unknown = [t for t in tiers if t not in TIERS]
+    if unknown:
+        raise ConfigError(f"unknown arm64 tier {unknown[0]}; known: {', '.join(TIERS)}")
+    root = arm64_root()
+    with tempfile.TemporaryDirectory(prefix="sqexport-arm64-") as tmp:
+        tmp = Path(tmp)
+        model = tmp / Path(model_path).name
+        shutil.copyfile(model_path, model)
+        np.savez(tmp / "inputs.npz", **{f"input:{k}": np.stack([f[k] for f in feeds]) for k in feeds[0]})
+        procs = {}
+        for tier in tiers:
+            cmd = [*_command(root), str(RUNNER), str(model), "--reference", str(tmp / "inputs.npz"),
+                   "--threads", "1", "--no-timing", "--save-outputs", str(tmp / f"out-{tier}.npz")]
+            procs[tier] = subprocess.Popen(cmd, env=_env(root, tier), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+        results = {}
+        for tier, proc in procs.items():
+            out, err = proc.communicate()
+            if proc.returncode != 0:
+                lines = [ln for ln in err.splitlines() if ln.strip() and "cpuinfo" not in ln]
+                raise ConfigError(f"arm64 run ({tier}) failed: {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+            data = np.load(tmp / f"out-{tier}.npz")
+            runner = json.loads(out.strip().splitlines()[-1])
+            runner.pop("memory_mb", None)  # emulator memory, not a phone's
+            results[tier] = {"outputs": {k[len("output:"):]: data[k] for k in data.files}, "runner": runner}
+    return results

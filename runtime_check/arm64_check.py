@@ -1,0 +1,93 @@
+"""`--arch arm64`: the file's outputs on aarch64 onnxruntime (emulated, three CPU tiers) against this
+host's outputs of the same file, and the accuracy gate judged on the ARM64 outputs."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtime_check.accuracy import classification_metrics, embedding_metrics
+from runtime_check.arm64 import ARM64_RTOL, BUDGET_S, EMULATION_FACTOR, MAX_SAMPLES, TIERS, run_tiers
+from runtime_check.fixed_inputs import fit_batches, is_fixed, session_shapes
+from runtime_check.gates import Gates, evaluate_gates
+from runtime_check.mobile_check import compare_outputs
+from runtime_check.session import make_session
+
+__all__ = ["verify_arm64"]
+
+
+def _shapes(session, batches: list[dict]) -> dict[str, list[int]]:
+    """The model's fixed shapes; for a dynamic model batch 1 and the largest size seen per dim
+    (padding is exact for text: the attention mask hides it)."""
+    shapes = session_shapes(session)
+    if is_fixed(shapes):
+        return shapes
+    out = {}
+    for name, dims in shapes.items():
+        seen = [b[name].shape for b in batches if name in b]
+        out[name] = [1] + [d if isinstance(d, int) and d > 0 else max(s[i] for s in seen)
+                           for i, d in enumerate(dims) if i > 0]
+    return out
+
+
+def _post(raw: list, feeds: list[dict], postprocess: Callable) -> np.ndarray:
+    return np.concatenate([postprocess([r[i] for r in raw], f) for i, f in enumerate(feeds)])
+
+
+def _metrics(logits: bool, ref: np.ndarray, out: np.ndarray, labels) -> dict:
+    if logits:
+        return classification_metrics(ref, out, labels)
+    return embedding_metrics(ref, out)
+
+
+def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits: bool,
+                 gates: Gates, postprocess: Callable, no_accuracy_gate: bool = False,
+                 exact: Path | None = None, tiers=tuple(TIERS)) -> tuple[dict, list[dict]]:
+    """Returns the report's `arm64` section and its checks (one output match and one accuracy gate
+    per tier). ARM64 outputs are compared with x86's exact QDQ arithmetic: `exact` (an .onnx of the
+    same model) run without graph optimizations; without it, with x86's own int8 kernels, which
+    saturate full-range int8 weights without VNNI (runtime_check/isa.py). Emulated timings are
+    never reported: they are not a phone's latency."""
+    session = make_session(model_path, 1)
+    fitted, n = fit_batches(batches, _shapes(session, batches))
+    per_feed = len(next(iter(fitted[0].values())))
+    feeds, raw, spent = [], [], 0.0
+    for f in fitted[:max(1, MAX_SAMPLES // per_feed)]:
+        if feeds and spent * EMULATION_FACTOR > BUDGET_S:
+            break
+        t0 = time.perf_counter()
+        raw.append(session.run(None, f))
+        spent += time.perf_counter() - t0
+        feeds.append(f)
+    k = min(n, len(feeds) * per_feed)
+    names = [o.name for o in session.get_outputs()]
+    host = _post([np.stack(r) for r in zip(*raw)], feeds, postprocess)[:k]
+    if exact is not None:
+        ref_session = make_session(exact, 1, optimize=False)
+        x86 = _post([np.stack(r) for r in zip(*[ref_session.run(None, f) for f in feeds])], feeds, postprocess)[:k]
+    else:
+        x86 = host
+    reference = base_out[:k] if base_out is not None else x86
+    subset_labels = labels[:k] if labels is not None else None
+    section = {"samples": k, "rtol": ARM64_RTOL,
+               "x86_reference": (f"{Path(exact).name} on x86 without graph optimizations (exact QDQ arithmetic)"
+                                 if exact is not None else f"{Path(model_path).name} on x86 int8 kernels"),
+               "accuracy_reference": "baseline" if base_out is not None else "x86 outputs",
+               "note": "outputs only: timings under emulation are not latency", "tiers": {}}
+    checks = []
+    for tier, res in run_tiers(model_path, feeds, tiers).items():
+        arm = _post([res["outputs"][nm] for nm in names], feeds, postprocess)[:k]
+        vs_x86 = compare_outputs(x86, arm, ARM64_RTOL)
+        accuracy = _metrics(logits, reference, arm, subset_labels)
+        section["tiers"][tier] = {"cpu_features": TIERS[tier], "vs_x86": vs_x86, "accuracy": accuracy,
+                                  "vs_x86_int8_kernels": compare_outputs(host, arm, ARM64_RTOL),
+                                  "onnxruntime": res["runner"]["onnxruntime"], "machine": res["runner"]["machine"],
+                                  "model_sha256": res["runner"]["model_sha256"]}
+        checks.append({"name": f"arm64_{tier}_matches_x86", "passed": vs_x86["within_tolerance"],
+                       "value": vs_x86["max_abs_diff"], "limit": vs_x86["tolerance"], "unit": "abs"})
+        if not no_accuracy_gate:
+            checks += [{**c, "name": f"arm64_{tier}_{c['name']}"}
+                       for c in evaluate_gates(Gates(gates.max_accuracy_drop), accuracy, {})]
+    return section, checks

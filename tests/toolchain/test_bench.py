@@ -1,0 +1,141 @@
+"""`sqexport bench`: local, ssh and adb presets end to end with stand-in ssh/scp/adb executables on
+PATH (they run the commands on this machine), raw --device-cmd, onnxruntime_perf_test parsing, and
+the error paths (exit 2, one line; a device that ran something else: exit 1)."""
+import json
+import os
+import shutil
+import stat
+import sys
+
+import pytest
+
+from contracts.errors import DeviceError
+from runtime_check.device import parse_device, parse_perf_test
+
+FAKE_SSH = """#!/bin/sh
+# stand-in ssh: drop options, "connect" to the host, run the remote command here
+while [ $# -gt 0 ]; do case "$1" in -o|-p) shift 2;; -*) shift;; *) break;; esac; done
+host="$1"; shift
+case "$host" in *unreachable*) echo "ssh: connect to host $host port 22: Connection refused" >&2; exit 255;; esac
+exec sh -c "$*"
+"""
+FAKE_SCP = """#!/bin/sh
+while [ $# -gt 0 ]; do case "$1" in -o|-P) shift 2;; -*) shift;; *) break;; esac; done
+n=$#; i=1; files=""
+for a in "$@"; do if [ $i -lt $n ]; then files="$files $a"; else dest="${a#*:}"; fi; i=$((i+1)); done
+exec cp $files "$dest"
+"""
+# stand-in adb: /data/local/tmp lives under $FAKE_DEVICE_ROOT
+FAKE_ADB = """#!/bin/sh
+if [ "$1" = "-s" ]; then serial="$2"; shift 2; fi
+[ "$serial" = "offline" ] && { echo "adb: device 'offline' not found" >&2; exit 1; }
+cmd="$1"; shift
+args=$(printf '%s ' "$@" | sed "s#/data/local/tmp#$FAKE_DEVICE_ROOT#g")
+case "$cmd" in
+  shell) exec sh -c "$args";;
+  push) set -- $args; n=$#; i=1; files="";
+        for a in "$@"; do if [ $i -lt $n ]; then files="$files $a"; else dest="$a"; fi; i=$((i+1)); done
+        exec cp $files "$dest";;
+esac
+exit 1
+"""
+
+
+@pytest.fixture
+def fake_tools(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("ssh", FAKE_SSH), ("scp", FAKE_SCP), ("adb", FAKE_ADB)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "device").mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DEVICE_ROOT", str(tmp_path / "device"))
+    return tmp_path
+
+
+@pytest.fixture
+def bundle(mobile_export, tmp_path):
+    """A copy of the export folder (bench writes device_latency into its report)."""
+    out = tmp_path / "out"
+    shutil.copytree(mobile_export.out, out)
+    return out / "digits-cnn-mobile.zip"
+
+
+def _bench(run_cli, target, *args):
+    return run_cli(["bench", target, "--iters", "5", "--json", *args])
+
+
+def test_bench_local_reports_latency_and_writes_report(run_cli, bundle):
+    result = _bench(run_cli, bundle, "--device", "local")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.output)
+    assert set(res["latency_ms"]) == {"1", "2"} and all(v["p50"] > 0 for v in res["latency_ms"].values())
+    assert res["same_model"] and res["reproduced"] and res["runner"] == 1
+    report = json.loads((bundle.parent / "report.json").read_text())
+    assert report["device_latency"]["latency_ms"] == res["latency_ms"]
+    assert "## Device latency" in (bundle.parent / "report.md").read_text()
+
+
+@pytest.mark.parametrize("device", ["ssh://me@phone:2222", "adb:emulator-5554"])
+def test_bench_ssh_and_adb_end_to_end(run_cli, bundle, fake_tools, device):
+    result = _bench(run_cli, bundle, "--device", device, "--device-python", sys.executable, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.output)
+    assert res["device"] == device and res["same_model"] and set(res["latency_ms"]) == {"1"}
+    assert not any((fake_tools / "device").iterdir())  # cleaned up on the device
+
+
+@pytest.mark.parametrize("device, needle", [("ssh://me@unreachable", "Connection refused"),
+                                            ("adb:offline", "not found")])
+def test_unreachable_device_is_exit_2(run_cli, bundle, fake_tools, device, needle):
+    result = _bench(run_cli, bundle, "--device", device, "--device-python", sys.executable)
+    assert result.exit_code == 2 and needle in result.output and "push failed" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_failing_runner_is_exit_2(run_cli, bundle, fake_tools):
+    crash = fake_tools / "crash.py"
+    crash.write_text('import sys\nsys.exit("onnxruntime: illegal instruction")\n')
+    result = _bench(run_cli, bundle, "--device", "ssh://me@phone", "--device-python", sys.executable,
+                    "--device-cmd", f"{{python}} {crash}")
+    assert result.exit_code == 2 and "runner failed" in result.output and "illegal instruction" in result.output
+
+
+def test_device_that_ran_another_model_fails_gate(run_cli, bundle, tmp_path):
+    fake = tmp_path / "other.py"
+    fake.write_text('import json; print(json.dumps({"model_sha256": "0" * 64, "latency_ms": '
+                    '{"1": {"p50": 1.0, "p90": 1.0}}}))\n')
+    result = run_cli(["bench", bundle, "--device", "local", "--device-cmd", f"{{python}} {fake}"])
+    assert result.exit_code == 1 and "device_same_model" in result.output
+
+
+def test_latency_gate(run_cli, bundle):
+    result = _bench(run_cli, bundle, "--device", "local", "--max-device-latency-ms", "0.000001")
+    assert result.exit_code == 1 and "device_latency_p50_ms" in result.output
+
+
+def test_perf_test_output_both_spellings():
+    assert parse_perf_test("Average inference time cost: 12.5 ms\n")["p50"] == 12.5
+    res = parse_perf_test("Average inference time cost total: 3.5 ms\nP50 Latency: 0.0031 s\nP90 Latency: 0.004 s\n")
+    assert res["mean"] == 3.5 and res["p50"] == pytest.approx(3.1) and res["p90"] == pytest.approx(4.0)
+    with pytest.raises(DeviceError):
+        parse_perf_test("Session creation time cost: 0.1 s\n")
+
+
+def test_adb_with_pushed_perf_test_binary(run_cli, bundle, fake_tools):
+    perf = fake_tools / "onnxruntime_perf_test"
+    perf.write_text('#!/bin/sh\necho "Session creation time cost: 0.01 s"\n'
+                    'echo "Average inference time cost: 2.25 ms"\n')
+    perf.chmod(perf.stat().st_mode | stat.S_IEXEC)
+    result = _bench(run_cli, bundle, "--device", "adb", "--perf-test", perf, "--threads", "1,2")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.output)
+    assert res["runner"] == "onnxruntime_perf_test" and res["latency_ms"]["2"]["p50"] == 2.25
+    assert res["reproduced"] is None  # perf_test shows no outputs: not claimed
+
+
+def test_bad_device_specs():
+    for spec in ("ftp://x", "ssh://", "phone"):
+        with pytest.raises(Exception, match="--device"):
+            parse_device(spec)
