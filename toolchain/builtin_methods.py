@@ -8,6 +8,7 @@ from toolchain.pruning import magnitude, nm  # noqa: F401  prune.magnitude, prun
 from toolchain.pruning import structured_stage  # noqa: F401  prune.structured
 from toolchain.pruning import pqi_stage  # noqa: F401  prune.pqi
 from toolchain.pruning import sensitivity_stage  # noqa: F401  prune.sensitivity
+from toolchain.pruning import lowrank  # noqa: F401  prune.lowrank
 from toolchain import recover_step  # noqa: F401  recover.distill
 from toolchain.quantization import smoothing  # noqa: F401  transform.smoothquant
 from toolchain.quantization import equalization  # noqa: F401  transform.equalize

@@ -113,8 +113,8 @@ def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude
     from toolchain.overrides import Overrides, apply_overrides
     from toolchain.recipe import load_recipe
 
-    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "variant", "quant", "observer", "max_accuracy_drop",
-                                  "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
+    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "variant", "rank_energy", "lowrank_eps", "quant",
+                                  "observer", "max_accuracy_drop", "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
                                   "recover_steps", "recover_minutes", "recover_data")
              if _given(ctx, k) and opts[k] is not None}
     if not opts["recipe"]:  # without a recipe file the CLI's own defaults apply
@@ -169,6 +169,11 @@ def _validate_positive(ctx, param, value):
 @click.option("--variant", default=None, type=_VariantChoice(),
               help="For --prune sensitivity: pfp removes whole channels (real CPU speed; the default for "
                    "CNNs), sipp-* zero single weights (size only) [pfp].")
+@click.option("--rank-energy", type=SettingType("rank_energy"), default=None,
+              help="--prune lowrank: keep the smallest rank holding this fraction of the squared "
+                   "singular values [0.8].")
+@click.option("--lowrank-eps", type=SettingType("lowrank_eps"), default=None,
+              help="--prune lowrank: H-matrix Linears with relative Frobenius error <= EPS [off: plain SVD].")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
 @click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False),

@@ -26,6 +26,8 @@ class Overrides:
     sparsity: float | None = None
     nm: str | None = None
     variant: str | None = None
+    rank_energy: float | None = None
+    lowrank_eps: float | None = None
     quant: str | None = None
     observer: str | None = None
     max_accuracy_drop: float | None = None
@@ -51,7 +53,8 @@ def _stage(kind: str, name: str, current: Stage | None, updates: dict) -> Stage 
 
 def _prune_stage(recipe: Recipe, o: Overrides, from_file: bool, default_prune: str) -> Stage | None:
     current = recipe.stage("prune")
-    implied = "magnitude" if o.sparsity is not None else "nm" if o.nm is not None else None
+    implied = ("magnitude" if o.sparsity is not None else "nm" if o.nm is not None
+               else "lowrank" if o.rank_energy is not None or o.lowrank_eps is not None else None)
     name = o.prune or (current.name if from_file and current else implied)
     if name is None:
         if from_file:
@@ -64,6 +67,10 @@ def _prune_stage(recipe: Recipe, o: Overrides, from_file: bool, default_prune: s
         updates["variant"] = o.variant
     if name == "nm" and (o.nm is not None or not (from_file and current and current.name == "nm")):
         updates["n"], updates["m"] = parse_nm(o.nm or "2:4")
+    if o.rank_energy is not None:
+        updates["rank_energy"] = o.rank_energy
+    if o.lowrank_eps is not None:
+        updates["eps"] = o.lowrank_eps
     return _stage("prune", name, current, updates)
 
 
@@ -74,14 +81,20 @@ def _reject_inapplicable(value, flag: str, stage: Stage | None, field: str) -> N
         raise ConfigError(f"{flag} does not apply to {method}")
 
 
-def _recover_stage(recipe: Recipe, o: Overrides) -> Stage | None:
+def _recover_stage(recipe: Recipe, o: Overrides, from_file: bool) -> Stage | None:
     current = recipe.stage("recover")
+    prune = recipe.stage("prune")
+    # a method that changes every weight (low-rank) declares recovery by default; a recipe file
+    # runs exactly the stages it lists
+    steps = None if from_file or prune is None else getattr(type(prune.config), "default_recovery_steps", None)
     updates = {k: v for k, v in (("steps", o.recover_steps), ("minutes", o.recover_minutes),
                                  ("data", o.recover_data)) if v is not None}
     if o.recover is False:
         if updates:
             raise ConfigError("--recover-steps/--recover-minutes/--recover-data contradict --no-recover")
         return None
+    if o.recover is None and current is None and steps is not None:
+        return _stage("recover", "distill", None, {"steps": steps, **updates})
     if o.recover is None and current is None:
         if updates:
             raise ConfigError("--recover-steps/--recover-minutes/--recover-data need --recover")
@@ -98,13 +111,18 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
     file (a typed flag still wins; keys the chosen method lacks are ignored)."""
     from_file = recipe is not None
     recipe = recipe or Recipe()
-    if from_file and recipe.stage("prune") is None and o.prune is None and (o.sparsity is not None or o.nm):
-        raise ConfigError("--sparsity/--nm need a pruning stage: the recipe has none, so add --prune")
+    lowrank_flags = o.rank_energy is not None or o.lowrank_eps is not None
+    if from_file and recipe.stage("prune") is None and o.prune is None and (o.sparsity is not None or o.nm
+                                                                            or lowrank_flags):
+        raise ConfigError("--sparsity/--nm/--rank-energy/--lowrank-eps need a pruning stage: the recipe has "
+                          "none, so add --prune")
     recipe = recipe.with_stage("prune", _prune_stage(recipe, o, from_file, default_prune))
     _reject_inapplicable(o.sparsity, "--sparsity", recipe.stage("prune"), "sparsity")
     _reject_inapplicable(o.nm, "--nm", recipe.stage("prune"), "n")
     _reject_inapplicable(o.variant, "--variant", recipe.stage("prune"), "variant")
-    recipe = recipe.with_stage("recover", _recover_stage(recipe, o))
+    _reject_inapplicable(o.rank_energy, "--rank-energy", recipe.stage("prune"), "rank_energy")
+    _reject_inapplicable(o.lowrank_eps, "--lowrank-eps", recipe.stage("prune"), "eps")
+    recipe = recipe.with_stage("recover", _recover_stage(recipe, o, from_file))
     current_q = recipe.stage("quantize")
     q_name = o.quant or (current_q.name if current_q else (None if from_file else "int8"))
     if q_name == "none":  # transforms that only prepare for int8 leave with the quantize stage

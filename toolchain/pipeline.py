@@ -33,6 +33,8 @@ from toolchain.bn_recalibration import recalibrate_batchnorm
 from toolchain.builtin_methods import lookup
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.mobile_step import mobile_step
+from toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
+from runtime_check.isa import weight_qmax
 from toolchain.output_folder import atomic_output
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantize_step import quantize_to_onnx
@@ -122,14 +124,19 @@ def prune(state: RunState) -> None:
     dense = {n: m.weight.numel() for n, m in state.layers.items()}  # structured pruning shrinks them
     exporter = exporter_for(spec)
     skipped = []  # layers a method could not prune, with its reason (never a silent 0)
+    dense_weights = _quantize_first(state)
     for stage in state.recipe.stages_of("prune"):
         _needs_calibration(state, stage)
-        ctx = PruneContext(state.layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
-                           lambda model, path: exporter.export(spec, model, path), state.threads,
-                           make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None,
-                           state.recipe.seed)
+
+        def context(layers):
+            return PruneContext(layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
+                                lambda model, path: exporter.export(spec, model, path), state.threads,
+                                make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None,
+                                state.recipe.seed)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
-            result = lookup("prune", stage.name).handler(state.work, stage.config, ctx)
+            result = lookup("prune", stage.name).handler(state.work, stage.config, context(state.layers))
+            if dense_weights and result.masks:  # methods that remove structure have no masks to compare
+                _compare_orders(state, stage, dense_weights, result.masks, context)
             # structured pruning may replace modules (transformers' prune_heads builds new Linears)
             state.layers = prunable_layers(state.work, spec.prune_prefix)
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
@@ -141,6 +148,30 @@ def prune(state: RunState) -> None:
             state.notes.append(f"{stage.qualified} skipped {name}: {why}")
     state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense),
                       "skipped": skipped}
+
+
+def _quantize_first(state: RunState) -> dict:
+    """`order: q_then_s`: fake-quantize the prunable weights before pruning (toolchain/order.py);
+    returns the FP32 weights for the error comparison (empty in the default S->Q order)."""
+    if state.recipe.order == DEFAULT_ORDER:
+        return {}
+    dense = {n: m.weight.detach().clone() for n, m in state.layers.items()}
+    quantize_layers_(state.layers, weight_qmax(state.recipe.target))
+    state.notes.append("order q_then_s (study option): weights were quantized before pruning")
+    return dense
+
+
+def _compare_orders(state: RunState, stage, dense: dict, masks_qs: dict, context) -> None:
+    """The report's `order` section: per-layer weight error of S->Q and of Q->S. S->Q's masks come
+    from the same method run on a fresh FP32 copy (mask methods only: methods that remove
+    structure have no masks to compare)."""
+    copy = copy_for_compression(state.spec.model)
+    layers = prunable_layers(copy, state.spec.prune_prefix)
+    masks_sq = lookup("prune", stage.name).handler(copy, stage.config, context(layers)).masks
+    errors = order_errors(dense, masks_sq, masks_qs, weight_qmax(state.recipe.target))
+    total = {k: float(sum(e[k] ** 2 for e in errors.values()) ** 0.5) for k in ("s_then_q", "q_then_s")}
+    state.extra["order"] = {"order": state.recipe.order, "qmax": weight_qmax(state.recipe.target),
+                            "weight_error": {"total": total, "layers": errors}}
 
 
 def recalibrate(state: RunState) -> None:

@@ -12,6 +12,7 @@ from runtime_check.gates import Gates
 from contracts.errors import ConfigError, first_line
 from contracts.targets import target_names
 from toolchain.builtin_methods import config_from_dict, config_to_dict
+from toolchain.order import DEFAULT_ORDER, ORDERS
 from toolchain.settings import check_setting
 from toolchain.stages import STAGE_KINDS
 
@@ -44,6 +45,8 @@ class Recipe:
     gates: Gates = field(default_factory=Gates)
     threads: int | None = None
     seed: int = 0
+    # "q_then_s": quantize weights before pruning (a study option, toolchain/order.py)
+    order: str = DEFAULT_ORDER
 
     def __post_init__(self):
         self.validate()
@@ -52,6 +55,10 @@ class Recipe:
         if self.target not in target_names():
             raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(target_names())}")
         check_setting("seed", self.seed)
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.order != DEFAULT_ORDER and not (self.stage("prune") and self.stage("quantize")):
+            raise ConfigError(f"order {self.order} compares pruning and quantization: the recipe needs both stages")
         if self.threads is not None:
             check_setting("threads", self.threads)
         for name, value in asdict(self.gates).items():
@@ -91,14 +98,17 @@ class Recipe:
         return replace(self, stages=tuple(sorted(kept, key=lambda s: STAGE_ORDER[s.kind])))
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "seed": self.seed, "threads": self.threads,
-                "stages": [s.to_dict() for s in self.stages], "gates": asdict(self.gates)}
+        out = {"target": self.target, "seed": self.seed, "threads": self.threads,
+               "stages": [s.to_dict() for s in self.stages], "gates": asdict(self.gates)}
+        if self.order != DEFAULT_ORDER:  # recipes and reports without the study option stay as they were
+            out["order"] = self.order
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         if not isinstance(data, dict):
             raise ConfigError("a recipe must be a YAML mapping")
-        known = {"target", "seed", "threads", "stages", "gates"}
+        known = {"target", "seed", "threads", "stages", "gates", "order"}
         unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -121,7 +131,10 @@ class Recipe:
         target = data.get("target", "cpu")
         if not isinstance(target, str):
             raise ConfigError(f"recipe target must be a string, got {target!r}")
-        return cls(stages=tuple(stages), target=target, gates=Gates(**gates),
+        order = data.get("order", DEFAULT_ORDER)
+        if not isinstance(order, str):
+            raise ConfigError(f"recipe order must be one of {', '.join(ORDERS)}, got {order!r}")
+        return cls(stages=tuple(stages), target=target, gates=Gates(**gates), order=order,
                    threads=None if threads is None else check_setting("threads", threads),
                    seed=check_setting("seed", data.get("seed", 0)))
 

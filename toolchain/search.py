@@ -48,7 +48,8 @@ SCREEN_LATENCY_S = 3.0  # per candidate; the chosen one is measured again in ful
 MIN_RECOVERY_MINUTES = 0.25
 
 # flags that set what --auto chooses itself (CLI option name -> flag)
-AUTO_CHOOSES = {"prune": "--prune", "sparsity": "--sparsity", "nm": "--nm", "quant": "--quant",
+AUTO_CHOOSES = {"prune": "--prune", "sparsity": "--sparsity", "nm": "--nm", "variant": "--variant",
+                "rank_energy": "--rank-energy", "lowrank_eps": "--lowrank-eps", "quant": "--quant",
                 "recipe": "--recipe", "recover_steps": "--recover-steps", "recover_minutes": "--recover-minutes"}
 
 

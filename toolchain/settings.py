@@ -58,6 +58,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("seed", int, 0, SEED_MAX),
     Setting("threads", int, 1, None),
     Setting("sparsity", float, 0.0, 1.0, high_open=True),
+    Setting("rank_energy", float, 0.0, 1.0, low_open=True),
+    Setting("lowrank_eps", float, 0.0, 1.0, low_open=True, high_open=True),
     Setting("max_accuracy_drop", float, 0.0, None),
     Setting("min_speedup", float, 0.0, None, low_open=True),
     Setting("max_latency_ms", float, 0.0, None, low_open=True),

@@ -78,6 +78,8 @@ def test_config_declares_its_capabilities(entry):
             assert isinstance(cls().fallback, FallbackPolicy)
     if entry.kind == "transform":
         assert isinstance(cls.requires_quantization, bool)
+    if entry.kind == "prune":  # recovery after it unless asked otherwise: None, or its steps
+        assert cls.default_recovery_steps is None or cls.default_recovery_steps >= 1
     assert list(inspect.signature(entry.handler).parameters)[:3] == (
         ["obs", "config"] if entry.kind == "observer" else ["model", "config", "ctx"])[:3]
 
@@ -87,7 +89,10 @@ def _run_prune(entry):
     layers = _layers(model)
     dense = sum(m.weight.numel() for m in layers.values())
     ctx = PruneContext(layers, _batches(), _run, example_inputs=_batches()[0], export=lambda m, p: None)
-    result = entry.handler(model, entry.config_cls(), ctx)
+    # low-rank: decide by parameter count (timing 8 x 8 layers says nothing) at a rank that pays on them
+    fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+    config = entry.config_cls(**{k: v for k, v in {"decide": "params", "rank_energy": 0.5}.items() if k in fields})
+    result = entry.handler(model, config, ctx)
     assert isinstance(result, PruneResult) and result.speed_note
     assert set(result.masks) <= set(layers)
     for name, mask in result.masks.items():

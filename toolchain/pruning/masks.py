@@ -40,7 +40,9 @@ def layer_sparsity(layers: dict[str, nn.Module], dense: dict[str, int] | None = 
 
 def overall_sparsity(layers: dict[str, nn.Module], dense: dict[str, int] | None = None) -> float:
     kept = sum(int((m.weight != 0).sum()) for m in layers.values())
-    total = sum(_dense_numel(layers, dense).values())
+    # `dense` counts every layer before pruning, also those a method replaced under new names
+    # (low-rank factors): the fraction removed is measured against all of them
+    total = sum(dense.values()) if dense else sum(_dense_numel(layers, dense).values())
     return 1.0 - kept / total if total else 0.0
 
 

@@ -36,6 +36,7 @@ class NMPruneConfig:
     VERSION: ClassVar[int] = 1
     kind: ClassVar[str] = "prune"
     requires_calibration: ClassVar[bool] = False
+    default_recovery_steps: ClassVar[int | None] = None  # no recovery unless asked (--recover)
 
     def __post_init__(self):
         if not 0 < self.n < self.m:

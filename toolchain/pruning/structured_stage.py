@@ -34,6 +34,7 @@ class StructuredPruneConfig:
     VERSION: ClassVar[int] = 1
     kind: ClassVar[str] = "prune"
     requires_calibration: ClassVar[bool] = True  # activation importance reads calibration data
+    default_recovery_steps: ClassVar[int | None] = None  # no recovery unless asked (--recover)
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
