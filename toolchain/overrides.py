@@ -86,7 +86,7 @@ def _recover_stage(recipe: Recipe, o: Overrides, from_file: bool) -> Stage | Non
     prune = recipe.stage("prune")
     # a method that changes every weight (low-rank) declares recovery by default; a recipe file
     # runs exactly the stages it lists
-    steps = None if from_file or prune is None else getattr(type(prune.config), "default_recovery_steps", None)
+    steps = None if from_file or prune is None else type(prune.config).default_recovery_steps
     updates = {k: v for k, v in (("steps", o.recover_steps), ("minutes", o.recover_minutes),
                                  ("data", o.recover_data)) if v is not None}
     if o.recover is False:

@@ -53,6 +53,7 @@ class PqiPruneConfig:
     max_drop: float | None = None
     VERSION: ClassVar[int] = 1
     kind: ClassVar[str] = "prune"
+    default_recovery_steps: ClassVar[int | None] = None  # recovers between its own rounds (fine_tune)
     requires_calibration: ClassVar[bool] = False  # recovery between rounds uses it when there is some
 
     def __post_init__(self):

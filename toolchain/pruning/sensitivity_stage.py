@@ -42,6 +42,7 @@ class SensitivityPruneConfig:
     recover_steps: int = 200
     VERSION: ClassVar[int] = 1
     kind: ClassVar[str] = "prune"
+    default_recovery_steps: ClassVar[int | None] = None  # fine-tunes inside the method (ctx.fine_tune)
     requires_calibration: ClassVar[bool] = True  # sensitivities are measured on real inputs
 
     def __post_init__(self):
