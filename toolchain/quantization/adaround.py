@@ -13,7 +13,9 @@ then h(V) is rounded to {0, 1}. Choices, following the paper's practice (section
 reconstruction" and the activation function in the loss, its best ablation rows):
 - x~ is the layer's input in the already-quantized model: earlier layers carry their AdaRound
   weights, and every activation quantizer is on, so the layer learns to absorb the error it will
-  actually receive; the target W x uses the FP32 model's input.
+  actually receive; the target W x uses the FP32 model's input. To bound the forward passes, the
+  layers are rounded in `passes` groups: within a group, earlier layers are still at nearest
+  rounding when the group's inputs are collected (AdaRoundConfig.passes).
 - f is what sits between the layer and its quantized output (ReLU / ReLU6 of the anchor), so
   errors the rectifier clips away cost nothing.
 - beta anneals from 20 to 2 (cosine) after a warm-up of 20% of the iterations without the

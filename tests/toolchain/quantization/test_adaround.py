@@ -12,6 +12,7 @@ from exporters.export import export_model
 from models.spec import ModelSpec
 from runtime_check.isa import weight_qmax
 from toolchain.folding import copy_for_compression, fold_batchnorm
+from toolchain.builtin_methods import config_from_dict, config_to_dict
 from toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
 from toolchain.quantization.int8 import Int8StaticConfig
 from toolchain.quantization.static import calibrate, quantize_weights
@@ -155,3 +156,8 @@ def test_qdq_export_matches_torch_fake_quant(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in spec.eval_batches:
         np.testing.assert_allclose(sess.run(None, batch)[0], reference(batch)[0], atol=2e-3)
+
+
+def test_recipe_round_trip():
+    config = Int8StaticConfig(adaround={"enabled": True, "iterations": 50, "passes": 2})
+    assert config_from_dict(config_to_dict("quantize", "int8", config)) == ("quantize", "int8", config)
