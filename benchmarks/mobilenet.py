@@ -203,7 +203,8 @@ def render(rows: dict, lat: dict, sizes: dict, ops: dict) -> str:
     headers.append("QLinearConv / Conv (fp32)")
     table = []
     for k, m in rows.items():
-        r = [k, f"{100 * m['agreement_with_baseline']:.1f}", f"{100 * m['top5_agreement']:.1f}",
+        # classification_metrics reports shares in percent already
+        r = [k, f"{m['agreement_with_baseline']:.1f}", f"{m['top5_agreement']:.1f}",
              f"{m['kl_to_baseline']:.4f}", f"{sizes[k]['mb']:.2f}"]
         for t in sorted(lat):
             r += [f"{lat[t][k]['p50']:.2f}", f"{lat[t][k]['speedup']:.2f}"] if k in lat[t] else ["", ""]
