@@ -110,6 +110,7 @@ class _Geometry:
         self.groups = 1 if self.linear else mod.groups
         if self.linear:
             return
+        # a Conv1d is a Conv2d over a height-1 input
         two = (lambda t: tuple(t)) if isinstance(mod, nn.Conv2d) else (lambda t: (1,) + tuple(t))
         self.kernel, self.stride, self.dilation = two(mod.kernel_size), two(mod.stride), two(mod.dilation)
         if mod.padding_mode != "zeros":
@@ -118,7 +119,8 @@ class _Geometry:
             total = [0 if mod.padding == "valid" else d * (k - 1) for k, d in zip(self.kernel, self.dilation)]
             self.pads = [(t // 2, t - t // 2) for t in total]
         else:
-            self.pads = [(p, p) for p in two(mod.padding)]
+            pads = tuple(mod.padding) if isinstance(mod, nn.Conv2d) else (0,) + tuple(mod.padding)
+            self.pads = [(p, p) for p in pads]
         self.conv1d = isinstance(mod, nn.Conv1d)
 
     def _as_2d(self, t: torch.Tensor) -> torch.Tensor:

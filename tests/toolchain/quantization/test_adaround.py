@@ -13,7 +13,7 @@ from models.spec import ModelSpec
 from runtime_check.isa import weight_qmax
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.builtin_methods import config_from_dict, config_to_dict
-from toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
+from toolchain.quantization.adaround import AdaRoundConfig, _Geometry, adaround_weights
 from toolchain.quantization.int8 import Int8StaticConfig
 from toolchain.quantization.static import calibrate, quantize_weights
 from toolchain.quantize_step import quantize_to_onnx
@@ -161,3 +161,16 @@ def test_qdq_export_matches_torch_fake_quant(tmp_path):
 def test_recipe_round_trip():
     config = Int8StaticConfig(adaround={"enabled": True, "iterations": 50, "passes": 2})
     assert config_from_dict(config_to_dict("quantize", "int8", config)) == ("quantize", "int8", config)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                                  nn.Conv2d(4, 6, 3, padding="same", dilation=2), nn.Conv1d(4, 6, 3, padding=1)])
+def test_patches_at_sampled_positions_reproduce_the_conv(conv):
+    torch.manual_seed(0)
+    x = torch.randn((3, conv.in_channels, 11, 11)[:conv.weight.dim()])
+    with torch.no_grad():
+        out = conv(x)
+    geometry = _Geometry(conv)
+    pos = geometry.positions(out, 20, torch.Generator().manual_seed(0))
+    got = geometry.apply(conv.weight.detach().reshape(conv.out_channels, -1), geometry.gather_input(x, pos))
+    torch.testing.assert_close(got + conv.bias.detach(), geometry.gather_output(out, pos), rtol=0, atol=1e-5)
