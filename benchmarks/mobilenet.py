@@ -14,7 +14,8 @@ Variants:
   sqexport-minmax     plain static int8 (per-channel 7-bit weights, min-max activation ranges),
   sqexport+X          then with the remedies added one at a time and together: bc = bias
                       correction, mse = MSE-chosen activation ranges, cle = cross-layer
-                      equalization (ReLU6 of equalized pairs as ReLU)
+                      equalization (ReLU6 of equalized pairs as ReLU), ada = AdaRound (learned
+                      weight rounding, its default knobs; its time is logged while building)
 
 No labels exist for these photos, so accuracy is agreement with fp32: top-1 agreement (%), top-5
 set agreement (%) and mean KL(fp32 softmax || variant softmax), on the 336 held-out crops.
@@ -47,6 +48,7 @@ from models.zoo import load_model  # noqa: E402
 from runtime_check.accuracy import classification_metrics, run_session  # noqa: E402
 from runtime_check.session import make_session  # noqa: E402
 from toolchain.folding import copy_for_compression, fold_batchnorm  # noqa: E402
+from toolchain.quantization.adaround import AdaRoundConfig  # noqa: E402
 from toolchain.quantization.int8 import Int8StaticConfig  # noqa: E402
 from toolchain.quantization.equalization import equalize  # noqa: E402
 from toolchain.quantize_step import quantize_to_onnx  # noqa: E402
@@ -74,12 +76,14 @@ REMEDIES = {  # row name -> (config changes on top of plain min-max static int8,
     "sqexport+cle": ({}, "relu"),
     "sqexport+mse+bc": ({"observer": "mse", "bias_correction": True}, None),
     "sqexport+mse+bc+cle": ({"observer": "mse", "bias_correction": True}, "relu"),
+    "sqexport+mse+ada": ({"observer": "mse", "adaround": True}, None),
+    "sqexport+mse+bc+ada": ({"observer": "mse", "bias_correction": True, "adaround": True}, None),
 }
 
 
 def remedy_variants(base: Int8StaticConfig) -> dict[str, tuple[Int8StaticConfig, str | None]]:
     """Every combination row; the one equal to the zoo's default is also named `sqexport`."""
-    plain = replace(base, observer="minmax", bias_correction=False)
+    plain = replace(base, observer="minmax", bias_correction=False, adaround=AdaRoundConfig())
     out = {name: (replace(plain, **changes), cle) for name, (changes, cle) in REMEDIES.items()}
     default = next((n for n, (c, cle) in out.items() if c == base and cle is None), None)
     if default is None:
@@ -168,7 +172,9 @@ def build_all(spec, workdir: Path, only: set[str] | None) -> dict[str, Path]:
     for name, (cfg, cle) in remedy_variants(default_config()).items():
         if want(name):
             log(f"building {name}: {cfg}, equalize={cle}")
+            t0 = time.perf_counter()
             build_sqexport(spec, cfg, cle, workdir / f"{name}.onnx")
+            log(f"built {name} in {time.perf_counter() - t0:.0f} s")
             paths[name] = workdir / f"{name}.onnx"
     for method in ORT_METHODS:
         for rr in (False, True):
@@ -197,7 +203,8 @@ def render(rows: dict, lat: dict, sizes: dict, ops: dict) -> str:
     headers.append("QLinearConv / Conv (fp32)")
     table = []
     for k, m in rows.items():
-        r = [k, f"{100 * m['agreement_with_baseline']:.1f}", f"{100 * m['top5_agreement']:.1f}",
+        # classification_metrics reports shares in percent already
+        r = [k, f"{m['agreement_with_baseline']:.1f}", f"{m['top5_agreement']:.1f}",
              f"{m['kl_to_baseline']:.4f}", f"{sizes[k]['mb']:.2f}"]
         for t in sorted(lat):
             r += [f"{lat[t][k]['p50']:.2f}", f"{lat[t][k]['speedup']:.2f}"] if k in lat[t] else ["", ""]

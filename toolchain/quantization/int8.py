@@ -8,6 +8,7 @@ from contracts.errors import ConfigError
 from contracts.progress import track
 from contracts.quant import QuantParams
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
+from toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
 from toolchain.quantization.bias_correction import bias_corrections
 from toolchain.quantization.fallback import FallbackPolicy
 from toolchain.quantization.static import calibrate, quantize_embeddings, quantize_weights
@@ -38,6 +39,9 @@ class Int8StaticConfig:
     reduce_range: bool | None = None
     # subtract the expected quantization error E[(W_q - W) x] from each bias (bias_correction.py)
     bias_correction: bool = False
+    # learned up/down rounding of the weights (adaround.py); bias correction, if on, runs after it
+    # and removes the mean of the error AdaRound leaves
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage, fallback a policy
     kind: ClassVar[str] = "quantize"
     requires_calibration: ClassVar[bool] = True
@@ -45,6 +49,7 @@ class Int8StaticConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "fallback", FallbackPolicy.coerce(self.fallback))
+        object.__setattr__(self, "adaround", AdaRoundConfig.coerce(self.adaround))
         known = names("observer")
         if self.observer not in known:
             raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(known)}")
@@ -63,12 +68,17 @@ def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> Quant
     batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
     ins, outs, tensors = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile,
                                    ctx.tensors)
-    params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx))
-    if config.bias_correction:
-        corrected = bias_corrections(model, params.weights, ctx.calib_batches, ctx.run)
-        params = quantize_weights(model, ctx.anchors, ins, _qmax(config, ctx), corrected)
+    qmax = _qmax(config, ctx)
+    params = quantize_weights(model, ctx.anchors, ins, qmax)
     params.outputs = outs
     params.tensors = tensors
+    if config.adaround.enabled:  # needs the activation params: layers learn from quantized inputs
+        rounded = adaround_weights(model, params, ctx.calib_batches, ctx.run, qmax, config.adaround, ctx.progress)
+        params = replace(params, weights=rounded)
+    if config.bias_correction:
+        corrected = bias_corrections(model, params.weights, ctx.calib_batches, ctx.run)
+        params = replace(quantize_weights(model, ctx.anchors, ins, qmax, corrected, params.weights),
+                         outputs=outs, tensors=tensors)
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)
     return params

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from contracts.quant import (
-    ActQuant, Anchor, QuantParams, act_params_from_range, quantize_bias, quantize_per_tensor_symmetric,
+    ActQuant, Anchor, QuantParams, WeightQuant, act_params_from_range, quantize_bias, quantize_per_tensor_symmetric,
     quantize_weight_per_channel,
 )
 from toolchain.hooks import run_with_hooks
@@ -71,14 +71,16 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
 
 
 def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant],
-                     qmax: int = 127, biases: dict[str, np.ndarray] | None = None) -> QuantParams:
-    """`biases` overrides float biases by module name (bias correction); the model is not changed."""
+                     qmax: int = 127, biases: dict[str, np.ndarray] | None = None,
+                     weights: dict[str, WeightQuant] | None = None) -> QuantParams:
+    """`biases` overrides float biases by module name (bias correction), `weights` the nearest
+    rounding (AdaRound: same scales); the model is not changed."""
     modules = dict(model.named_modules())
-    biases = biases or {}
+    biases, weights = biases or {}, weights or {}
     params = QuantParams(inputs=dict(inputs), anchors=list(anchors))
     for a in anchors:
         mod = modules[a.module]
-        wq = quantize_weight_per_channel(mod.weight.detach().numpy(), qmax)
+        wq = weights.get(a.module) or quantize_weight_per_channel(mod.weight.detach().numpy(), qmax)
         params.weights[a.module] = wq
         if a.quantize_bias and mod.bias is not None and a.module in inputs:
             bias = biases.get(a.module, mod.bias.detach().numpy())
