@@ -3,7 +3,6 @@ reference inputs/outputs for an on-device self-test, the runner, a README for ap
 manifest.json (interface, preprocessing, labels, metrics, runtime versions, sha256 of every file)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from contracts.files import sha256_file
 from contracts.errors import ConfigError, OutputError
 from exporters.bundle_readme import render_readme
 from exporters.mobile import ORT_CONFIG_NAME, PREPROCESSING_KEY
@@ -29,13 +29,6 @@ _RUNNER_SRC = Path(__file__).resolve().parents[1] / "runtime_check" / "device_ru
 _DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 2: "uint8", 3: "int8"}
 REFERENCE_MAX_BYTES = 2_000_000  # keeps the self-test data small next to the model
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundle_name(model_name: str) -> str:

@@ -10,7 +10,6 @@ process id, so one left by a killed run is removed by a later run, and nothing w
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from contracts.errors import OutputError
+from contracts.files import sha256_file
 from toolchain import signals
 
 __all__ = ["MANIFEST", "TMP_MARKER", "atomic_output", "check_output", "resolve_output",
@@ -69,13 +69,6 @@ def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _walk(folder: Path):
     """(relative path, entry) for everything below `folder`, never following symlinks."""
@@ -122,7 +115,7 @@ def _replaceable(outdir: Path) -> dict[str, dict]:
         if known is None or not entry.is_file(follow_symlinks=False):
             raise OutputError(f"output folder {outdir} holds '{rel}', which sqexport did not write; "
                               "choose another -o or move it away")
-        if entry.stat(follow_symlinks=False).st_size != known["size"] or _sha256(Path(entry.path)) != known["sha256"]:
+        if entry.stat(follow_symlinks=False).st_size != known["size"] or sha256_file(Path(entry.path)) != known["sha256"]:
             raise OutputError(f"output folder {outdir}: '{rel}' was changed after sqexport wrote it; "
                               "choose another -o or move it away")
     return {rel: info for rel, info in files.items() if (outdir / rel).is_file()}
@@ -190,7 +183,7 @@ def _make_temp(outdir: Path) -> Path:
 
 def _write_manifest(tmp: Path) -> None:
     (tmp / TMP_MARKER).unlink(missing_ok=True)
-    files = [{"path": str(rel), "size": e.stat(follow_symlinks=False).st_size, "sha256": _sha256(Path(e.path))}
+    files = [{"path": str(rel), "size": e.stat(follow_symlinks=False).st_size, "sha256": sha256_file(Path(e.path))}
              for rel, e in _walk(tmp) if e.is_file(follow_symlinks=False)]
     (tmp / MANIFEST).write_text(json.dumps({"tool": "sqexport", "version": 1, "files": files}, indent=1) + "\n",
                                 encoding="utf-8")
