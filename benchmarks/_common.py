@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -158,3 +159,13 @@ def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(data, indent=2) + "\n")
     md_path.write_text(markdown + "\n")
     return json_path, md_path
+
+
+@dataclass
+class Variant:
+    """One model a benchmark measures: its row name, how it was built, the file."""
+
+    name: str
+    settings: str
+    path: Path
+    info: dict = field(default_factory=dict)  # builder-specific facts, kept in the JSON

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from _common import (  # noqa: E402
+    Variant,
     latency_table, machine_info, markdown_table, project_revision, size_of, thread_settings, write_results,
 )
 from models.hf import default_corpus, mean_pool  # noqa: E402
@@ -55,13 +55,6 @@ SPARSE_NOTE = "unstructured zeros: smaller zipped file, no speed-up on onnxrunti
 def log(msg: str) -> None:
     print(f"[minilm] {msg}", file=sys.stderr, flush=True)
 
-
-@dataclass
-class Variant:
-    name: str
-    settings: str
-    path: Path
-    info: dict = field(default_factory=dict)  # builder-specific facts, kept in the JSON
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
+    Variant,
     latency_table, machine_info, markdown_table, project_revision, size_of, thread_settings, write_results,
 )
 from minilm import quiet  # noqa: E402
@@ -52,13 +52,6 @@ QUICK = {"mnist-resnet": [(0.0, False, "int8"), (0.5, False, "int8"), (0.5, True
 def log(msg: str) -> None:
     print(f"[structured] {msg}", file=sys.stderr, flush=True)
 
-
-@dataclass
-class Variant:
-    name: str
-    settings: str
-    path: Path
-    info: dict = field(default_factory=dict)
 
 
 def sqexport_variant(model: str, sparsity: float, recover: bool, quant: str, workdir: Path,
