@@ -96,10 +96,11 @@ def render_readme(m: dict) -> str:
               f"`{st.get('file')}` holds {st.get('samples')} samples: `input:NAME` arrays (first axis = sample, "
               "each sample one run) and the `output:NAME` arrays of the exact int8 arithmetic the graph describes "
               "(what ARM int8 kernels compute). "
-              "Run each sample and compare: the largest |difference| should stay within "
-              f"{st.get('rtol')} x the largest |reference output| "
-              "(a kernel may round an activation one step apart; x86 CPUs without VNNI saturate full-range "
-              "int8 weights and land further off). From Python on the device:", "",
+              "Run each sample and compare per sample: ||output - reference|| / ||reference|| (L2 over the "
+              f"whole output) should stay within {st.get('max_rel_error', 0.02)}; usually the largest |difference| "
+              f"is also within {st.get('rtol')} x the largest |reference output| "
+              "(ARM kernels requantize in fixed point and may round an activation one step apart; x86 CPUs "
+              "without VNNI saturate full-range int8 weights and land further off). From Python on the device:", "",
               "```sh", f"python {st.get('runner')} model.ort --reference {st.get('file')} --threads 1,2", "```", "",
               "It prints one JSON line (latency p50/p90 per thread count, model sha256, outputs sha256, "
               "max |diff| vs the reference, peak memory)."]

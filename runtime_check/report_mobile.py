@@ -36,10 +36,14 @@ def _arm64(a: dict) -> list[str]:
         return ["", "## ARM64 (emulated)", "", f"- skipped: {a['skipped']}"]
     lines = ["", "## ARM64 (emulated aarch64 onnxruntime; outputs only, timings are not latency)", "",
              f"{a['samples']} samples; reference: {a['x86_reference']}", "",
-             "| tier | CPU features | max |diff| | tolerance | metric |", "|---|---|---|---|---|"]
+             f"match: {a.get('match_criterion', 'max |diff| within tolerance')}", "",
+             "| tier | CPU features | max rel. L2 error | mean rel. L2 error | max |diff| | match | metric |",
+             "|---|---|---|---|---|---|---|"]
     for tier, t in a["tiers"].items():
-        lines.append(f"| {tier} | {t['cpu_features']} | {t['vs_x86']['max_abs_diff']:.3g} | "
-                     f"{t['vs_x86']['tolerance']:.3g} | {t['accuracy']['metric']} {t['accuracy']['model']:.4f} |")
+        v = t["vs_x86"]
+        lines.append(f"| {tier} | {t['cpu_features']} | {v.get('max_rel_error', float('nan')):.3g} | "
+                     f"{v.get('mean_rel_error', float('nan')):.3g} | {v['max_abs_diff']:.3g} | "
+                     f"{'yes' if v['within_tolerance'] else 'NO'} | {t['accuracy']['metric']} {t['accuracy']['model']:.4f} |")
     return lines
 
 

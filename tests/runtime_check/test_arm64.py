@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from runtime_check.arm64 import ARM64_RTOL, TIERS, emulator_status, run_tiers
+from runtime_check.agreement import per_sample_agreement
+from runtime_check.arm64 import ARM64_MAX_REL_ERROR, TIERS, emulator_status, run_tiers
 
 READY, WHY = emulator_status()
 if not READY and os.environ.get("SQEXPORT_REQUIRE_ARM64"):
@@ -30,6 +31,7 @@ def test_ort_on_three_arm64_tiers_matches_x86_and_passes_gate(mobile_export, run
     assert "without graph optimizations" in arm["x86_reference"]  # model.onnx beside the .ort
     for tier in arm["tiers"].values():
         assert tier["machine"] == "aarch64" and tier["vs_x86"]["within_tolerance"]
+        assert tier["vs_x86"]["max_rel_error"] <= ARM64_MAX_REL_ERROR and tier["vs_x86"]["min_cosine"] > 0.999
         assert tier["accuracy"]["metric"] == "top1" and tier["accuracy"]["drop"] <= 1.0 and tier["accuracy"]["drop_unit"] == "points"
         assert "latency_ms" not in tier  # emulated timings are never reported
     names = [c["name"] for c in res["checks"]]
@@ -41,7 +43,7 @@ def test_bundled_self_test_reproduces_on_arm64(mobile_export):
     feeds = [{"pixels": x} for x in ref["input:pixels"]]
     res = run_tiers(mobile_export.out / "model.ort", feeds, ("cortex-a53",))["cortex-a53"]
     got, want = res["outputs"]["logits"], ref["output:logits"]
-    assert np.abs(got - want).max() <= ARM64_RTOL * np.abs(want).max()
+    assert per_sample_agreement(want, got)["max_rel_error"] <= ARM64_MAX_REL_ERROR
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 

@@ -7,6 +7,7 @@ import shutil
 import stat
 import sys
 
+import numpy as np
 import pytest
 
 from contracts.errors import DeviceError
@@ -139,3 +140,26 @@ def test_bad_device_specs():
     for spec in ("ftp://x", "ssh://", "phone"):
         with pytest.raises(Exception, match="--device"):
             parse_device(spec)
+
+
+def test_reproduction_is_judged_per_sample_when_one_coordinate_moves():
+    """A rounding flip that moves one coordinate past rtol x the peak still reproduces when the
+    vector as a whole is within the relative L2 limit; a vector that moved is not reproduced."""
+    from toolchain.bench import _reproduced
+
+    flip = {"max_abs_diff": 0.02, "reference_max_abs": 1.0, "max_rel_error": 0.006, "min_cosine": 0.99998}
+    ok, why = _reproduced(flip, 0.01, saturates=False, max_rel_error=0.02)
+    assert ok and "relative L2 error 0.006" in why
+    moved = {**flip, "max_rel_error": 0.3}
+    ok, why = _reproduced(moved, 0.01, saturates=False, max_rel_error=0.02)
+    assert not ok and "max |diff| 0.02 > 0.01" in why
+
+
+def test_device_runner_reports_per_sample_relative_error():
+    from runtime_check.device_runner import compare
+
+    ref = np.array([[[3.0, 4.0]], [[1.0, 0.0]]])  # (sample, batch, values)
+    got = {"y": np.array([[[3.0, 4.5]], [[1.0, 0.0]]])}
+    out = compare(got, {"y": ref})
+    assert out["max_rel_error"] == pytest.approx(0.1)  # |(0, .5)| / |(3, 4)|
+    assert out["max_abs_diff"] == pytest.approx(0.5)
