@@ -97,7 +97,7 @@ def render_readme(m: dict) -> str:
               "each sample one run) and the `output:NAME` arrays of the exact int8 arithmetic the graph describes "
               "(what ARM int8 kernels compute). "
               "Run each sample and compare per sample: ||output - reference|| / ||reference|| (L2 over the "
-              f"whole output) should stay within {st.get('max_rel_error', 0.02)}; usually the largest |difference| "
+              f"whole output) should stay within {st.get('max_rel_error', 0.05)}; usually the largest |difference| "
               f"is also within {st.get('rtol')} x the largest |reference output| "
               "(ARM kernels requantize in fixed point and may round an activation one step apart; x86 CPUs "
               "without VNNI saturate full-range int8 weights and land further off). From Python on the device:", "",

@@ -18,19 +18,24 @@ import numpy as np
 
 from contracts.errors import ConfigError
 
-__all__ = ["TIERS", "arm64_root", "emulator_status", "run_tiers", "ARM64_RTOL", "ARM64_MAX_REL_ERROR", "MAX_SAMPLES", "EMULATION_FACTOR",
+__all__ = ["TIERS", "arm64_root", "emulator_status", "run_tiers", "ARM64_RTOL", "ARM64_MAX_REL_ERROR", "DEVICE_MAX_REL_ERROR", "MAX_SAMPLES", "EMULATION_FACTOR",
            "BUDGET_S"]
 
 TIERS = {"cortex-a53": "NEON only", "cortex-a76": "NEON + dot product (sdot/udot)",
          "max": "NEON + dot product + i8mm (smmla/ummla)"}
-# ARM int8 kernels vs the exact QDQ arithmetic: a requantized activation may round one step apart
-# (ARM requantizes in fixed point, the reference in float) and such steps travel through the
-# layers. The match is judged per sample on the whole output vector (runtime_check/agreement.py):
-# relative L2 error at most ARM64_MAX_REL_ERROR, i.e. cosine >= ~0.9998. Measured: digits-cnn
-# PLACEHOLDER_DIGITS, MiniLM PLACEHOLDER_MINILM. A wrong kernel or a corrupted weight is
-# far beyond it. The accuracy gate is judged on the ARM64 outputs too. ARM64_RTOL (max |diff| over
-# the largest |output|) is still reported as data: one coordinate says little about a vector.
+# ARM int8 kernels vs x86: a requantized activation may round one step apart (ARM requantizes in
+# fixed point, the exact QDQ arithmetic in float) and such steps travel through the layers. The
+# match is judged per sample on the whole output vector (runtime_check/agreement.py), against the
+# closer of x86's exact arithmetic and x86's onnxruntime kernels: relative L2 error at most
+# ARM64_MAX_REL_ERROR (cosine >= ~0.9998). Measured here: MiniLM's ARM64 outputs equal x86's
+# kernels to 1.3e-7 and sit up to 0.029 (mean 0.005) from the exact arithmetic; digits-cnn's are
+# within 8e-4 of the exact arithmetic while x86's kernels saturate (17% off, no VNNI). A wrong
+# kernel or a corrupted weight is far beyond it; the accuracy gate is judged on the ARM64 outputs
+# too. ARM64_RTOL (max |diff| over the largest |output|) is reported as data.
 ARM64_MAX_REL_ERROR = 0.02
+# The bundle's self-test (reference.npz) carries only the exact arithmetic, so a phone is allowed
+# the distance ARM kernels were measured from it (MiniLM: 0.029) with margin: cosine >= ~0.9987.
+DEVICE_MAX_REL_ERROR = 0.05
 ARM64_RTOL = 0.01
 # Emulation runs ~20-50x slower than the host: the eval rows are taken in order until their host
 # run time x EMULATION_FACTOR reaches BUDGET_S (all 450 digits; ~20 MiniLM sentences at 1x128).

@@ -55,9 +55,9 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
                  gates: Gates, postprocess: Callable, no_accuracy_gate: bool = False,
                  exact: Path | None = None, tiers=tuple(TIERS)) -> tuple[dict, list[dict]]:
     """Returns the report's `arm64` section and its checks (one output match and one accuracy gate
-    per tier). ARM64 outputs are compared with x86's exact QDQ arithmetic: `exact` (an .onnx of the
-    same model) run without graph optimizations; without it, with x86's own int8 kernels, which
-    saturate full-range int8 weights without VNNI (runtime_check/isa.py). Emulated timings are
+    per tier). ARM64 outputs are compared with x86's exact QDQ arithmetic (`exact`, an .onnx of the
+    same model run without graph optimizations) and with x86's own int8 kernels (which saturate
+    full-range int8 weights without VNNI, runtime_check/isa.py); the closer one decides. Emulated timings are
     never reported: they are not a phone's latency."""
     session = make_session(model_path, 1)
     fitted, n = fit_batches(batches, _shapes(session, batches))
@@ -82,7 +82,8 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
     subset_labels = labels[:k] if labels is not None else None
     section = {"samples": k, "rtol": ARM64_RTOL, "max_rel_error_limit": ARM64_MAX_REL_ERROR,
                "match_criterion": (f"per sample, ||arm64 - x86|| / ||x86|| <= {ARM64_MAX_REL_ERROR} over the whole "
-                                   "output vector; max |diff| vs rtol x the largest |output| is reported as data"),
+                                   "output vector, against the closer of x86's two computations of the file (exact "
+                                   "QDQ arithmetic, onnxruntime's int8 kernels); max |diff| is reported as data"),
                "x86_reference": (f"{Path(exact).name} on x86 without graph optimizations (exact QDQ arithmetic)"
                                  if exact is not None else f"{Path(model_path).name} on x86 int8 kernels"),
                "accuracy_reference": "baseline" if base_out is not None else "x86 outputs",
@@ -90,14 +91,20 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
     checks = []
     for tier, res in run_tiers(model_path, feeds, tiers).items():
         arm = _post([res["outputs"][nm] for nm in names], feeds, postprocess)[:k]
-        vs_x86 = _match(x86, arm)
+        vs_x86, vs_kernels = _match(x86, arm), _match(host, arm)
+        # either x86 computation of this file is legitimate: the exact arithmetic (x86 kernels may
+        # saturate full-range weights without VNNI) or onnxruntime's int8 kernels (which round
+        # requantized activations as ARM's do: MiniLM's ARM64 outputs equal them to 1e-7)
+        matched, best = min((("exact QDQ arithmetic", vs_x86), ("x86 int8 kernels", vs_kernels)),
+                            key=lambda kv: kv[1]["max_rel_error"])
         accuracy = _metrics(logits, reference, arm, subset_labels)
         section["tiers"][tier] = {"cpu_features": TIERS[tier], "vs_x86": vs_x86, "accuracy": accuracy,
-                                  "vs_x86_int8_kernels": _match(host, arm),
+                                  "vs_x86_int8_kernels": vs_kernels, "matches_x86": best["within_tolerance"],
+                                  "closest_x86_reference": matched,
                                   "onnxruntime": res["runner"]["onnxruntime"], "machine": res["runner"]["machine"],
                                   "model_sha256": res["runner"]["model_sha256"]}
-        checks.append({"name": f"arm64_{tier}_matches_x86", "passed": vs_x86["within_tolerance"],
-                       "value": vs_x86["max_rel_error"], "limit": ARM64_MAX_REL_ERROR, "unit": "relative L2"})
+        checks.append({"name": f"arm64_{tier}_matches_x86", "passed": best["within_tolerance"],
+                       "value": best["max_rel_error"], "limit": ARM64_MAX_REL_ERROR, "unit": "relative L2"})
         if not no_accuracy_gate:
             checks += [{**c, "name": f"arm64_{tier}_{c['name']}"}
                        for c in evaluate_gates(Gates(gates.max_accuracy_drop), accuracy, {})]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from contracts.errors import ConfigError
 from exporters.bundle import MANIFEST_NAME, REFERENCE_NAME, RUNNER_NAME, sha256_file
-from runtime_check.arm64 import ARM64_MAX_REL_ERROR
+from runtime_check.arm64 import DEVICE_MAX_REL_ERROR
 from runtime_check.device import parse_device, run_on_device
 from runtime_check.report import render_markdown
 
@@ -49,7 +49,7 @@ def _inputs(target: Path, tmp: Path) -> tuple[Path, Path | None, Path, dict, Pat
     return model, ref, RUNNER_SRC, {}, folder
 
 
-def _reproduced(ref: dict | None, rtol: float, saturates: bool, max_rel_error: float = ARM64_MAX_REL_ERROR) -> tuple[bool | None, str]:
+def _reproduced(ref: dict | None, rtol: float, saturates: bool, max_rel_error: float = DEVICE_MAX_REL_ERROR) -> tuple[bool | None, str]:
     if not ref:
         return None, "no reference outputs next to the model: not checked"
     tol = rtol * max(ref["reference_max_abs"], 1.0)
@@ -112,7 +112,7 @@ def bench(target: Path, device: str, device_cmd: str | None = None, perf_test: s
     rtol = self_test.get("rtol") or DEFAULT_RTOL
     same = result.get("model_sha256", sha) == sha  # perf_test reports no hash: the pushed file is the one
     reproduced, how = _reproduced(result.get("reference"), rtol, bool(result.get("int8_saturates")),
-                                  self_test.get("max_rel_error") or ARM64_MAX_REL_ERROR)
+                                  self_test.get("max_rel_error") or DEVICE_MAX_REL_ERROR)
     section = {"device": dev.name, "command": command, "runner": result.get("runner"),
                "model": model.name, "model_sha256": sha, "same_model": same,
                "reproduced": reproduced, "reproduction": how, "reference": result.get("reference"),

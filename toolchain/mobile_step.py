@@ -11,7 +11,7 @@ from exporters.bundle import REFERENCE_NAME, write_reference
 from exporters.mobile import PREPROCESSING_KEY, convert_to_ort, fix_shapes, resolve_fixed_shapes
 from exporters.sparse import file_sizes
 from models.spec import ModelSpec
-from runtime_check.arm64 import ARM64_MAX_REL_ERROR, ARM64_RTOL, emulator_status
+from runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR, emulator_status
 from runtime_check.fixed_inputs import fit_batches
 from runtime_check.gates import Gates, evaluate_gates
 from runtime_check.mobile_check import usability, verify_ort
@@ -57,7 +57,7 @@ def mobile_step(spec: ModelSpec, tmp: Path, user_shapes: dict, limit: float, sta
     fitted, _ = fit_batches(spec.eval_batches, shapes)
     # the reference outputs are the exact QDQ arithmetic (what ARM int8 kernels compute), not x86's
     reference = write_reference(tmp / REFERENCE_NAME, make_session(model_path, 1, optimize=False), fitted)
-    reference.update(rtol=ARM64_RTOL, max_rel_error=ARM64_MAX_REL_ERROR, outputs="exact QDQ arithmetic: model.onnx without graph optimizations")
+    reference.update(rtol=ARM64_RTOL, max_rel_error=DEVICE_MAX_REL_ERROR, outputs="exact QDQ arithmetic: model.onnx without graph optimizations")
     section = {"input_shapes": shapes, "ort": ort_info, "usability": use, "verify": verify, "reference": reference,
                "sizes": {"ort": file_sizes(ort_path)}, "ort_keeps": _ort_keeps(ort_info)}
     checks = _checks(verify, limit)
