@@ -10,6 +10,7 @@ Variants, all built from the same weights and measured on the same inputs:
                  activations quantized at run time)
   sqexport-sp50  `sqexport export minilm --sparsity 0.5` (magnitude pruning + int8; the zeros buy
                  size, not speed, and the accuracy gate may fail: it is included anyway)
+  sqexport-auto  `sqexport export minilm --auto --max-accuracy-drop 0.01` (the search's choice)
 
 Fidelity: mean-pooled embeddings of the held-out corpus texts vs fp32 (mean/min cosine, Spearman
 of the pairwise similarities). Latency: batch 1 x 128 tokens, all variants interleaved in one
@@ -142,7 +143,7 @@ def build_sqexport(name: str, flags: list[str], workdir: Path) -> Variant:
     return Variant(name, settings, out / "model.onnx", info)
 
 
-def build_variants(workdir: Path) -> list[Variant]:
+def build_variants(workdir: Path, only: tuple[str, ...] = ()) -> list[Variant]:
     steps: list[tuple[str, Callable[[list[Variant]], Variant]]] = [
         ("fp32", lambda built: build_fp32(minilm_folder(), workdir)),
         ("ort-dynamic", lambda built: build_ort_dynamic(built[0], workdir)),
@@ -152,9 +153,16 @@ def build_variants(workdir: Path) -> list[Variant]:
                                                                               "int8-dynamic"], workdir)),
         ("sqexport-sp50", lambda built: build_sqexport("sqexport-sp50", ["--prune", "magnitude",
                                                                           "--sparsity", "0.5"], workdir)),
+        ("sqexport-auto", lambda built: build_sqexport("sqexport-auto", ["--auto", "--max-accuracy-drop", "0.01"],
+                                                       workdir)),
     ]
+    unknown = set(only or ()) - {name for name, _ in steps}
+    if unknown:
+        raise SystemExit(f"--only: unknown variant(s) {', '.join(sorted(unknown))}")
     built: list[Variant] = []
     for name, build in steps:
+        if only and name != "fp32" and name not in only:
+            continue
         log(f"building {name} ...")
         t0 = time.perf_counter()
         variant = build(built)
@@ -281,6 +289,9 @@ def render_markdown(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, help="keep the built models here (default: a temp folder)")
+    p.add_argument("--only", type=lambda v: [x for x in v.split(",") if x],
+                   help="build and measure only these variants (comma-separated; fp32 is always built), "
+                        "e.g. ort-dynamic,sqexport-auto")
     p.add_argument("--quick", action="store_true", help="short latency runs (30 rounds / 3 s per setting, wait at most 30 s)")
     p.add_argument("--max-iters", type=int, default=200, help="latency rounds per thread setting [200]")
     p.add_argument("--budget", type=float, default=20.0, help="latency seconds per thread setting [20]")
@@ -297,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_benchmark(workdir: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     revision = project_revision()
-    variants = build_variants(workdir)
+    variants = build_variants(workdir, tuple(args.only or ()))
     tokenizer = load_tokenizer(minilm_folder())
     eval_texts = default_corpus()[1]
     log(f"fidelity on {len(eval_texts)} held-out texts ...")
