@@ -247,7 +247,9 @@ def test_existing_folder_with_unrelated_files_is_not_wiped(tmp_path, run_cli, di
 
 def test_mlp_gemm_relu_export(tmp_path, run_cli, onnx_tools):
     out = tmp_path / "mlp"
-    result = run_cli(["export", "digits-mlp", "--threads", "1", "-o", out])
+    # the fallback's predicted drop on digits-mlp sits at the 1-point gate (1.07 predicted, 0.22 real):
+    # a looser gate keeps every Gemm quantized, which is what this test looks at
+    result = run_cli(["export", "digits-mlp", "--threads", "1", "--max-accuracy-drop", "2", "-o", out])
     assert result.exit_code == 0, result.output
     model = onnx.load(str(out / "model.onnx"))
     # Flatten -> Gemm -> Relu -> Gemm -> Relu -> Gemm: Q/DQ on the first Gemm's input and on both
