@@ -5,6 +5,7 @@ import math
 import time
 
 import numpy as np
+import onnxruntime as ort
 
 from contracts.progress import NULL_PROGRESS, Progress
 from runtime_check.session import make_session
@@ -49,7 +50,9 @@ def _measure(paths: dict, feed: dict, threads: int, warmup: int, max_iters: int,
     (after MIN_SETTLED_ROUNDS) once their per-round ratio is settled (ratio_settled)."""
     # Spinning off for every session alike: with it, the session that just ran keeps its threads
     # busy-waiting and slows the next one (2 threads: FP32 MiniLM 10 ms alone, 40 ms interleaved).
-    sessions = {k: make_session(p, threads, spinning=False) for k, p in paths.items()}
+    # a value may be a ready session (made with these threads and spinning off, verify.latency_sessions)
+    sessions = {k: p if isinstance(p, ort.InferenceSession) else make_session(p, threads, spinning=False)
+                for k, p in paths.items()}
     feeds = {k: {i.name: feed[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
     names = list(sessions)
     for _ in range(warmup):

@@ -26,7 +26,7 @@ from runtime_check.gates import accuracy_limit, evaluate_gates
 from runtime_check.report import write_report
 from runtime_check.session import default_threads
 from runtime_check.sparse_check import storage_diff
-from runtime_check.verify import accuracy_of, fidelity_of, latency_of, sizes_of
+from runtime_check.verify import accuracy_of, fidelity_of, latency_of, latency_sessions, sizes_of
 from contracts.errors import DataError
 from toolchain import signals
 from toolchain.bn_recalibration import recalibrate_batchnorm
@@ -290,12 +290,13 @@ def _pooling_record(spec: ModelSpec) -> dict:
 def verify(state: RunState) -> None:
     spec, tmp, threads, progress = state.spec, state.tmp, state.threads, state.progress
     with state.timer.stage("verify.accuracy"):
-        accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+        sessions = latency_sessions(tmp / "baseline.onnx", tmp / "model.onnx", threads)
+        accuracy, onnx_out = accuracy_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress, sessions)
         fidelity = fidelity_of(spec, state.reference, onnx_out, progress)
     if spec.pooling is not None:
         accuracy["pooling"] = _pooling_record(spec)
     with state.timer.stage("verify.latency", {"threads": threads}):
-        latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress)
+        latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress, sessions)
     state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,
                       "sizes": sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")}
 

@@ -49,3 +49,15 @@ def test_pair_without_early_stop_runs_to_max_iters(tiny_onnx):
     feed = {"x": np.ones((1, 4), np.float32)}
     res = measure_pair(tiny_onnx, tiny_onnx, feed, 1, warmup=1, max_iters=40, budget_s=60.0, ratio_tolerance=None)
     assert res["stopped_by"] == "max_iters" and res["model"]["n"] == 40
+
+
+def test_ready_sessions_are_measured_and_handed_over(tiny_onnx):
+    """verify makes the pair once (latency_sessions) for accuracy and latency; latency_of empties
+    the dict it is handed, so nothing else keeps the pair alive."""
+    from types import SimpleNamespace
+
+    from runtime_check.verify import latency_of, latency_sessions
+    sessions = latency_sessions(tiny_onnx, tiny_onnx, 1)
+    spec = SimpleNamespace(example_inputs={"x": np.ones((1, 4), np.float32)})
+    lat = latency_of(spec, tiny_onnx, tiny_onnx, 1, sessions=sessions)
+    assert sessions == {} and lat["threads"] == 1 and lat["model"]["n"] >= 21 and "at_1_thread" not in lat
