@@ -297,8 +297,9 @@ def verify(state: RunState) -> None:
         accuracy["pooling"] = _pooling_record(spec)
     with state.timer.stage("verify.latency", {"threads": threads}):
         latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress, sessions)
-    state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency,
-                      "sizes": sizes_of(tmp / "baseline.onnx", tmp / "model.onnx")}
+    with state.timer.stage("verify.sizes"):
+        sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx", progress)
+    state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency, "sizes": sizes}
 
 
 def package(state: RunState) -> None:

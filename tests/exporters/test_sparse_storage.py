@@ -106,7 +106,7 @@ def test_unchanged_file_is_deflated_once_and_rewrites_are_measured_again(tmp_pat
     import exporters.sparse as sparse
     calls = []
     real = sparse.deflated_size
-    monkeypatch.setattr(sparse, "deflated_size", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(sparse, "deflated_size", lambda p, on_bytes=None: calls.append(p) or real(p))
     monkeypatch.setattr(sparse, "_DEFLATED", {})
     _qdq_matmul(tmp_path / "m.onnx", density=0.5, seed=3)
     info = store_sparse(tmp_path / "m.onnx")
@@ -116,3 +116,18 @@ def test_unchanged_file_is_deflated_once_and_rewrites_are_measured_again(tmp_pat
     again = sparse.file_sizes(tmp_path / "m.onnx")
     assert len(calls) == 2 and again["compressed"] == real(tmp_path / "m.onnx")
     assert again["raw"] == (tmp_path / "m.onnx").stat().st_size
+
+
+def test_deflated_size_equals_zipfile_write_and_reports_bytes_read(tmp_path):
+    import io
+    import zipfile
+
+    from exporters.sparse import deflated_size
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 4, 3_000_000, dtype=np.uint8).tobytes())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.write(path, arcname=path.name)
+    seen = []
+    assert deflated_size(path, seen.append) == buf.getbuffer().nbytes
+    assert sum(seen) == 3_000_000 and len(seen) == 3  # 1 MiB reads

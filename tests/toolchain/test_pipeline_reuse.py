@@ -36,6 +36,12 @@ def test_disposable_model_gives_the_same_output_without_a_copy(tiny_bert, tmp_pa
     for key in ("accuracy", "fidelity", "quantization", "sparsity"):
         assert used[key] == kept[key], key
     assert json.loads((tmp_path / "own" / "report.json").read_text())["passed"] == kept["passed"]
+    stages = {s["name"]: s for s in used["stages"]}
+    # nothing pruned: sparse storage has nothing to store, still reports it, and measured the file once
+    assert stages["export.sparse_storage"]["params"]["sparse_initializers"] == 0
+    assert used["sparse_storage"]["sparse"] == used["sparse_storage"]["dense"] and not used["sparse_storage"]["used"]
+    assert "verify.sizes" in stages  # the deflate of both files is a timed stage with a bar
+    assert used["size_bytes"]["compressed"] == used["sparse_storage"]["dense"]["compressed"]
     # later stages still ran on what was freed or reused: fidelity against the torch reference holds
     assert used["fidelity"]["max_abs_deviation"] < 0.05 * used["fidelity"]["reference_max_abs"]
 
