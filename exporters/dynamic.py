@@ -14,9 +14,12 @@ from exporters.qdq import Site
 __all__ = ["insert_dynamic"]
 
 
-def insert_dynamic(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def insert_dynamic(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams,
+                   inplace: bool = False) -> onnx.ModelProto:
+    """`inplace` rewrites `model` itself instead of a copy."""
+    out = model if inplace else onnx.ModelProto()
+    if not inplace:
+        out.CopyFrom(model)
     graph = out.graph
     ensure_node_names(graph)
     nodes = {n.name: n for n in graph.node}

@@ -14,15 +14,24 @@ from runtime_check.accuracy import run_session, task_metrics
 from runtime_check.latency import measure_pair
 from runtime_check.session import make_session
 
-__all__ = ["accuracy_of", "fidelity_of", "latency_of", "sizes_of"]
+__all__ = ["accuracy_of", "fidelity_of", "latency_of", "latency_sessions", "sizes_of"]
+
+
+def latency_sessions(baseline: Path, model: Path, threads: int) -> dict:
+    """The pair of sessions latency_of measures first, made once so accuracy_of can run on them
+    too (loading and optimizing a 440 MB graph takes seconds); spinning off as latency needs it."""
+    return {"baseline": make_session(baseline, threads, spinning=False),
+            "model": make_session(model, threads, spinning=False)}
 
 
 def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
-                progress: Progress = NULL_PROGRESS) -> tuple[dict, np.ndarray]:
-    """Metrics of model.onnx against baseline.onnx on the eval batches; also returns model outputs."""
-    base_out = run_session(make_session(baseline, threads),
+                progress: Progress = NULL_PROGRESS, sessions: dict | None = None) -> tuple[dict, np.ndarray]:
+    """Metrics of model.onnx against baseline.onnx on the eval batches; also returns model outputs.
+    `sessions` (latency_sessions) are used instead of new ones when given."""
+    sessions = sessions or {}
+    base_out = run_session(sessions.get("baseline") or make_session(baseline, threads),
                            track(progress, spec.eval_batches, "evaluation baseline.onnx", "batches"), spec.postprocess)
-    model_out = run_session(make_session(model, threads),
+    model_out = run_session(sessions.get("model") or make_session(model, threads),
                             track(progress, spec.eval_batches, "evaluation model.onnx", "batches"), spec.postprocess)
     return task_metrics(get_task(spec.task), base_out, model_out, spec.eval_labels), model_out
 
@@ -40,17 +49,24 @@ def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray,
 
 
 def latency_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
-               progress: Progress = NULL_PROGRESS) -> dict:
-    """Interleaved latency at `threads`, plus at 1 thread when that differs."""
+               progress: Progress = NULL_PROGRESS, sessions: dict | None = None) -> dict:
+    """Interleaved latency at `threads`, plus at 1 thread when that differs. `sessions`
+    (latency_sessions at `threads`) are handed over: the dict is emptied, so the pair is freed
+    before the 1-thread pair loads."""
     feed = spec.example_inputs
-    lat = measure_pair(baseline, model, feed, threads, progress=progress)
+    pair = (sessions.pop("baseline"), sessions.pop("model")) if sessions else (baseline, model)
+    lat = measure_pair(*pair, feed, threads, progress=progress)
+    del pair
     if threads != 1:
         lat["at_1_thread"] = measure_pair(baseline, model, feed, 1, progress=progress)
     return lat
 
 
-def sizes_of(baseline: Path, model: Path) -> dict:
-    b, m = file_sizes(baseline), file_sizes(model)
+def sizes_of(baseline: Path, model: Path, progress: Progress = NULL_PROGRESS) -> dict:
+    """Raw and zip-deflated sizes; deflating a large FP32 baseline takes seconds: a bar in MB."""
+    total = (Path(baseline).stat().st_size + Path(model).stat().st_size) / 1e6
+    with progress.task("compressed sizes (zip deflate)", round(total, 1), "MB") as task:
+        b, m = (file_sizes(p, lambda n: task.advance(n / 1e6)) for p in (baseline, model))
     return {"baseline": b["raw"], "model": m["raw"], "compressed": m["compressed"],
             "baseline_compressed": b["compressed"],
             "ratio_compressed": b["raw"] / m["compressed"] if m["compressed"] else None}

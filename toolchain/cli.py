@@ -265,7 +265,7 @@ def export_cmd(ctx, model, quiet, **opts):
             report = _guard(run_auto, recipe, spec, outdir, progress, auto)
         else:
             report = _guard(pipeline.run, recipe, spec, outdir, progress,
-                            shapes if recipe.target == "mobile" else None)
+                            shapes if recipe.target == "mobile" else None, model_disposable=True)
     if not quiet:
         _print_summary(report, outdir)
     if not report["passed"]:

@@ -232,21 +232,27 @@ def _check(path: Path) -> None:
         raise ExportError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
 
 
-def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, out_path: Path) -> None:
-    """The QDQ graph (or, for dynamic params, int8 tables + DynamicQuantizeLinear/MatMulInteger)."""
+def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, out_path: Path,
+                consume: bool = False) -> None:
+    """The QDQ graph (or, for dynamic params, int8 tables + DynamicQuantizeLinear/MatMulInteger).
+    `consume`: `prepared` is rewritten in place (the caller no longer needs the FP32 graph)."""
     if params.dynamic:
-        with_tables = insert_qdq(prepared, plan.sites, QuantParams(embeddings=params.embeddings), plan.embedding_sites)
-        model = insert_dynamic(with_tables, plan.sites, params)
+        with_tables = insert_qdq(prepared, plan.sites, QuantParams(embeddings=params.embeddings), plan.embedding_sites,
+                                 inplace=consume)
+        model = insert_dynamic(with_tables, plan.sites, params, inplace=True)  # with_tables: ours either way
     else:
-        model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites)
+        model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume)
     onnx.save(model, str(out_path))
+    del model, prepared
     _check(out_path)
 
 
 def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepared: onnx.ModelProto,
                      out_path: Path, accuracy_limit: float, target: str = "cpu",
-                     progress: Progress = NULL_PROGRESS, work_is_dense: bool = False) -> tuple[Callable, dict]:
-    """Write the quantized model to out_path; return (torch reference runner, report info)."""
+                     progress: Progress = NULL_PROGRESS, work_is_dense: bool = False,
+                     consume_prepared: bool = False) -> tuple[Callable, dict]:
+    """Write the quantized model to out_path; return (torch reference runner, report info).
+    `consume_prepared`: the FP32 graph is rewritten in place rather than copied (the caller drops it)."""
     plan = plan_quantization(work, prepared, spec)
     params = compute_params(work, spec, stage, plan, target, progress)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
@@ -255,7 +261,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     if stage.config.supports_fallback:
         params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
                                 work_is_dense)
-    write_model(prepared, plan, params, out_path)
+    write_model(prepared, plan, params, out_path, consume=consume_prepared)
     return torch_reference(work, spec, params, progress), info
 
 

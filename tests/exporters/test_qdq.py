@@ -193,3 +193,12 @@ def test_toposort_detects_cycles():
     c = helper.make_node("Relu", ["x"], ["c"], name="C")
     d = helper.make_node("Relu", ["c"], ["d"], name="D")
     assert [n.name for n in toposort([d, c], None)] == ["C", "D"]
+
+
+def test_inplace_rewrite_equals_the_copy(conv):
+    """`inplace=True` (the pipeline, done with the FP32 graph) writes the same model as a copy."""
+    fp32 = onnx.ModelProto()
+    fp32.CopyFrom(conv.fp32)
+    out = insert_qdq(fp32, conv.sites, conv.params, inplace=True)
+    assert out is fp32
+    assert out.SerializeToString() == conv.qdq.SerializeToString()

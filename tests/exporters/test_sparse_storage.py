@@ -98,3 +98,36 @@ def test_zero_points_stay_dense_and_the_usability_checker_reads_sparse_models(tm
     sparse = usability(tmp_path / "m.onnx")
     for ep in ("nnapi", "coreml_mlprogram"):
         assert sparse[ep]["nodes"] == dense[ep]["nodes"] and sparse[ep]["verdict"] == dense[ep]["verdict"]
+
+
+def test_unchanged_file_is_deflated_once_and_rewrites_are_measured_again(tmp_path, monkeypatch):
+    """Nothing to store sparse: the file is measured once (no rewrite, no second deflate); the
+    size cache follows the content, so a rewritten file is measured again."""
+    import exporters.sparse as sparse
+    calls = []
+    real = sparse.deflated_size
+    monkeypatch.setattr(sparse, "deflated_size", lambda p, on_bytes=None: calls.append(p) or real(p))
+    monkeypatch.setattr(sparse, "_DEFLATED", {})
+    _qdq_matmul(tmp_path / "m.onnx", density=0.5, seed=3)
+    info = store_sparse(tmp_path / "m.onnx")
+    assert not info["used"] and info["sparse"] == info["dense"] and len(calls) == 1
+    assert sparse.file_sizes(tmp_path / "m.onnx") == info["dense"] and len(calls) == 1  # verify's read: cached
+    _qdq_matmul(tmp_path / "m.onnx", density=0.05, seed=3)  # rewritten: new content
+    again = sparse.file_sizes(tmp_path / "m.onnx")
+    assert len(calls) == 2 and again["compressed"] == real(tmp_path / "m.onnx")
+    assert again["raw"] == (tmp_path / "m.onnx").stat().st_size
+
+
+def test_deflated_size_equals_zipfile_write_and_reports_bytes_read(tmp_path):
+    import io
+    import zipfile
+
+    from exporters.sparse import deflated_size
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 4, 3_000_000, dtype=np.uint8).tobytes())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.write(path, arcname=path.name)
+    seen = []
+    assert deflated_size(path, seen.append) == buf.getbuffer().nbytes
+    assert sum(seen) == 3_000_000 and len(seen) == 3  # 1 MiB reads

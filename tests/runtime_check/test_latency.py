@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from exporters.onnx_export import export_torch
-from runtime_check.latency import measure_interleaved, measure_pair, percentiles
+from runtime_check.latency import measure_interleaved, measure_pair, percentiles, ratio_settled
 
 
 def test_percentiles_hand_values():
@@ -33,3 +33,31 @@ def test_time_budget_stops_after_21_rounds(tiny_onnx):
     res = measure_interleaved({"a": tiny_onnx}, {"x": np.ones((1, 4), np.float32)}, 1,
                               warmup=1, max_iters=10_000, budget_s=0.0)
     assert res["a"]["n"] == 21  # rounds 0..20: the budget is first checked after round 20 (i >= 20)
+
+
+def test_ratio_settled_hand_values():
+    # n = 30: the 95% interval of the median is order statistics floor(15 - 5.37) = 9 and ceil(20.37) = 21
+    base = [2.0] * 30
+    steady = [1.0] * 30  # every round the same ratio: settled
+    assert ratio_settled(base, steady, 0.02)
+    wobbly = [1.0, 1.1] * 15  # log ratios ln2 and ln(2/1.1): half-width (ln 1.1) / 2 = 4.8%
+    assert not ratio_settled(base, wobbly, 0.02) and ratio_settled(base, wobbly, 0.05)
+    assert not ratio_settled([2.0] * 3, [1.0] * 3, 0.5)  # too few rounds for an interval at all
+
+
+def test_pair_without_early_stop_runs_to_max_iters(tiny_onnx):
+    feed = {"x": np.ones((1, 4), np.float32)}
+    res = measure_pair(tiny_onnx, tiny_onnx, feed, 1, warmup=1, max_iters=40, budget_s=60.0, ratio_tolerance=None)
+    assert res["stopped_by"] == "max_iters" and res["model"]["n"] == 40
+
+
+def test_ready_sessions_are_measured_and_handed_over(tiny_onnx):
+    """verify makes the pair once (latency_sessions) for accuracy and latency; latency_of empties
+    the dict it is handed, so nothing else keeps the pair alive."""
+    from types import SimpleNamespace
+
+    from runtime_check.verify import latency_of, latency_sessions
+    sessions = latency_sessions(tiny_onnx, tiny_onnx, 1)
+    spec = SimpleNamespace(example_inputs={"x": np.ones((1, 4), np.float32)})
+    lat = latency_of(spec, tiny_onnx, tiny_onnx, 1, sessions=sessions)
+    assert sessions == {} and lat["threads"] == 1 and lat["model"]["n"] >= 21 and "at_1_thread" not in lat

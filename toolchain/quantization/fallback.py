@@ -20,7 +20,7 @@ from contracts.errors import ConfigError
 from contracts.quant import QuantParams
 from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
-from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
+from toolchain.quantization.params import energy, fake_quant_act, fake_quant_dynamic, rectify
 
 __all__ = ["FallbackPolicy", "local_snr_db", "fallback_until"]
 
@@ -92,8 +92,8 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
             if name in params.outputs:
                 b = bounds[name]
                 out, y = rectify(out, b), fake_quant_act(rectify(y, b), params.outputs[name])
-            signal[name] += float((out.double() ** 2).sum())
-            noise[name] += float(((out.double() - y.double()) ** 2).sum())
+            signal[name] += energy(out)
+            noise[name] += energy(out - y)
         return fn
 
     handles = list(other_hooks) + [modules[a.module].register_forward_hook(hook(a.module)) for a in params.anchors]

@@ -36,6 +36,7 @@ from torch import nn
 from contracts.quant import QuantParams
 from contracts.tasks import Task
 from toolchain.hooks import run_with_hooks
+from toolchain.quantization.params import energy
 
 __all__ = ["Z", "LayerNoise", "layer_noise", "noise_hooks", "weight_noise", "shift_factor", "EvalView", "predict_drop"]
 
@@ -55,7 +56,7 @@ class LayerNoise:
 
 def _static_noise(x: torch.Tensor, scale: float, zero_point: int) -> float:
     lo, hi = (0 - zero_point) * scale, (255 - zero_point) * scale
-    clipped = float(((x - x.clamp(lo, hi)) ** 2).sum())
+    clipped = energy(x - x.clamp(lo, hi))
     return scale * scale / 12.0 * x.numel() + clipped
 
 
@@ -82,7 +83,7 @@ def noise_hooks(model: nn.Module, params: QuantParams) -> tuple[dict[str, LayerN
         def fn(mod, args):
             x = args[0].detach().float()
             st = stats[name]
-            st.signal += float((x * x).sum())
+            st.signal += energy(x)
             if params.dynamic:
                 st.noise += _dynamic_noise(x)
             else:

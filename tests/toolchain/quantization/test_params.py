@@ -106,3 +106,12 @@ def test_fake_quant_act_rounds_and_saturates_like_quantize_linear():
 def test_weight_quant_dequantized_layout():
     wq = WeightQuant(q=np.array([[1, -2], [3, 0]], np.int8), scale=np.array([0.5, 2.0], F32))
     np.testing.assert_array_equal(wq.dequantized(), [[0.5, -1.0], [6.0, 0.0]])
+
+
+def test_energy_matches_a_float64_sum():
+    from toolchain.quantization.params import energy
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 7, 300)).astype(F32)) * 1000
+    exact = float((x.double() ** 2).sum())
+    assert energy(x) == pytest.approx(exact, rel=1e-6)  # float32 row norms: ~1e-7 relative
+    assert energy(torch.tensor([3.0, 4.0])) == 25.0 and energy(torch.tensor(2.0)) == 4.0
+    assert energy(torch.zeros(0, 5)) == 0.0
