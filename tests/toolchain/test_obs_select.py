@@ -97,3 +97,21 @@ def test_reconstruction_importance_is_for_transformers_only():
                        example_inputs={"x": np.zeros((1, 1, 8, 8), np.float32)})
     with pytest.raises(ConfigError, match="transformers"):
         prune_structured(net, StructuredPruneConfig(importance="reconstruction"), ctx)
+
+
+def test_the_refit_also_reads_the_extra_unlabeled_batches():
+    ctx, run, batches = _ctx()
+    calls = []
+
+    def more():
+        calls.append(1)
+        rng = np.random.default_rng(1)
+        return [{"input_ids": rng.integers(5, 100, (8, 12)).astype(np.int64),
+                 "attention_mask": np.ones((8, 12), np.int64)}]
+
+    ctx.more_batches = more
+    seen = []
+    inner = ctx.run
+    ctx.run = lambda m, b: (seen.append(len(b["input_ids"])), inner(m, b))[1]
+    prune_structured(_bert(), StructuredPruneConfig(sparsity=0.5), ctx)
+    assert calls == [1] and len(seen) == len(batches) + 1  # the embeddings ran on every batch once

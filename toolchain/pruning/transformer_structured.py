@@ -227,7 +227,11 @@ def prune_transformer(model: nn.Module, config, ctx) -> dict:
     layers = encoder_layers(model)
     if config.sparsity == 0:
         return {"heads": {}, "neurons": {}}
-    inputs = layer_inputs(model, layers[0], ctx.calib_batches, ctx.run)
+    # the refit solves for up to 1537 weights per output from the calibration tokens: on MiniLM the
+    # 252 built-in calibration texts alone gave 0.846 held-out mean cosine at 50%, with the 150
+    # recovery texts added 0.860 (the fit was short of data, not of capacity)
+    batches = list(ctx.calib_batches) + (list(ctx.more_batches()) if ctx.more_batches is not None else [])
+    inputs = layer_inputs(model, layers[0], batches, ctx.run)
     drops = _heads_to_drop(_head_scores(layers, inputs, config.importance), config.sparsity, config.allocation)
     inter = layers[0].intermediate.dense.out_features
     keep_n = max(config.round_to, int(round((1 - config.sparsity) * inter / config.round_to)) * config.round_to)
