@@ -26,6 +26,7 @@ from torch import nn
 
 from contracts.errors import ConfigError
 from toolchain.recovery_data import Pool, TextPool, make_pool
+from toolchain.recovery_threads import ThreadPicker
 from toolchain.recovery_encoder import EncoderOutputs, LossWeights, attention_modules, encoder_forward, encoder_loss
 
 __all__ = ["RecoveryConfig", "recover", "distill_loss", "lr_factor", "LOSS_WEIGHTS"]
@@ -49,6 +50,7 @@ class RecoveryConfig:
     batch_size: int | None = None
     temperature: float = 2.0
     label_weight: float = 0.5
+    threads: int | None = None  # torch threads on CPU; None: all cores or 1, whichever measures faster
     warmup: float = 0.05  # share of the budget (steps, or minutes when steps are open) with linear warm-up
     data: str | None = None  # extra unlabeled/labeled data file (same formats as --calib-data)
     VERSION: ClassVar[int] = 2  # 2: layer-wise encoder loss, warm-up, no dropout for encoders
@@ -62,6 +64,8 @@ class RecoveryConfig:
             raise ConfigError(f"recovery minutes must be > 0, got {self.minutes}")
         if self.data is not None and not str(self.data).strip():
             raise ConfigError("recovery data path is empty")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"recovery threads must be >= 1, got {self.threads}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"recovery warmup must be in [0, 1), got {self.warmup}")
         bad_lr = self.lr is not None and not self.lr > 0
@@ -150,8 +154,11 @@ def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: Recovery
     max_steps = config.steps or 10 ** 9
     budget = config.minutes * 60.0
     curve, t0, step = [], time.perf_counter(), 0
+    picker = ThreadPicker(config.threads if device.type == "cpu" else 1)
     try:
         while step < max_steps and time.perf_counter() - t0 < budget:
+            picker.before(step)
+            t_step = time.perf_counter()
             # cosine decay over the step budget (or over the time budget when steps are open-ended)
             frac = step / max_steps if config.steps else (time.perf_counter() - t0) / budget
             for group in opt.param_groups:
@@ -167,19 +174,28 @@ def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: Recovery
             loss.backward()
             opt.step()
             keep_masks()
+            picker.after(step, time.perf_counter() - t_step, _work(batch))
             step += 1
             curve.append(float(loss.detach()))
             if progress:
                 progress(step, config.steps, time.perf_counter() - t0, budget, curve[-1])
     finally:
+        picker.restore()
         _set_train(student, False)
         student.to("cpu")
         teacher.to("cpu")
     after = evaluate(student) if evaluate else None
     return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "device": device.type,
-            "samples": pool.size, "metric_before": before, "metric_after": after,
+            "samples": pool.size, **picker.record(), "metric_before": before, "metric_after": after,
             "loss_curve": _thin(curve), "loss_first": curve[0] if curve else None,
             "loss_last": float(np.mean(curve[-10:])) if curve else None}
+
+
+def _work(batch: dict) -> int:
+    """A step's amount of work: its (padded) tokens for text, its samples otherwise."""
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return len(next(iter(batch.values())))
 
 
 def _thin(curve: list[float], points: int = 100) -> list[list[float]]:

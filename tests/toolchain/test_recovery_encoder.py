@@ -76,3 +76,29 @@ def test_recovery_of_a_pruned_tiny_bert_reduces_the_layerwise_loss():
     assert info["steps"] == 40
     assert loss() < 0.5 * before
     assert not student.training  # dropout stayed off, and the model is back in eval mode
+
+
+def test_thread_picker_keeps_the_faster_setting_and_restores():
+    from toolchain.recovery_threads import ThreadPicker
+
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        picker = ThreadPicker(None, trials=2)
+        seen = []
+        for step, per_unit in enumerate([9.0, 5.0, 1.0, 5.0, 1.0]):  # step 0: warm-up, not counted
+            picker.before(step)
+            seen.append(torch.get_num_threads())
+            picker.after(step, per_unit * 10, 10)
+        assert seen == [2, 2, 1, 2, 1] and picker.chosen == 1
+        picker.before(5)
+        assert torch.get_num_threads() == 1
+        assert picker.record() == {"threads": 1, "thread_trials": {"2": [5.0, 5.0], "1": [1.0, 1.0]}}
+        picker.restore()
+        assert torch.get_num_threads() == 2
+        fixed = ThreadPicker(3)
+        fixed.before(0)
+        assert fixed.chosen == 3 and torch.get_num_threads() == 3 and fixed.record()["thread_trials"] == {}
+        fixed.restore()
+    finally:
+        torch.set_num_threads(original)
