@@ -42,7 +42,9 @@ class RecoveryConfig:
     gave 0.830 held-out mean cosine at 1e-4, 0.829 at 3e-4, 0.826 at 5e-5 with the old loss; at
     1e-3 without warm-up two steps took it from 0.82 to 0.71); `batch_size`: samples per step (None: 64 images or
     tensors, 16 texts: a text step costs far more on CPU); `temperature`:
-    KL temperature for classifiers; `label_weight`: weight of the task loss when labels exist."""
+    KL temperature for classifiers; `label_weight`: weight of the task loss when labels exist;
+    `threads`: torch threads on CPU (None: measured, recovery_threads.py); `warmup`: share of the
+    budget with a linear warm-up."""
 
     steps: int | None = None
     minutes: float = 10.0
