@@ -15,6 +15,9 @@ from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 
 CORPUS = Path(__file__).parent / "corpus" / "sentences.txt"
+# more text written for this project, used only by recovery (distillation) of embedding models:
+# never evaluated on, so the held-out split of CORPUS stays held out
+RECOVERY_CORPUS = Path(__file__).parent / "corpus" / "recovery.txt"
 # what a tokenizer can be saved as (fast tokenizer, WordPiece, BPE, SentencePiece)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model", "merges.txt", "source.spm")
@@ -108,6 +111,10 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         texts, labels = read_texts(path, label2id)
         return tokenize_batches(tokenizer, texts, input_names), labels
 
+    def recovery_texts():
+        texts, _ = read_texts(RECOVERY_CORPUS)
+        return tokenize_batches(tokenizer, texts, input_names), None
+
     pooling = read_pooling(folder) if info.output == "embeddings" else None
     example = tokenize_batches(tokenizer, evals[:1], input_names, max_length=MAX_LENGTH, pad_to_max=True)[0]
     return ModelSpec(
@@ -127,10 +134,15 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         prune_prefix=_encoder_prefix(model),
         default_prune="none",
         load_data=load_data,
+        # embedding models distill without labels, so any English text is fair training data;
+        # classifiers recover on their labeled calibration split alone
+        recover_data=recovery_texts if info.output == "embeddings" else None,
         data_info={"calib": {"source": f"built-in corpus {CORPUS.name}, 3 of every 5 lines", "samples": len(calib),
                              "labels": "none"},
                    "eval": {"source": f"built-in corpus {CORPUS.name}, lines i % 5 in (1, 3)", "samples": len(evals),
-                            "labels": "none"}},
+                            "labels": "none"},
+                   **({"recover": {"source": f"the calibration split + built-in corpus {RECOVERY_CORPUS.name}",
+                                   "labels": "none"}} if info.output == "embeddings" else {})},
         preprocessing={"type": "text", "tokenizer": type(tokenizer).__name__, "max_length": MAX_LENGTH,
                        "padding": "max_length (pad id 0, attention_mask 0)", "truncation": True,
                        "pooling": "mean of last_hidden_state over attention_mask" if task == "feature-extraction"

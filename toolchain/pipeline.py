@@ -150,7 +150,8 @@ def prune(state: RunState) -> None:
             return PruneContext(layers, spec.calib_batches, spec.torch_outputs, state.progress, spec.example_inputs,
                                 lambda model, path: exporter.export(spec, model, path), state.threads,
                                 make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None,
-                                state.recipe.seed)
+                                state.recipe.seed,
+                                (lambda: spec.recover_data()[0]) if spec.recover_data is not None else None)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, context(state.layers))
             if dense_weights and result.masks:  # methods that remove structure have no masks to compare

@@ -89,6 +89,7 @@ def make_fine_tune(spec: ModelSpec, seed: int, progress: Progress = NULL_PROGRES
 
 
 @register("recover", "distill", RecoveryConfig,
-          "distillation from the dense teacher after pruning (KL / hidden-state MSE + cosine), augmented")
+          "distillation from the dense teacher after pruning (KL; encoders: layer-wise hidden + "
+          "attention-output MSE, pooled cosine), augmented")
 def recover_distill(model: torch.nn.Module, config: RecoveryConfig, ctx: RecoverContext) -> dict:
     return run_recovery(model, ctx.spec, config, ctx.seed, config.data, ctx.progress, ctx.masks)

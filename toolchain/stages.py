@@ -77,6 +77,9 @@ class PruneContext:
     threads: int = 1
     fine_tune: FineTune | None = None  # iterative methods recover between rounds; None = not available
     seed: int = 0  # the run's seed, for methods that sample
+    # () -> more unlabeled batches beyond calibration (the spec's recovery data), loaded on request:
+    # statistics that need many tokens (the transformer refit's Gram matrices) read them too
+    more_batches: Callable[[], list[dict]] | None = None
 
 
 @dataclass

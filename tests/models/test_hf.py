@@ -165,3 +165,15 @@ def test_task_override_does_not_apply_to_the_builtin_minilm():
     with pytest.raises(ModelLoadError, match="does not apply"):
         load_model("minilm", "sequence-classification")
     assert load_model("minilm", "feature-extraction").task == "feature-extraction"
+
+
+def test_embedding_models_recover_on_extra_text_that_eval_never_sees(tiny_bert_spec, tiny_bert_cls):
+    from models.hf import RECOVERY_CORPUS
+
+    batches, labels = tiny_bert_spec.recover_data()
+    extra = [t.strip() for t in RECOVERY_CORPUS.read_text(encoding="utf-8").splitlines() if t.strip()]
+    assert labels is None and sum(len(b["input_ids"]) for b in batches) == len(extra) >= 150
+    calib, evals = default_corpus()
+    assert not set(extra) & set(evals) and not set(extra) & set(calib)
+    assert "recover" in tiny_bert_spec.data_info
+    assert build_hf_spec(tiny_bert_cls).recover_data is None  # classifiers keep their labeled split

@@ -2,7 +2,7 @@
 (transformers) so the exported model is physically smaller and faster in onnxruntime."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -13,25 +13,29 @@ from toolchain.pruning import structured as S
 from toolchain.registry import register
 from toolchain.stages import PruneContext, PruneResult
 
-__all__ = ["StructuredPruneConfig", "prune_structured", "structure_of"]
+__all__ = ["StructuredPruneConfig", "prune_structured", "structure_of", "IMPORTANCES"]
+
+IMPORTANCES = ("auto",) + S.IMPORTANCES + ("reconstruction",)
 
 
 @dataclass(frozen=True)
 class StructuredPruneConfig:
     """`sparsity`: fraction of prunable structure removed (channels; for transformers the same
-    fraction of attention heads and of FFN neurons). `importance`: `activation` (data-informed,
-    default) or `magnitude`. `allocation`: `global` (rank all channels together), `latency`
+    fraction of attention heads and of FFN neurons). `importance`: `auto` (default: `reconstruction`
+    for transformers, `activation` for CNNs), `activation` (data-informed), `magnitude`, or
+    `reconstruction` (transformers: the error the least-squares refit cannot take back, see
+    transformer_structured.py). `allocation`: `global` (rank all channels together), `latency`
     (importance per unit of onnxruntime time, measured on the target) or `uniform`. `round_to`:
     kept widths are multiples of it (CNN channels, FFN neurons). `repair`: least-squares refit of
     the layer reading the removed units, with bias compensation (transformers; see
     transformer_structured.py)."""
 
     sparsity: float = 0.5
-    importance: str = "activation"
+    importance: str = "auto"
     allocation: str = "global"
     round_to: int = 8
     repair: bool = True
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: importance `auto` (reconstruction for transformers)
     kind: ClassVar[str] = "prune"
     requires_calibration: ClassVar[bool] = True  # activation importance reads calibration data
     default_recovery_steps: ClassVar[int | None] = None  # no recovery unless asked (--recover)
@@ -39,8 +43,8 @@ class StructuredPruneConfig:
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.importance not in S.IMPORTANCES:
-            raise ConfigError(f"importance must be one of {', '.join(S.IMPORTANCES)}, got '{self.importance}'")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
         if self.allocation not in S.ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(S.ALLOCATIONS)}, got '{self.allocation}'")
         if self.round_to < 1:
@@ -103,13 +107,21 @@ def _half_pruner(example: dict):
 @register("prune", "structured", StructuredPruneConfig,
           "remove whole channels / attention heads / FFN neurons (physically smaller: real CPU speed)")
 def prune_structured(model: nn.Module, config: StructuredPruneConfig, ctx: PruneContext) -> PruneResult:
+    transformer = _is_transformer(model)
+    importance = config.importance if config.importance != "auto" else \
+        ("reconstruction" if transformer else "activation")
+    if importance == "reconstruction" and not transformer:
+        raise ConfigError("importance 'reconstruction' is for transformers (heads and FFN neurons); "
+                          "use 'activation' or 'magnitude' for CNN channels")
+    config = replace(config, importance=importance)
     before, macs0 = _layer_shapes(model), S.count_macs_params(model, ctx.example_inputs)
-    if _is_transformer(model):
+    if transformer:
         from toolchain.pruning.transformer_structured import prune_transformer
 
         removed = prune_transformer(model, config, ctx)
     else:
         removed = _prune_cnn(model, config, ctx)
+    removed["importance"] = importance
     macs1 = S.count_macs_params(model, ctx.example_inputs)
     structure = structure_of(before, _layer_shapes(model), (macs0[0], macs1[0]), (macs0[1], macs1[1]), removed)
     return PruneResult(masks={}, speed_note="structured pruning removes whole channels/heads/neurons: the "

@@ -4,8 +4,13 @@ least-squares repair of the layer that reads the removed units (the steps below)
 Layer by layer, on the model as pruned so far (the inputs each layer will really see):
 1. Gram matrix G = X_a X_a^T of what attention.output.dense reads (the concatenated head
    contexts), X_a = [X; 1] over the real (unpadded) calibration tokens;
-2. head importance (activation x weight norm): ||W_o[:, head] diag(rms(X_head))||_F, i.e. the size of
-   the head's contribution to the output; `magnitude`: ||[W_q; W_k; W_v][head] ; W_o[:, head]||;
+2. head importance: `reconstruction` (the default for transformers) is the error the refit of
+   step 3 cannot take back, E(S) = tr(W_S (H^-1_SS)^-1 W_S^T) (group OBS, obs_select.py): heads and
+   neurons are removed a few at a time with W and H^-1 updated in between (ZipLM); `activation`:
+   ||W_o[:, head] diag(rms(X_head))||_F, the size of the head's contribution to the output;
+   `magnitude`: ||[W_q; W_k; W_v][head] ; W_o[:, head]||. Measured on MiniLM at 50% of the heads
+   and of the FFN neurons, held-out mean cosine right after the refit: 0.821 with `activation`,
+   0.844 with one-shot `reconstruction`;
 3. refit: with W_a = [W, b] and K the kept columns plus the constant row,
    W_a' = W_a G[:, K] (G[K, K] + lambda I)^-1 minimizes ||W_a X_a - W_a' X_a[K]||^2: the kept
    columns absorb what they can of the removed ones and the bias takes their mean contribution
@@ -21,9 +26,11 @@ import torch
 from torch import nn
 
 from contracts.errors import ConfigError
+from toolchain.pruning.obs_select import damped_inverse, greedy_drop, obs_saliency
 
 __all__ = ["encoder_layers", "layer_inputs", "sublayer_stats", "refit_columns", "prune_transformer", "DAMP"]
 
+OBS_CHUNKS = 8  # rounds of greedy FFN-neuron removal (obs_select.greedy_drop)
 DAMP = 0.01  # lambda = DAMP * mean(diag G): the usual GPTQ/OBC dampening, keeps the solve well posed
 
 
@@ -132,6 +139,8 @@ def _unit_scores(w_out: torch.Tensor, G: torch.Tensor, n: int, importance: str, 
                  w_in: torch.Tensor | None = None) -> torch.Tensor:
     """Score per unit of `unit` consecutive input columns of w_out (a head: head_dim columns);
     row j of `w_in` holds the weights that produce column j (magnitude importance only)."""
+    if importance == "reconstruction":
+        return obs_saliency(w_out, damped_inverse(G, DAMP)[:-1, :-1], unit).float().sqrt()
     if importance == "magnitude":
         cols = w_out.pow(2).sum(0)
         if w_in is not None:
@@ -218,22 +227,35 @@ def prune_transformer(model: nn.Module, config, ctx) -> dict:
     layers = encoder_layers(model)
     if config.sparsity == 0:
         return {"heads": {}, "neurons": {}}
-    inputs = layer_inputs(model, layers[0], ctx.calib_batches, ctx.run)
+    # the refit solves for up to 1537 weights per output from the calibration tokens: on MiniLM the
+    # 252 built-in calibration texts alone gave 0.846 held-out mean cosine at 50%, with the 150
+    # recovery texts added 0.860 (the fit was short of data, not of capacity)
+    batches = list(ctx.calib_batches) + (list(ctx.more_batches()) if ctx.more_batches is not None else [])
+    inputs = layer_inputs(model, layers[0], batches, ctx.run)
     drops = _heads_to_drop(_head_scores(layers, inputs, config.importance), config.sparsity, config.allocation)
     inter = layers[0].intermediate.dense.out_features
     keep_n = max(config.round_to, int(round((1 - config.sparsity) * inter / config.round_to)) * config.round_to)
     keep_n = min(keep_n, inter)
     removed_heads, removed_neurons = {}, {}
+    obs = config.importance == "reconstruction"
     for i, lay in enumerate(layers):  # each repair sees the model as pruned so far
         if drops[i]:
-            stats = sublayer_stats(lay, "attention", inputs) if config.repair else None
-            _prune_heads_layer(model, i, lay, sorted(drops[i]), stats)
+            stats = sublayer_stats(lay, "attention", inputs) if config.repair or obs else None
+            if obs:  # the global ranking set the count; which heads, greedily on the model as pruned so far
+                drops[i] = greedy_drop(lay.attention.output.dense.weight.detach(), stats[0],
+                                       lay.attention.self.attention_head_size, len(drops[i]), DAMP,
+                                       chunks=len(drops[i]))
+            _prune_heads_layer(model, i, lay, sorted(drops[i]), stats if config.repair else None)
             removed_heads[f"layer.{i}"] = sorted(drops[i])
         if keep_n < inter:
             G, B, n = sublayer_stats(lay, "ffn", inputs)
-            scores = _unit_scores(lay.output.dense.weight.detach(), G, n, config.importance, 1,
-                                  lay.intermediate.dense.weight.detach())
-            keep = sorted(torch.sort(scores, descending=True, stable=True).indices[:keep_n].tolist())
+            if obs:
+                dropped = set(greedy_drop(lay.output.dense.weight.detach(), G, 1, inter - keep_n, DAMP, OBS_CHUNKS))
+                keep = [j for j in range(inter) if j not in dropped]
+            else:
+                scores = _unit_scores(lay.output.dense.weight.detach(), G, n, config.importance, 1,
+                                      lay.intermediate.dense.weight.detach())
+                keep = sorted(torch.sort(scores, descending=True, stable=True).indices[:keep_n].tolist())
             _prune_ffn_layer(lay, keep, (G, B) if config.repair else None)
             removed_neurons[f"layer.{i}"] = inter - keep_n
         inputs = _advance(lay, inputs)
