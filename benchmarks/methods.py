@@ -32,7 +32,7 @@ p50 / variant p50, and "vs none" = int8-alone p50 / variant p50. Sizes: model.on
     .venv/bin/python benchmarks/methods.py [--quick] [--models mnist-resnet,mobilenet-v2,minilm]
                                            [--workdir DIR [--reuse]] [--max-wait S]
 
-`--quick`: mnist-resnet at one budget (0.5). Results are merged by model into
+`--quick`: mnist-resnet at one budget (0.5); `--budgets 0.5,0.3` chooses others. Results are merged by model into
 benchmarks/results/methods[-quick].json / .md (a run of one model keeps the others' results),
 and the Pareto plot is benchmarks/results/methods[-quick].png.
 """
@@ -172,7 +172,7 @@ def bench_model(model: str, budgets: tuple[float, ...], workdir: Path, args) -> 
             stats["vs_none"] = lat[t]["none"]["p50"] / stats["p50"]
     return {"variants": [{"name": v.name, "settings": v.settings, "size": size_of(v.path), "metric": metrics[v.name],
                           "latency": {t: lat[t][v.name] for t in lat}, **v.info} for v in variants],
-            "failures": failures, "other_cpu_cores": others, "load_average": os.getloadavg(),
+            "budgets": list(budgets), "failures": failures, "other_cpu_cores": others, "load_average": os.getloadavg(),
             "revision": project_revision(), "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -182,10 +182,14 @@ def _budget_cell(v: dict) -> str:
     return f"{v['budget']:.2f}"
 
 
+def _classifier(m: dict) -> bool:
+    return m["metric"].startswith("top1")
+
+
 def _metric_cell(m: dict) -> str:
     if m["metric"] == "top1_agreement":
         return f"{m['value']:.2f}% agree, KL {m['kl_to_baseline']:.4f}"
-    return f"{m['value']:.2f}%" if m["unit"] == "points" else f"{m['value']:.4f}"
+    return f"{m['value']:.2f}%" if _classifier(m) else f"{m['value']:.4f}"
 
 
 def table(model: str, result: dict) -> str:
@@ -197,14 +201,15 @@ def table(model: str, result: dict) -> str:
         lat, m = {int(t): s for t, s in v["latency"].items()}, v["metric"]
         kept = f"{v['kept']:.3f}" if "kept" in v else ""
         rows.append([v["name"], v["method"], _budget_cell(v), kept, _metric_cell(m), f"{m['drop']:.2f}"
-                     if m["unit"] == "points" else f"{m['drop']:.4f}"]
+                     if _classifier(m) else f"{m['drop']:.4f}"]
                     + [f"{lat[t]['speedup']:.2f}x ({lat[t]['p50']:.2f} ms)" for t in threads]
                     + [f"{lat[1]['vs_none']:.2f}x",
                        f"{v['size']['mb']:.3f} ({v['size']['zipped_mb']:.3f})", v.get("exit_code", ""),
                        SPEED_NOTE.get(v["method"], "peer int8" if v["method"].startswith("ort") else "reference")])
     others = ", ".join(f"{t} thr: {c:.2f} cores" for t, c in result["other_cpu_cores"].items() if c is not None)
     load = ", ".join(f"{x:.1f}" for x in result["load_average"])
-    return (markdown_table(headers, rows) + f"\n\nOther processes used {others or 'n/a'} during the latency runs "
+    failed = "".join(f"\n\nNot built: `{n}`: {why}" for n, why in result.get("failures", {}).items())
+    return (markdown_table(headers, rows) + failed + f"\n\nOther processes used {others or 'n/a'} during the latency runs "
             f"(load average {load}); revision {result['revision']}, {result['measured_at']}.")
 
 
@@ -236,12 +241,17 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="latency seconds per thread setting [10 quick, 20]")
     ap.add_argument("--max-wait", type=float, default=60.0,
                     help="seconds to wait for a quiet machine before each latency run (0 = do not wait)")
+    ap.add_argument("--budgets", default=None, help="comma-separated kept fractions [0.5,0.25; 0.5 with --quick]")
     ap.add_argument("--reuse", action="store_true",
                     help="measure the models already built in --workdir again instead of rebuilding them")
     args = ap.parse_args()
     global REUSE
     REUSE = args.reuse
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    if args.budgets:
+        budgets = tuple(float(b) for b in args.budgets.split(","))
+        if not all(0 < b < 1 for b in budgets):
+            ap.error(f"--budgets are kept fractions in (0, 1), got {args.budgets}")
     args.budget = args.budget or (10.0 if args.quick else 20.0)
     models = args.models.split(",") if args.models else (["mnist-resnet"] if args.quick else list(MODELS))
     if unknown := [m for m in models if m not in MODELS + EXTRA_MODELS]:
@@ -252,7 +262,7 @@ def main() -> None:
     results = merged(name, results)
     results = {m: results[m] for m in MODELS + EXTRA_MODELS if m in results}
     md = "\n\n".join(f"### {m}\n\n" + table(m, r) for m, r in results.items())
-    write_results(name, {"machine": machine_info(), "budgets": list(budgets), "results": results}, md)
+    write_results(name, {"machine": machine_info(), "results": results}, md)
     plot_pareto({m: pareto_points(r) for m, r in results.items()}, RESULTS_DIR / f"{name}.png")
     print(md)
     log(f"wrote {RESULTS_DIR / name}.json / .md / .png (models built under {workdir})")
