@@ -69,7 +69,7 @@ OWN_SPARSITY = ("pqi", "lowrank")  # choose their own kept fraction: one run eac
 SPEED_NOTE = {"magnitude": "zeros: size only", "nm": "zeros: size only", "pqi": "zeros: size only",
               "structured": "channels removed: speed", "sensitivity": "PFP channels removed: speed",
               "lowrank": "smaller factors: speed", "none": "int8 alone"}
-REUSE = False  # --reuse: models already built in --workdir are measured again, not rebuilt
+REUSE = False  # --reuse: measure only the models already built in --workdir (the rest are listed as not built)
 BUDGET_TOLERANCE = 0.02  # structured: refit the channel fraction once when further off than this
 
 
@@ -83,7 +83,9 @@ def build(model: str, method: str, name: str, flags: list[str], workdir: Path, b
     raises (a method that does not apply to the model), so the other variants are still compared."""
     t0, out = time.perf_counter(), workdir / model / name
     try:
-        if REUSE and (out / "report.json").is_file() and (out / "model.onnx").is_file():
+        if REUSE:
+            if not (out / "report.json").is_file() or not (out / "model.onnx").is_file():
+                raise FileNotFoundError(f"not built in --workdir ({out}); run without --reuse to build it")
             log(f"{model}: reusing {out} (--reuse)")
             report = json.loads((out / "report.json").read_text())
             exit_code = 0 if report["passed"] else 1  # what the CLI exits with: 1 = a gate failed
@@ -243,7 +245,7 @@ def main() -> None:
                     help="seconds to wait for a quiet machine before each latency run (0 = do not wait)")
     ap.add_argument("--budgets", default=None, help="comma-separated kept fractions [0.5,0.25; 0.5 with --quick]")
     ap.add_argument("--reuse", action="store_true",
-                    help="measure the models already built in --workdir again instead of rebuilding them")
+                    help="measure the models already built in --workdir again (nothing is built; missing ones are listed)")
     args = ap.parse_args()
     global REUSE
     REUSE = args.reuse
