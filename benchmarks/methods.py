@@ -102,8 +102,11 @@ def build(model: str, method: str, name: str, flags: list[str], workdir: Path, b
             "command": f"sqexport {model} {' '.join(flags)}", "macs_ratio": (structure.get("macs") or {}).get("ratio"),
             "pipeline_accuracy": {k: report["accuracy"].get(k) for k in ("metric", "baseline", "model", "drop")},
             "recovery": {k: (report.get("recovery") or {}).get(k) for k in ("steps", "metric_before", "metric_after")},
-            "build_seconds": round(time.perf_counter() - t0, 1)}
-    log(f"{model}: {name} kept {kept:.3f}, exit {exit_code}, {info['build_seconds']} s")
+            # the pipeline's own stage times (also right for a --reuse'd model)
+            "build_seconds": round(sum(st.get("seconds") or 0.0 for st in report.get("stages", [])), 1),
+            "build_cpu_seconds": round(sum(st.get("cpu_seconds") or 0.0 for st in report.get("stages", [])), 1)}
+    log(f"{model}: {name} kept {kept:.3f}, exit {exit_code}, built in {info['build_seconds']} s "
+        f"({info['build_cpu_seconds']} CPU s){' earlier' if REUSE else ''} ({time.perf_counter() - t0:.0f} s now)")
     return Variant(name, info["command"], out / "model.onnx", info)
 
 
