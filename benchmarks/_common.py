@@ -2,12 +2,16 @@
 file sizes, Markdown tables and the results folder."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import platform
 import re
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -18,13 +22,45 @@ from exporters.sparse import file_sizes
 from runtime_check.latency import measure_interleaved
 from runtime_check.session import default_threads
 
-__all__ = ["RESULTS_DIR", "machine_info", "project_revision", "thread_settings", "other_cpu_load", "wait_for_quiet", "latency_table", "size_of",
+__all__ = ["RESULTS_DIR", "quiet", "run_sqexport", "machine_info", "project_revision", "thread_settings", "other_cpu_load", "wait_for_quiet", "latency_table", "size_of",
            "markdown_table", "write_results"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 MB = 1e6
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporters' warnings, progress prints and INFO logs."""
+    loggers = [logging.getLogger(n) for n in ("", "optimum", "transformers", "torch.onnx", "onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def run_sqexport(model: str, flags: list[str], out: Path) -> tuple[int, dict]:
+    """`sqexport export MODEL FLAGS -o OUT` in-process, exactly as a user types it; returns (exit
+    code, report.json). Exit 1 (a gate failed) still writes model.onnx and the report; anything
+    else is an error."""
+    from click.testing import CliRunner
+
+    from toolchain.cli import cli
+
+    args = ["export", model, *flags]
+    with quiet():
+        result = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    if result.exit_code not in (0, 1) or not (out / "report.json").is_file():
+        raise RuntimeError(f"`sqexport {' '.join(args)}` exited {result.exit_code}:\n{result.output}")
+    return result.exit_code, json.loads((out / "report.json").read_text())
 
 
 def _cpuinfo() -> str:

@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +38,8 @@ import numpy as np  # noqa: E402
 
 from _common import (  # noqa: E402
     Variant,
-    latency_table, machine_info, markdown_table, project_revision, size_of, thread_settings, write_results,
+    latency_table, machine_info, markdown_table, project_revision, quiet, run_sqexport, size_of, thread_settings,
+    write_results,
 )
 from models.hf import default_corpus, mean_pool  # noqa: E402
 from models.text_data import MAX_LENGTH, tokenize_batches  # noqa: E402
@@ -55,23 +52,6 @@ SPARSE_NOTE = "unstructured zeros: smaller zipped file, no speed-up on onnxrunti
 
 def log(msg: str) -> None:
     print(f"[minilm] {msg}", file=sys.stderr, flush=True)
-
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporters' warnings, progress prints and INFO logs."""
-    loggers = [logging.getLogger(n) for n in ("", "optimum", "transformers", "torch.onnx", "onnxruntime")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def minilm_folder() -> Path:
@@ -121,20 +101,11 @@ def _describe_stages(recipe: dict) -> str:
 
 
 def build_sqexport(name: str, flags: list[str], workdir: Path) -> Variant:
-    """The sqexport CLI in-process, exactly as a user types it. Exit code 1 (a gate failed) still
-    writes model.onnx and report.json; anything else is an error."""
-    from click.testing import CliRunner
-
-    from toolchain.cli import cli
-
+    """The sqexport CLI in-process (exit 1 = a gate failed: the model is still reported)."""
     out = workdir / name
     args = ["export", "minilm", *flags]
-    with quiet():
-        result = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
-    if result.exit_code not in (0, 1) or not (out / "report.json").is_file():
-        raise RuntimeError(f"`sqexport {' '.join(args)}` exited {result.exit_code}:\n{result.output}")
-    report = json.loads((out / "report.json").read_text())
-    info = {"command": f"sqexport {' '.join(args)}", "exit_code": result.exit_code,
+    exit_code, report = run_sqexport("minilm", flags, out)
+    info = {"command": f"sqexport {' '.join(args)}", "exit_code": exit_code,
             "passed": report["passed"], "checks": report["checks"],
             "sparsity": report["sparsity"]["overall"], "accuracy": report["accuracy"],
             "fidelity": report.get("fidelity"), "own_latency_ms": report["latency_ms"],

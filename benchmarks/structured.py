@@ -25,7 +25,6 @@ benchmarks/results/structured[-quick].json / .md and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -39,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
     Variant,
-    latency_table, machine_info, markdown_table, project_revision, size_of, thread_settings, write_results,
+    latency_table, machine_info, markdown_table, project_revision, quiet, run_sqexport, size_of, thread_settings,
+    write_results,
 )
-from minilm import quiet  # noqa: E402
 
 FULL = {m: [(s, rec, q) for s in (0.0, 0.25, 0.5) for rec in ((False,) if s == 0 else (False, True))
             for q in ("int8", "int8-dynamic")] for m in ("mnist-resnet", "mobilenet-v2", "minilm")}
@@ -53,23 +52,14 @@ def log(msg: str) -> None:
     print(f"[structured] {msg}", file=sys.stderr, flush=True)
 
 
-
 def sqexport_variant(model: str, sparsity: float, recover: bool, quant: str, workdir: Path,
                      recover_minutes: float) -> Variant:
-    from click.testing import CliRunner
-
-    from toolchain.cli import cli
-
     name = f"sq-s{sparsity:g}{'-rec' if recover else ''}-{quant}"
     prune = ["--prune", "none"] if sparsity == 0 else ["--prune", "structured", "--sparsity", str(sparsity)]
     flags = [*prune, *(["--recover", "--recover-minutes", str(recover_minutes)] if recover else []),
              "--quant", quant, "--max-accuracy-drop", "100"]  # gates are not the point here
     out = workdir / model / name
-    with quiet():
-        res = CliRunner().invoke(cli, ["export", model, *flags, "-q", "-o", str(out)], catch_exceptions=False)
-    if res.exit_code not in (0, 1):
-        raise RuntimeError(f"sqexport {model} {' '.join(flags)} exited {res.exit_code}: {res.output}")
-    report = json.loads((out / "report.json").read_text())
+    _, report = run_sqexport(model, [*flags, "-q"], out)
     info = {"command": f"sqexport {model} {' '.join(flags)}", "macs_ratio": (report.get("structure") or {})
             .get("macs", {}).get("ratio"), "recovery": {k: (report.get("recovery") or {}).get(k)
                                                          for k in ("steps", "metric_before", "metric_after")}}
@@ -112,7 +102,9 @@ def metric(spec, base_out, path: Path) -> dict:
 
     out = run_session(make_session(path), spec.eval_batches, spec.postprocess)
     m = task_metrics(get_task(spec.task), base_out, out, spec.eval_labels)
-    return {"metric": m["metric"], "value": m["model"], "drop": m["drop"], "unit": m.get("unit")}
+    # agreement with FP32's argmax and KL(FP32 || model) exist for classifiers only
+    extra = {k: m[k] for k in ("agreement_with_baseline", "kl_to_baseline") if k in m}
+    return {"metric": m["metric"], "value": m["model"], "drop": m["drop"], "unit": m.get("unit"), **extra}
 
 
 def bench_model(model: str, grid: list, workdir: Path, args) -> dict:

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Point", "latency_vs_metric", "layer_bars", "pqi_trace", "points_from_report", "frontier_points",
-           "write_plots"]
+__all__ = ["Point", "new_figure", "save_png", "latency_vs_metric", "layer_bars", "pqi_trace", "points_from_report",
+           "frontier_points", "write_plots"]
 
 DPI = 100
 WIDTH_IN = 7.0
@@ -29,16 +29,16 @@ class Point:
     kind: str = "candidate"
 
 
-def _figure(height_in: float):
+def new_figure(height_in: float, width_in: float = WIDTH_IN):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(WIDTH_IN, height_in), dpi=DPI)
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(str(path), format="png", dpi=DPI, metadata={"Software": None})
 
@@ -47,7 +47,7 @@ def latency_vs_metric(points: list[Point], metric_label: str, path: Path, title:
                       xlabel: str = "latency p50 (ms)") -> None:
     """Scatter of p50 latency (x) against the metric (y); every point labelled. Lower-left is
     faster, higher is better for similarity and accuracy metrics."""
-    fig = _figure(4.0)
+    fig = new_figure(4.0)
     ax = fig.add_subplot()
     for kind in ("candidate", "baseline", "model"):  # model drawn last, on top
         pts = [p for p in points if p.kind == kind]
@@ -62,7 +62,7 @@ def latency_vs_metric(points: list[Point], metric_label: str, path: Path, title:
     ax.grid(True, alpha=0.3)
     ax.margins(0.25)
     ax.legend(loc="best", fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def layer_bars(values: dict[str, float | None], xlabel: str, path: Path, title: str,
@@ -71,7 +71,7 @@ def layer_bars(values: dict[str, float | None], xlabel: str, path: Path, title: 
     (e.g. "FP32 fallback", "skipped: ..."); a None value is drawn as no bar with its mark."""
     marks = marks or {}
     names = list(values)
-    fig = _figure(max(2.0, 0.6 + 0.22 * len(names)))
+    fig = new_figure(max(2.0, 0.6 + 0.22 * len(names)))
     ax = fig.add_subplot()
     ys = list(range(len(names)))[::-1]
     bars = [values[n] if values[n] is not None and math.isfinite(values[n]) else 0.0 for n in names]
@@ -86,7 +86,7 @@ def layer_bars(values: dict[str, float | None], xlabel: str, path: Path, title: 
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _pqi_value(pqi: dict) -> float:
@@ -97,7 +97,7 @@ def _pqi_value(pqi: dict) -> float:
 def pqi_trace(trace: list[dict], path: Path, title: str) -> None:
     """Per prune-recover round: PQI (before the round's pruning) and overall sparsity on the left
     axis, the metric after recovery on the right one, when recovery ran."""
-    fig = _figure(3.5)
+    fig = new_figure(3.5)
     ax = fig.add_subplot()
     rounds = [t["round"] for t in trace]
     ax.plot(rounds, [_pqi_value(t["pqi"]) for t in trace], "o-", color="#1f77b4", label="PQI")
@@ -117,7 +117,7 @@ def pqi_trace(trace: list[dict], path: Path, title: str) -> None:
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="best", fontsize=8)
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def points_from_report(report: dict) -> list[Point]:
