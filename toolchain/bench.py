@@ -11,14 +11,13 @@ from pathlib import Path
 
 from contracts.errors import ConfigError
 from exporters.bundle import MANIFEST_NAME, REFERENCE_NAME, RUNNER_NAME, sha256_file
-from runtime_check.arm64 import DEVICE_MAX_REL_ERROR
+from runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR
 from runtime_check.device import parse_device, run_on_device
 from runtime_check.report import render_markdown
 
 __all__ = ["bench", "REPRODUCE_MIN_COSINE"]
 
 RUNNER_SRC = Path(__file__).resolve().parents[1] / "runtime_check" / "device_runner.py"
-DEFAULT_RTOL = 0.01  # as in the bundle's manifest (runtime_check.arm64.ARM64_RTOL)
 # x86 CPUs without VNNI saturate full-range int8 weights (runtime_check/isa.py): there the outputs
 # are judged at the task level instead of element-wise
 REPRODUCE_MIN_COSINE = 0.99
@@ -109,7 +108,7 @@ def bench(target: Path, device: str, device_cmd: str | None = None, perf_test: s
         sha = sha256_file(model)
         result, command = run_on_device(dev, files, model.name, threads, iters, perf_test, ref is not None)
     self_test = manifest.get("self_test") or {}
-    rtol = self_test.get("rtol") or DEFAULT_RTOL
+    rtol = self_test.get("rtol") or ARM64_RTOL
     same = result.get("model_sha256", sha) == sha  # perf_test reports no hash: the pushed file is the one
     reproduced, how = _reproduced(result.get("reference"), rtol, bool(result.get("int8_saturates")),
                                   self_test.get("max_rel_error") or DEVICE_MAX_REL_ERROR)
