@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "INT8_MAX", "RELU", "LINEAR", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "act_params_from_range",
+    "INT8_MAX", "RELU", "LINEAR", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "ObservedRanges",
+    "act_params_from_range",
     "quantize_weight_per_channel", "quantize_per_tensor_symmetric", "quantize_bias",
 ]
 
@@ -78,6 +79,23 @@ class QuantParams:
     # quantized so that onnxruntime runs the add as QLinearAdd and its readers stay int8
     tensors: dict[str, ActQuant] = field(default_factory=dict)
     dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
+
+
+@dataclass
+class ObservedRanges:
+    """Exact min/max of layer inputs and outputs over the calibration data, observed by a stage's
+    own pass over the model (transform.smoothquant) and keyed by module name in the model that
+    stage returns: min-max calibration reads them instead of running the model once more.
+
+    `inputs` / `outputs`: module -> (min, max) of the tensor the module reads / returns (outputs
+    before any rectifier). `samples`: how many calibration samples were observed. `used` is set
+    by the calibration that read them (the report says so)."""
+
+    inputs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    samples: int = 0
+    source: str = ""  # the stage that observed them
+    used: bool = False
 
 
 def act_params_from_range(rmin: float, rmax: float) -> ActQuant:

@@ -18,6 +18,7 @@ import onnxruntime
 import torch
 
 from contracts.progress import NULL_PROGRESS, Progress, track
+from contracts.quant import ObservedRanges
 from exporters.bundle import build_bundle
 from exporters.export import exporter_for
 from exporters.sparse import store_sparse
@@ -88,6 +89,9 @@ class RunState:
     notes: list[str] = field(default_factory=list)
     sparsity: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # report sections methods add (structure, recovery)
+    # min-max ranges of `work` on the calibration data that the last transform stage observed in
+    # its own pass (TransformResult.ranges); the quantize stage's calibration reads them
+    observed_ranges: ObservedRanges | None = None
     prepared: onnx.ModelProto | None = None  # FP32 export of `work`, where int8 gets written
     reference: Callable | None = None  # torch model that model.onnx must reproduce
     quant_info: dict = field(default_factory=dict)
@@ -227,6 +231,7 @@ def transform(state: RunState) -> None:
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("transform", stage.name).handler(state.work, stage.config, ctx)
             state.work = result.model
+            state.observed_ranges = result.ranges  # a later transform without ranges invalidates them
             rec["params"].update(result.info)
 
 
@@ -247,7 +252,7 @@ def quantize(state: RunState) -> None:
         state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
                                                  limit, state.recipe.target, state.progress,
                                                  work_is_dense=state.recipe.stage("prune") is None,
-                                                 consume_prepared=True)
+                                                 consume_prepared=True, observed_ranges=state.observed_ranges)
         state.prepared = None  # rewritten into model.onnx: nothing reads the FP32 graph again
         rec["params"]["quantized_layers"] = info["quantized_layers"]
         if info.get("fallback"):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from contracts.progress import NULL_PROGRESS, Progress
-from contracts.quant import Anchor, QuantParams
+from contracts.quant import Anchor, ObservedRanges, QuantParams
 from runtime_check.isa import int8_saturates
 
 if TYPE_CHECKING:
@@ -122,10 +122,13 @@ class TransformContext:
 @dataclass
 class TransformResult:
     """`model` is the transformed model (the same object when changed in place); `info` goes into
-    the stage's record in the report."""
+    the stage's record in the report; `ranges`: min-max activation ranges of the returned model on
+    the calibration data, when the method observed them in its own pass (the pipeline hands them
+    to the quantize stage, whose min-max calibration then runs no pass of its own)."""
 
     model: nn.Module
     info: dict = field(default_factory=dict)
+    ranges: ObservedRanges | None = None
 
 
 class TransformMethod(Protocol):
@@ -144,6 +147,9 @@ class QuantContext:
     progress: Progress = NULL_PROGRESS
     # weightless modules whose outputs get quantized as they are (residual adds, QuantPlan.tensor_sites)
     tensors: list[str] = field(default_factory=list)
+    # min-max ranges a transform stage observed on the calibration data for this very model
+    # (TransformResult.ranges); a min-max calibration that finds all it needs there runs no pass
+    observed_ranges: ObservedRanges | None = None
 
 
 class QuantizeMethod(Protocol):

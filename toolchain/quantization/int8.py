@@ -67,7 +67,7 @@ def _qmax(config, ctx) -> int:
 def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> QuantParams:
     batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
     ins, outs, tensors = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile,
-                                   ctx.tensors)
+                                   ctx.tensors, ctx.observed_ranges)
     qmax = _qmax(config, ctx)
     params = quantize_weights(model, ctx.anchors, ins, qmax)
     params.outputs = outs

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from contracts.quant import (
-    ActQuant, Anchor, QuantParams, WeightQuant, act_params_from_range, quantize_bias, quantize_per_tensor_symmetric,
-    quantize_weight_per_channel,
+    ActQuant, Anchor, ObservedRanges, QuantParams, WeightQuant, act_params_from_range, quantize_bias,
+    quantize_per_tensor_symmetric, quantize_weight_per_channel,
 )
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.observers import RangeObserver, compute_range, observer_config
@@ -30,20 +30,49 @@ def _within(p: ActQuant, hi: float) -> ActQuant:
     return ActQuant(float(scale), p.zero_point)
 
 
+def _rectified(bounds: tuple[float, float], rng: tuple[float, float]) -> tuple[float, float]:
+    """(min, max) of rectify(out, bounds) from (min, max) of out: a clamp is monotonic."""
+    lo, hi = bounds
+    return min(max(rng[0], lo), hi), min(max(rng[1], lo), hi)
+
+
+def _from_observed(anchors: list[Anchor], tensors: list[str], observed: ObservedRanges | None, method: Callable,
+                   ) -> tuple[dict[str, ActQuant], dict[str, ActQuant], dict[str, ActQuant]] | None:
+    """calibrate's result from ranges another pass observed on the same data (ObservedRanges), or
+    None unless every anchor uses min-max and every range it needs is there."""
+    if observed is None or tensors:
+        return None
+    if any(method(a.module) != "minmax" or a.module not in observed.inputs
+           or (a.quantize_output and a.module not in observed.outputs) for a in anchors):
+        return None
+    observed.used = True
+    ins = {a.module: act_params_from_range(*observed.inputs[a.module]) for a in anchors}
+    outs = {a.module: _within(act_params_from_range(*_rectified(a.output_range, observed.outputs[a.module])),
+                              a.output_range[1])
+            for a in anchors if a.quantize_output}
+    return ins, outs, {}
+
+
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
               observer: str | dict[str, str] = "minmax", percentile: float = 99.99,
-              tensors: Iterable[str] = (),
+              tensors: Iterable[str] = (), observed: ObservedRanges | None = None,
               ) -> tuple[dict[str, ActQuant], dict[str, ActQuant], dict[str, ActQuant]]:
     """Observe anchor inputs (and rectified outputs) over `batches`; `run(model, batch)` runs one.
 
     `observer` is a registered observer name (kind "observer"), or a dict mapping module names to
     observer names (modules not in it use min-max). `tensors` names weightless modules whose
     outputs are quantized as they are (residual adds); the third dict holds their params.
+    `observed`: min-max ranges of this model on the same batches from another stage's pass; when
+    they cover every anchor (all min-max) the model is not run again (observed.used says so).
     """
-    modules = dict(model.named_modules())
-
     def method(name):
         return observer.get(name, "minmax") if isinstance(observer, dict) else observer
+
+    tensors = list(tensors)
+    reused = _from_observed(anchors, tensors, observed, method)
+    if reused is not None:
+        return reused
+    modules = dict(model.named_modules())
 
     def keeps(name):
         return observer_config(method(name), percentile=percentile).keeps_samples

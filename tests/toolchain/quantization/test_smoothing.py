@@ -194,3 +194,66 @@ def test_bert_pruned_zeros_stay_zero(smoothed_bert):
     modules = dict(work.named_modules())
     for name, z in zeros.items():
         assert torch.equal(modules[name].linear.weight == 0, z), name
+
+
+# ---------------------------------------------------------------- one pass: smoothing + min-max ranges
+
+def _anchors(model, outputs=()):
+    from contracts.quant import Anchor
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [Anchor(n, quantize_output=n in outputs) for n in names]
+
+
+def test_ranges_from_the_smoothing_pass_equal_a_separate_calibration_pass():
+    from contracts.quant import ObservedRanges
+    from toolchain.quantization.static import calibrate
+
+    model, batches = _block_and_batches()
+    ranges = ObservedRanges()
+    smooth_model(model, batches, _run, 0.85, ranges=ranges)
+    anchors = _anchors(model, outputs={"o.linear"})  # one rectified output (ReLU bounds) too
+    assert {a.module for a in anchors} == {"q.linear", "k.linear", "v.linear", "o.linear", "head"}
+    assert ranges.samples == 12 and ranges.source == "transform.smoothquant" and not ranges.used
+
+    def no_pass(model, batch):
+        raise AssertionError("the model must not run again")
+    reused = calibrate(model, anchors, batches, no_pass, observed=ranges)
+    assert ranges.used
+    separate = calibrate(model, anchors, batches, _run)  # the old way: a pass over the smoothed model
+    for got, want in zip(reused[:2], separate[:2]):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name].zero_point == want[name].zero_point, name
+            assert got[name].scale == pytest.approx(want[name].scale, rel=1e-6), name
+    # q/k/v read the LayerNorm output directly: the range of x * inv_s is exactly the per-channel one
+    for n in ("q.linear", "k.linear", "v.linear"):
+        assert reused[0][n] == separate[0][n]
+
+
+def test_other_observers_still_run_their_own_pass():
+    from contracts.quant import ObservedRanges
+    from toolchain.quantization.static import calibrate
+
+    model, batches = _block_and_batches()
+    ranges = ObservedRanges()
+    smooth_model(model, batches, _run, 0.85, ranges=ranges)
+    calls = []
+
+    def run(model, batch):
+        calls.append(1)
+        return _run(model, batch)
+    calibrate(model, _anchors(model), batches, run, observer="percentile", observed=ranges)
+    assert len(calls) == len(batches) and not ranges.used
+    # a range the smoothing pass did not see also means a pass of its own
+    del ranges.inputs["head"]
+    calibrate(model, _anchors(model), batches, run, observed=ranges)
+    assert len(calls) == 2 * len(batches) and not ranges.used
+
+
+def test_nothing_smoothed_leaves_the_ranges_empty():
+    from contracts.quant import ObservedRanges
+
+    ranges = ObservedRanges()
+    model = nn.Sequential(nn.Linear(4, 2))
+    assert smooth_model(model, [{"x": np.ones((3, 4), np.float32)}], _run, 0.85, ranges=ranges) == []
+    assert ranges.inputs == {} and ranges.outputs == {}
