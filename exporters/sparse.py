@@ -8,8 +8,10 @@ when it loads the model, so they change the file, never the arithmetic.
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["deflated_size", "file_sizes", "initializer_stats", "initializer_arrays", "densify",
+__all__ = ["deflated_size", "deflate_stream_size", "file_sizes", "initializer_stats", "initializer_arrays", "densify",
            "store_sparse", "INDEX_BYTES"]
 
 INDEX_BYTES = 8  # ONNX sparse tensors index with int64
@@ -51,21 +53,89 @@ class _CountingSink(io.RawIOBase):
         return self.pos
 
 
-def deflated_size(path: Path, on_bytes: Callable[[int], None] | None = None) -> int:
-    """Size of a zip (deflate, level 9) holding the file. Written as ZipFile.write writes it (same
-    ZipInfo, same chunks) into a sink that only counts, with `on_bytes(n)` called as the input is
-    read: a 440 MB file takes ~20 s, which a progress bar should show."""
+DEFLATE_LEVEL = 9
+PARALLEL_MIN_BYTES = 16 << 20  # smaller files deflate in one part: exact, and fast anyway
+PARALLEL_PARTS = 2
+_WINDOW = 32 << 10  # deflate's history window: what a part is primed with (pigz does the same)
+
+
+def deflated_size(path: Path, on_bytes: Callable[[int], None] | None = None, parts: int | None = None) -> int:
+    """Size of a zip (deflate, level 9) holding the file, with `on_bytes(n)` called as the input
+    is read: a 440 MB file takes ~20 s of one core, which a progress bar should show.
+
+    `parts` (default: PARALLEL_PARTS from PARALLEL_MIN_BYTES on, else 1): the file is deflated
+    in that many parts on as many threads (zlib releases the GIL), pigz-style: each part primed
+    with the 32 KB before it and ended with a sync flush, so the parts concatenate into one valid
+    deflate stream that any unzip reads. It differs from a one-thread zip only by a few bytes per
+    part boundary (all-MiniLM-L6-v2's 90 MB FP32 baseline: 239 bytes, 0.0003%) and takes half
+    the wall time on two cores. One part is written exactly as ZipFile.write writes it."""
     path = Path(path)
+    size = path.stat().st_size
+    if parts is None:
+        parts = PARALLEL_PARTS if size >= PARALLEL_MIN_BYTES else 1
+    if parts <= 1 or size < parts * _WINDOW or size * 1.05 > zipfile.ZIP64_LIMIT:
+        return _zip_size(path, on_bytes)
+    return _zip_overhead(path) + deflate_stream_size(path, parts, on_bytes)
+
+
+def _zip_size(path: Path, on_bytes: Callable[[int], None] | None) -> int:
+    """Written as ZipFile.write writes it (same ZipInfo, same chunks) into a sink that only counts."""
     sink = _CountingSink()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=DEFLATE_LEVEL) as zf:
         info = zipfile.ZipInfo.from_file(path, path.name)
-        info.compress_type, info._compresslevel = zipfile.ZIP_DEFLATED, 9
+        info.compress_type, info._compresslevel = zipfile.ZIP_DEFLATED, DEFLATE_LEVEL
         with open(path, "rb") as src, zf.open(info, "w") as dest:
             while chunk := src.read(1 << 20):
                 dest.write(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
     return sink.size
+
+
+def _zip_overhead(path: Path) -> int:
+    """Bytes a one-file zip adds around the deflate data (no zip64: files under 2 GB): local
+    header, central directory entry, end record."""
+    name = len(path.name.encode("utf-8"))
+    return (30 + name) + (46 + name) + 22
+
+
+def deflate_stream_size(path: Path, parts: int, on_bytes: Callable[[int], None] | None = None,
+                        out: Callable[[int, bytes], None] | None = None) -> int:
+    """Bytes of the raw deflate stream of `path` compressed in `parts` parallel parts (see
+    deflated_size); `out(part, data)` receives the compressed bytes (tests reassemble them)."""
+    size = path.stat().st_size
+    bounds = [size * i // parts for i in range(parts + 1)]
+    lock = threading.Lock()
+
+    def read(n: int) -> None:
+        if on_bytes is not None:
+            with lock:
+                on_bytes(n)
+
+    def part(i: int) -> int:
+        start, end = bounds[i], bounds[i + 1]
+        with open(path, "rb") as f:
+            history = b""
+            if start:
+                f.seek(start - _WINDOW)
+                history = f.read(_WINDOW)
+            comp = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, zdict=history) if history \
+                else zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+            total, pos = 0, start
+            while pos < end:
+                chunk = f.read(min(1 << 20, end - pos))
+                pos += len(chunk)
+                data = comp.compress(chunk)
+                total += len(data)
+                if out is not None and data:
+                    out(i, data)
+                read(len(chunk))
+            data = comp.flush(zlib.Z_FINISH if i == parts - 1 else zlib.Z_SYNC_FLUSH)
+            if out is not None:
+                out(i, data)
+            return total + len(data)
+    with ThreadPoolExecutor(parts) as pool:
+        return sum(pool.map(part, range(parts)))
 
 
 _DEFLATED: dict[tuple[int, int], int] = {}  # (size, crc32 of the content) -> deflated size

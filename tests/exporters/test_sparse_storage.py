@@ -131,3 +131,25 @@ def test_deflated_size_equals_zipfile_write_and_reports_bytes_read(tmp_path):
     seen = []
     assert deflated_size(path, seen.append) == buf.getbuffer().nbytes
     assert sum(seen) == 3_000_000 and len(seen) == 3  # 1 MiB reads
+
+
+def test_parallel_deflate_is_one_valid_stream_within_bytes_of_a_one_thread_zip(tmp_path):
+    """Two parts on two threads (pigz-style): the concatenated output inflates to the file, the
+    zip around it is what ZipFile writes around one part, and the size differs by a few bytes."""
+    import zlib
+
+    from exporters.sparse import _zip_overhead, _zip_size, deflate_stream_size, deflated_size
+    path = tmp_path / "data.bin"
+    rng = np.random.default_rng(1)
+    path.write_bytes(rng.normal(size=500_000).astype(np.float32).tobytes())  # FP32 weights-like, 2 MB
+    assert _zip_overhead(path) + deflate_stream_size(path, 1) == _zip_size(path, None)
+    chunks = {0: [], 1: []}
+    seen = []
+    two = deflate_stream_size(path, 2, seen.append, out=lambda part, data: chunks[part].append(data))
+    stream = b"".join(chunks[0] + chunks[1])
+    assert len(stream) == two and sum(seen) == path.stat().st_size
+    assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream) == path.read_bytes()
+    one = deflated_size(path, parts=1)
+    assert deflated_size(path, parts=2) == _zip_overhead(path) + two
+    assert abs(deflated_size(path, parts=2) - one) <= 1e-4 * one
+    assert deflated_size(path) == one  # under PARALLEL_MIN_BYTES: one part, exact

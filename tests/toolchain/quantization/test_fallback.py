@@ -97,6 +97,32 @@ def test_local_snr_is_local_to_each_layer():
                                       chain[1](chain[0](torch.from_numpy(batches[0]["x"]))).numpy())
 
 
+def test_local_snr_on_a_share_of_the_rows_is_that_share_scored_by_hand():
+    """row_fraction 0.5: the SNR of exactly the rows drawn (by hand with the same seeded
+    generator), the same on a second run, and close to the SNR of every row."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 4)).eval().requires_grad_(False)
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.normal(size=(8, 10, 6)).astype(np.float32)} for _ in range(3)]
+    params = _params(model, batches, [Anchor("0")])
+    half = local_snr_db(model, params, batches, _run, row_fraction=0.5, seed=7)
+    assert half == local_snr_db(model, params, batches, _run, row_fraction=0.5, seed=7)
+    g = torch.Generator().manual_seed(7)
+    w = torch.from_numpy(params.weights["0"].dequantized())
+    signal = noise = 0.0
+    for batch in batches:
+        x = torch.from_numpy(batch["x"]).reshape(-1, 6)
+        rows = torch.randperm(80, generator=g)[:40].sort().values
+        x = x[rows]
+        ref = model(x)
+        y = nn.functional.linear(torch.from_numpy(_fake_quant_by_hand(x.numpy(), params.inputs["0"]).astype(np.float32)),
+                                 w, model[0].bias)
+        signal += float((ref.double() ** 2).sum())
+        noise += float(((ref - y).double() ** 2).sum())
+    assert half["0"] == pytest.approx(10 * math.log10(signal / noise), abs=1e-3)
+    assert half["0"] == pytest.approx(local_snr_db(model, params, batches, _run)["0"], abs=1.0)
+
+
 # ---------------------------------------------------------------- the fallback loop
 
 SNR = {"a": 30.0, "b": 10.0, "c": 20.0, "d": 40.0}
