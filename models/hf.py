@@ -75,6 +75,21 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
+def _without_sklearn_in_transformers() -> None:
+    """transformers imports scikit-learn (1 s of a ~5 s start) only to tune assisted generation
+    (generation/candidate_generator.py, roc_curve), which loading, exporting and calibrating never
+    do: tell it scikit-learn is absent before its model classes load. A transformers without that
+    flag is left alone; code that imports scikit-learn itself (the digits models) is unaffected."""
+    import sys
+
+    if "transformers.generation.candidate_generator" in sys.modules:
+        return  # already imported with it: nothing to save
+    from transformers.utils import import_utils
+
+    if isinstance(getattr(import_utils, "_sklearn_available", None), bool):
+        import_utils._sklearn_available = False
+
+
 def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None) -> ModelSpec:
     folder = Path(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,6 +100,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
     if info.hf_head is None:
         raise ModelLoadError(f"a Hugging Face folder cannot be loaded as '{task}'")
     try:
+        _without_sklearn_in_transformers()
         import transformers
         from transformers import AutoTokenizer
 
