@@ -128,8 +128,10 @@ def _busy_seconds() -> float | None:
 
 
 def _own_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (a benchmark's child process
+    is its own work, not another process's load)."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def other_cpu_load(fn):
