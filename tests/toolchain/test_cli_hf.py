@@ -131,6 +131,11 @@ def test_quantization_info(fe, onnx_tools):
     assert q["int8_embeddings"] == ["embeddings.word_embeddings"]
     assert q["quantized_layers"] == len(ENCODER_LINEARS)  # the pooler is not in the feature graph
     assert q["fallback"] == [] and len(q["predicted_drop_trace"]) == 1
+    # the default recipe smooths first: its statistics pass gave the min-max ranges (no own pass)
+    calib = q["calibration"]
+    assert calib["pass"] == "shared with transform.smoothquant"
+    assert calib["samples"] == q["snr_sample"]["calibration_samples"] > 0  # every calibration sample
+    assert q["snr_sample"]["linear_row_fraction"] == 0.5
     model = onnx.load(str(fe.out / "model.onnx"))
     assert len(onnx_tools.quantized_weights(model)) == q["quantized_layers"]
     assert onnx_tools.op_count(model, "QuantizeLinear") > 0 and onnx_tools.op_count(model, "DequantizeLinear") > 0
