@@ -39,7 +39,8 @@ def render_markdown(r: dict) -> str:
             lines.append(f"- {k}: {format_value(acc[k], k_unit)}")
     if "max_abs_deviation" in r.get("fidelity", {}):
         f = r["fidelity"]
-        lines.append(f"- onnxruntime vs torch quantized model: max |deviation| {f['max_abs_deviation']:.3g}"
+        covered = f" on {f['samples']} of {f['eval_samples']} evaluation samples" if "samples" in f else ""
+        lines.append(f"- onnxruntime vs torch quantized model{covered}: max |deviation| {f['max_abs_deviation']:.3g}"
                      + (f", argmax agreement {f['argmax_agreement']:.4f}" if "argmax_agreement" in f else ""))
     lines += _data_lines(r)
     lat = r["latency_ms"]

@@ -24,6 +24,7 @@ from exporters.tensor_sites import find_tensor_sites
 from models.spec import ModelSpec, first_samples
 from runtime_check.accuracy import drop_in_unit, task_metrics
 from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
+from runtime_check.verify import fidelity_batches
 from toolchain.builtin_methods import lookup
 from toolchain.hooks import run_with_hooks
 from toolchain.pruning import prunable_layers
@@ -292,11 +293,12 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
 
 
 def torch_reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:
-    """The torch fake-quant outputs model.onnx must reproduce, computed once on the evaluation
-    batches now (no copy of the model kept alive for verification); other batches on demand."""
+    """The torch fake-quant outputs model.onnx must reproduce, computed once now on the evaluation
+    batches the fidelity check covers (fidelity_batches; no copy of the model kept alive for
+    verification); other batches on demand."""
     with fake_quantized(work, params):
         done = {id(b): spec.torch_outputs(work, b)
-                for b in track(progress, spec.eval_batches, "torch reference (fidelity)", "batches")}
+                for b in track(progress, fidelity_batches(spec), "torch reference (fidelity)", "batches")}
 
     def reference(batch: dict) -> list[np.ndarray]:
         if id(batch) in done:

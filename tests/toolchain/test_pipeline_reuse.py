@@ -8,6 +8,7 @@ import torch
 
 from models.hf import build_hf_spec
 from runtime_check.gates import Gates
+from runtime_check.verify import FIDELITY_SAMPLES
 from toolchain import pipeline
 from toolchain.quantization.int8 import Int8StaticConfig
 from toolchain.quantization.smoothing import SmoothQuantConfig
@@ -44,6 +45,10 @@ def test_disposable_model_gives_the_same_output_without_a_copy(tiny_bert, tmp_pa
     assert used["size_bytes"]["compressed"] == used["sparse_storage"]["dense"]["compressed"]
     # later stages still ran on what was freed or reused: fidelity against the torch reference holds
     assert used["fidelity"]["max_abs_deviation"] < 0.05 * used["fidelity"]["reference_max_abs"]
+    # on the leading evaluation batches (FIDELITY_SAMPLES), and report.md says how many
+    fid, evaluated = used["fidelity"], sum(len(b["input_ids"]) for b in build_hf_spec(tiny_bert).eval_batches)
+    assert fid["eval_samples"] == evaluated and min(FIDELITY_SAMPLES, evaluated) <= fid["samples"] <= evaluated
+    assert f"on {fid['samples']} of {evaluated} evaluation samples" in (tmp_path / "own" / "report.md").read_text()
 
 
 def _state(spec, stages, disposable):
