@@ -12,14 +12,15 @@ import threading
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["deflated_size", "deflate_stream_size", "file_sizes", "initializer_stats", "initializer_arrays", "densify",
+__all__ = ["deflated_size", "deflate_stream_size", "file_sizes", "sizes_measured_meanwhile", "initializer_stats", "initializer_arrays", "densify",
            "store_sparse", "INDEX_BYTES"]
 
 INDEX_BYTES = 8  # ONNX sparse tensors index with int64
@@ -159,6 +160,24 @@ def file_sizes(path: Path, on_bytes: Callable[[int], None] | None = None) -> dic
     elif on_bytes is not None:
         on_bytes(key[0])
     return {"raw": key[0], "compressed": _DEFLATED[key]}
+
+
+@contextmanager
+def sizes_measured_meanwhile(path: Path) -> Iterator[None]:
+    """file_sizes(path) on a background thread while the block runs; its result is kept for the
+    later call. Deflating is nearly all of a size measurement and zlib releases the GIL, so a block
+    that keeps one core busy (torch.onnx export, single-threaded) leaves the other to it. Waits for
+    the thread when the block ends; if the block raises, the (daemon) thread is left to finish and
+    a measurement it did not finish is simply made again when asked for."""
+    def measure() -> None:
+        try:
+            file_sizes(path)
+        except Exception:  # noqa: BLE001 (the later file_sizes call measures again and reports it)
+            pass
+    thread = threading.Thread(target=measure, name=f"deflate {Path(path).name}", daemon=True)
+    thread.start()
+    yield
+    thread.join()
 
 
 def _sparse_to_array(sp: onnx.SparseTensorProto) -> np.ndarray:

@@ -153,3 +153,32 @@ def test_parallel_deflate_is_one_valid_stream_within_bytes_of_a_one_thread_zip(t
     assert deflated_size(path, parts=2) == _zip_overhead(path) + two
     assert abs(deflated_size(path, parts=2) - one) <= 1e-4 * one
     assert deflated_size(path) == one  # under PARALLEL_MIN_BYTES: one part, exact
+
+
+def test_sizes_measured_meanwhile_runs_beside_the_block_and_is_kept_for_the_later_read(tmp_path, monkeypatch):
+    """The baseline is deflated on another thread while the block runs (the pipeline's export.model);
+    the later file_sizes returns the same numbers without deflating again."""
+    import threading
+
+    import exporters.sparse as sparse
+    calls = []
+    real = sparse.deflated_size
+    monkeypatch.setattr(sparse, "deflated_size",
+                        lambda p, on_bytes=None: calls.append(threading.current_thread().name) or real(p))
+    monkeypatch.setattr(sparse, "_DEFLATED", {})
+    path = tmp_path / "baseline.bin"
+    path.write_bytes(np.random.default_rng(1).integers(0, 4, 2_000_000, dtype=np.uint8).tobytes())
+    with sparse.sizes_measured_meanwhile(path):
+        pass
+    assert calls == ["deflate baseline.bin"]  # on its own thread, done when the block ends
+    assert sparse.file_sizes(path) == {"raw": 2_000_000, "compressed": real(path)} and len(calls) == 1
+
+
+def test_a_failed_measurement_meanwhile_is_made_again_when_asked_for(tmp_path, monkeypatch):
+    import exporters.sparse as sparse
+    monkeypatch.setattr(sparse, "_DEFLATED", {})
+    path = tmp_path / "later.bin"
+    with sparse.sizes_measured_meanwhile(path):  # no file yet: the thread's measurement fails quietly
+        pass
+    path.write_bytes(b"x" * 1000)
+    assert sparse.file_sizes(path)["raw"] == 1000
