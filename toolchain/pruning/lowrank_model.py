@@ -28,9 +28,12 @@ import numpy as np
 import onnx
 from torch import nn
 
-from exporters.qdq import insert_qdq
+from contracts.quant import Anchor
+from exporters.graph import merge_duplicate_nodes
+from exporters.qdq import find_sites, insert_qdq
 from runtime_check.session import make_session
 from toolchain.folding import fold_batchnorm
+from toolchain.pruning.masks import prunable_layers
 from toolchain.quantization.static import calibrate, quantize_weights
 
 __all__ = ["model_int8_graph", "profile_node_times", "layer_times", "time_pair", "revert_until_faster"]
@@ -39,18 +42,22 @@ __all__ = ["model_int8_graph", "profile_node_times", "layer_times", "time_pair",
 def model_int8_graph(model: nn.Module, export: Callable, batches: list[dict], run: Callable, path: Path,
                      qmax: int) -> dict[str, str]:
     """Write the int8 QDQ graph of a copy of `model` to `path`; return torch module -> ONNX node
-    (the node consuming its weight: the QLinearConv / QGemm onnxruntime fuses it into)."""
-    from toolchain.quantize_step import plan_quantization  # quantize_step imports toolchain.pruning
-
+    (the node consuming its weight: the QLinearConv / QGemm onnxruntime fuses it into). The same
+    placement as the pipeline's quantize step (toolchain/quantize_step.plan_quantization, which
+    this module cannot import: it imports the pruning package): weights and inputs of every
+    Conv/Linear, rectified or linear outputs, and a skip path's sum where a conv reads it (so the
+    residual Adds become QLinearAdd). Ranges come from `batches`; they shape no kernel choice."""
     work, _ = fold_batchnorm(copy.deepcopy(model).eval())
     prepared = export(work, path)
-    plan = plan_quantization(work, prepared)
-    ins, outs, tensors = calibrate(work, plan.anchors, batches, run, tensors=list(plan.tensor_sites))
-    params = quantize_weights(work, plan.anchors, ins, qmax)
-    params.outputs, params.tensors = outs, tensors
-    onnx.save(insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=True),
-              str(path))
-    return {name: site.node for name, site in plan.sites.items()}
+    merge_duplicate_nodes(prepared)
+    sites = find_sites(prepared, {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()})
+    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range,
+                      quantize_input_for_sum=s.input_summed) for name, s in sites.items()]
+    ins, outs, _ = calibrate(work, anchors, batches, run)
+    params = quantize_weights(work, anchors, ins, qmax)
+    params.outputs = outs
+    onnx.save(insert_qdq(prepared, sites, params, inplace=True), str(path))
+    return {name: site.node for name, site in sites.items()}
 
 
 def profile_node_times(path: Path, feed: dict, threads: int = 1, budget_s: float = 1.0,
