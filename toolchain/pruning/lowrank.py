@@ -213,20 +213,19 @@ class _Bench:
         path = self.tmp / f"variant{self.built}.onnx"
         return path, self._graph(_variant(self.model, self.options, selection), path)
 
-    def layer_times(self, path: Path, nodes: dict[str, str], names: list[str]) -> dict[str, float | None]:
-        return layer_times(nodes, profile_node_times(path, self.feed, threads=1), names)
-
 
 def _times_in_context(bench: _Bench, options: dict) -> dict[str, dict[str, float | None]]:
     """Per layer, microseconds in the whole int8 model: dense, and per scheme with every layer that
-    has that scheme factored at once (one profiled graph per scheme)."""
-    names = list(options)
-    out = {n: {"dense": t} for n, t in bench.layer_times(bench.dense_path, bench.dense_nodes, names).items()}
+    has that scheme factored at once (one graph per scheme, all profiled interleaved)."""
+    graphs = {"dense": (bench.dense_path, bench.dense_nodes, list(options))}
     for scheme in sorted({s for o in options.values() for s in o}):
         selection = {n: scheme for n, o in options.items() if scheme in o}
-        path, nodes = bench.build(selection)
-        for n, t in bench.layer_times(path, nodes, list(selection)).items():
-            out[n][scheme] = t
+        graphs[scheme] = (*bench.build(selection), list(selection))
+    profiles = profile_node_times({k: g[0] for k, g in graphs.items()}, bench.feed, threads=1)
+    out: dict[str, dict[str, float | None]] = {n: {} for n in options}
+    for key, (_, nodes, names) in graphs.items():
+        for n, t in layer_times(nodes, profiles[key], names).items():
+            out[n][key] = t
     return out
 
 

@@ -6,9 +6,9 @@ mnist-resnet every layer timed faster alone while the whole factored model was 0
 So, for models the spec's exporter can export (single-input models):
 - `model_int8_graph`: the whole model as the pipeline will ship it (BatchNorm folded, int8 QDQ
   weights and activations, residual adds quantized), from a deep copy.
-- `profile_node_times`: onnxruntime's own per-node kernel times of that graph at one thread, so
-  each layer's cost is read *in context* (`layer_times`): the dense layer's QLinearConv vs the
-  sum of its factors' nodes, in one profiled run of each variant.
+- `profile_node_times`: onnxruntime's own per-node kernel times of such graphs at one thread,
+  the graphs run interleaved, so each layer's cost is read *in context* (`layer_times`): the
+  dense layer's QLinearConv vs the sum of its factors' nodes, profiled at the same moments.
 - `time_pair`: the dense and the factored model interleaved run by run; the speedup is the
   median of the paired ratios (each pair ran back to back, so load drifts cancel).
 - `revert_until_faster`: the whole-model check; layers go back to dense, least measured gain
@@ -60,34 +60,44 @@ def model_int8_graph(model: nn.Module, export: Callable, batches: list[dict], ru
     return {name: site.node for name, site in sites.items()}
 
 
-def profile_node_times(path: Path, feed: dict, threads: int = 1, budget_s: float = 1.0,
-                       min_runs: int = 30) -> dict[str, float]:
-    """Median kernel microseconds per node of the optimized graph (onnxruntime's profiler). Fused
-    nodes keep the name of the node they replace, plus a `_token_N` suffix after the NHWC rewrite."""
+def profile_node_times(paths: dict[str, Path], feed: dict, threads: int = 1, budget_s: float = 2.0,
+                       min_rounds: int = 30) -> dict[str, dict[str, float]]:
+    """Per graph, median kernel microseconds per node of the optimized graph (onnxruntime's
+    profiler). The graphs run interleaved, one run each per round (order alternating), so load
+    from other processes hits every graph alike: the per-layer comparison is between graphs
+    profiled at the same moments. Fused nodes keep the name of the node they replace, plus a
+    `_token_N` suffix after the NHWC rewrite (`_node_time`)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory(prefix="sqexport-profile-") as tmp:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "p")
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        for _ in range(3):
-            sess.run(None, feed)
-        start, runs = time.perf_counter(), 0
-        while runs < min_runs or time.perf_counter() - start < budget_s:
-            sess.run(None, feed)
-            runs += 1
-            if runs >= 20 * min_runs:
+        sessions = {}
+        for key, path in paths.items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tmp) / f"p{len(sessions)}")
+            sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        keys = list(sessions)
+        for k in keys:
+            for _ in range(3):
+                sessions[k].run(None, feed)
+        start, rounds = time.perf_counter(), 0
+        while rounds < min_rounds or time.perf_counter() - start < budget_s:
+            for k in (keys if rounds % 2 == 0 else keys[::-1]):
+                sessions[k].run(None, feed)
+            rounds += 1
+            if rounds >= 20 * min_rounds:
                 break
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    times: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            times.setdefault(e["name"][:-len("_kernel_time")], []).append(float(e["dur"]))
-    # the warm-up runs are in the profile too: the median ignores them
-    return {n: float(np.median(d)) for n, d in times.items()}
+        out = {}
+        for k in keys:
+            times: dict[str, list[float]] = {}
+            for e in json.loads(Path(sessions[k].end_profiling()).read_text()):
+                if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                    times.setdefault(e["name"][:-len("_kernel_time")], []).append(float(e["dur"]))
+            # the warm-up runs are in the profile too: the median ignores them
+            out[k] = {n: float(np.median(d)) for n, d in times.items()}
+    return out
 
 
 def _node_time(node: str, times: dict[str, float]) -> float | None:
