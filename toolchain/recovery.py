@@ -8,9 +8,14 @@
 
 Augmentation keeps a small calibration set from being memorized: random shifts (crop of a padded
 image) for images, plus horizontal flips when there are no labels (a flipped digit is not the same
-digit, but matching the teacher on it is still information); token dropout and sentence mixing
-(two texts joined into one) for text. Bounded by steps and minutes; seeded; on CUDA only when
-torch sees a GPU.
+digit, but matching the teacher on it is still information); token dropout, sentence mixing
+(two texts joined into one) and token replacement for text. Embedding lookup tables stay
+frozen. Bounded by steps and minutes; seeded; on CUDA only when torch sees a GPU.
+
+The report also gives the metric on training samples: on MiniLM at structured 0.5 (1200 steps)
+held-out mean cosine went 0.860 -> 0.889 while the training texts went 0.918 -> 0.988, a
+generalization gap, not an optimization one; 316 more texts and token replacement then gave
+0.908 held out at 0.971 on training texts.
 """
 from __future__ import annotations
 
