@@ -17,7 +17,7 @@ recorded), with each method's own default recovery:
   sensitivity-kK   `--prune sensitivity --sparsity 1-K` (PFP channels; rounding to multiples of
                    8 lands off the budget)
   pqi              `--prune pqi` (SAP chooses its own sparsity: one run, at whatever it reaches)
-  lowrank          `--prune lowrank` (ranks by energy 0.8: one run, at whatever it keeps)
+  lowrank          `--prune lowrank` (ranks by energy 0.6: one run, at whatever it keeps)
 
 K = the budget, the kept fraction of prunable weights: 0.5 (and 0.25 without --quick). "kept"
 in the table is what the run actually kept (1 - report.json sparsity.overall: nonzero weights of

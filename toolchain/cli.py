@@ -171,7 +171,7 @@ def _validate_positive(ctx, param, value):
                    "CNNs), sipp-* zero single weights (size only) [pfp].")
 @click.option("--rank-energy", type=SettingType("rank_energy"), default=None,
               help="--prune lowrank: keep the smallest rank holding this fraction of the squared "
-                   "singular values [0.8].")
+                   "singular values, rounded up to a multiple of 8 [0.6].")
 @click.option("--lowrank-eps", type=SettingType("lowrank_eps"), default=None,
               help="--prune lowrank: H-matrix Linears with relative Frobenius error <= EPS [off: plain SVD].")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),

@@ -24,11 +24,19 @@ def _metric_batches(spec: ModelSpec) -> list[dict]:
     return first_samples(spec.eval_batches, METRIC_SAMPLES)
 
 
-def torch_metric(spec: ModelSpec, dense_out: np.ndarray, model: torch.nn.Module) -> float:
+def _outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict]) -> np.ndarray:
+    return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
+
+
+def torch_metric(spec: ModelSpec, dense_out: np.ndarray, model: torch.nn.Module, batches: list[dict] | None = None,
+                 labels: np.ndarray | None = None) -> float:
     """The report's metric of a torch model on (the first METRIC_SAMPLES of) the eval split: top-1
-    (labels), agreement with the dense model (no labels) or mean cosine to the dense embeddings."""
-    out = np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in _metric_batches(spec)])
-    labels = spec.eval_labels[:len(out)] if spec.eval_labels is not None else None
+    (labels), agreement with the dense model (no labels) or mean cosine to the dense embeddings.
+    `batches` (with their `labels`) replace the eval split, e.g. by the training samples."""
+    if batches is None:
+        batches, labels = _metric_batches(spec), spec.eval_labels
+    out = _outputs(spec, model, batches)
+    labels = labels[:len(out)] if labels is not None else None
     return task_metrics(get_task(spec.task), dense_out, out, labels)["model"]
 
 
@@ -55,19 +63,25 @@ def run_recovery(work: torch.nn.Module, spec: ModelSpec, config: RecoveryConfig,
     text = "input_ids" in batches[0]
     kind = get_task(spec.task)
     pool = make_pool(batches, labels, text, encoder=kind.output == "embeddings")
-    dense_out = np.concatenate([spec.postprocess(spec.torch_outputs(teacher, b), b) for b in _metric_batches(spec)])
+    dense_out = _outputs(spec, teacher, _metric_batches(spec))
+    # the same metric on training samples as drawn before augmentation (diagnostic: optimization
+    # vs generalization gap)
+    train_batches = first_samples(batches, METRIC_SAMPLES)
+    dense_train = _outputs(spec, teacher, train_batches)
     with progress.task("recovery", config.steps, "step") as task:
         def update(step, steps, elapsed, budget, loss):
             if steps is None and step % 10 == 0:  # time-bounded: estimate the total from the pace
                 task.set_total(step * budget / max(elapsed, 1e-6))
             task.advance()
 
-        info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update, masks)
+        info = recover(work, teacher, pool, config, seed, lambda m: torch_metric(spec, dense_out, m), update, masks,
+                       lambda m: torch_metric(spec, dense_train, m, train_batches, labels))
     info["metric"] = kind.metric if kind.output == "embeddings" or spec.eval_labels is not None \
         else f"{kind.metric}_agreement"
     info["unit"] = metric_units(info["metric"])[0]  # of metric_before / metric_after, as in "accuracy"
     info["labels_used"] = labels is not None
     info["metric_samples"] = len(dense_out)
+    info["train_metric_samples"] = len(dense_train)
     return info
 
 

@@ -8,9 +8,14 @@
 
 Augmentation keeps a small calibration set from being memorized: random shifts (crop of a padded
 image) for images, plus horizontal flips when there are no labels (a flipped digit is not the same
-digit, but matching the teacher on it is still information); token dropout and sentence mixing
-(two texts joined into one) for text. Bounded by steps and minutes; seeded; on CUDA only when
-torch sees a GPU.
+digit, but matching the teacher on it is still information); token dropout, sentence mixing
+(two texts joined into one) and token replacement for text. Embedding lookup tables stay
+frozen. Bounded by steps and minutes; seeded; on CUDA only when torch sees a GPU.
+
+The report also gives the metric on training samples: on MiniLM at structured 0.5 (1200 steps)
+held-out mean cosine went 0.860 -> 0.889 while the training texts went 0.918 -> 0.988, a
+generalization gap, not an optimization one; 316 more texts and token replacement then gave
+0.908 held out at 0.971 on training texts.
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ class RecoveryConfig:
     tensors, 16 texts: a text step costs far more on CPU); `temperature`:
     KL temperature for classifiers; `label_weight`: weight of the task loss when labels exist;
     `threads`: torch threads on CPU (None: measured, recovery_threads.py); `warmup`: share of the
-    budget with a linear warm-up."""
+    budget with a linear warm-up; `freeze_embeddings`: keep token/position embedding tables
+    (nn.Embedding) fixed, see `_freeze_embeddings`."""
 
     steps: int | None = None
     minutes: float = 10.0
@@ -55,7 +61,8 @@ class RecoveryConfig:
     threads: int | None = None  # torch threads on CPU; None: all cores or 1, whichever measures faster
     warmup: float = 0.05  # share of the budget (steps, or minutes when steps are open) with linear warm-up
     data: str | None = None  # extra unlabeled/labeled data file (same formats as --calib-data)
-    VERSION: ClassVar[int] = 2  # 2: layer-wise encoder loss, warm-up, no dropout for encoders
+    freeze_embeddings: bool = True
+    VERSION: ClassVar[int] = 3  # 3: embedding tables frozen, token replacement; 2: layer-wise encoder loss, warm-up
     kind: ClassVar[str] = "recover"
     requires_calibration: ClassVar[bool] = True  # the calibration split is its training data
 
@@ -109,6 +116,22 @@ def _set_train(model: nn.Module, train: bool, dropout: bool = True) -> None:
         p.requires_grad_(train)
 
 
+def _freeze_embeddings(model: nn.Module) -> int:
+    """Stops training of the lookup tables (nn.Embedding); returns how many parameters that holds
+    fixed. A table only learns the rows the recovery data uses (MiniLM: 30k-token vocabulary, half
+    of its parameters, a few thousand tokens in the recovery texts): trained, those rows drift while
+    the rest stay, and held-out texts use both. Pruning heads, FFN neurons or channels never
+    changes these tables, so the teacher's are right as they are."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    frozen += p.numel()
+    return frozen
+
+
 def lr_factor(frac: float, warmup: float) -> float:
     """Linear warm-up over the first `warmup` of the budget, then cosine decay to 0 (frac in [0, 1]):
     the usual fine-tuning schedule; the warm-up keeps AdamW's first, poorly scaled steps small."""
@@ -135,17 +158,22 @@ def _mask_keeper(student: nn.Module, masks: dict[str, torch.Tensor] | None) -> C
 
 def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: RecoveryConfig, seed: int = 0,
             evaluate: Callable[[nn.Module], float] | None = None, progress: Callable | None = None,
-            masks: dict[str, torch.Tensor] | None = None) -> dict:
+            masks: dict[str, torch.Tensor] | None = None,
+            evaluate_train: Callable[[nn.Module], float] | None = None) -> dict:
     """Fine-tune `student` in place; returns the report's `recovery` section. `masks` (module name
-    -> 1 = kept) are re-applied after every optimizer step."""
+    -> 1 = kept) are re-applied after every optimizer step. `evaluate_train` measures the same
+    metric on (unaugmented) training samples: with `evaluate` (held out) it tells an optimization
+    gap (both low) from a generalization gap (training high, held-out low)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = _device()
     before = evaluate(student) if evaluate else None
+    train_before = evaluate_train(student) if evaluate_train else None
     student.to(device)
     keep_masks = _mask_keeper(student, masks)
     teacher.to(device).eval()
     _set_train(student, True, dropout=not pool.encoder)
+    frozen = _freeze_embeddings(student) if config.freeze_embeddings else 0
     taps = (attention_modules(student), attention_modules(teacher)) if pool.encoder else (None, None)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -187,8 +215,10 @@ def recover(student: nn.Module, teacher: nn.Module, pool: Pool, config: Recovery
         student.to("cpu")
         teacher.to("cpu")
     after = evaluate(student) if evaluate else None
+    train_after = evaluate_train(student) if evaluate_train else None
     return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "device": device.type,
-            "samples": pool.size, **picker.record(), "metric_before": before, "metric_after": after,
+            "samples": pool.size, "frozen_params": frozen, **picker.record(), "metric_before": before, "metric_after": after,
+            "train_metric_before": train_before, "train_metric_after": train_after,
             "loss_curve": _thin(curve), "loss_first": curve[0] if curve else None,
             "loss_last": float(np.mean(curve[-10:])) if curve else None}
 

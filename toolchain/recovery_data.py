@@ -12,6 +12,10 @@ __all__ = ["Pool", "ImagePool", "TensorPool", "TextPool", "make_pool"]
 
 MIX_PROB = 0.3  # share of text samples that are two texts joined into one (sentence mixing)
 TOKEN_DROP = 0.1  # probability that a (non-special) token is dropped
+# probability that a kept token is replaced by one drawn from the pool's own tokens (unigram):
+# new contexts for every token the student sees, so it matches the teacher's function around
+# the training texts instead of memorizing their few hundred sequences
+TOKEN_REPLACE = 0.1
 
 
 class Pool:
@@ -76,13 +80,20 @@ class TextPool(Pool):
 
     def __post_init__(self):
         self.size = len(self.sequences)
+        # every non-special token of the pool, with repeats: drawing uniformly from it draws by frequency
+        self._tokens = torch.tensor([t for s in self.sequences for t in s[1:-1]] or [self.pad_id], dtype=torch.int64)
 
-    def _augment(self, seq: list[int], other: list[int] | None, gen: torch.Generator) -> list[int]:
+    def _augment(self, seq: list[int], other: list[int] | None, gen: torch.Generator,
+                 replace_prob: float = TOKEN_REPLACE) -> list[int]:
         if other is not None:  # [CLS] a ... [SEP] + b ... [SEP] -> one longer text
             seq = seq[:-1] + other[1:]
         body = seq[1:-1]
         keep = (torch.rand(len(body), generator=gen) >= TOKEN_DROP).tolist()
         body = [t for t, k in zip(body, keep) if k] or body[:1]
+        replace = (torch.rand(len(body), generator=gen) < replace_prob).tolist()
+        if any(replace):
+            new = self._tokens[torch.randint(0, len(self._tokens), (len(body),), generator=gen)].tolist()
+            body = [n if r else t for t, n, r in zip(body, new, replace)]
         seq = [seq[0]] + body[:self.max_length - 2] + [seq[-1]]
         return seq
 
@@ -90,7 +101,10 @@ class TextPool(Pool):
         idx = torch.randint(0, self.size, (min(n, self.size),), generator=gen).tolist()
         mix = (torch.rand(len(idx), generator=gen) < MIX_PROB).tolist()
         partners = torch.randint(0, self.size, (len(idx),), generator=gen).tolist()
-        seqs = [self._augment(self.sequences[i], self.sequences[p] if m and self.labels is None else None, gen)
+        # mixing and replacement only without labels: either could change what a label says
+        unlabeled = self.labels is None
+        seqs = [self._augment(self.sequences[i], self.sequences[p] if m and unlabeled else None, gen,
+                              TOKEN_REPLACE if unlabeled else 0.0)
                 for i, m, p in zip(idx, mix, partners)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64)

@@ -26,6 +26,9 @@ def test_report_has_structure_and_recovery(structured_export):
     rec = rep["recovery"]
     assert rec["steps"] == 40 and rec["metric"] == "top1" and rec["labels_used"] is True
     assert rec["metric_after"] > rec["metric_before"]
+    # the same metric on training samples (unaugmented): optimization vs generalization gap
+    assert rec["train_metric_samples"] > 0 and 0 <= rec["train_metric_before"] <= 100
+    assert rec["train_metric_after"] > rec["train_metric_before"]
     assert rec["loss_curve"][-1][1] < rec["loss_curve"][0][1]
     # sparsity counts removed weights against the dense layer sizes
     assert rep["sparsity"]["layers"]["features.0"] == pytest.approx(0.5)

@@ -89,9 +89,11 @@ def _run_prune(entry):
     layers = _layers(model)
     dense = sum(m.weight.numel() for m in layers.values())
     ctx = PruneContext(layers, _batches(), _run, example_inputs=_batches()[0], export=lambda m, p: None)
-    # low-rank: decide by parameter count (timing 8 x 8 layers says nothing) at a rank that pays on them
+    # low-rank: decide by parameter count (timing 8 x 8 layers says nothing) at a rank that pays on
+    # them (unrounded: a multiple of 8 is the full rank of an 8-wide layer)
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
-    config = entry.config_cls(**{k: v for k, v in {"decide": "params", "rank_energy": 0.5}.items() if k in fields})
+    config = entry.config_cls(**{k: v for k, v in {"decide": "params", "rank_energy": 0.5, "rank_multiple": 1}.items()
+                                 if k in fields})
     result = entry.handler(model, config, ctx)
     assert isinstance(result, PruneResult) and result.speed_note
     assert set(result.masks) <= set(layers)

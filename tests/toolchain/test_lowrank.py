@@ -1,6 +1,9 @@
 """Low-rank factorization (prune.lowrank): rank by energy, SVD error, the H-matrix error bound,
 exact separable convs, and the factored model exported to int8 QDQ ONNX and run in onnxruntime."""
+import copy
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -13,7 +16,8 @@ from exporters.qdq import find_sites, insert_qdq
 from runtime_check.isa import weight_qmax
 from toolchain.pruning import lowrank_math as L
 from toolchain.pruning.lowrank import LowRankPruneConfig, plan_layer, prune_lowrank
-from toolchain.pruning.lowrank_modules import HMatrixLinear, separable_conv
+from toolchain.pruning.lowrank_model import revert_until_faster
+from toolchain.pruning.lowrank_modules import HMatrixLinear, channel_conv, separable_conv
 from toolchain.pruning.masks import prunable_layers
 from toolchain.quantization import fake_quant_model
 from toolchain.quantization.int8 import Int8StaticConfig, quantize_static
@@ -42,7 +46,7 @@ def test_svd_factors_reproduce_w_within_the_stated_error():
     lin = nn.Linear(24, 40).requires_grad_(False)
     with torch.no_grad():
         lin.weight.copy_(w)
-    entry, build = plan_layer(lin, LowRankPruneConfig(rank_energy=0.95))
+    entry, build = plan_layer(lin, LowRankPruneConfig(rank_energy=0.95, rank_multiple=1))
     s = torch.linalg.svdvals(w.double())
     r = entry["rank"]
     assert r == L.energy_rank(s, 0.95) and L.pays(r, 40, 24)
@@ -107,7 +111,7 @@ def test_separable_conv_equals_the_original_when_the_kernel_is_rank_one(stride, 
         conv.weight.copy_(torch.einsum("ci,nj->ncij", a, b))  # rank 1 once unfolded to (c, i) x (n, j)
     x = torch.randn(2, 3, 9, 11, generator=g)
     before = conv(x)
-    entry, build = plan_layer(conv, LowRankPruneConfig(rank_energy=0.999))
+    entry, build = plan_layer(conv, LowRankPruneConfig(rank_energy=0.999, rank_multiple=1))
     assert entry["method"] == "separable" and entry["rank"] == 1 and entry["relative_error"] < 1e-6
     sep = build(conv)
     assert sep[0].kernel_size == (3, 1) and sep[1].kernel_size == (1, 3)
@@ -159,7 +163,7 @@ def test_factored_model_exports_to_int8_and_matches_torch(tmp_path):
     model = LowRankNet().eval()
     dense_out = _run(model, BATCHES[0])[0]
     ctx = PruneContext(prunable_layers(model), BATCHES, _run, example_inputs={"x": BATCHES[0]["x"][:1]})
-    result = prune_lowrank(model, LowRankPruneConfig(rank_energy=0.99, decide="params"), ctx)
+    result = prune_lowrank(model, LowRankPruneConfig(rank_energy=0.99, decide="params", rank_multiple=1), ctx)
     info = result.extra["lowrank"]
     assert set(info["factored"]) == {"conv", "pw", "fc"}  # stem (1 input channel) and head (rank 4 of 4) do not pay
     assert info["layers"]["conv"]["method"] == "separable" and info["layers"]["conv"]["rank"] == 4
@@ -177,8 +181,6 @@ def test_factored_model_exports_to_int8_and_matches_torch(tmp_path):
                for n, s in sites.items()]
     params = quantize_static(model, Int8StaticConfig(), QuantContext(anchors, BATCHES, _run, reduce_range=QMAX < 127))
     path = tmp_path / "int8.onnx"
-    import onnx
-
     onnx.save(insert_qdq(graph, sites, params), str(path))
     ref = _run(fake_quant_model(model, params), BATCHES[1])[0]
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
@@ -202,7 +204,8 @@ def test_layers_that_do_not_pay_stay_dense_and_say_why():
 
 def test_config_rejects_bad_values():
     for bad in ({"rank_energy": 0.0}, {"rank_energy": 1.5}, {"eps": 1.0}, {"eps": 0.0}, {"decide": "fast"},
-                {"min_block": 0}, {"min_gain": 1.0}):
+                {"min_block": 0}, {"min_gain": 1.0}, {"conv_scheme": "tucker"}, {"rank_multiple": 0},
+                {"max_checks": 1}):
         with pytest.raises(ConfigError):
             LowRankPruneConfig(**bad)
 
@@ -269,13 +272,149 @@ def test_hf_bert_factored_exports_through_optimum_and_quantizes(run_cli, tiny_be
 
 
 def test_latency_decision_times_each_candidate_and_follows_the_measurement():
+    """Without an exporter (or with several inputs) each layer is timed alone as an int8 graph."""
     model = LowRankNet().eval()
     ctx = PruneContext(prunable_layers(model), BATCHES, _run, example_inputs={"x": BATCHES[0]["x"][:1]})
     info = prune_lowrank(model, LowRankPruneConfig(rank_energy=0.99, min_gain=0.05), ctx).extra["lowrank"]
+    assert info["whole_model"] is None  # no exporter: no whole-model check
     for name in ("conv", "pw", "fc"):  # the layers whose factors are smaller get timed
         e = info["layers"][name]
-        assert e["latency_ms"]["dense"] > 0 and e["latency_ms"]["factored"] > 0
+        times = e["latency_ms"]
+        assert times["dense"] > 0 and all(t > 0 for t in times.values()) and len(times) >= 2
+        assert e["timing"].startswith("the layer alone")
+        best = min(t for k, t in times.items() if k != "dense")
+        assert e["speedup"] == pytest.approx(times["dense"] / best, rel=1e-2)
         assert (e["decision"] == "factored") == (e["speedup"] >= 1 / 0.95)
         if e["decision"] == "dense":
             assert "not faster" in e["reason"] and e["relative_error"] == 0.0 and e["params_after"] == e["params_before"]
+        else:  # the fastest candidate was the one applied
+            assert times[e["method"]] == best
+    assert set(info["layers"]["conv"]["latency_ms"]) == {"dense", "separable", "channel"}
     assert "latency_ms" not in info["layers"]["stem"]
+
+
+# ---- channel low rank for k x k convs, rank rounding, the whole-model check ----------------------
+
+def test_round_rank_rounds_up_to_the_multiple_and_keeps_at_least_the_energy():
+    assert [L.round_rank(r, 8, 72) for r in (1, 8, 9, 16, 17, 70)] == [8, 8, 16, 16, 24, 72]
+    assert L.round_rank(5, 1, 72) == 5 and L.round_rank(30, 8, 24) == 24
+    g = torch.Generator().manual_seed(3)
+    s = torch.linalg.svdvals(torch.randn(48, 100, generator=g, dtype=torch.float64))
+    for tau in (0.3, 0.6, 0.9):
+        r = L.round_rank(L.energy_rank(s, tau), 8, 48)
+        assert 1 - L.relative_tail(s, r) ** 2 >= tau - 1e-12
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_channel_conv_is_exact_at_full_rank_and_within_the_tail_below(stride, padding, dilation):
+    """k x k conv C_in -> r then 1 x 1 r -> C_out from the SVD of W as C_out x (C_in k k): exact at
+    r = min(C_out, C_in k k); at lower rank the kernel error is the SVD tail, <= sqrt(1 - tau)."""
+    g = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(8, 12, 3, stride=stride, padding=padding, dilation=dilation).requires_grad_(False)
+    x = torch.randn(2, 8, 11, 9, generator=g)
+    before = conv(x)
+    full, build = plan_layer(copy.deepcopy(conv), LowRankPruneConfig(rank_energy=1.0, rank_multiple=1), "channel")
+    assert full["method"] == "channel" and full["rank"] == 12 and build is None  # full rank does not pay ...
+    b, a, _ = L.svd_factors(conv.weight.reshape(12, -1), 12)  # ... but is exact
+    exact = channel_conv(copy.deepcopy(conv), b, a)
+    assert exact[0].kernel_size == (3, 3) and exact[1].kernel_size == (1, 1) and exact[0].out_channels == 12
+    torch.testing.assert_close(exact(x), before, rtol=1e-4, atol=1e-4)
+    entry, build = plan_layer(conv, LowRankPruneConfig(rank_energy=0.7, rank_multiple=1), "channel")
+    s = torch.linalg.svdvals(conv.weight.reshape(12, -1).double())
+    assert entry["rank"] == L.energy_rank(s, 0.7) and build is not None
+    assert entry["relative_error"] == pytest.approx(L.relative_tail(s, entry["rank"]), rel=1e-4)
+    assert entry["relative_error"] <= (1 - 0.7) ** 0.5 + 1e-6
+    factored = build(conv)
+    approx = torch.einsum("nr,rcij->ncij", factored[1].weight[:, :, 0, 0], factored[0].weight)
+    ref = torch.nn.functional.conv2d(x, approx, None, stride, padding, dilation)
+    torch.testing.assert_close(factored(x) - factored[1].bias[:, None, None], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_conv_exports_to_onnx_and_runs_like_torch(tmp_path):
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1).requires_grad_(False)
+    entry, build = plan_layer(conv, LowRankPruneConfig(rank_energy=0.5), "channel")
+    assert entry["rank"] % 8 == 0 and entry["rank"] >= entry["rank_by_energy"]
+    model = nn.Sequential(build(conv), nn.ReLU()).eval()
+    x = np.random.default_rng(0).random((1, 16, 10, 10), dtype=np.float32)
+    export_torch(model, {"x": x}, ["x"], ["y"], {}, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node].count("Conv") == 2
+
+
+def test_revert_until_faster_drops_the_least_gain_first_with_an_injected_timer():
+    order = ["a", "b", "c", "d", "e"]  # least gain first
+    seen = []
+
+    def measure(kept):  # the model is faster only once a, b and c are dense again
+        seen.append(list(kept))
+        return {"speedup": 1.2 if "c" not in kept else 0.9}
+    kept, trace = revert_until_faster(order, measure, threshold=1.05, max_checks=8)
+    assert kept == ["d", "e"] and seen == [order, order[1:], order[2:], order[3:]]
+    assert [t.get("reverted") for t in trace] == [["a"], ["b"], ["c"], None] and trace[-1]["speedup"] == 1.2
+    # never faster: everything reverted, in chunks so at most max_checks - 1 measurements are made
+    seen.clear()
+    kept, trace = revert_until_faster(list("abcdefghij"), lambda k: seen.append(k) or {"speedup": 1.0}, 1.05, 4)
+    assert kept == [] and len(seen) == 3 and trace[0]["reverted"] == list("abcd")
+    assert revert_until_faster([], lambda k: {"speedup": 2.0}, 1.05) == ([], [])
+
+
+def _whole_model_ctx(model):
+    def export(m, path):
+        return export_torch(m, {"x": BATCHES[0]["x"][:1]}, ["x"], ["y"], {}, path)
+    return PruneContext(prunable_layers(model), BATCHES, _run, example_inputs={"x": BATCHES[0]["x"][:1]},
+                        export=export)
+
+
+def test_in_model_timing_and_whole_model_revert_with_an_injected_timer(monkeypatch):
+    """Single-input model with an exporter: layer times come from the whole int8 model's profile,
+    then the whole-model check (timer injected) reverts the least-gain layer until it is faster."""
+    import toolchain.pruning.lowrank as lowrank_mod
+
+    calls = []
+
+    def fake_time_pair(paths, feed, threads=1, **kw):
+        sess = ort.InferenceSession(str(paths["factored"]), providers=["CPUExecutionProvider"])
+        out = sess.run(None, feed)[0]  # the variant graph is a real, runnable int8 model
+        assert out.shape == (1, 4) and threads == 1
+        convs = sum(n.op_type == "Conv" for n in onnx.load(str(paths["factored"])).graph.node)
+        calls.append(convs)
+        return {"speedup": 1.0 if len(calls) == 1 else 1.3}  # the first (everything factored) is too slow
+    monkeypatch.setattr(lowrank_mod, "time_pair", fake_time_pair)
+    # every layer measured in context: make all factored candidates "faster" by pretending dense is slow
+    real_layer_times = lowrank_mod.layer_times
+    dense_calls = []
+
+    def slow_dense(site_nodes, times, names):
+        out = real_layer_times(site_nodes, times, names)
+        assert all(v is not None for v in out.values())  # every site found in onnxruntime's profile
+        if not dense_calls:
+            dense_calls.append(1)
+            return {n: 1000.0 + i for i, n in enumerate(out)}  # gains grow with the layer's position
+        return {n: 1.0 for n in out}
+    monkeypatch.setattr(lowrank_mod, "layer_times", slow_dense)
+    model = LowRankNet().eval()
+    dense_out = _run(model, BATCHES[0])[0]
+    result = prune_lowrank(model, LowRankPruneConfig(rank_energy=0.99), _whole_model_ctx(model))
+    info = result.extra["lowrank"]
+    timed = [n for n, e in info["layers"].items() if "latency_us" in e]
+    assert set(timed) == {"conv", "pw", "fc"}
+    assert info["layers"]["conv"]["timing"].startswith("in the whole int8 model")
+    whole = info["whole_model"]
+    assert [c["speedup"] for c in whole["checks"]] == [1.0, 1.3] and whole["speedup"] == 1.3
+    assert whole["reverted"] == ["conv"]  # the least gain (first layer, smallest fake dense time)
+    assert "whole-model check" in info["layers"]["conv"]["reason"] and info["layers"]["conv"]["decision"] == "dense"
+    assert info["factored"] == ["fc", "pw"] and "1.30x" in result.speed_note
+    assert calls[0] > calls[1]  # the second graph has the reverted conv back as one Conv
+    np.testing.assert_allclose(_run(model, BATCHES[0])[0], dense_out, rtol=1e-2, atol=1e-2)
+
+
+def test_whole_model_check_on_real_timing_never_keeps_a_slower_set():
+    model = LowRankNet().eval()
+    info = prune_lowrank(model, LowRankPruneConfig(rank_energy=0.99), _whole_model_ctx(model)).extra["lowrank"]
+    whole = info["whole_model"]
+    if info["factored"]:  # what stays factored measured faster as a whole
+        assert whole["speedup"] >= whole["threshold"] and whole["checks"][-1]["speedup"] == whole["speedup"]
+    else:
+        assert whole is None or whole["speedup"] is None

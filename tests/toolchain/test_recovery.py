@@ -90,6 +90,48 @@ def test_text_pool_drops_tokens_and_mixes_sentences():
     assert any(mixed)  # some samples carry both sentences
 
 
+def test_text_pool_replaces_tokens_from_its_own_vocabulary_only_without_labels(monkeypatch):
+    import toolchain.recovery_data as data
+
+    monkeypatch.setattr(data, "MIX_PROB", 0.0)  # no mixing: tokens of the other text come from replacement
+    seqs = [[101] + list(range(1000, 1040)) + [102], [101] + list(range(2000, 2040)) + [102]]
+    names = ["input_ids", "attention_mask"]
+    batch, _ = TextPool(seqs, names, max_length=128).sample(64, torch.Generator().manual_seed(0))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    body = [row[1:n - 1].tolist() for row, n in zip(ids, mask.sum(1))]
+    assert all(1000 <= t < 1040 or 2000 <= t < 2040 for b in body for t in b)  # only the pool's tokens
+    assert any(not (all(t < 2000 for t in b) or all(t >= 2000 for t in b)) for b in body)
+    labeled = TextPool(seqs, names, max_length=128, labels=np.array([0, 1]))
+    batch, _ = labeled.sample(64, torch.Generator().manual_seed(0))
+    for row, n in zip(batch["input_ids"], batch["attention_mask"].sum(1)):
+        b = row[1:n - 1].tolist()
+        assert b == sorted(b) and len(set(b)) == len(b) and (max(b) < 2000 or min(b) >= 2000)  # drops only
+
+
+def test_recovery_reports_the_metric_on_training_samples_too():
+    teacher, student = _Wrap(_teacher()), _Wrap(_teacher())
+    with torch.no_grad():
+        student.net[0].weight.mul_(0.3)
+    pool = make_pool(_data(), None, text=False, encoder=False)
+    calls = []
+
+    def held_out(model):
+        calls.append("held_out")
+        return 1.0
+
+    def train(model):
+        calls.append("train")
+        return 2.0
+
+    info = recover(student, teacher, pool, RecoveryConfig(steps=2, lr=1e-3, batch_size=8), evaluate=held_out,
+                   evaluate_train=train)
+    assert info["metric_before"] == info["metric_after"] == 1.0
+    assert info["train_metric_before"] == info["train_metric_after"] == 2.0
+    assert calls == ["held_out", "train", "held_out", "train"]
+    info = recover(student, teacher, pool, RecoveryConfig(steps=1, lr=1e-3, batch_size=8))
+    assert info["train_metric_before"] is None and info["train_metric_after"] is None
+
+
 def test_config_validation():
     with pytest.raises(ConfigError):
         RecoveryConfig(steps=0)

@@ -102,3 +102,20 @@ def test_thread_picker_keeps_the_faster_setting_and_restores():
         fixed.restore()
     finally:
         torch.set_num_threads(original)
+
+
+def test_recovery_keeps_embedding_tables_fixed_unless_asked():
+    teacher = _bert()
+    tables = {n: p.clone() for n, p in teacher.embeddings.named_parameters() if "embeddings.weight" in n}
+    assert set(tables) == {"word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight"}
+    for freeze in (True, False):
+        student = _bert()
+        student.prune_heads({0: [0]})
+        info = recover(student, teacher, _pool(), RecoveryConfig(steps=3, lr=3e-3, batch_size=8,
+                                                                freeze_embeddings=freeze), seed=0)
+        now = dict(student.embeddings.named_parameters())
+        same = all(torch.equal(now[n], t) for n, t in tables.items())
+        assert same is freeze
+        assert info["frozen_params"] == (sum(t.numel() for t in tables.values()) if freeze else 0)
+        # the embeddings' LayerNorm is not a lookup table: it trains either way
+        assert not torch.equal(student.embeddings.LayerNorm.weight, teacher.embeddings.LayerNorm.weight)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["energy_rank", "tail_rank", "svd_factors", "relative_tail", "pays", "conv_unfold",
+__all__ = ["energy_rank", "round_rank", "tail_rank", "svd_factors", "relative_tail", "pays", "conv_unfold",
            "separable_factors", "Block", "hmatrix", "hmatrix_dense", "hmatrix_params"]
 
 
@@ -40,6 +40,18 @@ def energy_rank(s: torch.Tensor, tau: float) -> int:
     cum = torch.cumsum(energy, 0)
     # a relative slack of 1e-12 keeps tau = 1 (and exact-rank matrices) from failing on rounding
     return int(torch.searchsorted(cum, torch.tensor(tau * total * (1 - 1e-12), dtype=cum.dtype)).item()) + 1
+
+
+def round_rank(r: int, multiple: int, cap: int) -> int:
+    """`r` rounded up to a multiple of `multiple`, at most `cap` (the full rank). Rounding up only
+    adds singular values, so the kept energy stays >= the tau that chose `r`. Why multiples of 8:
+    int8 kernels work on channel blocks; onnxruntime's fast symmetric int8 conv (MlasConvSym)
+    takes only output channel counts that are multiples of 8 (and >= 16) and input counts that are
+    multiples of 4; other counts fall back to im2col + GEMM (in mnist-resnet a 3 x 1 conv 24 -> 21
+    took 50 us, 24 -> 16 took 15 us)."""
+    if multiple <= 1 or r <= 0:
+        return min(r, cap)
+    return min(-(-r // multiple) * multiple, cap)
 
 
 def tail_rank(s: torch.Tensor, eps: float) -> int:
