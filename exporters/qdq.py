@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from contracts.quant import LINEAR, RELU, ActQuant, QuantParams
+from contracts.quant import LINEAR, RELU, ActQuant, Anchor, QuantParams
 from exporters.graph import consumers, ensure_node_names, toposort
 
-__all__ = ["Site", "find_sites", "find_embedding_sites", "insert_qdq"]
+__all__ = ["Site", "find_sites", "anchors_for", "find_embedding_sites", "insert_qdq"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,15 @@ class Site:
     def output(self) -> str | None:
         """The tensor that gets an output Q/DQ pair, if any."""
         return self.rectified_output or self.linear_output
+
+
+def anchors_for(sites: dict[str, Site], quantized_elsewhere: frozenset[str] | set[str] = frozenset()) -> list[Anchor]:
+    """The torch-side quantization points of `sites`, one per layer, in the same places the QDQ
+    graph will take them. `quantized_elsewhere`: activation tensors that already get one Q/DQ for
+    every reader (a FloatFunctional add's output), so a skip path reading them needs no second one."""
+    return [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range,
+                   quantize_input_for_sum=s.input_summed and s.activation not in quantized_elsewhere)
+            for name, s in sites.items()]
 
 
 def _digest(arr: np.ndarray) -> tuple:

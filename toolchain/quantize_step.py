@@ -19,7 +19,7 @@ from contracts.quant import Anchor, ObservedRanges, QuantParams
 from contracts.tasks import get_task
 from exporters.dynamic import insert_dynamic
 from exporters.graph import merge_duplicate_nodes
-from exporters.qdq import Site, find_embedding_sites, find_sites, insert_qdq
+from exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
 from exporters.tensor_sites import find_tensor_sites
 from models.spec import ModelSpec, first_samples
 from runtime_check.accuracy import drop_in_unit, task_metrics
@@ -86,9 +86,7 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: Mo
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
     tensors = _tensor_sites(work, spec, prepared) if spec is not None else {}
     skip_quantized = set(tensors.values())  # already one Q/DQ for every reader (FloatFunctional adds)
-    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range,
-                      quantize_input_for_sum=s.input_summed and s.activation not in skip_quantized)
-               for name, s in sites.items()]
+    anchors = anchors_for(sites, skip_quantized)
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
     return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors)
 

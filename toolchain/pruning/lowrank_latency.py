@@ -18,9 +18,8 @@ import onnx
 import torch
 from torch import nn
 
-from contracts.quant import Anchor
 from exporters.onnx_export import export_torch
-from exporters.qdq import find_sites, insert_qdq
+from exporters.qdq import anchors_for, find_sites, insert_qdq
 from runtime_check.session import make_session
 from toolchain.pruning.masks import prunable_layers
 from toolchain.quantization.static import calibrate, quantize_weights
@@ -65,9 +64,7 @@ def _int8_graph(module: nn.Module, x: np.ndarray, path: Path, qmax: int) -> None
     graph = export_torch(wrapped, {"x": x}, ["x"], ["y"], {}, path)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(wrapped).items()}
     sites = find_sites(graph, weights)
-    anchors = [Anchor(n, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"),
-                      s.output_range)
-               for n, s in sites.items()]
+    anchors = anchors_for(sites)  # one layer alone: nothing reads its input but the layer
 
     def run(model, batch):
         with torch.no_grad():

@@ -28,9 +28,8 @@ import numpy as np
 import onnx
 from torch import nn
 
-from contracts.quant import Anchor
 from exporters.graph import merge_duplicate_nodes
-from exporters.qdq import find_sites, insert_qdq
+from exporters.qdq import anchors_for, find_sites, insert_qdq
 from runtime_check.session import make_session
 from toolchain.folding import fold_batchnorm
 from toolchain.pruning.masks import prunable_layers
@@ -51,8 +50,7 @@ def model_int8_graph(model: nn.Module, export: Callable, batches: list[dict], ru
     prepared = export(work, path)
     merge_duplicate_nodes(prepared)
     sites = find_sites(prepared, {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()})
-    anchors = [Anchor(name, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"), s.output_range,
-                      quantize_input_for_sum=s.input_summed) for name, s in sites.items()]
+    anchors = anchors_for(sites)
     ins, outs, _ = calibrate(work, anchors, batches, run)
     params = quantize_weights(work, anchors, ins, qmax)
     params.outputs = outs
