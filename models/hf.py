@@ -10,7 +10,7 @@ from contracts.errors import ModelLoadError, first_line
 from contracts.pooling import read_pooling
 from contracts.tasks import get_task, hf_task_names, mean_pool
 from models.spec import HFFolder, ModelSpec
-from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
+from models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
 
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 
@@ -125,7 +125,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
 
     def load_data(path: Path):
         texts, labels = read_texts(path, label2id)
-        return tokenize_batches(tokenizer, texts, input_names), labels
+        return text_batches(tokenizer, texts, input_names, labels)
 
     def recovery_texts():
         texts, _ = read_texts(RECOVERY_CORPUS)
@@ -140,8 +140,8 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         input_names=input_names,
         output_names=output_names,
         example_inputs=example,
-        calib_batches=tokenize_batches(tokenizer, calib, input_names),
-        eval_batches=tokenize_batches(tokenizer, evals, input_names),
+        calib_batches=text_batches(tokenizer, calib, input_names)[0],
+        eval_batches=text_batches(tokenizer, evals, input_names)[0],
         eval_labels=None,
         postprocess=pooling if pooling is not None and pooling.from_config else info.postprocess,
         pooling=pooling,

@@ -8,7 +8,7 @@ import numpy as np
 
 from contracts.errors import DataError
 
-__all__ = ["read_texts", "tokenize_batches", "MAX_LENGTH", "BATCH_SIZE"]
+__all__ = ["read_texts", "text_batches", "tokenize_batches", "MAX_LENGTH", "BATCH_SIZE"]
 
 MAX_LENGTH = 128
 BATCH_SIZE = 16
@@ -67,3 +67,23 @@ def tokenize_batches(tokenizer, texts: list[str], input_names: list[str], batch_
                         truncation=True, max_length=max_length, return_tensors="np")
         batches.append({k: np.asarray(enc[k], np.int64) for k in input_names if k in enc})
     return batches
+
+
+def text_batches(tokenizer, texts: list[str], input_names: list[str], labels: np.ndarray | None = None,
+                 batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH) -> tuple[list[dict], np.ndarray | None]:
+    """Batches of texts of similar token length, and the labels in the same sample order.
+
+    A batch pads to its longest text, so batches of mixed lengths spend much of every pass on
+    padding (the built-in corpus: 10.3k token rows for 5.2k real tokens; grouped by length, 5.5k);
+    every torch and onnxruntime pass over the data pays for it. Texts are sorted by token length
+    (stable), cut into batches, and the batches put in a fixed-seed random order, so a leading
+    share of them (the fidelity samples, the fallback's sample cap) still mixes short and long texts.
+    Metrics are per sample, so the order changes none; calibration statistics no longer count most
+    of the padded rows (they never reach an output: attention and pooling mask them)."""
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
+    by_length = np.argsort(lengths, kind="stable")
+    chunks = [by_length[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    order = np.concatenate([chunks[i] for i in np.random.default_rng(0).permutation(len(chunks))]) \
+        if chunks else by_length
+    batches = tokenize_batches(tokenizer, [texts[i] for i in order], input_names, batch_size, max_length)
+    return batches, (np.asarray(labels)[order] if labels is not None else None)

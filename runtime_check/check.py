@@ -85,14 +85,14 @@ def _text_batches(path: Path, model_path: Path, io: dict) -> tuple[list[dict], n
                         "sqexport export writes one into its output folder")
     from transformers import AutoTokenizer
 
-    from models.text_data import read_texts, tokenize_batches
+    from models.text_data import read_texts, text_batches
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
         raise DataError(f"cannot load the tokenizer beside {model_path}: {first_line(exc)}") from None
     texts, labels = read_texts(path)
-    return tokenize_batches(tokenizer, texts, list(io["inputs"])), labels
+    return text_batches(tokenizer, texts, list(io["inputs"]), labels)
 
 
 def _first(outputs, batch):

@@ -117,7 +117,7 @@ def test_classifier_spec(tiny_bert_cls, text_files):
     assert spec.output_names == ["logits"] and spec.default_prune == "none"
     assert spec.prune_prefix == "bert.encoder."  # the pooler and the classifier head are not pruned
     batches, labels = spec.load_data(text_files.eval_jsonl)  # label names through the config's label2id
-    assert labels.tolist() == [{"neg": 0, "pos": 1}[lab] for lab in text_files.labels]
+    assert labels.tolist() == _file_labels_in_batch_order(tiny_bert_cls, text_files, batches)
     logits = spec.postprocess(spec.torch_outputs(spec.model, batches[0]), batches[0])
     assert logits.shape == (16, 2)
 
@@ -157,8 +157,21 @@ def test_label_names_map_through_id2label_when_label2id_is_missing(tiny_bert_cls
     config["label2id"] = None
     (folder / "config.json").write_text(json.dumps(config))
     spec = build_hf_spec(folder)
-    _, labels = spec.load_data(text_files.eval_jsonl)
-    assert labels.tolist() == [{"neg": 0, "pos": 1}[lab] for lab in text_files.labels]
+    batches, labels = spec.load_data(text_files.eval_jsonl)
+    assert labels.tolist() == _file_labels_in_batch_order(folder, text_files, batches)
+
+
+def _file_labels_in_batch_order(folder, text_files, batches) -> list[int]:
+    """eval.jsonl's label ids in the order of the batches' rows, found by each row's tokens:
+    batches group texts by length, and every label must still go with its own text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    label_of = {tuple(tokenizer(t)["input_ids"]): {"neg": 0, "pos": 1}[lab]
+                for t, lab in zip(text_files.sentences, text_files.labels)}
+    rows = [tuple(ids[m.astype(bool)]) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"])]
+    assert len(label_of) == len(rows) == len(text_files.sentences)
+    return [label_of[r] for r in rows]
 
 
 def test_task_override_does_not_apply_to_the_builtin_minilm():

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from models.text_data import MAX_LENGTH, read_texts, tokenize_batches
+from models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
 from contracts.errors import DataError
 
 LABEL2ID = {"neg": 0, "pos": 1}
@@ -118,3 +118,24 @@ def test_tokenize_batches_truncates_and_keeps_only_named_inputs(tokenizer):
     assert list(batch) == ["input_ids", "attention_mask"]
     assert batch["input_ids"].shape == (2, MAX_LENGTH)
     assert batch["input_ids"][0, -1] == 102  # [SEP] kept at the end of the truncated text
+
+
+def test_text_batches_group_by_length_and_keep_labels_with_their_texts(tokenizer):
+    # 24 texts of distinct lengths, alternately short and long: in file order every batch of 8
+    # pads nearly all its rows to a long text
+    words = [n if i % 2 == 0 else 40 - n for i, n in enumerate(range(1, 25))]
+    texts = [("word " * n).strip() for n in words]
+    labels = np.arange(len(texts))
+    names = ["input_ids", "attention_mask"]
+    batches, out = text_batches(tokenizer, texts, names, labels, batch_size=8)
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    # a row's length names its text (each text is [CLS] + n words + [SEP]): its label came along
+    assert out.tolist() == [words.index(n - 2) for n in lengths]
+    assert sorted(out.tolist()) == labels.tolist()
+    padded_rows = sum(b["input_ids"].size for b in batches)
+    file_order_rows = sum(b["input_ids"].size for b in tokenize_batches(tokenizer, texts, names, batch_size=8))
+    assert padded_rows == sum(8 * (max(sorted(words)[i:i + 8]) + 2) for i in range(0, 24, 8)) < file_order_rows
+    again, out_again = text_batches(tokenizer, texts, names, labels, batch_size=8)  # same order every run
+    assert out_again.tolist() == out.tolist()
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(again, batches))
+    assert text_batches(tokenizer, texts, names, None, batch_size=8)[1] is None
