@@ -105,6 +105,8 @@ class RunState:
     # or recovery nothing needs the untouched FP32 model once baseline.onnx is written, so `work`
     # is that model itself instead of a second copy (BERT-base: 440 MB less at the peak)
     model_disposable: bool = False
+    # a prune stage (or q_then_s) changed `work`: recovery has something to recover
+    pruned: bool = False
 
 
 def _needs_calibration(state: RunState, stage) -> None:
@@ -164,6 +166,7 @@ def prune(state: RunState) -> None:
             state.layers = prunable_layers(state.work, spec.prune_prefix)
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
+        state.pruned |= result.changed
         state.extra.update(result.extra)
         _merge_masks(state, result.masks)
         for name, why in result.skipped.items():
@@ -180,6 +183,7 @@ def _quantize_first(state: RunState) -> dict:
         return {}
     dense = {n: m.weight.detach().clone() for n, m in state.layers.items()}
     quantize_layers_(state.layers, weight_qmax(state.recipe.target))
+    state.pruned = True
     state.notes.append("order q_then_s (study option): weights were quantized before pruning")
     return dense
 
@@ -210,6 +214,13 @@ def recover(state: RunState) -> None:
     """Fine-tune the pruned copy; its BatchNorm statistics then move again."""
     stage = state.recipe.stage("recover")
     if stage is None:
+        return
+    if not state.pruned:  # distilling the model from itself: minutes of steps that change nothing
+        why = "no prune stage changed the model (e.g. prune.lowrank factored no layer)"
+        state.extra["recovery"] = {"steps": 0, "skipped": why}
+        state.notes.append(f"{stage.qualified} skipped: {why}")
+        with state.timer.stage(stage.qualified, {**stage.to_dict()["params"], "steps_run": 0, "skipped": why}):
+            pass
         return
     _needs_calibration(state, stage)
     with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:

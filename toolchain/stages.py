@@ -88,6 +88,9 @@ class PruneResult:
     speed_note: str  # what these zeros buy on the target (the report repeats it)
     extra: dict = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why the method could not prune it (reported)
+    # False: the method left the model exactly as it was (lowrank factored no layer); a recover
+    # stage after it then has nothing to recover and is skipped
+    changed: bool = True
 
 
 class PruneMethod(Protocol):

@@ -418,3 +418,23 @@ def test_whole_model_check_on_real_timing_never_keeps_a_slower_set():
         assert whole["speedup"] >= whole["threshold"] and whole["checks"][-1]["speedup"] == whole["speedup"]
     else:
         assert whole is None or whole["speedup"] is None
+
+
+def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path):
+    """At rank energy 0.999 no Linear of the tiny BERT pays to factor: the model is unchanged, so
+    the recover stage after it has nothing to recover, says so, and runs no step."""
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - type: prune.lowrank\n    params: {rank_energy: 0.999, decide: params}\n"
+                      "  - type: recover.distill\n    params: {steps: 50}\n  - type: quantize.int8\n")
+    out = tmp_path / "out"
+    result = run_cli(["export", tiny_bert, "--recipe", recipe, "--calib-data", text_files.calib_txt,
+                      "--eval-data", text_files.eval_txt, "--threads", 1, "-o", out])
+    assert result.exit_code in (0, 1), result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["lowrank"]["factored"] == []
+    assert rep["recovery"]["steps"] == 0 and "no prune stage changed the model" in rep["recovery"]["skipped"]
+    stage = rep["stages"][[s["name"] for s in rep["stages"]].index("recover.distill")]
+    assert stage["params"]["steps_run"] == 0 and stage["seconds"] < 1.0
+    assert any(n.startswith("recover.distill skipped") for n in rep["notes"])

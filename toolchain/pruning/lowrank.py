@@ -344,7 +344,7 @@ def prune_lowrank(model: nn.Module, config: LowRankPruneConfig, ctx: PruneContex
     for entry in layers.values():
         entry.setdefault("decision", "dense")
     return PruneResult(masks={}, speed_note=_speed_note(layers, whole), skipped=skipped,
-                       extra={"lowrank": _summary(layers, config, whole)})
+                       extra={"lowrank": _summary(layers, config, whole)}, changed=bool(choice))
 
 
 def _summary(layers: dict, config: LowRankPruneConfig, whole: dict | None) -> dict:
