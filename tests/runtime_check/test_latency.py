@@ -61,3 +61,29 @@ def test_ready_sessions_are_measured_and_handed_over(tiny_onnx):
     spec = SimpleNamespace(example_inputs={"x": np.ones((1, 4), np.float32)})
     lat = latency_of(spec, tiny_onnx, tiny_onnx, 1, sessions=sessions)
     assert sessions == {} and lat["threads"] == 1 and lat["model"]["n"] >= 20 and "at_1_thread" not in lat
+
+
+@pytest.mark.parametrize("warmup_s, warmup_runs", [(0.0, 2), (60.0, 10)])
+def test_warmup_ends_after_its_rounds_or_its_time(tiny_onnx, monkeypatch, warmup_s, warmup_runs):
+    """Warm-up runs `warmup` rounds unless WARMUP_S passes first, and always MIN_WARMUP_ROUNDS."""
+    import runtime_check.latency as latency
+
+    runs = []
+    real = latency.make_session
+
+    class Counting:
+        def __init__(self, session):
+            self.session = session
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, *args):
+            runs.append(1)
+            return self.session.run(*args)
+    monkeypatch.setattr(latency, "make_session", lambda *a, **k: Counting(real(*a, **k)))
+    monkeypatch.setattr(latency, "WARMUP_S", warmup_s)
+    res = latency.measure_interleaved({"a": tiny_onnx}, {"x": np.ones((1, 4), np.float32)}, 1,
+                                      warmup=10, max_iters=25, budget_s=60.0)
+    assert res["a"]["n"] == 25 and len(runs) == warmup_runs + 25
+    assert latency.MIN_WARMUP_ROUNDS == 2
