@@ -126,7 +126,10 @@ def export_baseline(state: RunState) -> None:
         if state.derive_prepared:
             state.derive_skipped = recipe_blocker(state.recipe)
             if state.derive_skipped is None:  # located now: later stages may change these very weights
-                state.baseline_graph = keep_baseline(graph, state.spec.model)
+                try:
+                    state.baseline_graph = keep_baseline(graph, state.spec.model)
+                except GraphMismatch as exc:
+                    state.derive_skipped = f"{exc}: exported"
 
 
 def _merge_masks(state: RunState, masks: dict) -> None:

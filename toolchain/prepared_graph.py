@@ -9,7 +9,9 @@ from the baseline graph, kept in memory for that, instead of exporting again.
 The baseline's Linears are located on their weights when the baseline is exported, before any
 stage runs: smoothing scales the weights in place (the very weights of the user's model when
 the run may change it), and the smoothed weights divided by the scales are not the originals
-bit for bit. Whatever does not match makes the pipeline export as before, and the report says why.
+bit for bit. The graph is kept without those weights; they come back from the model as it is
+at export.model. Whatever does not match makes the pipeline export as before, and the report
+says why.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import onnx
 from torch import nn
 
 from exporters.qdq import Site, find_sites
-from exporters.smoothed_graph import GraphMismatch, SmoothedGroup, apply_smoothing
+from exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
 from exporters.weight_index import WeightIndex
 from toolchain.order import DEFAULT_ORDER
 from toolchain.quantization.smoothing import SmoothedLinear
@@ -33,10 +35,12 @@ DERIVABLE_TRANSFORMS = ("smoothquant",)
 
 @dataclass
 class BaselineGraph:
-    """baseline.onnx as exported, with the Linears of the model it came from located by content."""
+    """baseline.onnx as exported, with the Linears of the model it came from located by content;
+    `model` lacks their weight initializers (exporters.smoothed_graph.without_weights)."""
 
     model: onnx.ModelProto
     sites: dict[str, Site]  # Linear name -> its MatMul/Gemm and weight initializer
+    shapes: dict[str, tuple]  # weight initializer -> its shape in the graph
     linears: set[str]  # every Linear of the model (a stage that adds or removes one rules derivation out)
     twins: set[str]  # Linears whose weight equals another's: which initializer is whose is unknown
 
@@ -58,9 +62,12 @@ def _linear_weights(model: nn.Module) -> dict:
 
 
 def keep_baseline(graph: onnx.ModelProto, model: nn.Module) -> BaselineGraph:
-    """`graph` exported from `model`, before any stage changed the model."""
+    """`graph` exported from `model`, before any stage changed the model; `graph` is taken apart
+    (its weights are not kept). Raises GraphMismatch where a weight is not plain float32."""
     weights = _linear_weights(model)
-    return BaselineGraph(graph, find_sites(graph, weights), set(weights), WeightIndex(weights).twins())
+    sites = find_sites(graph, weights)
+    skeleton, shapes = without_weights(graph, sites)
+    return BaselineGraph(skeleton, sites, shapes, set(weights), WeightIndex(weights).twins())
 
 
 def _original_name(name: str, smoothed: dict) -> str:
@@ -75,8 +82,7 @@ def smoothed_groups(work: nn.Module) -> list[SmoothedGroup]:
     for name, module in work.named_modules():
         if isinstance(module, SmoothedLinear):
             by_scale[id(module.inv_scale)].append((name, module))
-    return [SmoothedGroup(members[0][1].inv_scale.detach().numpy(),
-                          {name: m.linear.weight.detach().numpy() for name, m in members})
+    return [SmoothedGroup(members[0][1].inv_scale.detach().numpy(), tuple(name for name, _ in members))
             for members in by_scale.values()]
 
 
@@ -84,14 +90,15 @@ def derive_prepared(baseline: BaselineGraph, work: nn.Module) -> tuple[onnx.Mode
     """(the FP32 graph of `work`, number of smoothed groups), rewriting `baseline.model` in place;
     raises GraphMismatch (with the reason) where the graph of `work` must come from an export."""
     smoothed = {n: m for n, m in work.named_modules() if isinstance(m, SmoothedLinear)}
-    linears = {_original_name(n, smoothed) for n, m in work.named_modules() if isinstance(m, nn.Linear)}
+    weights = {_original_name(n, smoothed): w for n, w in _linear_weights(work).items()}
+    linears = set(weights)
     if linears != baseline.linears:
         changed = sorted(linears ^ baseline.linears)
         raise GraphMismatch(f"the model's Linears changed since the baseline export ({changed[0]})")
     groups = smoothed_groups(work)
-    twins = sorted(baseline.twins & {n for g in groups for n in g.weights})
+    twins = sorted(baseline.twins & {n for g in groups for n in g.modules})
     if twins:
         raise GraphMismatch(f"smoothed Linear {twins[0]} has the same weight as another Linear: "
                             "its initializer in the baseline graph is ambiguous")
-    apply_smoothing(baseline.model, baseline.sites, groups)
+    with_weights(baseline.model, baseline.sites, baseline.shapes, weights, groups)
     return baseline.model, len(groups)

@@ -1,6 +1,7 @@
-"""apply_smoothing on hand-built graphs: one Mul per smoothed group in front of its MatMul/Gemm
-nodes, the smoothed weights in the layout the graph stores them, outputs as numpy computes
-them; a graph of any other shape is refused (GraphMismatch) and left as it was. WeightIndex:
+"""without_weights / with_weights on hand-built graphs: the graph kept without its located
+weights, completed with one Mul per smoothed group in front of its MatMul/Gemm nodes and the
+current weights in the layout the graph stores them, outputs as numpy computes them; a graph of
+any other shape is refused (GraphMismatch) and left as it was. WeightIndex:
 weights found by content in both layouts, equal weights told apart where they can be."""
 import numpy as np
 import onnx
@@ -9,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.qdq import find_sites
-from exporters.smoothed_graph import GraphMismatch, SmoothedGroup, apply_smoothing
+from exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
 from exporters.weight_index import WeightIndex
 
 RNG = np.random.default_rng(0)
@@ -39,9 +40,11 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(["q", "k", "fc"], {"x": x})
 
 
-def _smooth(names, inv):
-    """What smoothing does in torch: weight columns times s = 1/inv."""
-    return SmoothedGroup(inv, {n: W[n] * (1.0 / inv) for n in names})
+def _smooth(weights: dict, names, inv) -> SmoothedGroup:
+    """What smoothing does in torch: weight columns times s = 1/inv (in `weights`)."""
+    for n in names:
+        weights[n] = W[n] * (1.0 / inv)
+    return SmoothedGroup(inv, tuple(names))
 
 
 def test_groups_get_one_mul_each_and_the_graph_computes_the_smoothed_model():
@@ -49,10 +52,14 @@ def test_groups_get_one_mul_each_and_the_graph_computes_the_smoothed_model():
     sites = find_sites(model, W)
     assert {s: (sites[s].op_type, sites[s].transposed) for s in sites} == {
         "q": ("MatMul", True), "k": ("MatMul", True), "fc": ("Gemm", False)}
+    model, shapes = without_weights(model, sites)
+    assert shapes == {"wq": (4, 5), "wk": (4, 5), "wfc": (3, 4)}
+    assert {i.name for i in model.graph.initializer} == {"bfc", "one", "zero"}  # nothing else kept
     inv_qk = np.array([0.5, 2.0, 0.25, 4.0], np.float32)
     inv_fc = np.array([2.0, 1.0, 0.5, 1.0], np.float32)
-    groups = [_smooth(["q", "k"], inv_qk), _smooth(["fc"], inv_fc)]
-    apply_smoothing(model, sites, groups)
+    weights = dict(W)
+    groups = [_smooth(weights, ["q", "k"], inv_qk), _smooth(weights, ["fc"], inv_fc)]
+    with_weights(model, sites, shapes, weights, groups)
     onnx.checker.check_model(model)
     muls = [n for n in model.graph.node if n.op_type == "Mul"]
     assert len(muls) == 2 and sorted(m.input[0] for m in muls) == ["x", "x0"]
@@ -61,28 +68,35 @@ def test_groups_get_one_mul_each_and_the_graph_computes_the_smoothed_model():
     assert readers["add"] == "x"  # other readers of the shared tensor keep the unsmoothed one
     x = RNG.normal(size=(2, 6, 4)).astype(np.float32)
     q, k, fc = _run(model, x)
-    np.testing.assert_allclose(q, (x * inv_qk) @ groups[0].weights["q"].T, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(k, (x * inv_qk) @ groups[0].weights["k"].T, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(fc, (x[0] * inv_fc) @ groups[1].weights["fc"].T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(q, (x * inv_qk) @ weights["q"].T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(k, (x * inv_qk) @ weights["k"].T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fc, (x[0] * inv_fc) @ weights["fc"].T, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(q, x @ W["q"].T, rtol=1e-5, atol=1e-5)  # smoothing keeps the function
     # the new weights sit where the old ones were, in the stored layout: found there by content
-    smoothed = {n: w for g in groups for n, w in g.weights.items()}
-    assert {n: s.weight for n, s in find_sites(model, smoothed).items()} == {"q": "wq", "k": "wk", "fc": "wfc"}
+    assert {n: s.weight for n, s in find_sites(model, weights).items()} == {"q": "wq", "k": "wk", "fc": "wfc"}
 
 
-@pytest.mark.parametrize("case", ["missing", "split", "shared_init"])
+@pytest.mark.parametrize("case", ["missing", "split", "shared_init", "gone", "reshaped"])
 def test_a_graph_of_another_shape_is_refused_and_left_as_it_was(case):
     model = _graph(shared_qk=case != "split")
     sites = find_sites(model, W)
     if case == "missing":
         del sites["k"]
+    model, shapes = without_weights(model, sites)
     if case == "shared_init":
         model.graph.node.append(helper.make_node("MatMul", ["x", "wk"], ["k2"], name="mm_k2"))
-    before = model.SerializeToString()
+    weights = dict(W)
     inv = np.ones(4, np.float32)
+    groups = [_smooth(weights, ["fc"], inv), _smooth(weights, ["q", "k"], inv)]
+    if case == "gone":
+        del weights["k"]
+    if case == "reshaped":
+        weights["q"] = weights["q"][:4]
+    before = model.SerializeToString()
     with pytest.raises(GraphMismatch, match={"missing": "no weight initializer", "split": "different tensors",
-                                             "shared_init": "read by its node alone"}[case]):
-        apply_smoothing(model, sites, [_smooth(["fc"], inv), _smooth(["q", "k"], inv)])
+                                             "shared_init": "not the one located", "gone": "not in the model any more",
+                                             "reshaped": "changed shape"}[case]):
+        with_weights(model, sites, shapes, weights, groups)
     assert model.SerializeToString() == before
 
 

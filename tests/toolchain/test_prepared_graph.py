@@ -88,6 +88,17 @@ def test_the_pipeline_derives_prepared_onnx_and_writes_the_same_model(tiny_bert,
     assert derived["accuracy"]["model"] == pytest.approx(exported["accuracy"]["model"], abs=1e-6)
 
 
+def test_without_quantization_the_derived_graph_is_written_as_model_onnx(tiny_bert, tmp_path):
+    spec = build_hf_spec(tiny_bert)
+    report = pipeline.run(Recipe(stages=(), gates=Gates(max_accuracy_drop=0.05), threads=1), spec, tmp_path / "out")
+    params = next(s for s in report["stages"] if s["name"] == "export.model")["params"]
+    assert params["derived_from"] == "baseline.onnx" and params["smoothed_groups"] == 0
+    assert not (tmp_path / "out" / "prepared.onnx").exists()  # written for the rename, renamed
+    ours = _outputs(str(tmp_path / "out" / "model.onnx"), spec.eval_batches)
+    for a, b in zip(ours, _outputs(str(tmp_path / "out" / "baseline.onnx"), spec.eval_batches)):
+        np.testing.assert_array_equal(a, b)  # nothing changed the model: the baseline's own function
+
+
 def test_a_model_derivation_cannot_handle_is_exported_and_the_report_says_why(tiny_bert, tmp_path, monkeypatch):
     real = build_hf_spec
 
