@@ -7,7 +7,6 @@ the op takes one (Conv, Gemm), and adds Q/DQ pairs on the activations the plan n
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from contracts.quant import LINEAR, RELU, ActQuant, Anchor, QuantParams
 from exporters.graph import consumers, ensure_node_names, toposort
+from exporters.weight_index import WeightIndex, initializer_array
 
 __all__ = ["Site", "find_sites", "anchors_for", "find_embedding_sites", "insert_qdq"]
 
@@ -51,9 +51,14 @@ def anchors_for(sites: dict[str, Site], quantized_elsewhere: frozenset[str] | se
             for name, s in sites.items()]
 
 
-def _digest(arr: np.ndarray) -> tuple:
-    a = np.ascontiguousarray(arr, dtype=np.float32)
-    return a.shape, hashlib.sha1(a.tobytes()).hexdigest()
+def _layout_fits(node: onnx.NodeProto, transposed: bool) -> bool:
+    """Whether the node reads a weight stored in that layout as torch's (out, in, ...) weight."""
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return False
+        return transposed != bool(attrs.get("transB", 0))
+    return transposed if node.op_type == "MatMul" else not transposed  # Conv: as is
 
 
 def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, Site]:
@@ -61,11 +66,7 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
     graph = model.graph
     ensure_node_names(graph)
     inits = {i.name: i for i in graph.initializer}
-    by_digest = {}
-    for module, w in weights.items():
-        by_digest[_digest(w)] = (module, False)
-        if w.ndim == 2:
-            by_digest.setdefault(_digest(w.T), (module, True))
+    index = WeightIndex(weights)
     readers = consumers(graph)
     graph_outputs = {o.name for o in graph.output}
     sites = {}
@@ -75,20 +76,10 @@ def find_sites(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
         w_name = node.input[1]
         if w_name not in inits or len(readers[w_name]) != 1:
             continue
-        hit = by_digest.get(_digest(numpy_helper.to_array(inits[w_name])))
-        if hit is None:
+        hits = [h for h in index.matches(initializer_array(inits[w_name]), sites) if _layout_fits(node, h[1])]
+        if not hits:
             continue
-        module, transposed = hit
-        if node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-                continue
-            if transposed == bool(attrs.get("transB", 0)):
-                continue  # the stored layout disagrees with how Gemm reads it
-        elif node.op_type == "MatMul" and not transposed:
-            continue
-        elif node.op_type == "Conv" and transposed:
-            continue
+        module, transposed = hits[0]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
         rectified, bounds = _rectifier(node, readers, inits, graph, graph_outputs)
         linear = None
@@ -133,15 +124,15 @@ def find_embedding_sites(model: onnx.ModelProto, tables: dict[str, np.ndarray]) 
     graph = model.graph
     ensure_node_names(graph)
     inits = {i.name: i for i in graph.initializer}
-    wanted = {_digest(w): name for name, w in tables.items()}
+    index = WeightIndex(tables)
     readers = consumers(graph)
     sites = {}
     for node in graph.node:
         if node.op_type != "Gather" or node.input[0] not in inits or len(readers[node.input[0]]) != 1:
             continue
-        name = wanted.get(_digest(numpy_helper.to_array(inits[node.input[0]])))
-        if name is not None:
-            sites[name] = (node.name, node.input[0])
+        hits = [h for h in index.matches(initializer_array(inits[node.input[0]]), sites) if not h[1]]
+        if hits:
+            sites[hits[0][0]] = (node.name, node.input[0])
     return sites
 
 

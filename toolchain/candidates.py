@@ -142,7 +142,7 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
     path = out / "model.onnx"
     base = state.recipe
     if mode.quant == "none":
-        shutil.copyfile(state.tmp / "prepared.onnx", path)
+        shutil.copyfile(pipeline.prepared_file(state), path)
         recipe = base.with_stages("transform", []).with_stage("quantize", None)
         return Built(mode, path, state, recipe, None)
     from toolchain.builtin_methods import lookup

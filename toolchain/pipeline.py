@@ -35,6 +35,7 @@ from toolchain.builtin_methods import lookup
 from toolchain.folding import copy_for_compression, fold_batchnorm
 from toolchain.mobile_step import mobile_step
 from toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
+from toolchain.prepared_graph import BaselineGraph, GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
 from runtime_check.isa import weight_qmax
 from toolchain.output_folder import atomic_output
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
@@ -44,7 +45,7 @@ from toolchain.recover_step import make_fine_tune
 from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, RecoverContext, TransformContext
 
-__all__ = ["run", "RunState", "STEPS", "StageTimer", "seed_everything"]
+__all__ = ["run", "RunState", "STEPS", "StageTimer", "seed_everything", "prepared_file"]
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +108,12 @@ class RunState:
     model_disposable: bool = False
     # a prune stage (or q_then_s) changed `work`: recovery has something to recover
     pruned: bool = False
+    # export.model may write prepared.onnx from the baseline graph instead of exporting again
+    # (toolchain/prepared_graph.py); run() allows it, a state built elsewhere (--auto levels,
+    # which have no baseline graph of their own) exports
+    derive_prepared: bool = False
+    baseline_graph: BaselineGraph | None = None  # kept from export.baseline for that
+    derive_skipped: str | None = None  # why prepared.onnx is exported after all
 
 
 def _needs_calibration(state: RunState, stage) -> None:
@@ -117,7 +124,14 @@ def _needs_calibration(state: RunState, stage) -> None:
 def export_baseline(state: RunState) -> None:
     exporter = exporter_for(state.spec)
     with state.timer.stage("export.baseline", {"exporter": exporter.name}):
-        exporter.export(state.spec, state.spec.model, state.tmp / "baseline.onnx")
+        graph = exporter.export(state.spec, state.spec.model, state.tmp / "baseline.onnx")
+        if state.derive_prepared:
+            state.derive_skipped = recipe_blocker(state.recipe)
+            if state.derive_skipped is None:  # located now: later stages may change these very weights
+                try:
+                    state.baseline_graph = keep_baseline(graph, state.spec.model)
+                except GraphMismatch as exc:
+                    state.derive_skipped = f"{exc}: exported"
 
 
 def _merge_masks(state: RunState, masks: dict) -> None:
@@ -232,7 +246,12 @@ def recover(state: RunState) -> None:
 
 def fold(state: RunState) -> None:
     with state.timer.stage("fold_batchnorm") as rec:
+        before = state.work
         state.work, rec["params"]["folded"] = fold_batchnorm(state.work)
+    if state.work is not before and state.baseline_graph is not None:
+        state.baseline_graph = None  # torch.fx rebuilt the model: only an export shows its graph
+        state.derive_skipped = (f"fold_batchnorm rebuilt the model with torch.fx ({rec['params']['folded']} "
+                                "BatchNorm layer(s) folded): it is exported")
 
 
 def transform(state: RunState) -> None:
@@ -246,20 +265,48 @@ def transform(state: RunState) -> None:
             rec["params"].update(result.info)
 
 
+def _derived(state: RunState, params: dict) -> onnx.ModelProto | None:
+    """The graph of `work` written from the baseline graph (prepared_graph.py), or None with the
+    reason in `params`. The baseline graph is given up either way: it becomes prepared.onnx, or
+    nothing reads it again."""
+    baseline, state.baseline_graph = state.baseline_graph, None
+    if baseline is None:
+        params["derive_skipped"] = state.derive_skipped or "no baseline graph was kept in this run: exported"
+        return None
+    try:
+        graph, groups = derive_prepared(baseline, state.work)
+    except GraphMismatch as exc:
+        params["derive_skipped"] = f"{exc}: exported"
+        return None
+    params.update(derived_from="baseline.onnx", smoothed_groups=groups)
+    return graph
+
+
 def export_prepared(state: RunState) -> None:
     exporter = exporter_for(state.spec)
     with state.timer.stage("export.model", {"exporter": exporter.name}) as rec:
-        # the export keeps one core busy: baseline.onnx is deflated for verify.sizes on the other
+        # an export keeps one core busy: baseline.onnx is deflated for verify.sizes on the other
         # meanwhile (the same numbers, measured earlier; this stage's CPU seconds include it)
         with sizes_measured_meanwhile(state.tmp / "baseline.onnx"):
-            state.prepared = exporter.export(state.spec, state.work, state.tmp / "prepared.onnx")
+            # derived: prepared.onnx is written only if something reads the file (prepared_file)
+            state.prepared = _derived(state, rec["params"])
+            if state.prepared is None:
+                state.prepared = exporter.export(state.spec, state.work, state.tmp / "prepared.onnx")
         rec["params"]["meanwhile"] = "baseline.onnx deflated for verify.sizes"
+
+
+def prepared_file(state: RunState) -> Path:
+    """prepared.onnx on disk: an exported graph is there already, a derived one is written now."""
+    path = state.tmp / "prepared.onnx"
+    if not path.exists():
+        onnx.save(state.prepared, str(path))
+    return path
 
 
 def quantize(state: RunState) -> None:
     spec, work, quant = state.spec, state.work, state.recipe.stage("quantize")
     if quant is None:
-        (state.tmp / "prepared.onnx").rename(state.tmp / "model.onnx")
+        prepared_file(state).rename(state.tmp / "model.onnx")
         state.reference = lambda b: spec.torch_outputs(work, b)
         return
     with state.timer.stage(quant.qualified, quant.to_dict()["params"]) as rec:
@@ -281,7 +328,7 @@ def quantize(state: RunState) -> None:
             state.notes.append(f"fallback stopped at its cap ({cap['used']} of {cap['layers']} layers in FP32) with "
                                f"the predicted drop {info['predicted_drop_trace'][-1]:.4g} still above the limit")
     state.quant_info = info
-    (state.tmp / "prepared.onnx").unlink()
+    (state.tmp / "prepared.onnx").unlink(missing_ok=True)  # a derived graph was never written
 
 
 def sparse_storage(state: RunState) -> None:
@@ -369,7 +416,8 @@ def run(recipe: Recipe, spec: ModelSpec, outdir: Path, progress: Progress = NULL
     seed_everything(recipe.seed)
     with atomic_output(outdir, progress.message) as tmp:
         state = RunState(recipe, spec, tmp, recipe.threads or default_threads(), StageTimer(progress), progress,
-                         input_shapes=dict(input_shapes or {}), model_disposable=model_disposable)
+                         input_shapes=dict(input_shapes or {}), model_disposable=model_disposable,
+                         derive_prepared=True)
         state.notes += spec.data_info.get("notes", [])  # e.g. synthetic data: said first
         for step in STEPS:
             step(state)

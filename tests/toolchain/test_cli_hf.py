@@ -124,6 +124,10 @@ def test_no_pruning_by_default_for_hf(fe):
     assert set(rep["sparsity"]["layers"]) == set(ENCODER_LINEARS)
     assert set(rep["sparsity"]["layers"].values()) == {0.0}
     assert not any(s["type"].startswith("prune") for s in rep["recipe"]["stages"])
+    # smoothing alone changed the model: prepared.onnx came from the baseline graph, no second export
+    export = next(s for s in rep["stages"] if s["name"] == "export.model")
+    assert export["params"]["derived_from"] == "baseline.onnx" and "derive_skipped" not in export["params"]
+    assert export["params"]["smoothed_groups"] == 8  # per layer: Q/K/V, attention output, intermediate, output
 
 
 def test_quantization_info(fe, onnx_tools):
@@ -228,6 +232,9 @@ def test_sparsity_on_feature_extraction_prunes_encoder_only(sparse):
     assert rep["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
     names = [s["name"] for s in rep["stages"]]
     assert names.index("prune.magnitude") < names.index("transform.smoothquant") < names.index("quantize.int8")
+    export = next(s for s in rep["stages"] if s["name"] == "export.model")
+    assert "derived_from" not in export["params"]
+    assert export["params"]["derive_skipped"] == "prune.magnitude changes the model: it is exported"
 
 
 # ---------------------------------------------------------------- accuracy-aware fallback
