@@ -251,16 +251,7 @@ def test_cli_bad_values_are_one_line_exit_2(args, tmp_path):
 def test_hf_bert_factored_exports_through_optimum_and_quantizes(run_cli, tiny_bert, text_files, tmp_path):
     """A tiny BERT's Linears become Sequential(Linear, Linear); optimum exports them, QDQ finds every
     factor, and onnxruntime matches the torch fake-quant model (the pipeline's fidelity check)."""
-    import json
-
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("stages:\n  - type: prune.lowrank\n    params: {rank_energy: 0.5, decide: params}\n"
-                      "  - type: recover.distill\n    params: {steps: 2}\n  - type: quantize.int8\n")
-    out = tmp_path / "out"
-    result = run_cli(["export", tiny_bert, "--recipe", recipe, "--calib-data", text_files.calib_txt,
-                      "--eval-data", text_files.eval_txt, "--threads", 1, "-o", out])
-    assert result.exit_code in (0, 1), result.output  # a random tiny BERT may miss the cosine gate
-    rep = json.loads((out / "report.json").read_text())
+    rep = _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy=0.5, steps=2)
     factored = rep["lowrank"]["factored"]
     assert any(n.endswith("intermediate.dense") for n in factored)
     assert any(n.endswith("attention.self.query") for n in factored)
@@ -423,18 +414,24 @@ def test_whole_model_check_on_real_timing_never_keeps_a_slower_set():
 def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path):
     """At rank energy 0.999 no Linear of the tiny BERT pays to factor: the model is unchanged, so
     the recover stage after it has nothing to recover, says so, and runs no step."""
-    import json
-
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("stages:\n  - type: prune.lowrank\n    params: {rank_energy: 0.999, decide: params}\n"
-                      "  - type: recover.distill\n    params: {steps: 50}\n  - type: quantize.int8\n")
-    out = tmp_path / "out"
-    result = run_cli(["export", tiny_bert, "--recipe", recipe, "--calib-data", text_files.calib_txt,
-                      "--eval-data", text_files.eval_txt, "--threads", 1, "-o", out])
-    assert result.exit_code in (0, 1), result.output
-    rep = json.loads((out / "report.json").read_text())
+    rep = _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy=0.999, steps=50)
     assert rep["lowrank"]["factored"] == []
     assert rep["recovery"]["steps"] == 0 and "no prune stage changed the model" in rep["recovery"]["skipped"]
     stage = rep["stages"][[s["name"] for s in rep["stages"]].index("recover.distill")]
     assert stage["params"]["steps_run"] == 0 and stage["seconds"] < 1.0
     assert any(n.startswith("recover.distill skipped") for n in rep["notes"])
+
+
+def _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy: float, steps: int) -> dict:
+    """report.json of `sqexport export` on the tiny BERT: prune.lowrank (decided by parameter
+    count), recover.distill for `steps`, quantize.int8."""
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - type: prune.lowrank\n    params: {{rank_energy: {rank_energy}, decide: params}}\n"
+                      f"  - type: recover.distill\n    params: {{steps: {steps}}}\n  - type: quantize.int8\n")
+    out = tmp_path / "out"
+    result = run_cli(["export", tiny_bert, "--recipe", recipe, "--calib-data", text_files.calib_txt,
+                      "--eval-data", text_files.eval_txt, "--threads", 1, "-o", out])
+    assert result.exit_code in (0, 1), result.output  # a random tiny BERT may miss the cosine gate
+    return json.loads((out / "report.json").read_text())
