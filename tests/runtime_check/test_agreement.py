@@ -29,3 +29,26 @@ def test_near_zero_row_is_judged_against_the_median_norm():
     got = ref + np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.01]])
     # floor = 0.1 * median norm 10 = 1: row 2's error is 0.01 / 1, not 0.01 / 1e-9
     assert per_sample_agreement(ref, got)["max_rel_error"] == pytest.approx(0.01)
+
+
+def test_arm64_is_judged_per_sample_against_the_closer_x86_computation():
+    """Two legitimate x86 computations part on two samples (a rounding boundary); ARM follows the
+    exact arithmetic on one and the kernels on the other: per sample it matches, while either
+    reference alone would be 3% off somewhere."""
+    from runtime_check.arm64_check import _closer_per_sample
+
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(4, 16))
+    exact /= np.linalg.norm(exact, axis=1, keepdims=True)
+    kernels = exact.copy()
+    kernels[1] += 0.03 * rng.normal(size=16) / 4.0
+    kernels[2] += 0.03 * rng.normal(size=16) / 4.0
+    arm = exact.copy()
+    arm[2] = kernels[2]  # sample 2 rounds as x86's kernels do, sample 1 as the exact arithmetic
+    assert per_sample_agreement(exact, arm)["max_rel_error"] > 0.02
+    assert per_sample_agreement(kernels, arm)["max_rel_error"] > 0.02
+    closer = _closer_per_sample(exact, kernels, arm)
+    assert closer["max_rel_error"] == 0.0 and closer["mostly"] == "exact QDQ arithmetic"
+    assert closer["samples_closer_to"] == {"exact QDQ arithmetic": 3, "x86 int8 kernels": 1}
+    wrong = arm * 0.9  # a scaled output is 10% from both
+    assert _closer_per_sample(exact, kernels, wrong)["max_rel_error"] == pytest.approx(0.1)
