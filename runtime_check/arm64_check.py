@@ -76,8 +76,9 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
     """Returns the report's `arm64` section and its checks (one output match and one accuracy gate
     per tier). ARM64 outputs are compared with x86's exact QDQ arithmetic (`exact`, an .onnx of the
     same model run without graph optimizations) and with x86's own int8 kernels (which saturate
-    full-range int8 weights without VNNI, runtime_check/isa.py); the closer one decides. Emulated timings are
-    never reported: they are not a phone's latency."""
+    full-range int8 weights without VNNI, runtime_check/isa.py); per sample the closer one decides.
+    Each tier runs for BUDGET_S at most, and all tiers are compared on the feeds every one of them
+    ran. Emulated timings are never reported: they are not a phone's latency."""
     session = make_session(model_path, 1)
     fitted, n = fit_batches(batches, _shapes(session, batches))
     per_feed = len(next(iter(fitted[0].values())))
@@ -89,8 +90,12 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
         raw.append(session.run(None, f))
         spent += time.perf_counter() - t0
         feeds.append(f)
-    k = min(n, len(feeds) * per_feed)
     names = [o.name for o in session.get_outputs()]
+    tier_runs = run_tiers(model_path, feeds, tiers, budget_s=BUDGET_S)
+    # each tier stops at its time budget: every tier is compared on the feeds all of them ran
+    done = min(len(res["outputs"][names[0]]) for res in tier_runs.values())
+    feeds, raw = feeds[:done], raw[:done]
+    k = min(n, len(feeds) * per_feed)
     host = _post([np.stack(r) for r in zip(*raw)], feeds, postprocess)[:k]
     if exact is not None:
         ref_session = make_session(exact, 1, optimize=False)
@@ -109,8 +114,8 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
                "accuracy_reference": "baseline" if base_out is not None else "x86 outputs",
                "note": "outputs only: timings under emulation are not latency", "tiers": {}}
     checks = []
-    for tier, res in run_tiers(model_path, feeds, tiers).items():
-        arm = _post([res["outputs"][nm] for nm in names], feeds, postprocess)[:k]
+    for tier, res in tier_runs.items():
+        arm = _post([res["outputs"][nm][:done] for nm in names], feeds, postprocess)[:k]
         vs_x86, vs_kernels = _match(x86, arm), _match(host, arm)
         closer = _closer_per_sample(x86, host, arm)
         accuracy = _metrics(logits, reference, arm, subset_labels)

@@ -119,6 +119,21 @@ def test_bundled_runner_self_test(mobile_export, tmp_path):
         assert res["reference"]["max_abs_diff"] <= 0.01 * res["reference"]["reference_max_abs"]
 
 
+def test_runner_budget_stops_after_the_first_sample_and_compares_those(mobile_export, tmp_path):
+    """--budget-s 0: one sample runs (at least one always does) and only it is compared and saved."""
+    import subprocess
+    import sys
+
+    out = mobile_export.out
+    proc = subprocess.run([sys.executable, "runtime_check/device_runner.py", out / "model.ort", "--reference",
+                           out / "reference.npz", "--no-timing", "--budget-s", "0", "--save-outputs",
+                           tmp_path / "o.npz"], capture_output=True, text=True)
+    res = json.loads(proc.stdout)
+    assert res["reference"]["samples"] == 1 and res["reference"]["samples_given"] == 8
+    saved = np.load(tmp_path / "o.npz")
+    assert all(saved[k].shape[0] == 1 for k in saved.files)
+
+
 def test_package_rebuilds_bundle_and_refuses_cpu_output(mobile_export, default_export, run_cli, tmp_path):
     result = run_cli(["package", mobile_export.out, "--target", "mobile", "-o", tmp_path / "b.zip"])
     assert result.exit_code == 0, result.output
