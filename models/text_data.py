@@ -80,6 +80,8 @@ def text_batches(tokenizer, texts: list[str], input_names: list[str], labels: np
     share of them (the fidelity samples, the fallback's sample cap) still mixes short and long texts.
     Metrics are per sample, so the order changes none; calibration statistics no longer count most
     of the padded rows (they never reach an output: attention and pooling mask them)."""
+    # lengths from a first tokenization, batches from a second: milliseconds, where padding the
+    # first one's lists (tokenizer.pad) prints a warning on every fast tokenizer
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
     by_length = np.argsort(lengths, kind="stable")
     chunks = [by_length[i:i + batch_size] for i in range(0, len(texts), batch_size)]
