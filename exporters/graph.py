@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["consumers", "ensure_node_names", "toposort", "merge_duplicate_nodes"]
+__all__ = ["consumers", "ensure_node_names", "toposort", "merge_duplicate_nodes", "own_weights"]
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -93,3 +93,46 @@ def merge_duplicate_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("
     del graph.node[:]
     graph.node.extend(keep)
     return merged
+
+
+_WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def own_weights(model: onnx.ModelProto) -> int:
+    """Give every Conv/Gemm/MatMul its own weight initializer, read directly. Exporters store equal
+    constants once, behind Identity nodes (zero-initialized layers, e.g. a residual branch's last
+    conv whose BatchNorm scale starts at 0, fold to equal weights): a shared weight cannot take
+    one int8 copy per layer. Only weights that nothing but such nodes read are copied (a weight
+    tied to an embedding Gather stays shared). Returns the number of copies made."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    readers = consumers(graph)
+    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # initializer -> weight nodes reading it
+    for node in graph.node:
+        if node.op_type in _WEIGHT_OPS and len(node.input) > 1:
+            source = alias.get(node.input[1], node.input[1])
+            if source in inits:
+                users[source].append(node)
+    copies = 0
+    for source, nodes in users.items():
+        direct = [n for n in readers[source] if n.op_type != "Identity"]
+        via = [n for a, s in alias.items() if s == source for n in readers[a]]
+        if any(n not in nodes for n in direct + via) or len(nodes) + (source in {o.name for o in graph.output}) < 1:
+            continue
+        for i, node in enumerate(nodes):
+            if i == 0:
+                node.input[1] = source
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[source])
+            copy.name = f"{source}_copy{i}"
+            graph.initializer.append(copy)
+            node.input[1] = copy.name
+            copies += 1
+    if copies or alias:
+        read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in read]
+        for n in dead:
+            graph.node.remove(n)
+    return copies

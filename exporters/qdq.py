@@ -236,7 +236,10 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
                 node.input[i] = rewire[name]
             elif node.op_type == "Add" and name in sum_rewire:
                 node.input[i] = sum_rewire[name]
-    kept = [i for i in graph.initializer if i.name not in replaced]
+    # an exporter stores equal constants once (zero biases, say): a replaced initializer that
+    # another node still reads stays
+    still_read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name not in replaced or i.name in still_read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     all_nodes = list(graph.node) + ed.new_nodes

@@ -24,7 +24,9 @@ def _fingerprint(a: np.ndarray) -> tuple:
     if a.ndim == 0 or a.size == 0:
         return a.shape, np.asarray(a, np.float32).tobytes()
     flat = (np.arange(_SAMPLES, dtype=np.int64) * _STRIDE) % a.size
-    return a.shape, np.asarray(a[np.unravel_index(flat, a.shape)], np.float32).tobytes()
+    # + 0 turns -0.0 into 0.0: equal values must give equal bytes (a weight scaled by a zero
+    # BatchNorm gamma holds -0.0 where the exporter's copy may hold 0.0)
+    return a.shape, (np.asarray(a[np.unravel_index(flat, a.shape)], np.float32) + np.float32(0)).tobytes()
 
 
 def initializer_array(init: onnx.TensorProto) -> np.ndarray:

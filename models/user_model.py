@@ -160,13 +160,64 @@ def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
             raise ModelLoadError(f"cannot convert the TorchScript model (with input shape(s) "
                                  f"{_fmt_shapes(shapes)}): {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(obj, torch.export.ExportedProgram):
-        gm = module_from_program(obj)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        for node, name in zip(placeholders, shapes):
-            node.target = name  # the input names sqexport reports and feeds by keyword
-        gm.recompile()
-        return gm
+        return _rebuilt(obj, shapes)
     return obj.eval()
+
+
+def _rebuilt(ep: torch.export.ExportedProgram, shapes: dict[str, tuple]) -> torch.fx.GraphModule:
+    from models.graph_module import module_from_program
+
+    gm = module_from_program(ep)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, shapes):
+        node.target = name  # the input names sqexport reports and feeds by keyword
+    gm.recompile()
+    return gm
+
+
+def normalized_factory_model(model: nn.Module, shapes: dict[str, tuple],
+                             dtypes: dict[str, torch.dtype]) -> tuple[nn.Module, dict]:
+    """The factory's model rebuilt from its torch.export program, so layers are recognized by what
+    they compute: a BatchNorm subclass that applies its activation inside becomes a BatchNorm2d plus
+    that activation (BN folding then sees conv -> bn), a pad + conv wrapper ("same" padding) a pad
+    and a Conv2d, and F.conv2d / F.linear calls inside forward real modules. A model torch.export
+    cannot capture (data-dependent control flow, say) is kept as written, with the reason."""
+    names = list(shapes)
+    # a batch of 2 with a dynamic batch dimension: the ONNX export keeps the batch dynamic
+    args = tuple(torch.rand((2,) + tuple(s[1:])).to(dtypes.get(n, torch.float32)) for n, s in shapes.items())
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with warnings.catch_warnings(), _quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model.eval(), args, dynamic_shapes=tuple({0: batch} for _ in names))
+            rebuilt = _rebuilt(ep, shapes)
+            with torch.no_grad():
+                same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in
+                           zip(_outputs(model(*args)), _outputs(rebuilt(*args))))
+    except Exception as exc:  # any failure to capture: the model as written still works, less covered
+        return model.eval(), {"rebuilt": False, "why": f"torch.export could not capture forward(): "
+                                                        f"{type(exc).__name__}: {_first_line(exc)[:300]}"}
+    if not same:
+        return model.eval(), {"rebuilt": False, "why": "the rebuilt graph's outputs differ from the model's"}
+    return rebuilt, {"rebuilt": True, "why": "rebuilt from torch.export: Conv/Linear/BatchNorm found by the "
+                                             "aten op they call, whatever the module class"}
+
+
+class _quiet_torch_logs:
+    """torch.export logs a multi-line traceback for some capture failures before raising."""
+
+    def __enter__(self):
+        import logging
+        self.loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.export", "torch._export",
+                                                        "torch.fx.experimental.symbolic_shapes")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+        return False
 
 
 def _fmt_shapes(shapes: dict[str, tuple]) -> str:
@@ -234,6 +285,9 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
         names = _forward_names(obj)
     shapes = _resolve_shapes(names, given, known)
     model = _as_module(obj, shapes)
+    capture = None
+    if factory and not isinstance(obj, torch.export.ExportedProgram):
+        model, capture = normalized_factory_model(model, shapes, dtypes)
     rng = np.random.default_rng(0)  # example values only matter for tracing; fixed for reproducibility
     example = {n: rng.random(s, dtype=np.float32).astype(_np_dtype(dtypes.get(n, torch.float32)))
                for n, s in shapes.items()}
@@ -255,6 +309,7 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
         description=f"user model ({kind}), input {_fmt_shapes(shapes)}, "
                     + (f"{outs[0].shape[1]} classes" if classifier else f"output {tuple(outs[0].shape[1:])}"),
         source={"kind": kind, "ref": ref, "input_shapes": {n: list(s) for n, s in shapes.items()},
+                **({"graph_capture": capture} if capture else {}),
                 "task_from": "2-D output: classification (top-1)" if classifier
                 else "non-2-D output: cosine of the flattened output vs FP32"},
     )

@@ -56,6 +56,11 @@ def render_markdown(r: dict) -> str:
     q = r.get("quantization") or {}
     if q:
         lines += ["", "## Quantization", "", f"- int8 layers: {q.get('quantized_layers', 0)}"]
+        cov = q.get("coverage") or {}
+        if cov:
+            lines.append(f"- weight layers in the graph: {cov['weight_layers']}, int8 {cov['int8']}, "
+                         f"FP32 {len(cov['fp32'])}")
+            lines += [f"  - FP32 `{f.get('layer') or f['node']}` ({f['op']}): {f['reason']}" for f in cov["fp32"]]
         if q.get("int8_embeddings"):
             lines.append(f"- int8 embedding tables: {', '.join(q['int8_embeddings'])}")
         if "fallback" in q:

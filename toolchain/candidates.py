@@ -30,7 +30,7 @@ from runtime_check.session import make_session
 from toolchain import pipeline
 from toolchain.quantization.fallback import FallbackPolicy
 from toolchain.quantize_step import (
-    QuantPlan, apply_fallback, compute_params, plan_quantization, weight_range_info, write_model,
+    QuantPlan, apply_fallback, compute_params, plan_quantization, public_name, weight_range_info, write_model,
 )
 from toolchain.recipe import Recipe, Stage
 
@@ -161,6 +161,7 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
     if mode.fallback:
         params = apply_fallback(state.work, state.spec, params, stage.config.fallback, accuracy_limit, info,
                                 state.progress, work_is_dense=base.stage("prune") is None)
+    info["coverage"] = plan.coverage_after(params, public_name(state.work))
     write_model(state.prepared, plan, params, path)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)
 

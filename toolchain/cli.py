@@ -323,6 +323,10 @@ def _print_summary(report: dict, outdir: Path) -> None:
                f"model {format_value(acc['model'], acc['unit'])}  drop {format_value(acc['drop'], acc['drop_unit'])}"
                + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
     click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
+    cov = (report.get("quantization") or {}).get("coverage")
+    if cov:
+        click.echo(f"  int8      {cov['int8']} of {cov['weight_layers']} weight layers"
+                   + (f" ({len(cov['fp32'])} FP32, reasons in report.md)" if cov["fp32"] else ""))
     click.echo(f"  size      {size['baseline']:,} B -> {size['model']:,} B ({size['compressed']:,} B zipped)")
     for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):
         click.echo(f"  latency   {entry['threads']} thread(s): p50 {entry['baseline']['p50']:.3f} ms -> "

@@ -17,8 +17,9 @@ from contracts.errors import DataError, ExportError, first_line
 from contracts.progress import NULL_PROGRESS, Progress, track
 from contracts.quant import Anchor, ObservedRanges, QuantParams
 from contracts.tasks import get_task
+from exporters.coverage import weight_layer_coverage
 from exporters.dynamic import insert_dynamic
-from exporters.graph import merge_duplicate_nodes
+from exporters.graph import merge_duplicate_nodes, own_weights
 from exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
 from exporters.tensor_sites import find_tensor_sites
 from models.spec import ModelSpec, first_samples
@@ -37,7 +38,7 @@ from toolchain.quantization.smoothing import SmoothedLinear
 from toolchain.recipe import Stage
 from toolchain.stages import QuantContext
 
-__all__ = ["QuantPlan", "plan_quantization", "compute_params", "apply_fallback", "write_model",
+__all__ = ["QuantPlan", "plan_quantization", "public_name", "compute_params", "apply_fallback", "write_model",
            "quantize_to_onnx", "torch_reference", "weight_range_info"]
 
 FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
@@ -58,6 +59,17 @@ class QuantPlan:
     merged_duplicate_nodes: int
     # weightless modules whose outputs get Q/DQ (residual adds) -> the ONNX tensor holding them
     tensor_sites: dict[str, str] = field(default_factory=dict)
+    # every weight layer of the graph: int8 or FP32 with the reason (exporters.coverage)
+    coverage: dict = field(default_factory=dict)
+
+    def coverage_after(self, params: QuantParams, public: Callable[[str], str] = str) -> dict:
+        """The coverage once `params` are final: layers the fallback returned are FP32 too."""
+        kept = {a.module for a in params.anchors}
+        returned = [{"node": s.node, "op": s.op_type, "layer": public(m),
+                     "reason": "returned to FP32 by the accuracy fallback (lowest local SNR)"}
+                    for m, s in self.sites.items() if m not in kept]
+        base = self.coverage or {"weight_layers": len(self.sites), "int8": len(self.sites), "fp32": []}
+        return {**base, "int8": base["int8"] - len(returned), "fp32": base["fp32"] + returned}
 
 
 def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelProto) -> dict[str, str]:
@@ -80,6 +92,7 @@ def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelPr
 def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: ModelSpec | None = None) -> QuantPlan:
     """`spec` (optional) lets residual adds of the model be quantized too (_tensor_sites)."""
     merged = merge_duplicate_nodes(prepared)
+    own_weights(prepared)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
     sites = find_sites(prepared, weights)
     if not sites:
@@ -88,7 +101,11 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: Mo
     skip_quantized = set(tensors.values())  # already one Q/DQ for every reader (FloatFunctional adds)
     anchors = anchors_for(sites, skip_quantized)
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
-    return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors)
+    coverage = weight_layer_coverage(prepared, {m: s.node for m, s in sites.items()})
+    unmatched = sorted(set(weights) - set(sites))
+    if unmatched:
+        coverage["torch_layers_not_in_graph"] = unmatched
+    return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors, coverage)
 
 
 def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan,
@@ -135,7 +152,7 @@ def _outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict], progr
     return np.concatenate([spec.postprocess(spec.torch_outputs(model, b), b) for b in batches])
 
 
-def _public_name(work: torch.nn.Module) -> Callable[[str], str]:
+def public_name(work: torch.nn.Module) -> Callable[[str], str]:
     """Report layers by their model names: a smoothed Linear lives at `<name>.linear`."""
     modules = dict(work.named_modules())
 
@@ -200,7 +217,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
                           "linear_row_fraction": SNR_ROW_FRACTION,
                           "how": "Linear layers: a fixed-seed random share of the token rows of every batch; "
                                  "convolutions: every position"}
-    public = _public_name(work)
+    public = public_name(work)
     info["worst_layers_snr_db"] = [{"layer": public(n), "snr_db": round(v, 2)}
                                    for n, v in sorted(snr.items(), key=lambda kv: kv[1])[:8]]
     # every layer in model order, for the report's SNR plot; an exact layer (no noise) has no finite
@@ -286,6 +303,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     if stage.config.supports_fallback:
         params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
                                 work_is_dense)
+    info["coverage"] = plan.coverage_after(params, public_name(work))
     write_model(prepared, plan, params, out_path, consume=consume_prepared)
     return torch_reference(work, spec, params, progress), info
 

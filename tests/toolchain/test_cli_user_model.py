@@ -39,7 +39,9 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
     rep = json.loads((out / "report.json").read_text())
     assert rep["source"] == {"kind": "factory", "ref": "mypkg.nets:tiny_cnn",
                              "input_shapes": {"image": [1, 3, 32, 32]},
+                             "graph_capture": {"rebuilt": True, "why": rep["source"]["graph_capture"]["why"]},
                              "task_from": "2-D output: classification (top-1)"}
+    assert rep["quantization"]["coverage"]["fp32"] == []
     calib, evals = rep["data"]["calib"], rep["data"]["eval"]
     assert calib["samples"] == 9 and evals["samples"] == 3  # 12 images, every 4th held out
     for info in (calib, evals):
