@@ -116,7 +116,13 @@ def apply_overrides(recipe: Recipe | None, o: Overrides, default_prune: str = "m
                                                                             or lowrank_flags):
         raise ConfigError("--sparsity/--nm/--rank-energy/--lowrank-eps need a pruning stage: the recipe has "
                           "none, so add --prune")
+    before = recipe.stage("prune")
     recipe = recipe.with_stage("prune", _prune_stage(recipe, o, from_file, default_prune))
+    prune = recipe.stage("prune")
+    if o.sparsity is not None or prune is None or not getattr(type(prune.config), "auto_sparsity", False):
+        recipe = replace(recipe, auto_sparsity=False)  # a typed --sparsity is honoured exactly
+    elif not (from_file and before is not None and before.name == prune.name):
+        recipe = replace(recipe, auto_sparsity=True)  # the amount was not given anywhere
     _reject_inapplicable(o.sparsity, "--sparsity", recipe.stage("prune"), "sparsity")
     _reject_inapplicable(o.nm, "--nm", recipe.stage("prune"), "n")
     _reject_inapplicable(o.variant, "--variant", recipe.stage("prune"), "variant")

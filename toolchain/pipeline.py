@@ -5,6 +5,7 @@ a failed or interrupted run never leaves a half-written output folder behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import torch
 
 from contracts.progress import NULL_PROGRESS, Progress, track
 from contracts.quant import ObservedRanges
+from contracts.tasks import get_task
 from exporters.bundle import build_bundle
 from exporters.export import exporter_for
 from exporters.sparse import sizes_measured_meanwhile, store_sparse
@@ -40,7 +42,8 @@ from runtime_check.isa import weight_qmax
 from toolchain.output_folder import atomic_output
 from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from toolchain.quantize_step import quantize_to_onnx
-from toolchain.recipe import Recipe
+from toolchain.recipe import Recipe, Stage
+from toolchain.sparsity_search import choose_sparsity
 from toolchain.recover_step import make_fine_tune
 from toolchain.stage_meter import measured_stage
 from toolchain.stages import PruneContext, RecoverContext, TransformContext
@@ -172,6 +175,8 @@ def prune(state: RunState) -> None:
                                 make_fine_tune(spec, state.recipe.seed, state.progress) if spec.calib_batches else None,
                                 state.recipe.seed,
                                 (lambda: spec.recover_data()[0]) if spec.recover_data is not None else None)
+        if state.recipe.auto_sparsity and stage is state.recipe.stage("prune"):
+            stage = _choose_sparsity(state, stage, context)
         with state.timer.stage(stage.qualified, stage.to_dict()["params"]) as rec:
             result = lookup("prune", stage.name).handler(state.work, stage.config, context(state.layers))
             if dense_weights and result.masks:  # methods that remove structure have no masks to compare
@@ -188,6 +193,24 @@ def prune(state: RunState) -> None:
             state.notes.append(f"{stage.qualified} skipped {name}: {why}")
     state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense),
                       "skipped": skipped}
+
+
+def _choose_sparsity(state: RunState, stage: Stage, context) -> Stage:
+    """The amount nobody gave: measured on the evaluation split (sparsity_search.py); the recipe
+    (and so report.json's recipe) then holds the chosen value."""
+    spec = state.spec
+    limit = accuracy_limit(state.recipe.gates, spec.task)
+    with state.timer.stage("choose_sparsity") as rec:
+        choice = choose_sparsity(spec, stage, context, lookup("prune", stage.name).handler, limit,
+                                 spec.prune_prefix, state.progress)
+        rec["params"].update(chosen=choice.sparsity, tried=len(choice.trace))
+    chosen = Stage(stage.kind, stage.name, dataclasses.replace(stage.config, sparsity=choice.sparsity))
+    state.recipe = state.recipe.with_stage("prune", chosen)
+    state.extra["sparsity_choice"] = choice.to_report(limit, get_task(spec.task).unit)
+    state.notes.append(f"{stage.qualified}: sparsity {choice.sparsity:.2f} chosen on {choice.samples} evaluation "
+                       f"sample(s): {choice.why}")
+    state.progress.message(f"{stage.qualified}: sparsity {choice.sparsity:.2f} ({choice.why})")
+    return chosen
 
 
 def _quantize_first(state: RunState) -> dict:

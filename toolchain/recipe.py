@@ -47,6 +47,9 @@ class Recipe:
     seed: int = 0
     # "q_then_s": quantize weights before pruning (a study option, toolchain/order.py)
     order: str = DEFAULT_ORDER
+    # the prune stage's sparsity is chosen by the run within the accuracy budget
+    # (toolchain/sparsity_search.py); the stage's own value is replaced by the choice
+    auto_sparsity: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -67,6 +70,11 @@ class Recipe:
         for s in self.stages:
             if s.kind not in STAGE_ORDER:
                 raise ConfigError(f"'{s.qualified}' is not a recipe stage; stage kinds: {', '.join(STAGE_KINDS)}")
+        if self.auto_sparsity:
+            prune = self.stage("prune")
+            if prune is None or not getattr(type(prune.config), "auto_sparsity", False):
+                raise ConfigError("auto_sparsity needs a prune stage whose method chooses its amount "
+                                  "(magnitude, structured)")
         ranks = [STAGE_ORDER[s.kind] for s in self.stages]
         if ranks != sorted(ranks):
             raise ConfigError("stage order: pruning, then recovery, then transforms, then quantization "
@@ -102,13 +110,15 @@ class Recipe:
                "stages": [s.to_dict() for s in self.stages], "gates": asdict(self.gates)}
         if self.order != DEFAULT_ORDER:  # recipes and reports without the study option stay as they were
             out["order"] = self.order
+        if self.auto_sparsity:
+            out["auto_sparsity"] = True
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         if not isinstance(data, dict):
             raise ConfigError("a recipe must be a YAML mapping")
-        known = {"target", "seed", "threads", "stages", "gates", "order"}
+        known = {"target", "seed", "threads", "stages", "gates", "order", "auto_sparsity"}
         unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -134,7 +144,11 @@ class Recipe:
         order = data.get("order", DEFAULT_ORDER)
         if not isinstance(order, str):
             raise ConfigError(f"recipe order must be one of {', '.join(ORDERS)}, got {order!r}")
+        auto_sparsity = data.get("auto_sparsity", False)
+        if not isinstance(auto_sparsity, bool):
+            raise ConfigError(f"recipe auto_sparsity must be true or false, got {auto_sparsity!r}")
         return cls(stages=tuple(stages), target=target, gates=Gates(**gates), order=order,
+                   auto_sparsity=auto_sparsity,
                    threads=None if threads is None else check_setting("threads", threads),
                    seed=check_setting("seed", data.get("seed", 0)))
 

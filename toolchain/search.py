@@ -245,6 +245,7 @@ def _final_state(built: Built, tmp: Path, baseline_records: list) -> pipeline.Ru
 def run_auto(recipe: Recipe, spec, outdir: Path, progress: Progress = NULL_PROGRESS,
              config: AutoConfig = AutoConfig(), latency: Callable[[Path, Path], dict] | None = None) -> dict:
     """Search, write the chosen candidate as the output folder's model, verify it, report."""
+    recipe = dataclasses.replace(recipe, auto_sparsity=False)  # the search sets every level's amount itself
     pipeline.seed_everything(recipe.seed)
     with atomic_output(outdir, progress.message) as tmp:
         threads = recipe.threads or default_threads()

@@ -26,6 +26,8 @@ class MagnitudePruneConfig:
     scope: str = "global"
     VERSION: ClassVar[int] = 1
     kind: ClassVar[str] = "prune"
+    # without --sparsity the run chooses the amount within the accuracy budget (sparsity_search.py)
+    auto_sparsity: ClassVar[bool] = True
     requires_calibration: ClassVar[bool] = False
     default_recovery_steps: ClassVar[int | None] = None  # no recovery unless asked (--recover)
 

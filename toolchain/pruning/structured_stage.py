@@ -37,6 +37,8 @@ class StructuredPruneConfig:
     repair: bool = True
     VERSION: ClassVar[int] = 2  # 2: importance `auto` (reconstruction for transformers)
     kind: ClassVar[str] = "prune"
+    # without --sparsity the run chooses the amount within the accuracy budget (sparsity_search.py)
+    auto_sparsity: ClassVar[bool] = True
     requires_calibration: ClassVar[bool] = True  # activation importance reads calibration data
     default_recovery_steps: ClassVar[int | None] = None  # no recovery unless asked (--recover)
 
