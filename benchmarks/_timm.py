@@ -1,5 +1,10 @@
 """timm architectures as `pkg.module:factory` models, for the zoo tests and benchmark.
 
+`make venv` installs timm and torchvision with --no-deps into their own folder, ZOO_DEPS, not into
+the venv's site-packages: transformers imports torchvision whenever it is importable, and plain
+`pip install timm` would replace the CPU torch with a CUDA build. Only this module puts that
+folder on sys.path, after the two schemas below exist.
+
 timm imports torchvision. The torchvision wheel served for this torch is a CUDA build whose import
 registers kernels for two operators its C++ library would define; on the CPU torch that library
 does not load, so the import fails ("operator torchvision::nms does not exist"). Defining the two
@@ -11,11 +16,14 @@ re-estimated on calibration photo crops, so activations have the ranges a traine
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["ARCHITECTURES", "import_timm", "make_model", "calibration_crops", "evaluation_crops"]
+__all__ = ["ARCHITECTURES", "ZOO_DEPS", "timm_available", "import_timm", "make_model", "calibration_crops", "evaluation_crops"]
 
 # name in the report -> timm model name
 ARCHITECTURES = {
@@ -34,17 +42,32 @@ ARCHITECTURES = {
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+ZOO_DEPS = Path(sys.prefix) / "zoo-deps"
+
+
+def timm_available() -> bool:
+    return (ZOO_DEPS / "timm").is_dir() or importlib.util.find_spec("timm") is not None
+
+
 @functools.lru_cache(maxsize=1)
 def import_timm():
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
-        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 (kept alive by torch's registry)
+    if not _has_schema("torchvision::nms"):
+        lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import_timm.library = lib
+        import_timm.library = lib  # the definitions live as long as this object
+    if ZOO_DEPS.is_dir() and str(ZOO_DEPS) not in sys.path:
+        sys.path.append(str(ZOO_DEPS))
     import timm
     return timm
+
+
+def _has_schema(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(name, "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def _crops(names, per_photo: int, seed: int, size: int) -> np.ndarray:

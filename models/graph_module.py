@@ -27,6 +27,11 @@ _LINEAR = {aten.linear.default}
 _NATIVE_BN = aten._native_batch_norm_legit_no_training.default
 _BATCH_NORMS = {aten.batch_norm.default, _NATIVE_BN}
 _TENSOR_INPUTS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+# runtime checks the export recorded on sizes: they compute nothing, and the ONNX exporter cannot
+# take them (aten::_assert_scalar on a traced size tensor)
+_ASSERTIONS = {getattr(aten, n).default for n in ("_assert_scalar", "sym_constrain_range_for_size",
+                                                   "sym_constrain_range", "_assert_tensor_metadata")
+               if hasattr(aten, n)}
 
 
 def _arguments(node: fx.Node) -> dict:
@@ -212,6 +217,8 @@ def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
                                      "which sqexport cannot rebuild")
         elif node.op == "call_function":
             new = None
+            if node.target in _ASSERTIONS:
+                continue
             if node.target in _CONVS:
                 new = b.conv(node)
             elif node.target in _LINEAR:

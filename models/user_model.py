@@ -153,15 +153,41 @@ def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
         # a batch of 2 keeps the converter from specializing the batch dimension to 1
         args = tuple(torch.rand((2,) + tuple(s[1:])) for s in shapes.values())
         try:
-            with warnings.catch_warnings():  # the converter warns about unused BN counters
+            with warnings.catch_warnings(), _quiet_torch_logs():  # the converter warns about unused BN counters
                 warnings.simplefilter("ignore")
-                obj = TS2EPConverter(obj, args).convert()
+                try:
+                    obj = TS2EPConverter(obj, args).convert()
+                except Exception:  # sizes the traced graph computes as tensors ("same" padding)
+                    obj = _batch_dynamic_converter(TS2EPConverter)(obj, args).convert()
         except Exception as exc:
             raise ModelLoadError(f"cannot convert the TorchScript model (with input shape(s) "
                                  f"{_fmt_shapes(shapes)}): {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(obj, torch.export.ExportedProgram):
         return _rebuilt(obj, shapes)
     return obj.eval()
+
+
+def _batch_dynamic_converter(base):
+    """torch's TorchScript converter retraces with every dimension dynamic; a traced graph that
+    computes padding from H and W as tensors ("same" padding) then needs data-dependent guards.
+    This variant keeps only the batch dimension dynamic, the rest at the example's sizes."""
+
+    class BatchDynamic(base):
+        def retrace_as_exported_program(self, gm, name_to_constant):
+            from torch.export import Dim
+
+            original = torch.export._trace._export
+
+            def export_batch_dynamic(mod, args, dynamic_shapes=None, **kwargs):
+                shapes = tuple([Dim.AUTO] + [Dim.STATIC] * (a.dim() - 1) if isinstance(a, torch.Tensor) else None
+                               for a in args)
+                return original(mod, args, dynamic_shapes=shapes, **kwargs)
+            torch.export._trace._export = export_batch_dynamic
+            try:
+                return super().retrace_as_exported_program(gm, name_to_constant)
+            finally:
+                torch.export._trace._export = original
+    return BatchDynamic
 
 
 def _rebuilt(ep: torch.export.ExportedProgram, shapes: dict[str, tuple]) -> torch.fx.GraphModule:

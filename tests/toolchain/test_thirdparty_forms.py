@@ -1,0 +1,133 @@
+"""Layers recognized by what they compute: a model built from the module forms real zoos use
+(BatchNorm subclasses with their activation inside, "same"-padding conv wrappers, squeeze-excite,
+LayerNorm2d, F.conv2d / F.linear on bare parameters, attention, layer scale) is int8 in every weight
+layer, whether it comes as a factory, a TorchScript file or an ExportedProgram, and onnxruntime
+computes what the torch fake-quant model does."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+FORMS = Path(__file__).resolve().parent.parent / "models" / "zoo_forms.py"
+SHAPE = "1x3x16x16"
+
+
+@pytest.fixture
+def forms_project(tmp_path, monkeypatch):
+    shutil.copy(FORMS, tmp_path / "zooforms.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("zooforms", None)
+    yield tmp_path
+    sys.modules.pop("zooforms", None)
+
+
+def _model():
+    sys.path.insert(0, str(FORMS.parent))
+    try:
+        import zoo_forms
+        return zoo_forms.build(), zoo_forms.ZooForms.WEIGHT_LAYERS
+    finally:
+        sys.path.remove(str(FORMS.parent))
+
+
+def _save_torchscript(path: Path) -> None:
+    """Traced TorchScript records "same" padding computed from H and W as tensor arithmetic, which
+    torch's TorchScript converter cannot turn into a program (data-dependent sizes): the trace here
+    pads by the amounts the 16x16 input gives, as a traced model of fixed resolution does."""
+    model, _ = _model()
+    stem = model.stem
+    model.stem = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.Conv2d(3, 16, 3, stride=2, bias=False))
+    model.stem[1].weight.data.copy_(stem.weight.data)
+    torch.jit.save(torch.jit.trace(model, torch.rand(2, 3, 16, 16)), str(path))
+
+
+def _save_program(path: Path) -> None:
+    model, _ = _model()
+    batch = torch.export.Dim("batch", min=1)
+    ep = torch.export.export(model, (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(ep, str(path))
+
+
+def _export(run_cli, ref: str, out: Path, *extra) -> dict:
+    r = run_cli([ref, "--input-shape", SHAPE, "--prune", "none", "--max-accuracy-drop", "100", "-o", out, *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["factory", "torchscript", "program"])
+def test_every_weight_layer_is_int8_in_every_model_kind(kind, forms_project, run_cli):
+    _, expected = _model()
+    ref = {"factory": "zooforms:build", "torchscript": "forms.pt", "program": "forms.pt2"}[kind]
+    if kind == "torchscript":
+        _save_torchscript(forms_project / ref)
+    elif kind == "program":
+        _save_program(forms_project / ref)
+    out = forms_project / "out"
+    rep = _export(run_cli, ref, out)
+    cov = rep["quantization"]["coverage"]
+    assert cov["fp32"] == [] and cov["int8"] == cov["weight_layers"] == expected
+    assert cov["activation_matmuls"] == 2  # q @ k^T and attn @ v hold no weight
+    folded = next(s for s in rep["stages"] if s["name"] == "fold_batchnorm")["params"]["folded"]
+    assert folded == 2  # both BatchNormAct2d, their activations kept
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node)
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    # onnxruntime computes the torch fake-quant model's numbers
+    fid = rep["fidelity"]
+    assert fid["max_abs_deviation"] <= 0.02 * fid["reference_max_abs"]
+
+
+def test_factory_capture_is_reported_and_falls_back_when_export_fails(forms_project, run_cli):
+    (forms_project / "dyn.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.fc = torch.nn.Linear(8, 4)\n"
+        "    def forward(self, x):\n"
+        "        if x.sum().item() > 1e9:  # data-dependent branch: torch.export cannot capture it\n"
+        "            return self.fc(x) * 2\n"
+        "        return self.fc(x)\n"
+        "def build():\n"
+        "    torch.manual_seed(0); return Net().eval()\n")
+    r = run_cli(["dyn:build", "--input-shape", "1x8", "--prune", "none", "--max-accuracy-drop", "100",
+                 "-o", forms_project / "o", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((forms_project / "o" / "report.json").read_text())
+    capture = rep["source"]["graph_capture"]
+    assert capture["rebuilt"] is False and "torch.export" in capture["why"]
+    assert rep["quantization"]["coverage"]["int8"] == 1  # the model as written still quantizes
+
+
+def test_shared_and_zero_weights_each_get_their_own_int8_copy(forms_project, run_cli):
+    """Zero-initialized layers (a residual branch's last BatchNorm at gamma 0) fold to equal
+    weights, which exporters store once behind Identity nodes."""
+    (forms_project / "zeros.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.stem = nn.Conv2d(3, 8, 3, padding=1)\n"
+        "        self.a = nn.Conv2d(8, 8, 3, padding=1); self.bn_a = nn.BatchNorm2d(8)\n"
+        "        self.b = nn.Conv2d(8, 8, 3, padding=1); self.bn_b = nn.BatchNorm2d(8)\n"
+        "        self.head = nn.Linear(8, 5)\n"
+        "    def forward(self, x):\n"
+        "        x = torch.relu(self.stem(x))\n"
+        "        x = x + self.bn_a(self.a(x))\n"
+        "        x = x + self.bn_b(self.b(x))\n"
+        "        return self.head(x.mean((2, 3)))\n"
+        "def build():\n"
+        "    torch.manual_seed(0); m = Net()\n"
+        "    nn.init.zeros_(m.bn_a.weight); nn.init.zeros_(m.bn_b.weight)\n"
+        "    return m.eval()\n")
+    rep = _export(run_cli, "zeros:build", forms_project / "o", "--quiet")
+    cov = rep["quantization"]["coverage"]
+    assert cov["fp32"] == [] and cov["int8"] == 4
