@@ -26,6 +26,12 @@ def render_markdown(r: dict) -> str:
     unit = acc["unit"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {format_value(acc['baseline'], unit)}, "
               f"model {format_value(acc['model'], unit)}, drop {format_value(acc['drop'], acc['drop_unit'])}"]
+    if acc.get("evidence"):
+        lines.append(f"- evidence: {acc['evidence']}")
+    sc = r.get("sparsity_choice")
+    if sc:
+        lines.append(f"- sparsity {sc['chosen']:.2f} chosen: {sc['why']} (tried "
+                     + ", ".join(f"{t['sparsity']:.2f}: {t['drop']:.4g}" for t in sc["tried"]) + ")")
     if acc.get("pooling"):
         pl = acc["pooling"]
         lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "

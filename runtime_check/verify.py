@@ -45,7 +45,20 @@ def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
                            track(progress, spec.eval_batches, "evaluation baseline.onnx", "batches"), spec.postprocess)
     model_out = run_session(sessions.get("model") or make_session(model, threads),
                             track(progress, spec.eval_batches, "evaluation model.onnx", "batches"), spec.postprocess)
-    return task_metrics(get_task(spec.task), base_out, model_out, spec.eval_labels), model_out
+    metrics = task_metrics(get_task(spec.task), base_out, model_out, spec.eval_labels)
+    return {**metrics, **sample_evidence(metrics)}, model_out
+
+
+def sample_evidence(metrics: dict) -> dict:
+    """How much one sample moves a top-1 metric: with few evaluation samples a gate in points can
+    only be met or missed in steps of 100 / N, which the report must say."""
+    n = metrics.get("samples")
+    if not n or metrics.get("drop_unit") != "points":
+        return {}
+    step = 100.0 / n
+    return {"one_sample_points": step,
+            "evidence": f"{n} evaluation sample(s): one changed prediction moves the metric by {step:.3g} points"
+                        + ("; fewer than 100 samples give a coarse estimate, pass more --eval-data" if n < 100 else "")}
 
 
 def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray,

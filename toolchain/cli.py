@@ -322,6 +322,8 @@ def _print_summary(report: dict, outdir: Path) -> None:
     click.echo(f"  accuracy  {acc['metric']}: baseline {format_value(acc['baseline'], acc['unit'])}  "
                f"model {format_value(acc['model'], acc['unit'])}  drop {format_value(acc['drop'], acc['drop_unit'])}"
                + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
+    if acc.get("samples") is not None and acc.get("samples") < 100 and acc.get("evidence"):
+        click.echo(f"  evidence  {acc['evidence']}")
     click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
     cov = (report.get("quantization") or {}).get("coverage")
     if cov:

@@ -1,0 +1,143 @@
+"""The pruning amount nobody gave: chosen within the accuracy budget by bisection, reported, and
+an explicit --sparsity still honoured exactly."""
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.sparsity_search import GRID, MAX_SPARSITY, PRUNE_SHARE, choose_sparsity
+
+
+class _FakeSpec(SimpleNamespace):
+    pass
+
+
+def _search(drop_of_sparsity, limit=1.0):
+    """choose_sparsity with a fake model whose pruned drop is `drop_of_sparsity(s)` points."""
+    model = torch.nn.Linear(4, 3)
+    state = {"s": 0.0}
+    base = np.tile(np.eye(3, dtype=np.float32), (34, 1))[:100] * 5  # 100 samples, 3 classes
+
+    def outputs(m, batch):
+        out = base.copy()
+        flips = int(round(drop_of_sparsity(state["s"])))  # points on 100 samples = flipped samples
+        out[:flips] = np.roll(out[:flips], 1, axis=1)
+        return [out]
+    spec = _FakeSpec(model=model, task="image-classification", eval_batches=[{"x": None}], calib_batches=[],
+                     eval_labels=None, torch_outputs=outputs, postprocess=lambda o, b: o[0])
+    stage = SimpleNamespace(config=SimpleNamespace(sparsity=0.5))
+
+    def handler(m, config, ctx):
+        state["s"] = config.sparsity
+    import dataclasses
+    stage.config = dataclasses.make_dataclass("C", [("sparsity", float)])(0.5)
+    return choose_sparsity(spec, stage, lambda layers: None, handler, limit)
+
+
+def test_bisection_finds_the_largest_amount_within_the_budget():
+    # drop grows by 1 point per 0.1 sparsity: budget 0.25 x 4 = 1 point -> 0.1 (1 point) fits, 0.15 (2) not
+    choice = _search(lambda s: 10 * s if s >= 0.1 else 0.0, limit=4.0)
+    assert choice.budget == pytest.approx(PRUNE_SHARE * 4.0)
+    assert choice.sparsity == pytest.approx(0.1)
+    tried = {t["sparsity"]: t for t in choice.trace}
+    assert tried[0.1]["fits"] and not tried[0.15]["fits"]
+    assert len(choice.trace) <= 5  # bisection over 10 grid points
+
+
+def test_nothing_fits_means_nothing_pruned_and_everything_fits_means_the_cap():
+    assert _search(lambda s: 50.0 if s > 0 else 0.0).sparsity == 0.0
+    free = _search(lambda s: 0.0)
+    assert free.sparsity == MAX_SPARSITY == GRID[-1]
+
+
+USER_CNN = '''
+import torch
+from torch import nn
+
+class DigitsCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+def build():
+    model = DigitsCNN()
+    model.load_state_dict(torch.load("cnn.pt", weights_only=True))
+    return model.eval()
+'''
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(tmp_path_factory):
+    """A user's own 3-layer CNN trained on 8x8 digits (seeded, a few seconds)."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("usercnn")
+    (root / "usercnn.py").write_text(USER_CNN)
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    train, calib, held = order[:1200], order[1200:1500], order[1500:]
+    sys.path.insert(0, str(root))
+    try:
+        import usercnn
+    finally:
+        sys.path.remove(str(root))
+    torch.manual_seed(0)
+    model = usercnn.DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
+    for _ in range(40):
+        for i in range(0, len(xt), 100):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[i:i + 100]), yt[i:i + 100]).backward()
+            opt.step()
+    torch.save(model.state_dict(), root / "cnn.pt")
+    np.savez(root / "calib.npz", x=x[calib], labels=y[calib])
+    np.savez(root / "eval.npz", x=x[held], labels=y[held])
+    with torch.no_grad():
+        top1 = (model(torch.from_numpy(x[held])).argmax(1).numpy() == y[held]).mean()
+    sys.modules.pop("usercnn", None)
+    return root, float(top1)
+
+
+def test_user_cnn_passes_its_gate_with_defaults(trained_cnn, run_cli, monkeypatch):
+    root, top1 = trained_cnn
+    assert top1 > 0.9
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("usercnn", None)
+    r = run_cli(["usercnn:build", "--input-shape", "1x1x8x8", "--calib-data", "calib.npz", "--eval-data", "eval.npz",
+                 "-o", root / "out"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((root / "out" / "report.json").read_text())
+    choice = rep["sparsity_choice"]
+    assert 0.0 <= choice["chosen"] <= MAX_SPARSITY and choice["evaluation_samples"] == len(np.load(root / "eval.npz")["x"])
+    assert all(t["fits"] == (t["drop"] <= choice["budget"]) for t in choice["tried"])
+    assert rep["recipe"]["stages"][0]["params"]["sparsity"] == choice["chosen"]
+    assert rep["accuracy"]["drop"] <= 1.0 and abs(rep["accuracy"]["model"] - 100 * top1) <= 2.0
+    assert "sparsity" in r.output and "chosen" in " ".join(rep["notes"])
+
+
+def test_explicit_sparsity_is_honoured_exactly(trained_cnn, run_cli, monkeypatch):
+    root, _ = trained_cnn
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("usercnn", None)
+    r = run_cli(["usercnn:build", "--input-shape", "1x1x8x8", "--calib-data", "calib.npz", "--eval-data", "eval.npz",
+                 "--sparsity", "0.3", "--max-accuracy-drop", "100", "-o", root / "fixed", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((root / "fixed" / "report.json").read_text())
+    assert "sparsity_choice" not in rep and "auto_sparsity" not in rep["recipe"]
+    assert rep["recipe"]["stages"][0]["params"]["sparsity"] == 0.3
+    assert rep["sparsity"]["overall"] == pytest.approx(0.3, abs=1e-3)
