@@ -96,11 +96,13 @@ def _holdout(split: Split, keep_eval: bool) -> tuple[Split, Split]:
     if n < 2:
         note = dict(info, split="too few samples to hold out: calibration and evaluation share them")
         return (batches, labels, note), (batches, labels, note)
-    held = np.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    # views of one image (--views) stay on one side: the split is by image
+    held = (np.arange(n) // info.get("views", 1)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     part = lambda mask: (_batches({k: v[mask] for k, v in arrays.items()}),  # noqa: E731
                          labels[mask] if labels is not None else None)
     small, rest = part(held), part(~held)
-    rule = f"samples i with i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY - 1}"
+    rule = (f"samples i with i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY - 1}" if info.get("views", 1) == 1 else
+            f"the views of images i with i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY - 1}")
     small_info = dict(info, samples=int(held.sum()), split=f"held out from {info['source']}: {rule}")
     rest_info = dict(info, samples=int(n - held.sum()), split=f"{info['source']} without the held-out {rule}")
     if keep_eval:  # the user's data is eval data: calibrate on the small part
@@ -127,7 +129,7 @@ def apply_user_data(spec: ModelSpec, calib_data: str | None, eval_data: str | No
     calib = _load(calib_data, spec, prep) if calib_data else None
     evals = _load(eval_data, spec, prep) if eval_data else None
     if prep.given and not any(s is not None and s[2].get("format") == "image folder" for s in (calib, evals)):
-        raise ConfigError("--image-size, --mean and --std apply to image-folder data; "
+        raise ConfigError("--image-size, --mean, --std and --views apply to image-folder data; "
                           "none of --calib-data / --eval-data is a folder")
     own = bool(spec.calib_batches)  # built-in models bring their own splits
     notes = []

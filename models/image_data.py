@@ -14,8 +14,8 @@ import numpy as np
 
 from contracts.errors import ConfigError, DataError
 
-__all__ = ["IMAGE_SUFFIXES", "ImagePrep", "parse_floats", "parse_size", "is_image_folder",
-           "load_image_folder", "preprocess_image"]
+__all__ = ["IMAGE_SUFFIXES", "ImagePrep", "VIEW_POLICY", "parse_floats", "parse_size", "is_image_folder",
+           "load_image_folder", "preprocess_image", "image_views"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 RESIZE = "bilinear (Pillow, on float pixels in [0, 1])"
@@ -29,10 +29,14 @@ class ImagePrep:
     size: tuple[int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # --views: deterministic views per image (the whole image, then crops and flips, seeded), so a
+    # folder of a few photos still gives an evaluation of more than a handful of samples
+    views: int = 1
+    seed: int = 0
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in (self.size, self.mean, self.std))
+        return any(v is not None for v in (self.size, self.mean, self.std)) or self.views > 1
 
 
 def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
@@ -97,9 +101,11 @@ def _scan(root: Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
     return files, np.asarray(labels, np.int64), [c.name for c in classes]
 
 
-def preprocess_image(path: Path, channels: int, size: tuple[int, int],
-                     mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
-    """One image -> float32 (C, H, W)."""
+VIEW_POLICY = ("view 0: the whole image; view k >= 1: a crop of 50-100% of the area, aspect 3/4-4/3, at a "
+               "position drawn with seed (--seed, image index, k), mirrored when k is odd")
+
+
+def _read_pixels(path: Path, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -109,10 +115,46 @@ def preprocess_image(path: Path, channels: int, size: tuple[int, int],
         raise DataError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
     pixels = np.asarray(img, np.float32) / 255.0
-    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _view_box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a crop covering 50-100% of the image."""
+    area = h * w * rng.uniform(0.5, 1.0)
+    aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+    cw = int(min(w, max(1, round((area * aspect) ** 0.5))))
+    ch = int(min(h, max(1, round((area / aspect) ** 0.5))))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return left, top, left + cw, top + ch
+
+
+def image_views(path: Path, channels: int, size: tuple[int, int], mean, std, views: int = 1,
+                seed: int = 0, index: int = 0) -> np.ndarray:
+    """`views` renderings of one image -> float32 (views, C, H, W) (VIEW_POLICY)."""
+    pixels = _read_pixels(path, channels)
+    out = []
+    for k in range(views):
+        if k == 0:
+            out.append(_render(pixels, size, mean, std))
+            continue
+        left, top, right, bottom = _view_box(np.random.default_rng([seed, index, k]), *pixels.shape[:2])
+        crop = pixels[top:bottom, left:right]
+        out.append(_render(crop[:, ::-1] if k % 2 else crop, size, mean, std))
+    return np.stack(out)
+
+
+def preprocess_image(path: Path, channels: int, size: tuple[int, int],
+                     mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
+    """One image -> float32 (C, H, W)."""
+    return _render(_read_pixels(path, channels), size, mean, std)
+
+
+def _render(pixels: np.ndarray, size: tuple[int, int], mean, std) -> np.ndarray:
+    from PIL import Image
+
     h, w = size
     planes = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c]))
-                         .resize((w, h), Image.BILINEAR), np.float32) for c in range(channels)]
+                         .resize((w, h), Image.BILINEAR), np.float32) for c in range(pixels.shape[2])]
     out = np.stack(planes)
     if mean is not None:
         out -= np.asarray(mean, np.float32)[:, None, None]
@@ -147,12 +189,18 @@ def load_image_folder(root: Path, input_shape: tuple,
     if (h, w) != (None, None) and any(m is not None and m != s for m, s in zip((h, w), size)):
         raise ConfigError(f"--image-size {size[0]}x{size[1]} differs from the model's input {h}x{w}")
     files, labels, classes = _scan(root)
-    images = np.stack([preprocess_image(f, channels, size, prep.mean, prep.std) for f in files])
-    info = {"source": str(root), "format": "image folder", "samples": len(files),
+    views = max(1, prep.views)
+    images = np.concatenate([image_views(f, channels, size, prep.mean, prep.std, views, prep.seed, i)
+                             for i, f in enumerate(files)])
+    if labels is not None and views > 1:
+        labels = np.repeat(labels, views)  # an image's views sit together: image-major order
+    info = {"source": str(root), "format": "image folder", "samples": len(files) * views,
             "layout": "one subfolder per class" if classes else "flat",
             "labels": "class subfolder index (sorted names)" if classes else "none",
             "class_names": classes, "size": list(size), "resize": RESIZE, "channels": channels,
             "color": "grayscale" if channels == 1 else "RGB", "scale": "pixel / 255 -> [0, 1]",
             "mean": list(prep.mean) if prep.mean is not None else "none",
             "std": list(prep.std) if prep.std is not None else "none"}
+    if views > 1:
+        info.update(images=len(files), views=views, view_policy=VIEW_POLICY)
     return images, labels, info

@@ -210,6 +210,10 @@ def _validate_positive(ctx, param, value):
 @click.option("--mean", default=None, metavar="M1,M2,...",
               help="Normalize image-folder pixels (in [0, 1]): (x - mean) / std, one value per channel [none].")
 @click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
+@click.option("--views", type=click.IntRange(1, 64), default=None,
+              help="Image folders: N deterministic views per image (the whole image, then seeded crops and "
+                   "mirrors), so a few photos still give a usable evaluation; a held-out split keeps an "
+                   "image's views together [1].")
 @click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None,
               help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
 @click.option("--min-speedup", type=SettingType("min_speedup"), default=None,
@@ -313,7 +317,7 @@ def _image_prep(opts: dict):
     from models.image_data import ImagePrep, parse_floats, parse_size
 
     return ImagePrep(parse_size(opts["image_size"]), parse_floats("--mean", opts["mean"]),
-                     parse_floats("--std", opts["std"]))
+                     parse_floats("--std", opts["std"]), opts.get("views") or 1, opts.get("seed") or 0)
 
 
 def _print_summary(report: dict, outdir: Path) -> None:

@@ -245,13 +245,17 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     n, cap, hard = len(params.anchors), policy.max_layers(len(params.anchors)), policy.hard_max_layers(len(params.anchors))
     first: dict = {}
 
+    passes = [0]
+
     def predict(p: QuantParams) -> float:
         value = predictor(p)
+        passes[0] += 1
         first.setdefault("details", predictor.last)
         return value
     params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard)
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],
                 predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors),
+                fallback_passes=passes[0],
                 prediction={"before_fallback": _rounded(first["details"]), "final": _rounded(predictor.last),
                             "uses": "calibration outputs (FP32 and fake-quant); evaluation inputs through the "
                                     "FP32 model only (activation statistics, output margins); no evaluation labels"},

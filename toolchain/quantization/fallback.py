@@ -22,7 +22,7 @@ from contracts.progress import NULL_PROGRESS, Progress
 from toolchain.hooks import run_with_hooks
 from toolchain.quantization.params import energy, fake_quant_act, fake_quant_dynamic, rectify
 
-__all__ = ["FallbackPolicy", "local_snr_db", "fallback_until"]
+__all__ = ["FallbackPolicy", "MAX_PASSES", "local_snr_db", "fallback_until"]
 
 
 @dataclass(frozen=True)
@@ -140,26 +140,65 @@ def without(params: QuantParams, modules: set[str]) -> QuantParams:
                    biases={k: v for k, v in params.biases.items() if k not in modules})
 
 
+MAX_PASSES = 8  # fake-quant predictions one fallback may run, the first (all int8) included
+
+
+def _counts(cap: int, soft: int) -> list[int]:
+    """How many of the worst layers to return, tried in this order until the limit holds: a
+    geometric ladder up to the soft cap, then the hard cap (the ladder leaves passes for bisection)."""
+    ladder = {1, max(1, soft // 4), max(1, soft // 2), soft, (soft + cap) // 2, cap}
+    return sorted(k for k in ladder if 1 <= k <= cap)
+
+
 def fallback_until(params: QuantParams, snr: dict[str, float], predicted_drop: Callable[[QuantParams], float],
                    limit: float, max_layers: int, progress: Progress = NULL_PROGRESS,
                    hard_max_layers: int | None = None) -> tuple[QuantParams, list[dict], list[float]]:
-    """Drop anchors worst-SNR-first while predicted_drop(params) > limit, at most max_layers, or
-    up to hard_max_layers when the limit still fails at max_layers (the adaptive cap).
+    """Return the k worst-SNR layers to FP32, for the smallest k (found in at most MAX_PASSES
+    predictions) whose predicted drop is within `limit`: k climbs a ladder (1, a quarter, half of
+    max_layers, max_layers, then up to hard_max_layers: the adaptive cap), then bisects between
+    the last failing and the first holding k. Each prediction is a fake-quant pass, so one layer
+    per pass cost one pass per layer (37 passes on a 110M encoder). When no k up to the cap holds,
+    the cap's k is kept: the most the policy allows, the gate then reports the failure.
 
-    Returns the final params, the fallen layers (with their SNR) and the drop trace
-    (before any fallback, then after each)."""
-    # one step = one prediction on calibration data; the first is before any fallback, and the
-    # total is the most that can happen (the loop usually stops earlier)
+    Returns the final params, the fallen layers (worst first, with their SNR) and the predictions
+    made, in order; the last entry is the chosen k's prediction."""
     cap = max(max_layers, hard_max_layers or 0)
-    with progress.task("fallback (predicted drop)", min(cap, len(snr)) + 1, "steps") as task:
-        trace = [predicted_drop(params)]
-        task.advance()
-        fallen: list[dict] = []
-        for name in sorted(snr, key=snr.get):
-            if trace[-1] <= limit or len(fallen) >= cap:
-                break
-            params = without(params, {name})
-            fallen.append({"layer": name, "snr_db": round(snr[name], 2)})
-            trace.append(predicted_drop(params))
-            task.advance()
-    return params, fallen, trace
+    order = sorted(snr, key=snr.get)
+    cap = min(cap, len(order))
+    soft = min(max_layers, cap)
+    predictions: dict[int, float] = {}
+    trace: list[float] = []
+    made: list[int] = []  # k of every prediction, in order
+
+    with progress.task("fallback (predicted drop)", MAX_PASSES, "passes") as task:
+        def predict(k: int) -> float:
+            if k not in predictions:
+                predictions[k] = predicted_drop(without(params, set(order[:k])) if k else params)
+                trace.append(predictions[k])
+                made.append(k)
+                task.advance()
+            return predictions[k]
+
+        chosen = 0
+        if predict(0) > limit and cap > 0:
+            failing, holding = 0, None
+            for k in _counts(cap, soft):  # at most 6 rungs: with the first pass, within MAX_PASSES
+                if predict(k) <= limit:
+                    holding = k
+                    break
+                failing = k
+            if holding is None:
+                chosen = failing  # the cap: the most the policy allows
+            else:
+                while holding - failing > 1 and len(made) < MAX_PASSES:
+                    mid = (failing + holding) // 2
+                    if predict(mid) <= limit:
+                        holding = mid
+                    else:
+                        failing = mid
+                chosen = holding
+    if made[-1] != chosen:
+        trace.append(predictions[chosen])  # the chosen k's prediction last (no extra pass)
+    final = without(params, set(order[:chosen])) if chosen else params
+    fallen = [{"layer": n, "snr_db": round(snr[n], 2)} for n in order[:chosen]]
+    return final, fallen, trace

@@ -8,7 +8,7 @@ from torch import nn
 
 from contracts.quant import ActQuant, Anchor, QuantParams, WeightQuant
 from toolchain.quantization import calibrate, quantize_weights
-from toolchain.quantization.fallback import fallback_until, local_snr_db
+from toolchain.quantization.fallback import MAX_PASSES, fallback_until, local_snr_db
 
 
 def _run(model, batch):
@@ -185,9 +185,32 @@ def test_max_layers_zero_never_falls_back():
 
 
 def test_fallback_can_return_every_layer():
-    final, fallen, trace = fallback_until(_fake_params(), SNR, FakeDrop(), limit=0.0, max_layers=10)
+    drop = FakeDrop()
+    final, fallen, trace = fallback_until(_fake_params(), SNR, drop, limit=0.0, max_layers=10)
     assert [f["layer"] for f in fallen] == ["b", "c", "a", "d"]
-    assert trace[-1] == pytest.approx(0.0) and len(trace) == 5 and final.anchors == []
+    assert trace[-1] == pytest.approx(0.0) and final.anchors == []
+    # all int8; the ladder 1, 2, 4; then 3 (bisecting between 2 and 4) fails: 4 it is
+    assert [len(c) for c in drop.calls] == [4, 3, 2, 0, 1]
+
+
+def test_fallback_converges_in_at_most_eight_passes_on_a_large_model():
+    """200 layers whose shares of the drop add up: the smallest k that holds, bisected."""
+    n = 200
+    snr = {f"l{i}": float(i) for i in range(n)}  # l0 is the worst
+    share = {f"l{i}": 1.0 / (i + 1) for i in range(n)}  # the worst layers carry most of the drop
+    calls = []
+
+    def drop(params):
+        calls.append(len(params.anchors))
+        return sum(share[a.module] for a in params.anchors)
+    params = QuantParams(anchors=[Anchor(name, False, False) for name in snr],
+                         weights={name: WeightQuant(np.ones((1, 1), np.int8), np.ones(1, np.float32)) for name in snr})
+    total = sum(share.values())
+    limit = total - sum(1.0 / (i + 1) for i in range(13)) + 1e-9  # exactly the 13 worst must go
+    final, fallen, trace = fallback_until(params, snr, drop, limit=limit, max_layers=50, hard_max_layers=100)
+    assert len(calls) <= MAX_PASSES
+    assert [f["layer"] for f in fallen] == [f"l{i}" for i in range(13)]
+    assert trace[-1] <= limit < trace[0] and len(final.anchors) == n - 13
 
 
 def test_snr_is_rounded_in_the_record():
