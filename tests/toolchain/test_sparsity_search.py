@@ -141,3 +141,22 @@ def test_explicit_sparsity_is_honoured_exactly(trained_cnn, run_cli, monkeypatch
     assert "sparsity_choice" not in rep and "auto_sparsity" not in rep["recipe"]
     assert rep["recipe"]["stages"][0]["params"]["sparsity"] == 0.3
     assert rep["sparsity"]["overall"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_user_cnn_as_torchscript_passes_its_gate_with_defaults(trained_cnn, run_cli, monkeypatch):
+    root, top1 = trained_cnn
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.path.insert(0, str(root))
+    sys.modules.pop("usercnn", None)
+    import usercnn
+    scripted = torch.jit.trace(usercnn.build(), torch.rand(2, 1, 8, 8))
+    sys.modules.pop("usercnn", None)
+    torch.jit.save(scripted, str(root / "cnn_ts.pt"))
+    r = run_cli(["cnn_ts.pt", "--input-shape", "1x1x8x8", "--calib-data", "calib.npz", "--eval-data", "eval.npz",
+                 "-o", root / "ts"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((root / "ts" / "report.json").read_text())
+    assert rep["source"]["kind"] == "TorchScript" and "sparsity_choice" in rep
+    assert rep["quantization"]["coverage"]["fp32"] == []
+    assert rep["accuracy"]["drop"] <= 1.0 and abs(rep["accuracy"]["model"] - 100 * top1) <= 2.0
