@@ -20,7 +20,7 @@ from contracts.errors import ConfigError
 from toolchain.registry import lookup, register
 
 __all__ = ["RangeObserver", "compute_range", "observer_config", "MinMaxObserver", "PercentileObserver",
-           "EntropyObserver", "MSEObserver"]
+           "EntropyObserver", "MSEObserver", "MeanMinMaxObserver"]
 
 PER_CALL_SAMPLES = 1 << 16
 MAX_SAMPLES = 1 << 21
@@ -34,13 +34,21 @@ class RangeObserver:
         self.max = -math.inf
         self._chunks: list[np.ndarray] = []
         self._count = 0 if keep_samples else MAX_SAMPLES
+        # each sample's own extremes (first axis = samples): the mean-min-max range reads them
+        self.sample_min: list[np.ndarray] = []
+        self.sample_max: list[np.ndarray] = []
 
     def update(self, values: np.ndarray) -> None:
-        flat = np.asarray(values, dtype=np.float32).ravel()
+        values = np.asarray(values, dtype=np.float32)
+        flat = values.ravel()
         if flat.size == 0:
             return
         self.min = min(self.min, float(flat.min()))
         self.max = max(self.max, float(flat.max()))
+        if values.ndim >= 2:
+            per_sample = values.reshape(len(values), -1)
+            self.sample_min.append(per_sample.min(1))
+            self.sample_max.append(per_sample.max(1))
         if self._count < MAX_SAMPLES:
             stride = max(1, math.ceil(flat.size / PER_CALL_SAMPLES))
             chunk = flat[::stride].copy()
@@ -150,6 +158,19 @@ def entropy_range(obs: RangeObserver, config: EntropyObserver) -> tuple[float, f
 @register("observer", "mse", MSEObserver, "shrunk min-max range with the least quantization MSE")
 def mse_range(obs: RangeObserver, config: MSEObserver) -> tuple[float, float]:
     return _mse_range(obs.samples(), obs.min, obs.max)
+
+
+@dataclass(frozen=True)
+class MeanMinMaxObserver(_Observer):
+    keeps_samples: ClassVar[bool] = False
+
+
+@register("observer", "mean-minmax", MeanMinMaxObserver,
+          "mean over calibration samples of each sample's min and max (robust to rare outliers)")
+def mean_minmax_range(obs: RangeObserver, config: MeanMinMaxObserver) -> tuple[float, float]:
+    if not obs.sample_min:  # scalars only: nothing per sample
+        return obs.min, obs.max
+    return float(np.concatenate(obs.sample_min).mean()), float(np.concatenate(obs.sample_max).mean())
 
 
 def observer_config(method: str, **settings):

@@ -83,3 +83,12 @@ def test_large_updates_are_subsampled_but_min_max_stay_exact():
     obs = _observer(x)
     assert (obs.min, obs.max) == (-3.0, 5.0)
     assert obs.samples().size < x.size
+
+
+def test_mean_minmax_is_the_mean_of_each_samples_extremes():
+    obs = RangeObserver(keep_samples=False)
+    obs.update(np.array([[0.0, 1.0, -2.0], [4.0, 0.5, 1.0]], np.float32))  # sample extremes (-2, 1), (0.5, 4)
+    obs.update(np.array([[10.0, -1.0, 0.0]], np.float32))  # (-1, 10): a rare extreme moves the mean only
+    lo, hi = compute_range(obs, "mean-minmax")
+    assert lo == pytest.approx((-2.0 + 0.5 - 1.0) / 3) and hi == pytest.approx((1.0 + 4.0 + 10.0) / 3)
+    assert compute_range(obs, "minmax") == (-2.0, 10.0)
