@@ -8,6 +8,7 @@ should time models (docs/ray.md).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import shutil
 import tempfile
@@ -69,9 +70,10 @@ def ray_cluster(target: RayTarget) -> Iterator[dict]:
             # a private folder: sessions of other users' clusters under /tmp/ray are left alone
             temp = tempfile.mkdtemp(prefix="sqexport-ray-", dir="/tmp")
             ray.init(num_cpus=target.local_cpus, resources={target_resource(t): 1 for t in target_names()},
-                     include_dashboard=False, _temp_dir=temp, log_to_driver=False, namespace="sqexport")
+                     include_dashboard=False, _temp_dir=temp, log_to_driver=False, namespace="sqexport",
+                     logging_level=logging.ERROR)
         else:
-            ray.init(address=target.address, log_to_driver=False, namespace="sqexport")
+            ray.init(address=target.address, log_to_driver=False, namespace="sqexport", logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
