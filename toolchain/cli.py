@@ -16,7 +16,7 @@ from contracts.units import format_value
 from toolchain import signals
 from toolchain.settings import SETTINGS, check_setting
 
-__all__ = ["main", "cli"]
+__all__ = ["main", "cli", "run_export_job", "sweep_jobs"]
 
 
 class ToolError(click.ClickException):
@@ -430,6 +430,13 @@ def _version() -> str:
         return "unknown"
 
 
+def sweep_jobs(path: Path) -> list:
+    """The jobs of a sweep file, each checked as `sqexport export` checks its flags (ConfigError)."""
+    from toolchain.sweep_spec import load_sweep
+
+    return load_sweep(path, _job_flags(), _validate_job, _is_path_model, _version())
+
+
 def _sweep_line(r: dict) -> str:
     head = f"  {r['name']:<24} {r['status'] + (' (skipped)' if r['skipped'] else ''):<24}"
     if r.get("latency_p50_ms") is None or r.get("metric") is None:
@@ -459,7 +466,6 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
     """
     from toolchain.progress import make_progress
     from toolchain.sweep import run_sweep
-    from toolchain.sweep_spec import load_sweep
 
     ray_target = None
     if ray is not None:
@@ -469,7 +475,7 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
             raise ToolError("--workers runs processes on this machine; with --ray the cluster's CPUs decide")
         _guard(require_ray)
         ray_target = _guard(parse_ray_address, ray)
-    jobs = _guard(load_sweep, Path(sweep_file), _job_flags(), _validate_job, _is_path_model, _version())
+    jobs = _guard(sweep_jobs, Path(sweep_file))
     with make_progress(quiet) as progress:
         data = _guard(run_sweep, jobs, Path(root), Path(sweep_file), run_export_job, progress, workers, ray_target)
     if not quiet:
