@@ -11,13 +11,16 @@ import importlib.util
 import logging
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 from contracts.errors import ConfigError, first_line
 from contracts.targets import target_names
+from toolchain import signals
 
 __all__ = ["RayTarget", "parse_ray_address", "require_ray", "ray_cluster", "target_resource", "node_label",
            "torch_threads_like_cli"]
@@ -65,6 +68,7 @@ def ray_cluster(target: RayTarget) -> Iterator[dict]:
     import ray
 
     temp = None
+    handlers = _signal_handlers()
     try:
         if target.local_cpus is not None:
             # a private folder: sessions of other users' clusters under /tmp/ray are left alone
@@ -78,6 +82,7 @@ def ray_cluster(target: RayTarget) -> Iterator[dict]:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
         raise ConfigError(f"cannot start or reach Ray at {target.text}: {first_line(exc)}") from None
+    _restore(handlers)  # ray.init installs its own SIGTERM/SIGINT handlers, which skip our cleanup
     try:
         resources = ray.cluster_resources()
         yield {"address": target.text, "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
@@ -87,6 +92,18 @@ def ray_cluster(target: RayTarget) -> Iterator[dict]:
         ray.shutdown()
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in signals.HANDLED}
+
+
+def _restore(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def node_label() -> str:
