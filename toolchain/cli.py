@@ -16,7 +16,7 @@ from contracts.units import format_value
 from toolchain import signals
 from toolchain.settings import SETTINGS, check_setting
 
-__all__ = ["main", "cli"]
+__all__ = ["main", "cli", "run_export_job", "sweep_jobs"]
 
 
 class ToolError(click.ClickException):
@@ -227,6 +227,9 @@ def _validate_positive(ctx, param, value):
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
 @click.option("--seed", type=SettingType("seed"), default=0, show_default=True)
+@click.option("--ray", "ray", default=None, metavar="local:N|auto|ADDRESS",
+              help="With --auto: evaluate the candidates as Ray tasks, timing them only on nodes with the "
+                   "resource sqexport-target-TARGET (local:N starts a local cluster; needs sqexport[ray]).")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress and no summary; errors (and a failed gate) are still printed on stderr.")
 @click.pass_context
@@ -263,7 +266,11 @@ def export_cmd(ctx, model, quiet, **opts):
                 click.secho(f"! {note}", fg="yellow", err=True)
             else:
                 progress.message(f"! {note}")
-        if auto is not None:
+        if auto is not None and opts["ray"]:
+            from toolchain.auto_ray import run_auto_on_ray
+
+            report = _guard(run_auto_on_ray, opts["ray"], recipe, spec, outdir, progress, auto)
+        elif auto is not None:
             from toolchain.search import run_auto
 
             report = _guard(run_auto, recipe, spec, outdir, progress, auto)
@@ -280,13 +287,21 @@ def export_cmd(ctx, model, quiet, **opts):
 
 def _auto_config(ctx: click.Context, opts: dict):
     """--auto's settings, or None without --auto; flags naming what it chooses itself are errors."""
+    if opts.get("ray"):
+        from toolchain.ray_cluster import parse_ray_address, require_ray
+
+        if not opts["auto"]:
+            raise ConfigError("--ray distributes --auto's candidates; a single export is one job (for many, "
+                              "use sqexport sweep --ray)")
+        require_ray()
+        parse_ray_address(opts["ray"])
     if not opts["auto"]:
         if opts["auto_minutes"] is not None:
             raise ConfigError("--auto-minutes needs --auto")
         return None
     from toolchain.search import AutoConfig, check_auto_flags
 
-    check_auto_flags([k for k in opts if _given(ctx, k) and opts[k] is not None and k != "recover"]
+    check_auto_flags([k for k in opts if _given(ctx, k) and opts[k] is not None and k not in ("recover", "ray")]
                      + (["recipe"] if opts["recipe"] else []))
     kwargs = {"recover": opts["recover"] is not False, "recover_data": opts["recover_data"]}
     if opts["auto_minutes"] is not None:
@@ -344,6 +359,135 @@ def _print_checks(checks: list[dict]) -> None:
     for c in checks:
         click.echo(f"  gate      {c['name']}: {format_value(c['value'], c['unit'])}, "
                    f"limit {format_value(c['limit'], c['unit'])}: {'ok' if c['passed'] else 'FAILED'}")
+
+
+def run_export_job(argv, outdir: str) -> tuple[int, str]:
+    """One sweep job: `sqexport export ARGV -o OUTDIR --quiet` in this process, through the export
+    command itself (same parsing, same pipeline, same bytes); returns (exit code, one line)."""
+    try:
+        export_cmd.main(args=[*argv, "-o", outdir, "--quiet"], prog_name="sqexport export",
+                        standalone_mode=False)
+    except click.ClickException as exc:
+        return exc.exit_code, _one_line(exc.format_message())
+    except click.exceptions.Abort:
+        return 130, _interrupted_message(2)
+    except signals.Interrupted as exc:
+        return exc.exit_code, _interrupted_message(exc.signum)
+    except Exception as exc:  # a bug in one job must not end the sweep
+        return 3, f"internal error ({type(exc).__name__}: {first_line(exc)})"
+    return 0, "passed"
+
+
+def _job_flags() -> dict:
+    """The export options a sweep job may set, keyed by parameter name (the long flag, '_' for '-')."""
+    from toolchain.sweep_spec import NOT_IN_JOBS, Flag
+
+    flags = {}
+    for p in export_cmd.params:
+        if isinstance(p, click.Option) and p.name not in NOT_IN_JOBS:
+            flags[p.name] = Flag(next(o for o in p.opts if o.startswith("--")),
+                                 p.secondary_opts[0] if p.secondary_opts else None,
+                                 switch=p.is_flag and not p.secondary_opts, multiple=p.multiple)
+    return flags
+
+
+def _validate_job(argv: list[str], label: str) -> dict:
+    """A job's command line checked as `sqexport export` checks it before loading the model;
+    returns the options it sets, as parsed (the normalized spec)."""
+    if argv[0].startswith("-"):
+        raise ConfigError(f"{label}: model {argv[0]!r} looks like an option")
+    try:
+        ctx = export_cmd.make_context("export", list(argv))
+    except click.exceptions.Exit:
+        raise ConfigError(f"{label}: --help is not an option of a job") from None
+    except click.ClickException as exc:
+        raise ConfigError(f"{label}: {_one_line(exc.format_message())}") from None
+    opts = dict(ctx.params)
+    try:
+        auto = _auto_config(ctx, opts)
+        if auto is not None:
+            opts = {**opts, "recover": None, "recover_data": None}
+        build_recipe(ctx, opts)
+        _input_shapes(opts["input_shape"])
+        _image_prep(opts)
+    except SqexportError as exc:
+        raise ConfigError(f"{label}: {_one_line(str(exc))}") from None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items() if _given(ctx, k)}
+
+
+def _is_path_model(ref: str) -> bool:
+    from models.zoo import BUILTIN_MODELS
+
+    return ref not in BUILTIN_MODELS and ":" not in ref.split("/")[-1]
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sqexport")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def sweep_jobs(path: Path) -> list:
+    """The jobs of a sweep file, each checked as `sqexport export` checks its flags (ConfigError)."""
+    from toolchain.sweep_spec import load_sweep
+
+    return load_sweep(path, _job_flags(), _validate_job, _is_path_model, _version())
+
+
+def _sweep_line(r: dict) -> str:
+    head = f"  {r['name']:<24} {r['status'] + (' (skipped)' if r['skipped'] else ''):<24}"
+    if r.get("latency_p50_ms") is None or r.get("metric") is None:
+        return f"{head} {r['message']}"
+    return (f"{head} {r['metric_name']} {format_value(r['metric'], r.get('metric_unit'))}  "
+            f"p50 {r['latency_p50_ms']:.3f} ms  ({r.get('speedup') or 0:.2f}x)")
+
+
+@cli.command("sweep")
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "root", required=True, type=click.Path(file_okay=False),
+              help="ROOT: each job writes ROOT/<name>/ (what `sqexport export ... -o ROOT/<name>` writes); "
+                   "sweep.json, sweep.md and sweep-pareto.png go in ROOT.")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Jobs at a time, each in its own process (1: one after another in this process).")
+@click.option("--ray", "ray", default=None, metavar="local:N|auto|ADDRESS",
+              help="Run each job as a Ray task: local:N starts a local cluster with N CPUs, auto joins "
+                   "the running one, or a cluster address (needs sqexport[ray]).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary; errors still go to stderr.")
+def sweep_cmd(sweep_file, root, workers, ray, quiet):
+    """Run the export jobs listed in SWEEP_FILE (YAML: `jobs:` with name, model and export options
+    by long flag name, `-` as `_`) and report them together. A rerun skips jobs whose folder still
+    matches its manifest and job spec.
+
+    Exit code: 0 every job passed; 1 a job failed its gates; 2 bad input (the file, or a job's
+    data); 3 a job hit an internal error.
+    """
+    from toolchain.progress import make_progress
+    from toolchain.sweep import run_sweep
+
+    ray_target = None
+    if ray is not None:
+        from toolchain.ray_cluster import parse_ray_address, require_ray
+
+        if workers != 1:
+            raise ToolError("--workers runs processes on this machine; with --ray the cluster's CPUs decide")
+        _guard(require_ray)
+        ray_target = _guard(parse_ray_address, ray)
+    jobs = _guard(sweep_jobs, Path(sweep_file))
+    with make_progress(quiet) as progress:
+        data = _guard(run_sweep, jobs, Path(root), Path(sweep_file), run_export_job, progress, workers, ray_target)
+    if not quiet:
+        for r in data["jobs"]:
+            click.echo(_sweep_line(r))
+        click.echo(f"{data['summary']['passed']}/{data['summary']['jobs']} job(s) passed -> {Path(root) / 'sweep.md'}")
+    if data["exit_code"]:
+        bad = [r for r in data["jobs"] if not r["passed"]]
+        what = "; ".join(f"{r['name']}: {r['message']}" if r["exit_code"] != 1 else f"{r['name']}: gate failed"
+                         for r in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ToolError(f"{len(bad)} of {len(jobs)} job(s) did not pass ({what}); sweep report written to "
+                        f"{Path(root) / 'sweep.md'}", data["exit_code"])
 
 
 @cli.command("check")

@@ -23,7 +23,7 @@ from contracts.files import sha256_file
 from toolchain import signals
 
 __all__ = ["MANIFEST", "TMP_MARKER", "atomic_output", "check_output", "resolve_output",
-           "remove_stale_temps"]
+           "remove_stale_temps", "intact_output"]
 
 MANIFEST = ".sqexport-manifest.json"
 TMP_MARKER = ".sqexport-tmp.json"
@@ -129,6 +129,15 @@ def check_output(outdir: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot use output folder {outdir}: {_reason(exc)}") from None
     return path
+
+
+def intact_output(outdir: Path) -> bool:
+    """True if `outdir` is a finished sqexport output holding exactly its manifest's files, unchanged
+    (what lets `sqexport sweep` skip a job on a rerun)."""
+    try:
+        return bool((outdir / MANIFEST).is_file() and _replaceable(outdir).keys() == _read_manifest(outdir).keys())
+    except (OutputError, OSError):
+        return False
 
 
 def _pid_alive(pid: int) -> bool:

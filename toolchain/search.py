@@ -28,12 +28,11 @@ from typing import Callable
 from contracts.errors import ConfigError, SqexportError, first_line
 from contracts.progress import NULL_PROGRESS, Progress
 from runtime_check.gates import accuracy_limit
-from runtime_check.latency import measure_pair
 from runtime_check.session import default_threads
 from toolchain import pipeline
 from toolchain.candidates import (
-    Built, Evaluator, Mode, dynamic_applicable, finish_level, metric_of, pruned_level, timed, with_recovery,
-    write_mode,
+    SCREEN_LATENCY_S, Built, Evaluator, Mode, dynamic_applicable, finish_level, metric_of, pruned_level, timed,
+    with_recovery, write_mode,
 )
 from toolchain.output_folder import atomic_output
 from toolchain.quantize_step import torch_reference
@@ -44,7 +43,6 @@ __all__ = ["AutoConfig", "run_auto", "check_auto_flags", "DEFAULT_LEVELS", "DEFA
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.625, 0.75)
 DEFAULT_MINUTES = 15.0  # 2 CPU cores: mnist-resnet needs about two recovered levels of a few minutes
-SCREEN_LATENCY_S = 3.0  # per candidate; the chosen one is measured again in full
 MIN_RECOVERY_MINUTES = 0.25
 
 # flags that set what --auto chooses itself (CLI option name -> flag)
@@ -112,6 +110,8 @@ class _Search:
                   "accuracy_passed": acc_ok, "passed": all(c["passed"] for c in checks),
                   "failed_checks": [c["name"] for c in checks if not c["passed"]],
                   "seconds": round(seconds + spent, 2)}
+        if latency.get("node"):  # measured on a Ray node (toolchain/auto_ray.py)
+            record["latency_node"] = latency["node"]
         self.frontier.append(record)
         self.built[cid] = built
         self.progress.message(f"auto: {cid}: {record['speedup']:.2f}x, {accuracy['metric']} "
@@ -221,12 +221,6 @@ def _choose(frontier: list[dict]) -> tuple[dict, str]:
     return best, f"no candidate passed every gate; written: the closest, {best['id']}"
 
 
-def _default_latency(spec, threads: int) -> Callable[[Path, Path], dict]:
-    def latency(baseline: Path, model: Path) -> dict:
-        return measure_pair(baseline, model, spec.example_inputs, threads, warmup=5, budget_s=SCREEN_LATENCY_S)
-    return latency
-
-
 def _final_state(built: Built, tmp: Path, baseline_records: list) -> pipeline.RunState:
     state = built.state
     shutil.move(str(built.path), str(tmp / "model.onnx"))
@@ -243,16 +237,18 @@ def _final_state(built: Built, tmp: Path, baseline_records: list) -> pipeline.Ru
 
 
 def run_auto(recipe: Recipe, spec, outdir: Path, progress: Progress = NULL_PROGRESS,
-             config: AutoConfig = AutoConfig(), latency: Callable[[Path, Path], dict] | None = None) -> dict:
-    """Search, write the chosen candidate as the output folder's model, verify it, report."""
+             config: AutoConfig = AutoConfig(), latency: Callable[[Path, Path], dict] | None = None,
+             evaluator: Callable[..., Evaluator] = Evaluator) -> dict:
+    """Search, write the chosen candidate as the output folder's model, verify it, report.
+    `evaluator(spec, baseline, threads, gates, latency)` measures candidates: here by default,
+    or as Ray tasks (toolchain/auto_ray.py)."""
     recipe = dataclasses.replace(recipe, auto_sparsity=False)  # the search sets every level's amount itself
     pipeline.seed_everything(recipe.seed)
     with atomic_output(outdir, progress.message) as tmp:
         threads = recipe.threads or default_threads()
         base = pipeline.RunState(recipe, spec, tmp, threads, pipeline.StageTimer(progress), progress)
         pipeline.export_baseline(base)
-        evaluate = Evaluator(spec, tmp / "baseline.onnx", threads, recipe.gates,
-                             latency or _default_latency(spec, threads))
+        evaluate = evaluator(spec, tmp / "baseline.onnx", threads, recipe.gates, latency)
         search = _Search(recipe, spec, tmp, threads, progress, config, evaluate)
         stopped = search.run()
         if not search.frontier:
@@ -270,7 +266,8 @@ def run_auto(recipe: Recipe, spec, outdir: Path, progress: Progress = NULL_PROGR
                                "budget_minutes": config.minutes, "levels": list(config.levels),
                                "seconds": round(time.monotonic() - search.t0, 1),
                                "latency_screen": "each candidate: p50 ratio vs baseline.onnx, interleaved, "
-                                                 f"{SCREEN_LATENCY_S:g} s; the chosen model is measured again below"}
+                                                 f"{SCREEN_LATENCY_S:g} s; the chosen model is measured again below",
+                               **evaluate.report_info()}
         state.notes.append(f"--auto: {why}")
         pipeline.verify(state)
         pipeline.package(state)
