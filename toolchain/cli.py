@@ -462,6 +462,8 @@ def bench_cmd(model_or_bundle, device, device_cmd, perf_test, device_python, thr
             click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} {'ok' if c['passed'] else 'FAILED'}")
         if res["report"]:
             click.echo(f"  report    device_latency written to {res['report']}")
+        elif res.get("report_note"):
+            click.echo(f"  report    {res['report_note']}")
     if not res["passed"]:
         raise ToolError("device gate failed: " + ", ".join(c["name"] for c in res["checks"] if not c["passed"]), 1)
 
