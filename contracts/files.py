@@ -16,7 +16,8 @@ from pathlib import Path
 
 from contracts.errors import ConfigError, SqexportError
 
-__all__ = ["sha256_file", "require_regular", "read_regular_bytes", "file_kind", "plain_name", "is_sha256"]
+__all__ = ["sha256_file", "require_regular", "read_regular_bytes", "copy_regular", "file_kind", "plain_name",
+           "is_sha256"]
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
@@ -87,6 +88,16 @@ def read_regular_bytes(path: Path, what: str, error: type[SqexportError] = Confi
     if limit is not None and len(data) > limit:
         raise error(f"{what} {path} is larger than {limit:,} bytes")
     return data
+
+
+def copy_regular(src: Path, dst: Path, what: str, error: type[SqexportError] = ConfigError,
+                 follow: bool = False) -> None:
+    """Copy a regular file; `follow=False` (the default): a symlink is an error, never followed
+    (a `tokenizer.json` linking to /etc/hostname must not end up in a bundle)."""
+    fd = _open_regular(Path(src), what, error, follow)
+    with os.fdopen(fd, "rb") as f, open(dst, "wb") as out:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            out.write(block)
 
 
 def plain_name(text, fallback: str = "model", max_len: int = 100) -> str:
