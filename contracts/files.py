@@ -17,7 +17,7 @@ from pathlib import Path
 from contracts.errors import ConfigError, SqexportError
 
 __all__ = ["sha256_file", "require_regular", "read_regular_bytes", "copy_regular", "file_kind", "plain_name",
-           "is_sha256"]
+           "is_sha256", "first_special_file"]
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
@@ -98,6 +98,23 @@ def copy_regular(src: Path, dst: Path, what: str, error: type[SqexportError] = C
     with os.fdopen(fd, "rb") as f, open(dst, "wb") as out:
         for block in iter(lambda: f.read(1 << 20), b""):
             out.write(block)
+
+
+def first_special_file(folder: Path) -> str | None:
+    """Describes the first entry of `folder` (not recursive) that is neither a regular file nor a
+    folder, symlinks followed: a library that reads the folder (transformers) would block on a FIFO."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:
+            continue  # a dangling link: nothing to block on
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return f"{entry.path} is {file_kind(mode)}"
+    return None
 
 
 def plain_name(text, fallback: str = "model", max_len: int = 100) -> str:

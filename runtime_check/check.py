@@ -14,6 +14,7 @@ from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.fixed_inputs import fit_batches, is_fixed, run_fixed, session_shapes
 from runtime_check.session import make_session
 from contracts.errors import ConfigError, DataError, ModelLoadError, first_line
+from contracts.files import first_special_file
 from models.validate import check_labels
 
 __all__ = ["check_model"]
@@ -85,10 +86,18 @@ def _text_batches(path: Path, model_path: Path, io: dict) -> tuple[list[dict], n
                         "sqexport export writes one into its output folder")
     from transformers import AutoTokenizer
 
+    from models.remote_code import remote_code_files
     from models.text_data import read_texts, text_batches
 
+    special = first_special_file(folder)
+    if special:
+        raise DataError(f"{special}; sqexport reads regular files only")
+    asks = remote_code_files(folder)
+    if asks:  # `check` never runs code from a folder: transformers would prompt, then run it
+        raise DataError(f"the tokenizer beside {model_path} asks to run its own Python code ('auto_map' in "
+                        f"{asks[0]}); sqexport check never runs it")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
         raise DataError(f"cannot load the tokenizer beside {model_path}: {first_line(exc)}") from None
     texts, labels = read_texts(path)

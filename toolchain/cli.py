@@ -180,6 +180,9 @@ def _validate_positive(ctx, param, value):
               help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a Hugging Face folder whose config names its own Python code (auto_map) run that "
+                   "code; without it such a folder is refused (exit 2) and nothing of it runs.")
 @click.option("--recover/--no-recover", default=None,
               help="Distillation fine-tuning from the dense model after pruning [off].")
 @click.option("--recover-steps", type=click.IntRange(min=1), default=None,
@@ -250,7 +253,7 @@ def export_cmd(ctx, model, quiet, **opts):
     prep = _guard(_image_prep, opts)
     with make_progress(quiet) as progress:
         with measured_stage(progress, f"load {model}"):
-            spec = _guard(load_model, model, opts["task"], None if mobile_only else shapes)
+            spec = _guard(load_model, model, opts["task"], None if mobile_only else shapes, opts["trust_remote_code"])
             if spec.default_prune != "magnitude" or spec.quant_defaults:
                 recipe = _guard(build_recipe, ctx, opts, spec.default_prune, spec.quant_defaults)
             spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"], prep, recipe.seed)
