@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from contracts.errors import ConfigError, SqexportError, first_line
+from contracts.errors import ConfigError, ModelLoadError, SqexportError, first_line
 from contracts.targets import target_names
 from contracts.tasks import hf_task_names
 from contracts.units import format_value
@@ -27,9 +27,13 @@ class ToolError(click.ClickException):
         self.exit_code = exit_code
 
 
+MAX_MESSAGE = 2000  # characters; a message quoting hostile input (a huge value) is cut here
+
+
 def _one_line(message: str) -> str:
-    """The contract is one line: a multi-line library message is joined, not cut."""
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    """The contract is one line: a multi-line library message is joined, and cut if enormous."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE] + " ..."
 
 
 def _interrupted_message(signum) -> str:
@@ -57,6 +61,16 @@ def _guard(fn, *args, **kwargs):
         raise ToolError(_interrupted_message(exc.signum), exc.exit_code) from None
     except KeyboardInterrupt:  # in-process callers (tests) that did not install the handlers
         raise ToolError(_interrupted_message(2), 130) from None
+    except MemoryError:  # an input too large for this machine (a model, data, a shape)
+        raise ToolError("out of memory: the model or its data is too large for this machine") from None
+    except SystemExit as exc:  # the user's model code (a forward, a hook) cannot set sqexport's exit code
+        raise ToolError(f"the model's code called sys.exit({exc.code!r}); sqexport stopped") from None
+    except (RecursionError, GeneratorExit) as exc:
+        raise ToolError(f"the input is nested too deeply or recursive ({type(exc).__name__})") from None
+    except BaseException as exc:  # a BaseException subclass from the user's code
+        if isinstance(exc, Exception):
+            raise  # a bug: main() reports it as an internal error
+        raise ToolError(f"the model's code raised {type(exc).__name__}: {first_line(exc)}") from None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -245,7 +259,7 @@ def export_cmd(ctx, model, quiet, **opts):
     if auto is not None:  # recovery settings went into AutoConfig; the search builds its own stages
         opts = {**opts, "recover": None, "recover_data": None}
     recipe = _guard(build_recipe, ctx, opts)
-    outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
+    outdir = Path(opts["output"]) if opts["output"] else _guard(_default_output, model)
     _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
     shapes = _guard(_input_shapes, opts["input_shape"])
     # a built-in or Hugging Face model knows its inputs: --input-shape only fixes its mobile shapes
@@ -275,6 +289,21 @@ def export_cmd(ctx, model, quiet, **opts):
         failed = ", ".join(f"{c['name']} {format_value(c['value'], c['unit'])} "
                            f"(limit {format_value(c['limit'], c['unit'])})" for c in report["checks"] if not c["passed"])
         raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
+
+
+def _default_output(model: str) -> Path:
+    """./sqexport-out/NAME; `.` and `..` name the folder they stand for. A reference with no name
+    at all ('' or '/') is a bad MODEL, said as such (not as a complaint about sqexport-out)."""
+    from models.zoo import BUILTIN_MODELS
+
+    name = Path(model.rstrip("/")).name if model.strip() else ""
+    if name in ("", ".", "..") and model.strip():
+        name = Path(os.path.abspath(model)).name
+    if not name:
+        raise ModelLoadError(f"cannot load {model!r}: not a built-in name, a Hugging Face folder (config.json), a "
+                             f"TorchScript .pt, an ExportedProgram .pt2 or pkg.module:factory; built-in models: "
+                             f"{', '.join(sorted(BUILTIN_MODELS))}")
+    return Path("sqexport-out") / name.replace(":", "_")
 
 
 def _auto_config(ctx: click.Context, opts: dict):
