@@ -14,7 +14,7 @@ from runtime_check.latency import measure_interleaved, measure_pair
 from runtime_check.fixed_inputs import fit_batches, is_fixed, run_fixed, session_shapes
 from runtime_check.session import make_session
 from contracts.errors import ConfigError, DataError, ModelLoadError, first_line
-from contracts.files import first_special_file
+from contracts.files import first_special_file, require_regular
 from models.validate import check_labels
 
 __all__ = ["check_model"]
@@ -28,6 +28,7 @@ def _model_io(path: Path) -> dict:
     a dynamic dim is None."""
     if Path(path).suffix == ".ort":
         if not Path(path).is_file():
+            require_regular(Path(path), "model", ModelLoadError)
             raise ModelLoadError(f"no such file: {path}")
         try:
             session = make_session(path, 1)

@@ -41,7 +41,28 @@ def _interrupted_message(signum) -> str:
 
 
 class DefaultGroup(click.Group):
-    """`sqexport MODEL ...` means `sqexport export MODEL ...`."""
+    """`sqexport MODEL ...` means `sqexport export MODEL ...`; every error is one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's standalone mode prints usage errors as four lines (usage, hint, blank, error):
+        here every ClickException is one `Error: ...` line with its exit code."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `sqexport`: the help text, as click does
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            message = _one_line(exc.format_message())
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                message += f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -49,9 +70,28 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+_LIBRARIES_QUIET = []
+
+
+def _quiet_libraries() -> None:
+    """Library chatter that says nothing about the user's model is kept off stderr (also with
+    --quiet and an unusable HOME): onnxruntime's environment warnings (a telemetry id it cannot
+    persist) and matplotlib's notes about its config folder. sqexport's sessions log errors only."""
+    if _LIBRARIES_QUIET:
+        return
+    import logging
+
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
+    _LIBRARIES_QUIET.append(True)
+
+
 def _guard(fn, *args, **kwargs):
     """Run library code; domain errors become one-line messages with the right exit code."""
     try:
+        _quiet_libraries()
         return fn(*args, **kwargs)
     except SqexportError as exc:
         if signals.received():  # e.g. a library turned the interrupt into its own error
@@ -161,6 +201,30 @@ class SettingType(click.ParamType):
         return "INTEGER" if SETTINGS[self.setting].kind is int else "FLOAT"
 
 
+class InputPath(click.Path):
+    """A path sqexport reads. When it exists it must be a regular file (or, where folders are
+    accepted, a folder): a FIFO would block the run forever and a device stream without end. The
+    same rule holds where the library opens it (contracts.files)."""
+
+    def __init__(self, dir_okay: bool = True):
+        super().__init__(dir_okay=dir_okay)
+
+    def convert(self, value, param, ctx):
+        import stat
+
+        from contracts.files import file_kind
+
+        value = super().convert(value, param, ctx)
+        try:
+            mode = os.stat(value).st_mode
+        except (OSError, ValueError):
+            return value  # missing: the command says so in its own words
+        if not (stat.S_ISREG(mode) or (self.dir_okay and stat.S_ISDIR(mode))):
+            self.fail(f"{os.fsdecode(value)} is {file_kind(mode)}; sqexport reads regular files"
+                      + (" and folders" if self.dir_okay else "") + " only", param, ctx)
+        return value
+
+
 def _validate_positive(ctx, param, value):
     if value is not None and not (math.isfinite(value) and value > 0):
         raise click.BadParameter(f"must be a finite number > 0, got {value}")
@@ -203,18 +267,18 @@ def _validate_positive(ctx, param, value):
               help="Recovery optimizer steps [as many as --recover-minutes allows].")
 @click.option("--recover-minutes", type=float, default=None, callback=_validate_positive,
               help="Recovery wall-clock budget in minutes [10].")
-@click.option("--recover-data", type=click.Path(dir_okay=False), default=None,
+@click.option("--recover-data", type=InputPath(dir_okay=False), default=None,
               help="More data for recovery (same formats as --calib-data); labels are used when present.")
 @click.option("--auto", "auto", is_flag=True,
               help="Search structured sparsity x int8 mode x fallback (and recovery) for the fastest model that "
                    "passes the gates; every candidate measured is listed in the report's frontier.")
 @click.option("--auto-minutes", type=float, default=None, callback=_validate_positive,
               help="Time budget of --auto's search in minutes [15]; the chosen model's verification comes on top.")
-@click.option("--calib-data", type=click.Path(),
+@click.option("--calib-data", type=InputPath(),
               help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz; "
                    "an image folder (one subfolder per class, or flat). User models without it: seeded "
                    "synthetic inputs.")
-@click.option("--eval-data", type=click.Path(),
+@click.option("--eval-data", type=InputPath(),
               help="Evaluation data, same formats; .jsonl may carry 'label', .npz 'labels', an image folder "
                    "its class subfolders. User models without it: every 4th sample of --calib-data.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxDx...",
@@ -235,7 +299,7 @@ def _validate_positive(ctx, param, value):
               help="Gate: p50 latency of model.onnx at --threads.")
 @click.option("--threads", type=SettingType("threads"), default=None,
               help="onnxruntime intra-op threads for checks [all cores]; latency is also reported at 1.")
-@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+@click.option("--recipe", type=InputPath(dir_okay=False), default=None,
               help="YAML recipe with the same settings; flags given on the command line override it.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
@@ -369,9 +433,9 @@ def _print_checks(checks: list[dict]) -> None:
 
 
 @cli.command("check")
-@click.argument("model_onnx", type=click.Path(dir_okay=False))
-@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="FP32 reference ONNX.")
-@click.option("--eval-data", type=click.Path(), default=None,
+@click.argument("model_onnx", type=InputPath(dir_okay=False))
+@click.option("--baseline", type=InputPath(dir_okay=False), default=None, help="FP32 reference ONNX.")
+@click.option("--eval-data", type=InputPath(), default=None,
               help=".npy/.npz inputs (optional 'labels'), .txt/.jsonl text when a tokenizer sits "
                    "beside MODEL_ONNX (sqexport export writes one), or an image folder shaped by the "
                    "model's input; without it, seeded synthetic inputs.")
@@ -420,7 +484,7 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
 
 
 @cli.command("inspect")
-@click.argument("model_onnx", type=click.Path(dir_okay=False))
+@click.argument("model_onnx", type=InputPath(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect_cmd(model_onnx, as_json):
     """Per-weight sparsity, QDQ coverage, dtypes and sizes of an ONNX model."""
@@ -455,13 +519,13 @@ def package_cmd(outdir, target, output):
 
 
 @cli.command("bench")
-@click.argument("model_or_bundle", type=click.Path())
+@click.argument("model_or_bundle", type=InputPath())
 @click.option("--device", required=True, metavar="local|ssh://user@host[:port]|adb[:serial]",
               help="Where to run: this machine, a host over ssh/scp, or an Android device over adb.")
 @click.option("--device-cmd", default=None, metavar="TEMPLATE",
               help="Replace the run command; placeholders {python} {runner} {model} {reference} {dir} "
                    "{threads} {iters}.")
-@click.option("--perf-test", type=click.Path(dir_okay=False), default=None,
+@click.option("--perf-test", type=InputPath(dir_okay=False), default=None,
               help="Push and run this onnxruntime_perf_test binary instead of the Python runner "
                    "(its 'Average inference time cost' line is parsed).")
 @click.option("--device-python", default=None, help="Python on the device [local: this one; ssh: python3; "
