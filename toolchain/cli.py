@@ -459,19 +459,28 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
     from runtime_check.gates import Gates
     from runtime_check.session import default_threads
 
+    from toolchain.manifest import sibling_output
+
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
     prep = _guard(_image_prep, {"image_size": image_size, "mean": mean, "std": std})
-    result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else None,
+    # in an output folder, sqexport's own baseline.onnx is the evidence the model is compared with
+    found = None if baseline else sibling_output(Path(model_onnx), "baseline.onnx")
+    result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else found,
                     Path(eval_data) if eval_data else None, threads or default_threads(), gates, prep, arch)
+    if found is not None:
+        result["baseline_from"] = "baseline.onnx in the model's output folder (sqexport's manifest proves it)"
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         acc, lat = result["accuracy"], result["latency_ms"]
-        click.echo(f"{model_onnx}: data {result['data']}")
+        click.echo(f"{model_onnx}: data {result['data']}; baseline {result['baseline'] or 'none'}"
+                   + (" (from the output folder)" if found is not None else ""))
         if acc.get("model") is not None:
             click.echo(f"  accuracy  {acc['metric']}: model {format_value(acc['model'], acc['unit'])}"
                        + (f"  baseline {format_value(acc['baseline'], acc['unit'])}"
                           if acc.get("baseline") is not None else ""))
+        if acc.get("note"):
+            click.echo(f"  note      {acc['note']}")
         click.echo(f"  latency   p50 {lat['model']['p50']:.3f} ms at {lat['threads']} thread(s)"
                    + (f", {lat['speedup']:.2f}x vs baseline" if "speedup" in lat else ""))
         for tier, t in (result.get("arm64") or {}).get("tiers", {}).items():

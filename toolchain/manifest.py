@@ -17,7 +17,7 @@ from contracts.errors import OutputError
 from contracts.files import is_sha256, sha256_file
 
 __all__ = ["MANIFEST", "MAX_MANIFEST_BYTES", "safe_relative", "read_manifest", "manifest_exists", "owned",
-           "record", "write_manifest_entries"]
+           "record", "write_manifest_entries", "sibling_output"]
 
 MANIFEST = ".sqexport-manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # thousands of entries; more is not a manifest sqexport wrote
@@ -129,3 +129,16 @@ def record(folder: Path, names: list[str]) -> None:
             raise OutputError(f"{folder / rel}: not a regular file sqexport can record")
         files[rel] = {"size": st.st_size, "sha256": sha256_file(folder / rel)}
     write_manifest_entries(folder, files)
+
+
+def sibling_output(path: Path, name: str) -> Path | None:
+    """folder/name beside `path` (a model in an output folder) when the folder's manifest proves
+    sqexport wrote it unchanged, and it is not `path` itself; else None."""
+    folder = Path(path).absolute().parent
+    candidate = folder / name
+    try:
+        if not manifest_exists(folder) or candidate.resolve() == Path(path).resolve():
+            return None
+        return candidate if owned(folder, name) else None
+    except (OutputError, OSError):
+        return None
