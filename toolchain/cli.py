@@ -70,28 +70,9 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-_LIBRARIES_QUIET = []
-
-
-def _quiet_libraries() -> None:
-    """Library chatter that says nothing about the user's model is kept off stderr (also with
-    --quiet and an unusable HOME): onnxruntime's environment warnings (a telemetry id it cannot
-    persist) and matplotlib's notes about its config folder. sqexport's sessions log errors only."""
-    if _LIBRARIES_QUIET:
-        return
-    import logging
-
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
-    logging.getLogger("matplotlib").setLevel(logging.ERROR)
-    _LIBRARIES_QUIET.append(True)
-
-
 def _guard(fn, *args, **kwargs):
     """Run library code; domain errors become one-line messages with the right exit code."""
     try:
-        _quiet_libraries()
         return fn(*args, **kwargs)
     except SqexportError as exc:
         if signals.received():  # e.g. a library turned the interrupt into its own error
@@ -120,6 +101,9 @@ def cli():
 
     `sqexport MODEL [options]` is short for `sqexport export MODEL [options]`.
     """
+    from toolchain.quiet import quiet_libraries
+
+    quiet_libraries()  # before any command imports onnxruntime
 
 
 def _names(kind: str) -> list[str]:

@@ -68,6 +68,7 @@ def test_a_signal_ends_the_run_cleanly(tmp_path, moment, sig):
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and errors[0].startswith(f"Error: interrupted by {signal.Signals(sig).name}"), stderr
+    assert stderr.strip().splitlines()[-1] == errors[0], "a progress line came after the error"
     assert os.listdir(tmp_path) == [], "output or temporary folder left behind"
 
 
