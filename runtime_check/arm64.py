@@ -118,7 +118,8 @@ def run_tiers(model_path: Path, feeds: list[dict], tiers=tuple(TIERS),
                     raise ConfigError(f"arm64 run ({tier}) did not finish in {TIMEOUT_S:.0f} s") from None
                 if proc.returncode != 0:
                     lines = [ln for ln in err.splitlines() if ln.strip() and "cpuinfo" not in ln]
-                    raise ConfigError(f"arm64 run ({tier}) failed: {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+                    why = lines[-1] if lines else f"exit {proc.returncode}"
+                    raise ConfigError(f"arm64 run ({tier}) failed: {why}")
                 data = np.load(tmp / f"out-{tier}.npz")
                 runner = check_runner_result(_last_json(out), f"arm64 {tier}", latency=False)
                 runner.pop("memory_mb", None)  # emulator memory, not a phone's

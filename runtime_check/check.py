@@ -207,7 +207,8 @@ def _accuracy(task, logits: bool, base_out, model_out, labels) -> dict:
         accuracy["nonfinite_outputs"] = nonfinite_outputs(None, model_out)
         return accuracy
     return {"metric": "none", "unit": "", "baseline": None, "model": None, "drop": None, "drop_unit": "",
-            "note": "no --baseline and no labels: accuracy is not measured", "nonfinite_outputs": nonfinite_outputs(None, model_out)}
+            "note": "no --baseline and no labels: accuracy is not measured",
+            "nonfinite_outputs": nonfinite_outputs(None, model_out)}
 
 
 def _drop_limit(gates: Gates, accuracy: dict, synthetic: bool) -> float | None:

@@ -108,7 +108,8 @@ def _owned_report(folder: Path) -> tuple[dict | None, str | None]:
             (os.path.lexists(folder / "report.md") and not owned(folder, "report.md", files)):
         return None, left + "sqexport's manifest does not prove it wrote report.json / report.md (or they changed)"
     try:
-        report = json.loads(read_regular_bytes(folder / "report.json", "report", limit=REPORT_MAX_BYTES).decode("utf-8"))
+        raw = read_regular_bytes(folder / "report.json", "report", limit=REPORT_MAX_BYTES)
+        report = json.loads(raw.decode("utf-8"))
     except (ConfigError, ValueError, RecursionError):
         return None, left + "it is not a readable JSON report"
     if not isinstance(report, dict):

@@ -25,7 +25,8 @@ def _report(outdir: Path) -> dict:
     if not outdir.is_dir():
         raise ConfigError(f"{outdir} is not a folder: give the output folder of `sqexport MODEL --target mobile`")
     try:
-        report = json.loads(read_regular_bytes(outdir / "report.json", "report", limit=REPORT_MAX_BYTES).decode("utf-8"))
+        raw = read_regular_bytes(outdir / "report.json", "report", limit=REPORT_MAX_BYTES)
+        report = json.loads(raw.decode("utf-8"))
     except (ConfigError, ValueError, RecursionError):
         raise ConfigError(f"{outdir} is not an sqexport output folder (no readable report.json)") from None
     if not isinstance(report, dict):

@@ -32,7 +32,8 @@ def _wait_gone(pids, timeout=10.0):
 
 def test_a_timeout_kills_the_whole_group(tmp_path):
     pid_file = tmp_path / "pid"
-    cmd = f"{sys.executable} -c 'import os, time; open(\"{pid_file}\", \"w\").write(str(os.getpid())); time.sleep(60)' & wait"
+    script = f"import os, time; open('{pid_file}', 'w').write(str(os.getpid())); time.sleep(60)"
+    cmd = f'{sys.executable} -c "{script}" & wait'
     with pytest.raises(subprocess.TimeoutExpired):
         run_child(cmd, timeout=2, shell=True)
     assert _wait_gone([int(pid_file.read_text())]) == []

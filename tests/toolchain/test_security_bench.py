@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from toolchain.manifest import MANIFEST, owned
+from toolchain.manifest import owned
 from toolchain.output_folder import check_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,7 +267,8 @@ def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.Popen([sys.executable, "-m", "toolchain", "bench", str(out / "digits-cnn-mobile.zip"),
                              "--device", "local", "--device-cmd", f"{{python}} {sleeper}"],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.monotonic() + 120
         while not (pid_file.is_file() and pid_file.read_text()):

@@ -63,7 +63,8 @@ def test_the_zip_name_from_the_report_stays_in_the_folder(run_cli, out, tmp_path
 def test_reports_of_the_wrong_shape_are_exit_2(run_cli, out, report, needle):
     data = json.loads((out / "report.json").read_text())
     named = {"mobile-5": json.dumps({**data, "mobile": 5}), "model-5": json.dumps({**data, "model": 5}),
-             "not json": "{oops", "versions-5": json.dumps({**data, "versions": 5, "mobile": {**data["mobile"], "ort": 7}})}
+             "not json": "{oops",
+             "versions-5": json.dumps({**data, "versions": 5, "mobile": {**data["mobile"], "ort": 7}})}
     text = named[report] if isinstance(report, str) else json.dumps(report)
     (out / "report.json").write_text(text)
     result = run_cli(["package", out, "--target", "mobile", "-o", out / "x.zip"])
