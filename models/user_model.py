@@ -76,10 +76,10 @@ def _import_factory(ref: str) -> nn.Module:
 _PASS_THROUGH = (KeyboardInterrupt, Interruption, SqexportError)
 
 
-def _ended(exc: BaseException) -> str:
+def _ended(exc: BaseException, needs: str = "a factory that returns a model") -> str:
     """How the user's code ended, for a one-line message: `called sys.exit(4)`, `failed: ...`."""
     if isinstance(exc, SystemExit):
-        return f"called sys.exit({exc.code!r}); sqexport needs a factory that returns a model"
+        return f"called sys.exit({exc.code!r}); sqexport needs {needs}"
     return f"failed: {type(exc).__name__}: {_first_line(exc)}"
 
 
@@ -260,7 +260,7 @@ def _check_batches(model: nn.Module, example: dict[str, np.ndarray]) -> list[tor
         raise
     except BaseException as exc:
         raise ModelLoadError(f"the model fails on the example input {_fmt_shapes({k: v.shape for k, v in example.items()})}: "
-                             f"{_ended(exc).removeprefix('failed: ')}") from None
+                             f"{_ended(exc, 'a forward that returns outputs').removeprefix('failed: ')}") from None
     pair = {k: np.concatenate([v[:1], v[:1]]) for k, v in example.items()}
     try:
         _run(model, pair)
