@@ -75,7 +75,7 @@ def test_a_signal_ends_the_run_cleanly(tmp_path, moment, sig):
 def test_a_killed_run_leaves_a_folder_the_next_run_can_prove_is_its_own(tmp_path):
     proc = _start(tmp_path)
     try:
-        _wait_for("export.baseline", proc, tmp_path)
+        _wait_for("later-stage", proc, tmp_path)  # marker written by then
         proc.kill()  # SIGKILL: nothing can clean up
     finally:
         proc.kill()
