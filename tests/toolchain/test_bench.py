@@ -1,5 +1,5 @@
 """`sqexport bench`: local, ssh and adb presets end to end with stand-in ssh/scp/adb executables on
-PATH (tests/toolchain/conftest.py: they run the commands on this machine), raw --device-cmd,
+PATH (tests/conftest.py: they run the commands on this machine), raw --device-cmd,
 onnxruntime_perf_test parsing, and the error paths (exit 2, one line; a device that ran something
 else: exit 1)."""
 import json
