@@ -27,6 +27,7 @@ __all__ = ["MANIFEST", "TMP_MARKER", "atomic_output", "check_output", "resolve_o
            "remove_stale_temps"]
 
 TMP_MARKER = ".sqexport-tmp.json"
+_read_manifest = read_manifest  # the name code on main (intact_output, for `sweep`) calls
 _TMP_TAG = ".tmp-"
 _RANDOM_CHARS = 8  # what tempfile.mkdtemp appends
 # write errors that mean "the disk (or quota, or file-size limit) is full", whatever raised them
