@@ -2,7 +2,7 @@
 
 __all__ = [
     "SqexportError", "ConfigError", "ModelLoadError", "DataError", "ExportError",
-    "OutputError", "DeviceError", "GateFailed", "first_line",
+    "OutputError", "DeviceError", "GateFailed", "Interruption", "first_line",
 ]
 
 
@@ -42,6 +42,11 @@ class GateFailed(SqexportError):
     """A verification gate failed; artifacts and report were still written."""
 
     exit_code = 1
+
+
+class Interruption(BaseException):
+    """Base of toolchain.signals.Interrupted (a signal turned into an exception): code that contains
+    user code (models.user_model) lets it through, as it does KeyboardInterrupt."""
 
 
 def first_line(exc: BaseException) -> str:

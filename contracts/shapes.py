@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from contracts.errors import ConfigError
 
-__all__ = ["Shapes", "parse_input_shapes", "format_shape"]
+__all__ = ["Shapes", "parse_input_shapes", "format_shape", "MAX_ELEMENTS"]
 
 Shapes = dict  # input name (None = the only input) -> shape tuple
+# elements of one example input: 2^28 float32 values are 1 GiB, far beyond any model sqexport
+# exports; more is a typo (1x1x999999x999999 ended in a MemoryError), refused before allocating
+MAX_ELEMENTS = 1 << 28
 
 
 def parse_input_shapes(values) -> Shapes:
@@ -24,7 +27,14 @@ def parse_input_shapes(values) -> Shapes:
         if name in shapes or (shapes and (name is None or None in shapes)):
             raise ConfigError(f"--input-shape '{value}': give one unnamed shape, or one NAME=shape per input "
                               "(each name once)")
-        shapes[name] = tuple(int(p) for p in parts)
+        dims = tuple(int(p) for p in parts)
+        elements = 1
+        for d in dims:
+            elements *= d
+        if elements > MAX_ELEMENTS:
+            raise ConfigError(f"--input-shape '{value}': {elements:,} values in one input; the limit is "
+                              f"{MAX_ELEMENTS:,} (check the dimensions)")
+        shapes[name] = dims
     return shapes
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from contracts.files import sha256_file
-from contracts.errors import ConfigError, OutputError
+from contracts.files import copy_regular, plain_name, sha256_file
+from contracts.errors import ConfigError, ModelLoadError, OutputError, first_line
 from exporters.bundle_readme import render_readme
 from exporters.mobile import ORT_CONFIG_NAME, PREPROCESSING_KEY
 
 __all__ = ["build_bundle", "write_reference", "bundle_name", "sha256_file", "REFERENCE_NAME", "RUNNER_NAME",
-           "MANIFEST_NAME", "REQUIRED_FILES"]
+           "MANIFEST_NAME", "REQUIRED_FILES", "TOKENIZER_PREFIXES"]
 
 REFERENCE_NAME = "reference.npz"
 RUNNER_NAME = "run_model.py"
@@ -28,11 +28,19 @@ REQUIRED_FILES = ("model.ort", "model.onnx", ORT_CONFIG_NAME, REFERENCE_NAME)
 _RUNNER_SRC = Path(__file__).resolve().parents[1] / "runtime_check" / "device_runner.py"
 _DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 2: "uint8", 3: "int8"}
 REFERENCE_MAX_BYTES = 2_000_000  # keeps the self-test data small next to the model
+TOKENIZER_PREFIXES = ("tokenizer", "vocab", "special_tokens", "merges")
 
 
 
-def bundle_name(model_name: str) -> str:
-    return f"{model_name}-mobile.zip"
+def bundle_name(model_name) -> str:
+    """`<name>-mobile.zip`; the name comes from report.json (data from disk): a plain file name
+    only, so `"../../escaped"` cannot place the zip outside the folder."""
+    return f"{plain_name(model_name)}-mobile.zip"
+
+
+def _section(value) -> dict:
+    """A report section as a mapping; anything else (a hand-edited report) counts as absent."""
+    return value if isinstance(value, dict) else {}
 
 
 def write_reference(path: Path, session, feeds: list[dict], max_samples: int = 8) -> dict:
@@ -69,30 +77,37 @@ def _tensors(values) -> list[dict]:
     return out
 
 
+def _metadata(path: Path) -> tuple[onnx.ModelProto, dict]:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        pre = json.loads({p.key: p.value for p in model.metadata_props}.get(PREPROCESSING_KEY, "{}"))
+    except Exception as exc:  # protobuf's DecodeError, a damaged metadata entry
+        raise ModelLoadError(f"{path.name} in the output folder is not a valid ONNX model: {first_line(exc)}") from None
+    return model, _section(pre)
+
+
 def _manifest(outdir: Path, report: dict, files: list[str]) -> dict:
-    model = onnx.load(str(outdir / "model.onnx"), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    pre = json.loads(props.get(PREPROCESSING_KEY, "{}"))
-    mobile = report.get("mobile") or {}
-    conv, use, ver = mobile.get("ort", {}), mobile.get("usability", {}), mobile.get("verify", {})
+    model, pre = _metadata(outdir / "model.onnx")
+    mobile = _section(report.get("mobile"))
+    conv, use, ver = (_section(mobile.get(k)) for k in ("ort", "usability", "verify"))
     return {
-        "name": report["model"], "task": report.get("task"), "generated_by": "sqexport",
+        "name": plain_name(report.get("model")), "task": report.get("task"), "generated_by": "sqexport",
         "inputs": _tensors(model.graph.input), "outputs": _tensors(model.graph.output),
         "preprocessing": pre.get("preprocessing", {}), "labels": pre.get("labels"),
         "metrics": {"accuracy": report.get("accuracy"), "ort_accuracy": ver.get("accuracy"),
                     "ort_vs_model_onnx": ver.get("vs_model_onnx"), "host_latency_ms": ver.get("latency_ms"),
                     "host_memory_mb": ver.get("memory_mb"), "size_bytes": report.get("size_bytes"),
                     "passed": report.get("passed")},
-        "onnxruntime": {"version_used": report.get("versions", {}).get("onnxruntime"),
+        "onnxruntime": {"version_used": _section(report.get("versions")).get("onnxruntime"),
                         "ort_format_version": conv.get("ort_format_version"),
                         "min_version_reading_model_ort": conv.get("min_onnxruntime"),
                         "optimization_style": conv.get("optimization_style")},
         "session_options": {"required": {}, "note": "model.ort is 'Fixed'-style: optimizations are baked in, "
                             "nothing to replay; a 'Runtime'-style .ort would need "
                             "session.enable_saved_runtime_optimizations=1"},
-        "execution_provider": use.get("recommended_provider", {"android": "CPU", "ios": "CPU"}),
+        "execution_provider": _section(use.get("recommended_provider")) or {"android": "CPU", "ios": "CPU"},
         "usability_notes": use.get("notes", []),
-        "self_test": {**mobile.get("reference", {}), "runner": RUNNER_NAME},
+        "self_test": {**_section(mobile.get("reference")), "runner": RUNNER_NAME},
         "files": {f: {"sha256": sha256_file(outdir / f), "bytes": (outdir / f).stat().st_size} for f in files},
     }
 
@@ -103,18 +118,22 @@ def build_bundle(outdir: Path, report: dict, zip_path: Path | None = None) -> di
     missing = [f for f in REQUIRED_FILES if not (outdir / f).is_file()]
     if missing:
         raise ConfigError(f"{outdir} has no {', '.join(missing)}: build it with `sqexport MODEL --target mobile`")
-    zip_path = Path(zip_path or outdir / bundle_name(report["model"]))
+    zip_path = Path(zip_path or outdir / bundle_name(report.get("model")))
     with tempfile.TemporaryDirectory(prefix="sqexport-bundle-") as tmp:
         stage = Path(tmp)
         files = ["model.ort", "model.onnx", ORT_CONFIG_NAME, REFERENCE_NAME]
-        files += sorted(p.name for p in outdir.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens",
-                                                                               "merges")))
-        for f in files:
-            shutil.copyfile(outdir / f, stage / f)
+        files += sorted(p.name for p in outdir.iterdir() if p.name.startswith(TOKENIZER_PREFIXES))
+        for f in files:  # regular files only: a symlink is refused, never followed into the bundle
+            copy_regular(outdir / f, stage / f, "bundle file")
         shutil.copyfile(_RUNNER_SRC, stage / RUNNER_NAME)
         files.append(RUNNER_NAME)
-        manifest = _manifest(stage, report, files)
-        (stage / "README.md").write_text(render_readme(manifest))
+        try:  # report.json and model.onnx are data from disk: a hand-edited value is bad input
+            manifest = _manifest(stage, report, files)
+            readme = render_readme(manifest)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{outdir}: report.json or model.onnx is not what sqexport writes "
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        (stage / "README.md").write_text(readme)
         manifest["files"]["README.md"] = {"sha256": sha256_file(stage / "README.md"),
                                           "bytes": (stage / "README.md").stat().st_size}
         (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -26,7 +26,8 @@ def save_tokenizer(spec: ModelSpec, outdir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     before = set(p.name for p in Path(outdir).iterdir())
-    AutoTokenizer.from_pretrained(spec.kind.path, local_files_only=True).save_pretrained(str(outdir))
+    AutoTokenizer.from_pretrained(spec.kind.path, local_files_only=True,
+                                  trust_remote_code=spec.kind.trust_remote_code).save_pretrained(str(outdir))
     return sorted(set(p.name for p in Path(outdir).iterdir()) - before)
 
 

@@ -27,6 +27,8 @@ SYNTHETIC_NOTE = ("NO DATA: calibration and evaluation use seeded synthetic inpu
                   "Pass --calib-data / --eval-data for real numbers.")
 
 Split = tuple  # (batches, labels or None, info dict)
+SHARED_SPLIT = (f"too few samples to hold out (fewer than {HOLDOUT_EVERY}): calibration and evaluation "
+                "share them")
 
 
 def _image_input(spec: ModelSpec) -> str:
@@ -93,8 +95,8 @@ def _holdout(split: Split, keep_eval: bool) -> tuple[Split, Split]:
     batches, labels, info = split
     arrays = _concat(batches)
     n = len(next(iter(arrays.values())))
-    if n < 2:
-        note = dict(info, split="too few samples to hold out: calibration and evaluation share them")
+    if n < HOLDOUT_EVERY:  # no sample i with i % 4 == 3: holding out would leave one side empty
+        note = dict(info, split=SHARED_SPLIT, shared=True)
         return (batches, labels, note), (batches, labels, note)
     # views of one image (--views) stay on one side: the split is by image
     held = (np.arange(n) // info.get("views", 1)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
@@ -138,9 +140,13 @@ def apply_user_data(spec: ModelSpec, calib_data: str | None, eval_data: str | No
         notes.append(SYNTHETIC_NOTE)
     elif not own and (calib is None or evals is None):
         calib, evals = _holdout(calib or evals, keep_eval=calib is None)
-        notes.append(f"one data set given ({(calib_data or eval_data)}): calibration on {calib[2]['samples']} "
-                     f"samples, evaluation on {evals[2]['samples']}, split deterministically (every "
-                     f"{HOLDOUT_EVERY}th sample {'calibrates' if eval_data else 'evaluates'}); the two never overlap")
+        if calib[2].get("shared"):  # the console says what report.json's data section says
+            notes.append(f"one data set given ({(calib_data or eval_data)}) of {calib[2]['samples']} sample(s): "
+                         f"{SHARED_SPLIT}; the metric is not held-out evidence")
+        else:
+            notes.append(f"one data set given ({(calib_data or eval_data)}): calibration on {calib[2]['samples']} "
+                         f"samples, evaluation on {evals[2]['samples']}, split deterministically (every "
+                         f"{HOLDOUT_EVERY}th sample {'calibrates' if eval_data else 'evaluates'}); the two never overlap")
     changes: dict = {"data_info": dict(spec.data_info)}
     if calib is not None:
         changes.update(calib_batches=calib[0], calib_labels=calib[1])

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 from contracts.errors import ModelLoadError, first_line
+from contracts.files import first_special_file
 from contracts.pooling import read_pooling
 from contracts.tasks import get_task, hf_task_names, mean_pool
+from models.remote_code import remote_code_files
 from models.spec import HFFolder, ModelSpec
 from models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
 
@@ -90,11 +92,22 @@ def _without_sklearn_in_transformers() -> None:
         import_utils._sklearn_available = False
 
 
-def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None) -> ModelSpec:
+def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None,
+                  trust_remote_code: bool = False) -> ModelSpec:
+    """`trust_remote_code`: the user's explicit --trust-remote-code; without it a folder whose
+    config or tokenizer names its own Python code (auto_map) is refused before transformers sees
+    it, and transformers is told False (never None: None makes it prompt on stdin)."""
     folder = Path(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    special = first_special_file(folder)
+    if special:
+        raise ModelLoadError(f"{special}; sqexport reads regular files only")
     config = _read_config(folder)
+    asks = remote_code_files(folder, config)
+    if asks and not trust_remote_code:
+        raise ModelLoadError(f"{folder} asks to run its own Python code ('auto_map' in {asks[0]}); sqexport "
+                             "never runs a model folder's code unless you pass --trust-remote-code")
     task = task or detect_task(config)
     info = get_task(task)
     if info.hf_head is None:
@@ -105,8 +118,9 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         from transformers import AutoTokenizer
 
         cls = getattr(transformers, info.hf_head)
-        model = cls.from_pretrained(str(folder), local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for broken folders
         if not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ModelLoadError(f"no tokenizer files in {folder} ({' / '.join(TOKENIZER_FILES[:4])} ...); "
@@ -145,7 +159,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         eval_labels=None,
         postprocess=pooling if pooling is not None and pooling.from_config else info.postprocess,
         pooling=pooling,
-        kind=HFFolder(str(folder)),
+        kind=HFFolder(str(folder), trust_remote_code=trust_remote_code),
         description=f"{config.get('model_type', '?')} ({task})",
         prune_prefix=_encoder_prefix(model),
         default_prune="none",

@@ -40,6 +40,9 @@ class HFFolder:
     """A Hugging Face model folder: optimum exports it, and its tokenizer ships beside model.onnx."""
 
     path: str
+    # the user passed --trust-remote-code: transformers may run the folder's own Python (auto_map);
+    # False everywhere else, so no loader can prompt on stdin or run the folder's code
+    trust_remote_code: bool = False
     exporter: ClassVar[str] = "optimum"
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from models.spec import ModelSpec
 from contracts.errors import DataError, first_line
+from contracts.files import require_regular
 from models.validate import check_inputs, check_labels
 
 __all__ = ["load_tensor_data", "load_tensor_batches"]
@@ -20,6 +21,7 @@ def load_tensor_batches(path: Path, inputs: dict[str, tuple[tuple, np.dtype]],
     names = list(inputs)
     if path.suffix not in (".npy", ".npz"):
         raise DataError(f"{path}: tensor data must be .npy or .npz, got '{path.suffix or 'no suffix'}'")
+    require_regular(path, "data file", DataError, must_exist=False)  # np.load would block on a FIFO
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy's parsers raise many types (an empty file: EOFError)

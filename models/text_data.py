@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.errors import DataError
+from contracts.files import require_regular
 
 __all__ = ["read_texts", "text_batches", "tokenize_batches", "MAX_LENGTH", "BATCH_SIZE"]
 
@@ -16,6 +17,7 @@ BATCH_SIZE = 16
 
 def read_texts(path: Path, label2id: dict | None = None) -> tuple[list[str], np.ndarray | None]:
     path = Path(path)
+    require_regular(path, "text data", DataError, must_exist=False)  # a FIFO would block the read
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

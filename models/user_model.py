@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import re
 import sys
+import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError, ModelLoadError
+from contracts.errors import ConfigError, Interruption, ModelLoadError, SqexportError
+from contracts.files import require_regular
 from contracts.shapes import parse_input_shapes
 from models.spec import ModelSpec
 
@@ -48,8 +52,10 @@ def _import_factory(ref: str) -> nn.Module:
     except ModuleNotFoundError as exc:
         raise ModelLoadError(f"cannot import '{module_name}' for {ref}: {exc} (run from the folder that "
                              "holds the package, or put it on PYTHONPATH)") from None
-    except Exception as exc:  # any error in the user's module while importing
-        raise ModelLoadError(f"importing '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:  # anything the user's module does while importing, sys.exit() included
+        raise ModelLoadError(f"importing '{module_name}' for {ref} {_ended(exc)}") from None
     factory = getattr(module, attr, None)
     if factory is None:
         raise ModelLoadError(f"module '{module_name}' has no attribute '{attr}'")
@@ -57,11 +63,24 @@ def _import_factory(ref: str) -> nn.Module:
         raise ModelLoadError(f"{ref} is a {type(factory).__name__}, not a callable returning an nn.Module")
     try:
         model = factory()
-    except Exception as exc:
-        raise ModelLoadError(f"{ref}() failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:  # the factory cannot end sqexport (sys.exit, builtins:exit) or set its exit code
+        raise ModelLoadError(f"{ref}() {_ended(exc)}") from None
     if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
         raise ModelLoadError(f"{ref}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+# A signal (toolchain.signals) or Ctrl-C during the user's code is still an interruption of sqexport.
+_PASS_THROUGH = (KeyboardInterrupt, Interruption, SqexportError)
+
+
+def _ended(exc: BaseException, needs: str = "a factory that returns a model") -> str:
+    """How the user's code ended, for a one-line message: `called sys.exit(4)`, `failed: ...`."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}); sqexport needs {needs}"
+    return f"failed: {type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -69,17 +88,59 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+class _Lines(logging.Handler):
+    """Keeps the last line of each record (torch logs a whole traceback as one warning)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.DEBUG)
+        self.lines = lines
+
+    def emit(self, record):
+        text = record.getMessage() + ("\n" + "".join(traceback.format_exception(*record.exc_info))
+                                      if record.exc_info else "")
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if last:
+            self.lines.append(last[-1])
+
+
+_TORCH_LOADERS = ("torch.export", "torch._export", "torch.jit", "torch.serialization")
+
+
+@contextmanager
+def _torch_quiet():
+    """torch.export.load logs a 13-line traceback (and torch warns) before raising on a damaged
+    file: keep that off the console (the one-line error says why) and hand back the last line of
+    each record its loaders logged."""
+    lines: list[str] = []
+    handler = _Lines(lines)
+    loggers = [logging.getLogger(name) for name in _TORCH_LOADERS]
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield lines
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+
+
 def _load_file(path: Path):
     if not path.is_file():
+        require_regular(path, "model file", ModelLoadError)  # a FIFO or device says so; a missing file:
         raise ModelLoadError(f"no such model file: {path}")
     if path.suffix == ".pt2":
-        try:
-            return torch.export.load(str(path))
-        except Exception as exc:
-            raise ModelLoadError(f"{path} is not an ExportedProgram (torch.export.save) file: "
-                                 f"{_first_line(exc)}; supported: {SUPPORTED}") from None
+        with _torch_quiet() as logged:
+            try:
+                return torch.export.load(str(path))
+            except Exception as exc:
+                reason = (logged[-1] if logged else _first_line(exc)).split(". ")[0]
+                raise ModelLoadError(f"{path} is not an ExportedProgram (torch.export.save) file: "
+                                     f"{reason}; supported: {SUPPORTED}") from None
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with _torch_quiet():
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception:
         raise ModelLoadError(f"{path} is not a TorchScript file (a state_dict or a pickled module holds no "
                              f"architecture sqexport can run); supported: {SUPPORTED}") from None
@@ -252,10 +313,15 @@ def _fmt_shapes(shapes: dict[str, tuple]) -> str:
 
 def _outputs(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
-        return list(out)
-    raise ModelLoadError(f"the model returns a {type(out).__name__}; sqexport needs a tensor or a tuple of tensors")
+        outs = [out]
+    elif isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        outs = list(out)
+    else:
+        raise ModelLoadError(f"the model returns a {type(out).__name__}; sqexport needs a tensor or a tuple of tensors")
+    if any(t.ndim == 0 for t in outs):  # nothing to batch, compare per sample or export with a batch axis
+        raise ModelLoadError("the model returns a scalar; sqexport needs outputs with a batch dimension first "
+                             "(shape (N, ...))")
+    return outs
 
 
 def _run(model: nn.Module, feed: dict[str, np.ndarray]) -> list[torch.Tensor]:
@@ -267,15 +333,17 @@ def _check_batches(model: nn.Module, example: dict[str, np.ndarray]) -> list[tor
     """Run the example, and batch 2: the ONNX export makes the batch dimension dynamic."""
     try:
         outs = _run(model, example)
-    except ModelLoadError:
+    except _PASS_THROUGH:
         raise
-    except Exception as exc:
+    except BaseException as exc:
         raise ModelLoadError(f"the model fails on the example input {_fmt_shapes({k: v.shape for k, v in example.items()})}: "
-                             f"{type(exc).__name__}: {_first_line(exc)}") from None
+                             f"{_ended(exc, 'a forward that returns outputs').removeprefix('failed: ')}") from None
     pair = {k: np.concatenate([v[:1], v[:1]]) for k, v in example.items()}
     try:
         _run(model, pair)
-    except Exception as exc:
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:
         raise ModelLoadError(f"the model runs at batch size {len(next(iter(example.values())))} only "
                              f"({type(exc).__name__}: {_first_line(exc)}); sqexport needs a dynamic batch "
                              "dimension (torch.export: dynamic_shapes={'x': {0: Dim('batch')}})") from None
@@ -317,6 +385,8 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
     rng = np.random.default_rng(0)  # example values only matter for tracing; fixed for reproducibility
     example = {n: rng.random(s, dtype=np.float32).astype(_np_dtype(dtypes.get(n, torch.float32)))
                for n, s in shapes.items()}
+    if not any(p.numel() for p in model.parameters()):
+        raise ModelLoadError(f"{ref} has no parameters (weights): there is nothing to prune or quantize")
     outs = _check_batches(model, example)
     output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
     classifier = outs[0].ndim == 2

@@ -60,11 +60,17 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-def load_model(ref: str, task: str | None = None, input_shapes: dict | None = None) -> ModelSpec:
+def load_model(ref: str, task: str | None = None, input_shapes: dict | None = None,
+               trust_remote_code: bool = False) -> ModelSpec:
     """Resolve MODEL: a built-in name, a Hugging Face folder, a TorchScript .pt / ExportedProgram
     .pt2 file or `pkg.module:factory`. `task` overrides detection for Hugging Face models;
-    `input_shapes` (from --input-shape) gives a user model its example input."""
+    `input_shapes` (from --input-shape) gives a user model its example input; `trust_remote_code`
+    (--trust-remote-code) lets a Hugging Face folder run its own Python (auto_map)."""
     from models.user_model import is_user_model, load_user_model
+
+    if trust_remote_code and (ref in BUILTIN_MODELS or is_user_model(ref)):
+        raise ModelLoadError("--trust-remote-code applies to Hugging Face folders whose config names their "
+                             "own code (auto_map)")
 
     if input_shapes and (ref in BUILTIN_MODELS or not is_user_model(ref)):
         raise ModelLoadError("--input-shape gives the example input of TorchScript (.pt), ExportedProgram "
@@ -84,7 +90,7 @@ def load_model(ref: str, task: str | None = None, input_shapes: dict | None = No
     from models.hf import build_hf_spec, is_hf_folder
 
     if is_hf_folder(path):
-        return build_hf_spec(path, task=task)
+        return build_hf_spec(path, task=task, trust_remote_code=trust_remote_code)
     if path.exists():
         raise ModelLoadError(f"cannot load '{ref}': not a built-in name, a Hugging Face folder (config.json), "
                              "a TorchScript .pt, an ExportedProgram .pt2 or pkg.module:factory")

@@ -12,7 +12,7 @@ from contracts.units import metric_units
 NO_LABELS = "agreement with FP32 (no labels): top-1 of the model vs the FP32 model's top-1"
 
 __all__ = ["NO_LABELS", "run_session", "classification_metrics", "embedding_metrics", "spearman", "softmax_kl",
-           "topk_agreement", "task_metrics", "drop_in_unit"]
+           "topk_agreement", "task_metrics", "drop_in_unit", "nonfinite_share", "nonfinite_outputs"]
 
 
 def run_session(session: ort.InferenceSession, batches: list[dict], postprocess: Callable) -> np.ndarray:
@@ -28,6 +28,23 @@ def _with_units(metrics: dict) -> dict:
     unit, drop_unit = metric_units(metrics["metric"])
     return {"metric": metrics["metric"], "unit": unit, **{k: v for k, v in metrics.items() if k != "metric"},
             "drop_unit": drop_unit}
+
+
+def nonfinite_share(x: np.ndarray) -> float:
+    """Share of NaN or infinite values. All-NaN logits agree with each other perfectly (argmax 0
+    on both sides), so agreement alone would pass a model that computes nothing."""
+    x = np.asarray(x)
+    if x.size == 0 or x.dtype.kind not in "fc":
+        return 0.0
+    return float(x.size - np.count_nonzero(np.isfinite(x))) / x.size
+
+
+def nonfinite_outputs(base: np.ndarray | None, model: np.ndarray) -> dict:
+    """{"baseline": share, "model": share}: read by runtime_check.gates (check `finite_outputs`)."""
+    out = {"model": nonfinite_share(model)}
+    if base is not None:
+        out["baseline"] = nonfinite_share(base)
+    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -70,7 +87,8 @@ def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
     out = _with_units({"metric": metric, "baseline": base, "model": model, "drop": base - model,
                        "agreement_with_baseline": agreement,
                        "top5_agreement": 100.0 * topk_agreement(base_logits, model_logits, 5),
-                       "kl_to_baseline": float(kl.mean()), "samples": int(len(base_logits))})
+                       "kl_to_baseline": float(kl.mean()), "samples": int(len(base_logits)),
+                       "nonfinite_outputs": nonfinite_outputs(base_logits, model_logits)})
     if labels is None:
         out["note"] = NO_LABELS
     return out
@@ -105,14 +123,17 @@ def embedding_metrics(base: np.ndarray, model: np.ndarray) -> dict:
     iu = np.triu_indices(len(b), k=1)
     rho = spearman((b @ b.T)[iu], (m @ m.T)[iu]) if len(b) > 2 else 1.0
     return _with_units({"metric": "cosine", "baseline": 1.0, "model": float(cos.mean()),
-                        "drop": float(1.0 - cos.mean()), "min_cosine": float(cos.min()), "spearman": rho})
+                        "drop": float(1.0 - cos.mean()), "min_cosine": float(cos.min()), "spearman": rho,
+                        "nonfinite_outputs": nonfinite_outputs(base, model)})
 
 
 def task_metrics(task: Task, base: np.ndarray, model: np.ndarray, labels: np.ndarray | None = None) -> dict:
-    """The task's metric of `model` outputs against the FP32 `base` outputs (postprocessed)."""
-    if task.output == "embeddings":
-        return embedding_metrics(base, model)
-    return classification_metrics(base, model, labels)
+    """The task's metric of `model` outputs against the FP32 `base` outputs (postprocessed).
+    NaN/inf outputs make numpy warn; the `finite_outputs` check reports them instead."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if task.output == "embeddings":
+            return embedding_metrics(base, model)
+        return classification_metrics(base, model, labels)
 
 
 def drop_in_unit(task: Task, metrics: dict) -> float:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from contracts.errors import ConfigError
+from runtime_check.children import children
+from runtime_check.runner_output import check_runner_result
 
 __all__ = ["TIERS", "arm64_root", "emulator_status", "run_tiers", "ARM64_RTOL", "ARM64_MAX_REL_ERROR", "DEVICE_MAX_REL_ERROR", "MAX_SAMPLES", "EMULATION_FACTOR",
            "BUDGET_S"]
@@ -46,6 +48,8 @@ MAX_SAMPLES = 512
 EMULATION_FACTOR = 30
 BUDGET_S = 120.0
 RUNNER = Path(__file__).with_name("device_runner.py")
+# a tier stops its own samples after BUDGET_S; start-up under emulation adds a minute at most
+TIMEOUT_S = 4 * BUDGET_S + 300
 
 
 def arm64_root() -> Path:
@@ -73,6 +77,14 @@ def _env(root: Path, tier: str) -> dict:
     return env
 
 
+def _last_json(text: str):
+    lines = text.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except (ValueError, RecursionError):
+        return None
+
+
 def run_tiers(model_path: Path, feeds: list[dict], tiers=tuple(TIERS),
               budget_s: float | None = None) -> dict[str, dict]:
     """Run `feeds` (each at the model's fixed input shapes) through model_path under each tier,
@@ -91,21 +103,25 @@ def run_tiers(model_path: Path, feeds: list[dict], tiers=tuple(TIERS),
         model = tmp / Path(model_path).name
         shutil.copyfile(model_path, model)
         np.savez(tmp / "inputs.npz", **{f"input:{k}": np.stack([f[k] for f in feeds]) for k in feeds[0]})
-        procs = {}
-        for tier in tiers:
-            cmd = [*_command(root), str(RUNNER), str(model), "--reference", str(tmp / "inputs.npz"),
-                   "--threads", "1", "--no-timing", "--save-outputs", str(tmp / f"out-{tier}.npz"),
-                   *(["--budget-s", str(budget_s)] if budget_s is not None else [])]
-            procs[tier] = subprocess.Popen(cmd, env=_env(root, tier), stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)
         results = {}
-        for tier, proc in procs.items():
-            out, err = proc.communicate()
-            if proc.returncode != 0:
-                lines = [ln for ln in err.splitlines() if ln.strip() and "cpuinfo" not in ln]
-                raise ConfigError(f"arm64 run ({tier}) failed: {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
-            data = np.load(tmp / f"out-{tier}.npz")
-            runner = json.loads(out.strip().splitlines()[-1])
-            runner.pop("memory_mb", None)  # emulator memory, not a phone's
-            results[tier] = {"outputs": {k[len("output:"):]: data[k] for k in data.files}, "runner": runner}
+        with children() as group:  # Ctrl-C or SIGTERM: every qemu is killed, none keeps running
+            procs = {}
+            for tier in tiers:
+                cmd = [*_command(root), str(RUNNER), str(model), "--reference", str(tmp / "inputs.npz"),
+                       "--threads", "1", "--no-timing", "--save-outputs", str(tmp / f"out-{tier}.npz"),
+                       *(["--budget-s", str(budget_s)] if budget_s is not None else [])]
+                procs[tier] = group.start(cmd, env=_env(root, tier))
+            for tier, proc in procs.items():
+                try:
+                    out, err = proc.communicate(timeout=TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    raise ConfigError(f"arm64 run ({tier}) did not finish in {TIMEOUT_S:.0f} s") from None
+                if proc.returncode != 0:
+                    lines = [ln for ln in err.splitlines() if ln.strip() and "cpuinfo" not in ln]
+                    why = lines[-1] if lines else f"exit {proc.returncode}"
+                    raise ConfigError(f"arm64 run ({tier}) failed: {why}")
+                data = np.load(tmp / f"out-{tier}.npz")
+                runner = check_runner_result(_last_json(out), f"arm64 {tier}", latency=False)
+                runner.pop("memory_mb", None)  # emulator memory, not a phone's
+                results[tier] = {"outputs": {k[len("output:"):]: data[k] for k in data.files}, "runner": runner}
     return results

@@ -123,8 +123,8 @@ def verify_arm64(model_path: Path, batches: list[dict], labels, base_out, logits
                                   "vs_x86_int8_kernels": vs_kernels, "closer_per_sample": closer,
                                   "matches_x86": closer["max_rel_error"] <= ARM64_MAX_REL_ERROR,
                                   "closest_x86_reference": closer["mostly"],
-                                  "onnxruntime": res["runner"]["onnxruntime"], "machine": res["runner"]["machine"],
-                                  "model_sha256": res["runner"]["model_sha256"]}
+                                  "onnxruntime": res["runner"].get("onnxruntime"), "machine": res["runner"].get("machine"),
+                                  "model_sha256": res["runner"].get("model_sha256")}
         checks.append({"name": f"arm64_{tier}_matches_x86", "passed": section["tiers"][tier]["matches_x86"],
                        "value": closer["max_rel_error"], "limit": ARM64_MAX_REL_ERROR, "unit": "relative L2"})
         if not no_accuracy_gate:

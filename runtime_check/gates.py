@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from contracts.tasks import get_task, task_names
 
-__all__ = ["Gates", "evaluate_gates", "accuracy_limit", "DEFAULT_DROP"]
+__all__ = ["Gates", "evaluate_gates", "finite_checks", "accuracy_limit", "DEFAULT_DROP"]
 
 # Used when no --max-accuracy-drop is given, so a broken model never passes silently (per unit,
 # from the task registry: 1 point of top-1, 0.01 of cosine).
@@ -36,6 +36,20 @@ def _drop_in_unit(accuracy: dict) -> tuple[float, str] | None:
     return None
 
 
+def finite_checks(accuracy: dict) -> list[dict]:
+    """`finite_outputs`: every output value of every model compared is a number (NaN or inf
+    anywhere fails, whatever the metric says: all-NaN logits "agree" 100% with each other)."""
+    shares = accuracy.get("nonfinite_outputs")
+    if not isinstance(shares, dict) or not shares:
+        return []
+    worst = max(shares.values())
+    bad = [f"{name} {100 * share:.2f}%" for name, share in shares.items() if share > 0]
+    check = {"name": "finite_outputs", "passed": worst == 0.0, "value": worst, "limit": 0.0, "unit": "share"}
+    if bad:
+        check["note"] = f"NaN or infinite output values: {', '.join(bad)} of the values"
+    return [check]
+
+
 def evaluate_gates(gates: Gates, accuracy: dict, latency: dict) -> list[dict]:
     checks = []
     drop = _drop_in_unit(accuracy)
@@ -44,6 +58,7 @@ def evaluate_gates(gates: Gates, accuracy: dict, latency: dict) -> list[dict]:
         limit = gates.max_accuracy_drop if gates.max_accuracy_drop is not None else DEFAULT_DROP[unit]
         checks.append({"name": "accuracy_drop", "passed": value <= limit + 1e-9, "value": value,
                        "limit": limit, "unit": unit})
+    checks += finite_checks(accuracy)
     if gates.min_speedup is not None:
         checks.append({"name": "speedup", "passed": latency["speedup"] >= gates.min_speedup,
                        "value": latency["speedup"], "limit": gates.min_speedup, "unit": "x"})

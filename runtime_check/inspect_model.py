@@ -8,6 +8,7 @@ import onnx
 
 from exporters.sparse import file_sizes, initializer_stats
 from contracts.errors import ModelLoadError, first_line
+from contracts.files import require_regular
 
 __all__ = ["inspect_onnx", "load_onnx"]
 
@@ -18,6 +19,7 @@ QUANTIZED_ACTIVATION_SOURCES = ("DequantizeLinear", "DynamicQuantizeLinear")
 def load_onnx(path: Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
+        require_regular(path, "model", ModelLoadError)  # a FIFO or device: said so
         raise ModelLoadError(f"no such file: {path}")
     try:
         model = onnx.load(str(path))

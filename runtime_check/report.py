@@ -22,6 +22,8 @@ def render_markdown(r: dict) -> str:
     lines += ["## Checks", "", "| check | value | limit | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {format_value(c['value'], c['unit'])} | {format_value(c['limit'], c['unit'])} | "
               f"{'yes' if c['passed'] else 'NO'} |" for c in r["checks"]] or ["| (no gates) | | | |"]
+    notes = [f"- {c['name']}: {c['note']}" for c in r["checks"] if c.get("note")]
+    lines += [""] + notes if notes else []
     acc = r["accuracy"]
     unit = acc["unit"]
     lines += ["", "## Accuracy", "", f"metric `{acc['metric']}`: baseline {format_value(acc['baseline'], unit)}, "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from contracts.errors import ConfigError, SqexportError, first_line
+from contracts.errors import ConfigError, ModelLoadError, SqexportError, first_line
 from contracts.targets import target_names
 from contracts.tasks import hf_task_names
 from contracts.units import format_value
@@ -27,9 +27,13 @@ class ToolError(click.ClickException):
         self.exit_code = exit_code
 
 
+MAX_MESSAGE = 2000  # characters; a message quoting hostile input (a huge value) is cut here
+
+
 def _one_line(message: str) -> str:
-    """The contract is one line: a multi-line library message is joined, not cut."""
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    """The contract is one line: a multi-line library message is joined, and cut if enormous."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE] + " ..."
 
 
 def _interrupted_message(signum) -> str:
@@ -37,7 +41,28 @@ def _interrupted_message(signum) -> str:
 
 
 class DefaultGroup(click.Group):
-    """`sqexport MODEL ...` means `sqexport export MODEL ...`."""
+    """`sqexport MODEL ...` means `sqexport export MODEL ...`; every error is one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's standalone mode prints usage errors as four lines (usage, hint, blank, error):
+        here every ClickException is one `Error: ...` line with its exit code."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `sqexport`: the help text, as click does
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            message = _one_line(exc.format_message())
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                message += f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -57,6 +82,16 @@ def _guard(fn, *args, **kwargs):
         raise ToolError(_interrupted_message(exc.signum), exc.exit_code) from None
     except KeyboardInterrupt:  # in-process callers (tests) that did not install the handlers
         raise ToolError(_interrupted_message(2), 130) from None
+    except MemoryError:  # an input too large for this machine (a model, data, a shape)
+        raise ToolError("out of memory: the model or its data is too large for this machine") from None
+    except SystemExit as exc:  # the user's model code (a forward, a hook) cannot set sqexport's exit code
+        raise ToolError(f"the model's code called sys.exit({exc.code!r}); sqexport stopped") from None
+    except (RecursionError, GeneratorExit) as exc:
+        raise ToolError(f"the input is nested too deeply or recursive ({type(exc).__name__})") from None
+    except BaseException as exc:  # a BaseException subclass from the user's code
+        if isinstance(exc, Exception):
+            raise  # a bug: main() reports it as an internal error
+        raise ToolError(f"the model's code raised {type(exc).__name__}: {first_line(exc)}") from None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +101,9 @@ def cli():
 
     `sqexport MODEL [options]` is short for `sqexport export MODEL [options]`.
     """
+    from toolchain.quiet import quiet_libraries
+
+    quiet_libraries()  # before any command imports onnxruntime
 
 
 def _names(kind: str) -> list[str]:
@@ -147,6 +185,30 @@ class SettingType(click.ParamType):
         return "INTEGER" if SETTINGS[self.setting].kind is int else "FLOAT"
 
 
+class InputPath(click.Path):
+    """A path sqexport reads. When it exists it must be a regular file (or, where folders are
+    accepted, a folder): a FIFO would block the run forever and a device stream without end. The
+    same rule holds where the library opens it (contracts.files)."""
+
+    def __init__(self, dir_okay: bool = True):
+        super().__init__(dir_okay=dir_okay)
+
+    def convert(self, value, param, ctx):
+        import stat
+
+        from contracts.files import file_kind
+
+        value = super().convert(value, param, ctx)
+        try:
+            mode = os.stat(value).st_mode
+        except (OSError, ValueError):
+            return value  # missing: the command says so in its own words
+        if not (stat.S_ISREG(mode) or (self.dir_okay and stat.S_ISDIR(mode))):
+            self.fail(f"{os.fsdecode(value)} is {file_kind(mode)}; sqexport reads regular files"
+                      + (" and folders" if self.dir_okay else "") + " only", param, ctx)
+        return value
+
+
 def _validate_positive(ctx, param, value):
     if value is not None and not (math.isfinite(value) and value > 0):
         raise click.BadParameter(f"must be a finite number > 0, got {value}")
@@ -180,24 +242,27 @@ def _validate_positive(ctx, param, value):
               help="Activation range observer for static int8 [minmax].")
 @click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a Hugging Face folder whose config names its own Python code (auto_map) run that "
+                   "code; without it such a folder is refused (exit 2) and nothing of it runs.")
 @click.option("--recover/--no-recover", default=None,
               help="Distillation fine-tuning from the dense model after pruning [off].")
 @click.option("--recover-steps", type=click.IntRange(min=1), default=None,
               help="Recovery optimizer steps [as many as --recover-minutes allows].")
 @click.option("--recover-minutes", type=float, default=None, callback=_validate_positive,
               help="Recovery wall-clock budget in minutes [10].")
-@click.option("--recover-data", type=click.Path(dir_okay=False), default=None,
+@click.option("--recover-data", type=InputPath(dir_okay=False), default=None,
               help="More data for recovery (same formats as --calib-data); labels are used when present.")
 @click.option("--auto", "auto", is_flag=True,
               help="Search structured sparsity x int8 mode x fallback (and recovery) for the fastest model that "
                    "passes the gates; every candidate measured is listed in the report's frontier.")
 @click.option("--auto-minutes", type=float, default=None, callback=_validate_positive,
               help="Time budget of --auto's search in minutes [15]; the chosen model's verification comes on top.")
-@click.option("--calib-data", type=click.Path(),
+@click.option("--calib-data", type=InputPath(),
               help="Calibration data: text models .txt (one per line) or .jsonl ('text'); tensors .npy/.npz; "
                    "an image folder (one subfolder per class, or flat). User models without it: seeded "
                    "synthetic inputs.")
-@click.option("--eval-data", type=click.Path(),
+@click.option("--eval-data", type=InputPath(),
               help="Evaluation data, same formats; .jsonl may carry 'label', .npz 'labels', an image folder "
                    "its class subfolders. User models without it: every 4th sample of --calib-data.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxDx...",
@@ -222,7 +287,7 @@ def _validate_positive(ctx, param, value):
               help="Gate: p50 latency of model.onnx at --threads.")
 @click.option("--threads", type=SettingType("threads"), default=None,
               help="onnxruntime intra-op threads for checks [all cores]; latency is also reported at 1.")
-@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+@click.option("--recipe", type=InputPath(dir_okay=False), default=None,
               help="YAML recipe with the same settings; flags given on the command line override it.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder [./sqexport-out/MODEL].")
@@ -249,7 +314,7 @@ def export_cmd(ctx, model, quiet, **opts):
     if auto is not None:  # recovery settings went into AutoConfig; the search builds its own stages
         opts = {**opts, "recover": None, "recover_data": None}
     recipe = _guard(build_recipe, ctx, opts)
-    outdir = Path(opts["output"] or Path("sqexport-out") / Path(model.rstrip("/")).name.replace(":", "_"))
+    outdir = Path(opts["output"]) if opts["output"] else _guard(_default_output, model)
     _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
     shapes = _guard(_input_shapes, opts["input_shape"])
     # a built-in or Hugging Face model knows its inputs: --input-shape only fixes its mobile shapes
@@ -257,7 +322,7 @@ def export_cmd(ctx, model, quiet, **opts):
     prep = _guard(_image_prep, opts)
     with make_progress(quiet) as progress:
         with measured_stage(progress, f"load {model}"):
-            spec = _guard(load_model, model, opts["task"], None if mobile_only else shapes)
+            spec = _guard(load_model, model, opts["task"], None if mobile_only else shapes, opts["trust_remote_code"])
             if spec.default_prune != "magnitude" or spec.quant_defaults:
                 recipe = _guard(build_recipe, ctx, opts, spec.default_prune, spec.quant_defaults)
             spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"], prep, recipe.seed)
@@ -283,6 +348,21 @@ def export_cmd(ctx, model, quiet, **opts):
         failed = ", ".join(f"{c['name']} {format_value(c['value'], c['unit'])} "
                            f"(limit {format_value(c['limit'], c['unit'])})" for c in report["checks"] if not c["passed"])
         raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
+
+
+def _default_output(model: str) -> Path:
+    """./sqexport-out/NAME; `.` and `..` name the folder they stand for. A reference with no name
+    at all ('' or '/') is a bad MODEL, said as such (not as a complaint about sqexport-out)."""
+    from models.zoo import BUILTIN_MODELS
+
+    name = Path(model.rstrip("/")).name if model.strip() else ""
+    if name in ("", ".", "..") and model.strip():
+        name = Path(os.path.abspath(model)).name
+    if not name:
+        raise ModelLoadError(f"cannot load {model!r}: not a built-in name, a Hugging Face folder (config.json), a "
+                             f"TorchScript .pt, an ExportedProgram .pt2 or pkg.module:factory; built-in models: "
+                             f"{', '.join(sorted(BUILTIN_MODELS))}")
+    return Path("sqexport-out") / name.replace(":", "_")
 
 
 def _auto_config(ctx: click.Context, opts: dict):
@@ -491,9 +571,9 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
 
 
 @cli.command("check")
-@click.argument("model_onnx", type=click.Path(dir_okay=False))
-@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="FP32 reference ONNX.")
-@click.option("--eval-data", type=click.Path(), default=None,
+@click.argument("model_onnx", type=InputPath(dir_okay=False))
+@click.option("--baseline", type=InputPath(dir_okay=False), default=None, help="FP32 reference ONNX.")
+@click.option("--eval-data", type=InputPath(), default=None,
               help=".npy/.npz inputs (optional 'labels'), .txt/.jsonl text when a tokenizer sits "
                    "beside MODEL_ONNX (sqexport export writes one), or an image folder shaped by the "
                    "model's input; without it, seeded synthetic inputs.")
@@ -517,19 +597,28 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
     from runtime_check.gates import Gates
     from runtime_check.session import default_threads
 
+    from toolchain.manifest import sibling_output
+
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
     prep = _guard(_image_prep, {"image_size": image_size, "mean": mean, "std": std})
-    result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else None,
+    # in an output folder, sqexport's own baseline.onnx is the evidence the model is compared with
+    found = None if baseline else sibling_output(Path(model_onnx), "baseline.onnx")
+    result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else found,
                     Path(eval_data) if eval_data else None, threads or default_threads(), gates, prep, arch)
+    if found is not None:
+        result["baseline_from"] = "baseline.onnx in the model's output folder (sqexport's manifest proves it)"
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         acc, lat = result["accuracy"], result["latency_ms"]
-        click.echo(f"{model_onnx}: data {result['data']}")
+        click.echo(f"{model_onnx}: data {result['data']}; baseline {result['baseline'] or 'none'}"
+                   + (" (from the output folder)" if found is not None else ""))
         if acc.get("model") is not None:
             click.echo(f"  accuracy  {acc['metric']}: model {format_value(acc['model'], acc['unit'])}"
                        + (f"  baseline {format_value(acc['baseline'], acc['unit'])}"
                           if acc.get("baseline") is not None else ""))
+        if acc.get("note"):
+            click.echo(f"  note      {acc['note']}")
         click.echo(f"  latency   p50 {lat['model']['p50']:.3f} ms at {lat['threads']} thread(s)"
                    + (f", {lat['speedup']:.2f}x vs baseline" if "speedup" in lat else ""))
         for tier, t in (result.get("arm64") or {}).get("tiers", {}).items():
@@ -542,7 +631,7 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
 
 
 @cli.command("inspect")
-@click.argument("model_onnx", type=click.Path(dir_okay=False))
+@click.argument("model_onnx", type=InputPath(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect_cmd(model_onnx, as_json):
     """Per-weight sparsity, QDQ coverage, dtypes and sizes of an ONNX model."""
@@ -577,13 +666,13 @@ def package_cmd(outdir, target, output):
 
 
 @cli.command("bench")
-@click.argument("model_or_bundle", type=click.Path())
+@click.argument("model_or_bundle", type=InputPath())
 @click.option("--device", required=True, metavar="local|ssh://user@host[:port]|adb[:serial]",
               help="Where to run: this machine, a host over ssh/scp, or an Android device over adb.")
 @click.option("--device-cmd", default=None, metavar="TEMPLATE",
               help="Replace the run command; placeholders {python} {runner} {model} {reference} {dir} "
                    "{threads} {iters}.")
-@click.option("--perf-test", type=click.Path(dir_okay=False), default=None,
+@click.option("--perf-test", type=InputPath(dir_okay=False), default=None,
               help="Push and run this onnxruntime_perf_test binary instead of the Python runner "
                    "(its 'Average inference time cost' line is parsed).")
 @click.option("--device-python", default=None, help="Python on the device [local: this one; ssh: python3; "
@@ -616,6 +705,8 @@ def bench_cmd(model_or_bundle, device, device_cmd, perf_test, device_python, thr
             click.echo(f"  gate      {c['name']}: {c['value']:.4g} vs {c['limit']:.4g} {'ok' if c['passed'] else 'FAILED'}")
         if res["report"]:
             click.echo(f"  report    device_latency written to {res['report']}")
+        elif res.get("report_note"):
+            click.echo(f"  report    {res['report_note']}")
     if not res["passed"]:
         raise ToolError("device gate failed: " + ", ".join(c["name"] for c in res["checks"] if not c["passed"]), 1)
 

@@ -21,12 +21,13 @@ from typing import Callable
 from contracts.errors import OutputError
 from contracts.files import sha256_file
 from toolchain import signals
+from toolchain.manifest import MANIFEST, read_manifest, write_manifest_entries
 
 __all__ = ["MANIFEST", "TMP_MARKER", "atomic_output", "check_output", "resolve_output",
            "remove_stale_temps", "intact_output"]
 
-MANIFEST = ".sqexport-manifest.json"
 TMP_MARKER = ".sqexport-tmp.json"
+_read_manifest = read_manifest  # the name code on main (intact_output, for `sweep`) calls
 _TMP_TAG = ".tmp-"
 _RANDOM_CHARS = 8  # what tempfile.mkdtemp appends
 # write errors that mean "the disk (or quota, or file-size limit) is full", whatever raised them
@@ -81,19 +82,11 @@ def _walk(folder: Path):
             yield rel, entry
 
 
-def _read_manifest(outdir: Path) -> dict[str, dict]:
-    try:
-        data = json.loads((outdir / MANIFEST).read_text(encoding="utf-8"))
-        files = {str(f["path"]): {"size": int(f["size"]), "sha256": str(f["sha256"])} for f in data["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise OutputError(f"output folder {outdir}: {MANIFEST} is unreadable, so sqexport cannot tell "
-                          "which files it wrote; choose another -o or empty the folder") from None
-    return files
-
-
 def _replaceable(outdir: Path) -> dict[str, dict]:
     """The files of an earlier output to delete (empty if there is none); OutputError when
-    `outdir` holds anything sqexport did not write."""
+    `outdir` holds anything sqexport did not write. What is returned comes from walking the folder
+    (never following a symlink), each file checked against the manifest: a manifest entry naming
+    `../x`, an absolute path or anything not found below the folder is never returned."""
     if outdir.is_symlink() or (outdir.exists() and not outdir.is_dir()):
         raise OutputError(f"output {outdir} exists and is not a folder")
     blocker = next((p for p in outdir.parents if p.exists() and not p.is_dir()), None)
@@ -107,7 +100,8 @@ def _replaceable(outdir: Path) -> dict[str, dict]:
     if not (outdir / MANIFEST).is_file():
         raise OutputError(f"output folder {outdir} already holds files sqexport did not write "
                           f"('{entries[0][0]}'); choose another -o")
-    files = _read_manifest(outdir)
+    files = read_manifest(outdir)
+    verified = {}
     for rel, entry in entries:
         if str(rel) == MANIFEST or entry.is_dir(follow_symlinks=False):
             continue
@@ -118,7 +112,8 @@ def _replaceable(outdir: Path) -> dict[str, dict]:
         if entry.stat(follow_symlinks=False).st_size != known["size"] or sha256_file(Path(entry.path)) != known["sha256"]:
             raise OutputError(f"output folder {outdir}: '{rel}' was changed after sqexport wrote it; "
                               "choose another -o or move it away")
-    return {rel: info for rel, info in files.items() if (outdir / rel).is_file()}
+        verified[str(rel)] = known
+    return verified
 
 
 def check_output(outdir: Path) -> Path:
@@ -178,6 +173,20 @@ def _temp_prefix(name: str, name_max: int) -> str:
     return f".{short}{_TMP_TAG}"
 
 
+def _missing_parents(outdir: Path) -> list[Path]:
+    """The folders above `outdir` that do not exist yet, top first: created for this run, and
+    removed again (if still empty) when the run fails."""
+    return [p for p in reversed(outdir.parents) if not os.path.lexists(p)]
+
+
+def _remove_created(created: list[Path]) -> None:
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # something else was put there meanwhile: it stays, and so do its parents
+
+
 def _make_temp(outdir: Path) -> Path:
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(outdir.name, _limit(outdir.parent, "PC_NAME_MAX", 255)),
@@ -192,17 +201,34 @@ def _make_temp(outdir: Path) -> Path:
 
 def _write_manifest(tmp: Path) -> None:
     (tmp / TMP_MARKER).unlink(missing_ok=True)
-    files = [{"path": str(rel), "size": e.stat(follow_symlinks=False).st_size, "sha256": sha256_file(Path(e.path))}
-             for rel, e in _walk(tmp) if e.is_file(follow_symlinks=False)]
-    (tmp / MANIFEST).write_text(json.dumps({"tool": "sqexport", "version": 1, "files": files}, indent=1) + "\n",
-                                encoding="utf-8")
+    write_manifest_entries(tmp, {str(rel): {"size": e.stat(follow_symlinks=False).st_size,
+                                            "sha256": sha256_file(Path(e.path))}
+                                 for rel, e in _walk(tmp) if e.is_file(follow_symlinks=False)})
+
+
+def _unlink_below(root: Path, rel: str) -> None:
+    """Delete root/rel through file descriptors opened with O_NOFOLLOW, so a folder swapped for a
+    symlink after the check cannot redirect the delete outside `root`."""
+    parts = Path(rel).parts
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fds = [os.open(root, flags)]
+    try:
+        for part in parts[:-1]:
+            fds.append(os.open(part, flags, dir_fd=fds[-1]))
+        try:
+            os.unlink(parts[-1], dir_fd=fds[-1])
+        except FileNotFoundError:
+            pass
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _remove_previous(outdir: Path, files: dict[str, dict]) -> None:
-    """Delete exactly the listed files of an earlier output, the manifest last, then the folder."""
+    """Delete exactly the verified files of an earlier output, the manifest last, then the folder."""
     for rel in sorted(files, key=lambda r: -r.count("/")):
         if rel != MANIFEST:
-            (outdir / rel).unlink(missing_ok=True)
+            _unlink_below(outdir, rel)
     for rel, entry in sorted(_walk(outdir), key=lambda item: -len(item[0].parts)):
         if entry.is_dir(follow_symlinks=False):
             os.rmdir(entry.path)  # fails (OSError) if something new appeared in it meanwhile
@@ -244,6 +270,7 @@ def atomic_output(outdir: Path, log: Callable[[str], None] | None = None):
     folder or an earlier sqexport output, see the module docstring); on error or a signal it
     vanishes and `outdir` is left as it was."""
     outdir = check_output(outdir)
+    created = _missing_parents(outdir)
     try:
         for stale in remove_stale_temps(outdir.parent) if outdir.parent.is_dir() else []:
             if log:
@@ -251,6 +278,7 @@ def atomic_output(outdir: Path, log: Callable[[str], None] | None = None):
         with signals.deferred():  # a signal between mkdtemp and the `try` would orphan the folder
             tmp = _make_temp(outdir)
     except (OSError, ValueError) as exc:
+        _remove_created(created)
         raise OutputError(f"cannot write output folder {outdir}: {_reason(exc)}") from None
     try:
         yield tmp
@@ -266,6 +294,7 @@ def atomic_output(outdir: Path, log: Callable[[str], None] | None = None):
         error = _as_output_error(exc, outdir, tmp) if isinstance(exc, Exception) else None
         with signals.deferred():
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_created(created)
         if error is not None:
             raise error from None
         raise

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import IO, Iterator
 
 from contracts.progress import NULL_PROGRESS, Progress
+from toolchain import signals
 
 __all__ = ["RichProgress", "PlainProgress", "make_progress", "stage_line"]
 
@@ -56,6 +57,8 @@ class PlainProgress:
         self.stream = stream
 
     def write(self, line: str) -> None:
+        if signals.received():  # after "interrupted" nothing more: a generator closed late (track)
+            return              # would otherwise print its task line after the error line
         print(line, file=self.stream, flush=True)
 
     def stage_started(self, name: str) -> None:
@@ -69,8 +72,11 @@ class PlainProgress:
         task = _PlainTask(self, description, total, unit)
         try:
             yield task
-        finally:  # also when the loop stops early
+        except GeneratorExit:  # the loop stopped early (a `break` in the caller): still a result
             self.write(f"  {description}: {task.done:g} {unit} in {time.perf_counter() - task.t0:.2f} s")
+            raise
+        # an error ends the task without a line: the error is what the user sees next
+        self.write(f"  {description}: {task.done:g} {unit} in {time.perf_counter() - task.t0:.2f} s")
 
     def message(self, text: str) -> None:
         self.write(text)
@@ -137,6 +143,8 @@ class RichProgress:
         task_id = self.stages.pop(name, None)
         if task_id is not None:
             self.bars.remove_task(task_id)
+        if signals.received():
+            return
         self.console.print(f"[green]✓[/] {stage_line(name, seconds, peak_rss_mb)}", highlight=False)
 
     @contextmanager
@@ -150,7 +158,8 @@ class RichProgress:
             self.bars.remove_task(task_id)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        if not signals.received():
+            self.console.print(text, highlight=False, markup=False)
 
 
 def _is_terminal(stream: IO[str]) -> bool:

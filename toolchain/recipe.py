@@ -9,10 +9,11 @@ from typing import Any
 import yaml
 
 from runtime_check.gates import Gates
-from contracts.errors import ConfigError, first_line
+from contracts.errors import ConfigError
 from contracts.targets import target_names
 from toolchain.builtin_methods import config_from_dict, config_to_dict
 from toolchain.order import DEFAULT_ORDER, ORDERS
+from toolchain.recipe_yaml import read_recipe_yaml
 from toolchain.settings import check_setting
 from toolchain.stages import STAGE_KINDS
 
@@ -191,18 +192,15 @@ def upgrade_stage_dicts(items: list) -> list[dict]:
 
 
 def load_recipe(path: Path) -> Recipe:
-    """An empty recipe is an error: it would run no stage at all and look like success."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"recipe {path} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {first_line(exc)}") from None
+    """An empty recipe is an error: it would run no stage at all and look like success. The file is
+    read strictly (toolchain/recipe_yaml.py: regular file, size, aliases, depth, duplicate keys)."""
+    data = read_recipe_yaml(Path(path))
     if data is None or data == {}:
         raise ConfigError(f"recipe {path} is empty; give it stages (see the README), or leave out --recipe "
                           "for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping (stages, gates, ...), got {type(data).__name__}")
-    return Recipe.from_dict(data)
+    try:
+        return Recipe.from_dict(data)
+    except RecursionError:
+        raise ConfigError(f"recipe {path} is nested too deeply") from None

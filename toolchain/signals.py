@@ -13,6 +13,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from contracts.errors import Interruption
+
 __all__ = ["Interrupted", "install", "check", "received", "deferred", "HANDLED"]
 
 HANDLED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
@@ -21,7 +23,7 @@ _pending: list[int] = []
 _deferred = [0]
 
 
-class Interrupted(BaseException):
+class Interrupted(Interruption):
     """A handled signal arrived; `exit_code` is the shell convention 128 + signal number."""
 
     def __init__(self, signum: int):

@@ -1,5 +1,6 @@
 """`sqexport inspect` and `sqexport check` on the files a default export produced."""
 import json
+import shutil
 
 import onnx
 import pytest
@@ -65,7 +66,7 @@ def test_check_with_baseline_and_labelled_eval_data(run_cli, default_export, eva
     assert acc["drop"] <= 1.0 and acc["drop_unit"] == "points"
     lat = res["latency_ms"]
     assert lat["threads"] == 1 and lat["speedup"] == pytest.approx(lat["baseline"]["p50"] / lat["model"]["p50"])
-    assert [c["name"] for c in res["checks"]] == ["accuracy_drop"]
+    assert [c["name"] for c in res["checks"]] == ["accuracy_drop", "finite_outputs"]
 
 
 def test_check_with_baseline_synthetic_data(run_cli, default_export):
@@ -86,11 +87,23 @@ def test_check_text_output_with_baseline(run_cli, default_export, eval_npz):
     assert "accuracy" in result.output and "latency" in result.output and "vs baseline" in result.output
 
 
-def test_check_without_baseline(run_cli, default_export):
-    result = run_cli(["check", default_export.out / "model.onnx", "--threads", "1", "--json"])
+def test_check_without_baseline(run_cli, default_export, tmp_path):
+    """A model on its own: nothing to measure a drop against, so no accuracy gate (and no "0.00
+    ok"); its outputs must still be finite."""
+    shutil.copy(default_export.out / "model.onnx", tmp_path / "model.onnx")
+    result = run_cli(["check", tmp_path / "model.onnx", "--threads", "1", "--json"])
     assert result.exit_code == 0, result.output
     res = json.loads(result.output)
-    assert res["baseline"] is None and res["checks"] == [] and "speedup" not in res["latency_ms"]
+    assert res["baseline"] is None and [c["name"] for c in res["checks"]] == ["finite_outputs"]
+    assert "speedup" not in res["latency_ms"] and res["accuracy"]["drop"] is None
+
+
+def test_check_in_an_output_folder_uses_its_baseline(run_cli, default_export):
+    result = run_cli(["check", default_export.out / "model.onnx", "--threads", "1", "--json"])
+    assert result.exit_code in (0, 1), result.output
+    res = json.loads(result.output[:result.output.rindex("}") + 1])
+    assert res["baseline"] == str(default_export.out / "baseline.onnx") and "output folder" in res["baseline_from"]
+    assert "accuracy_drop" in [c["name"] for c in res["checks"]] and "speedup" in res["latency_ms"]
 
 
 def test_check_failing_latency_gate(run_cli, default_export):

@@ -68,13 +68,14 @@ def test_a_signal_ends_the_run_cleanly(tmp_path, moment, sig):
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and errors[0].startswith(f"Error: interrupted by {signal.Signals(sig).name}"), stderr
+    assert stderr.strip().splitlines()[-1] == errors[0], "a progress line came after the error"
     assert os.listdir(tmp_path) == [], "output or temporary folder left behind"
 
 
 def test_a_killed_run_leaves_a_folder_the_next_run_can_prove_is_its_own(tmp_path):
     proc = _start(tmp_path)
     try:
-        _wait_for("export.baseline", proc, tmp_path)
+        _wait_for("later-stage", proc, tmp_path)  # marker written by then
         proc.kill()  # SIGKILL: nothing can clean up
     finally:
         proc.kill()

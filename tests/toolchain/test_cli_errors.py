@@ -93,8 +93,10 @@ def test_wrong_eval_data_for_check(run_cli, workdir, default_export):
     assert "bad_calib.npy" in line and "(N, 1, 8, 8)" in line
 
 
-def test_min_speedup_without_baseline_for_check(run_cli, workdir, default_export):
-    _check(run_cli(["check", default_export.out / "model.onnx", "--min-speedup", "1.0"]), workdir)
+def test_min_speedup_without_baseline_for_check(run_cli, workdir, default_export, tmp_path_factory):
+    alone = tmp_path_factory.mktemp("alone") / "model.onnx"  # no output folder, so no baseline.onnx beside it
+    alone.write_bytes((default_export.out / "model.onnx").read_bytes())
+    _check(run_cli(["check", alone, "--min-speedup", "1.0"]), workdir)
 
 
 def test_console_script_prints_one_line_on_stderr(tmp_path):

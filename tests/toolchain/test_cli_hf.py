@@ -103,9 +103,10 @@ def test_embedding_accuracy_is_cosine_with_spearman(fe, text_files):
     assert -1.0 <= acc["min_cosine"] <= acc["model"] <= 1.0 + 1e-9
     assert acc["drop"] == pytest.approx(1.0 - acc["model"])
     assert acc["model"] > 0.99 and acc["spearman"] > 0.9  # int8 of a tiny random BERT barely moves it
-    (check,) = fe.report["checks"]
+    check, finite = fe.report["checks"]
     assert check == {"name": "accuracy_drop", "passed": True, "value": acc["drop"], "limit": 1.0,
                      "unit": "1-cosine"}
+    assert finite["name"] == "finite_outputs" and finite["passed"] and finite["value"] == 0.0
 
 
 def test_embedding_units_agree_across_console_md_and_json(fe, units_agree):
