@@ -107,7 +107,13 @@ def own_weights(model: onnx.ModelProto) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    names_of: dict[str, list[str]] = defaultdict(list)  # initializer -> itself and its Identity aliases
+    for name in inits:
+        names_of[name].append(name)
+    for out, source in alias.items():
+        names_of[source].append(out)
     readers = consumers(graph)
+    outputs = {o.name for o in graph.output}
     users: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # initializer -> weight nodes reading it
     for node in graph.node:
         if node.op_type in _WEIGHT_OPS and len(node.input) > 1:
@@ -116,10 +122,11 @@ def own_weights(model: onnx.ModelProto) -> int:
                 users[source].append(node)
     copies = 0
     for source, nodes in users.items():
-        direct = [n for n in readers[source] if n.op_type != "Identity"]
-        via = [n for a, s in alias.items() if s == source for n in readers[a]]
-        if any(n not in nodes for n in direct + via) or len(nodes) + (source in {o.name for o in graph.output}) < 1:
-            continue
+        own = {id(n) for n in nodes}
+        others = [n for name in names_of[source] for n in readers[name]
+                  if n.op_type != "Identity" and id(n) not in own]
+        if others or any(name in outputs for name in names_of[source]):
+            continue  # also read elsewhere (a tied embedding table): stays shared
         for i, node in enumerate(nodes):
             if i == 0:
                 node.input[1] = source
@@ -130,9 +137,7 @@ def own_weights(model: onnx.ModelProto) -> int:
             graph.initializer.append(copy)
             node.input[1] = copy.name
             copies += 1
-    if copies or alias:
-        read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in read]
-        for n in dead:
-            graph.node.remove(n)
+    read = {name for n in graph.node for name in n.input} | outputs
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in read]:
+        graph.node.remove(node)  # aliases no node reads any more
     return copies

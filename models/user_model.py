@@ -103,13 +103,16 @@ class _Lines(logging.Handler):
             self.lines.append(last[-1])
 
 
-_TORCH_LOADERS = ("torch.export", "torch._export", "torch.jit", "torch.serialization")
+# loaders and the export tracer: both log whole tracebacks (or guard dumps) before raising
+_TORCH_LOADERS = ("torch.export", "torch._export", "torch.jit", "torch.serialization", "torch._dynamo",
+                  "torch.fx.experimental.symbolic_shapes")
 
 
 @contextmanager
 def _torch_quiet():
     """torch.export.load logs a 13-line traceback (and torch warns) before raising on a damaged
-    file: keep that off the console (the one-line error says why) and hand back the last line of
+    file, and torch.export / the TorchScript converter log guard dumps on capture failures: keep
+    that off the console (the one-line error says why) and hand back the last line of
     each record its loaders logged."""
     lines: list[str] = []
     handler = _Lines(lines)
@@ -214,8 +217,7 @@ def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
         # a batch of 2 keeps the converter from specializing the batch dimension to 1
         args = tuple(torch.rand((2,) + tuple(s[1:])) for s in shapes.values())
         try:
-            with warnings.catch_warnings(), _quiet_torch_logs():  # the converter warns about unused BN counters
-                warnings.simplefilter("ignore")
+            with _torch_quiet():  # the converter warns about unused BN counters
                 try:
                     obj = TS2EPConverter(obj, args).convert()
                 except Exception:  # sizes the traced graph computes as tensors ("same" padding)
@@ -274,8 +276,7 @@ def normalized_factory_model(model: nn.Module, shapes: dict[str, tuple],
     args = tuple(torch.rand((2,) + tuple(s[1:])).to(dtypes.get(n, torch.float32)) for n, s in shapes.items())
     batch = torch.export.Dim("batch", min=1)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs():
-            warnings.simplefilter("ignore")
+        with _torch_quiet():
             ep = torch.export.export(model.eval(), args, dynamic_shapes=tuple({0: batch} for _ in names))
             rebuilt = _rebuilt(ep, shapes)
             with torch.no_grad():
@@ -288,23 +289,6 @@ def normalized_factory_model(model: nn.Module, shapes: dict[str, tuple],
         return model.eval(), {"rebuilt": False, "why": "the rebuilt graph's outputs differ from the model's"}
     return rebuilt, {"rebuilt": True, "why": "rebuilt from torch.export: Conv/Linear/BatchNorm found by the "
                                              "aten op they call, whatever the module class"}
-
-
-class _quiet_torch_logs:
-    """torch.export logs a multi-line traceback for some capture failures before raising."""
-
-    def __enter__(self):
-        import logging
-        self.loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.export", "torch._export",
-                                                        "torch.fx.experimental.symbolic_shapes")]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc):
-        for lg, level in zip(self.loggers, self.levels):
-            lg.setLevel(level)
-        return False
 
 
 def _fmt_shapes(shapes: dict[str, tuple]) -> str:
