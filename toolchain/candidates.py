@@ -181,7 +181,7 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
     if mode.fallback:
         params = apply_fallback(state.work, state.spec, params, stage.config.fallback, accuracy_limit, info,
                                 state.progress, work_is_dense=base.stage("prune") is None)
-    info["coverage"] = plan.coverage_after(params, public_name(state.work))
+    info["coverage"] = plan.coverage_after(cache[mode.quant], params, public_name(state.work))
     write_model(state.prepared, plan, params, path)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)
 

@@ -62,12 +62,16 @@ class QuantPlan:
     # every weight layer of the graph: int8 or FP32 with the reason (exporters.coverage)
     coverage: dict = field(default_factory=dict)
 
-    def coverage_after(self, params: QuantParams, public: Callable[[str], str] = str) -> dict:
-        """The coverage once `params` are final: layers the fallback returned are FP32 too."""
-        kept = {a.module for a in params.anchors}
-        returned = [{"node": s.node, "op": s.op_type, "layer": public(m),
-                     "reason": "returned to FP32 by the accuracy fallback (lowest local SNR)"}
-                    for m, s in self.sites.items() if m not in kept]
+    def coverage_after(self, computed: QuantParams, final: QuantParams,
+                       public: Callable[[str], str] = str) -> dict:
+        """The coverage once the params are final: sites the method left out (int8-dynamic takes
+        MatMul/Gemm only) and layers the fallback returned are FP32 too, each with its reason."""
+        taken, kept = {a.module for a in computed.anchors}, {a.module for a in final.anchors}
+        why = {m: "returned to FP32 by the accuracy fallback (lowest local SNR)" for m in taken - kept}
+        why.update({m: "the quantize method does not take this op (int8-dynamic: MatMul/Gemm only)"
+                    for m in set(self.sites) - taken})
+        returned = [{"node": s.node, "op": s.op_type, "layer": public(m), "reason": why[m]}
+                    for m, s in self.sites.items() if m in why]
         base = self.coverage or {"weight_layers": len(self.sites), "int8": len(self.sites), "fp32": []}
         return {**base, "int8": base["int8"] - len(returned), "fp32": base["fp32"] + returned}
 
@@ -304,10 +308,11 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                   "weight_range": weight_range_info(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites)),
                   "calibration": _calibration_record(stage, spec, observed_ranges)}
+    computed = params
     if stage.config.supports_fallback:
         params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
                                 work_is_dense)
-    info["coverage"] = plan.coverage_after(params, public_name(work))
+    info["coverage"] = plan.coverage_after(computed, params, public_name(work))
     write_model(prepared, plan, params, out_path, consume=consume_prepared)
     return torch_reference(work, spec, params, progress), info
 

@@ -2,6 +2,7 @@
 an explicit --sparsity still honoured exactly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from types import SimpleNamespace
@@ -11,10 +12,6 @@ import pytest
 import torch
 
 from toolchain.sparsity_search import GRID, MAX_SPARSITY, PRUNE_SHARE, choose_sparsity
-
-
-class _FakeSpec(SimpleNamespace):
-    pass
 
 
 def _search(drop_of_sparsity, limit=1.0):
@@ -28,15 +25,18 @@ def _search(drop_of_sparsity, limit=1.0):
         flips = int(round(drop_of_sparsity(state["s"])))  # points on 100 samples = flipped samples
         out[:flips] = np.roll(out[:flips], 1, axis=1)
         return [out]
-    spec = _FakeSpec(model=model, task="image-classification", eval_batches=[{"x": None}], calib_batches=[],
+    spec = SimpleNamespace(model=model, task="image-classification", eval_batches=[{"x": None}], calib_batches=[],
                      eval_labels=None, torch_outputs=outputs, postprocess=lambda o, b: o[0])
-    stage = SimpleNamespace(config=SimpleNamespace(sparsity=0.5))
+    stage = SimpleNamespace(config=_Config(0.5))
 
     def handler(m, config, ctx):
         state["s"] = config.sparsity
-    import dataclasses
-    stage.config = dataclasses.make_dataclass("C", [("sparsity", float)])(0.5)
     return choose_sparsity(spec, stage, lambda layers: None, handler, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    sparsity: float
 
 
 def test_bisection_finds_the_largest_amount_within_the_budget():

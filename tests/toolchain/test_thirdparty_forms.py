@@ -131,3 +131,12 @@ def test_shared_and_zero_weights_each_get_their_own_int8_copy(forms_project, run
     rep = _export(run_cli, "zeros:build", forms_project / "o", "--quiet")
     cov = rep["quantization"]["coverage"]
     assert cov["fp32"] == [] and cov["int8"] == 4
+
+
+def test_coverage_names_the_ops_dynamic_int8_leaves_out(tmp_path, run_cli):
+    r = run_cli(["digits-cnn", "--quant", "int8-dynamic", "--prune", "none", "--quiet", "-o", tmp_path / "o"])
+    assert r.exit_code == 0, r.output
+    cov = json.loads((tmp_path / "o" / "report.json").read_text())["quantization"]["coverage"]
+    assert cov["weight_layers"] == 4 and cov["int8"] == 1  # the classifier's Gemm
+    assert [f["op"] for f in cov["fp32"]] == ["Conv"] * 3
+    assert all("int8-dynamic" in f["reason"] for f in cov["fp32"])
