@@ -224,9 +224,10 @@ def _validate_positive(ctx, param, value):
               help="Pruning method (`sqexport methods`) [magnitude; none for transformers, where "
                    "unstructured zeros without recovery cost fidelity and buy only size]. sensitivity "
                    "defaults to PFP (whole channels: real CPU speed on CNNs); --variant sipp-* for zeros.")
-@click.option("--sparsity", default=0.5, show_default=True, type=SettingType("sparsity"),
+@click.option("--sparsity", default=None, type=SettingType("sparsity"),
               help="Fraction of prunable weights removed (magnitude, sensitivity), or of channels/heads/neurons "
-                   "(structured); pqi picks its own sparsity (SAP rounds).")
+                   "(structured); pqi picks its own sparsity (SAP rounds). [magnitude and structured: the largest "
+                   "amount up to 0.5 whose pruned FP32 model keeps within 25% of the accuracy gate; others: 0.5]")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --prune nm.")
 @click.option("--variant", default=None, type=_VariantChoice(),
               help="For --prune sensitivity: pfp removes whole channels (real CPU speed; the default for "
