@@ -18,9 +18,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from exporters.sparse import file_sizes
-from runtime_check.latency import measure_interleaved
-from runtime_check.session import default_threads
+from sqexport.exporters.sparse import file_sizes
+from sqexport.runtime_check.latency import measure_interleaved
+from sqexport.runtime_check.session import default_threads
 
 __all__ = ["RESULTS_DIR", "quiet", "run_sqexport", "machine_info", "project_revision", "thread_settings", "other_cpu_load", "wait_for_quiet", "latency_table", "size_of",
            "markdown_table", "write_results"]
@@ -53,7 +53,7 @@ def run_sqexport(model: str, flags: list[str], out: Path) -> tuple[int, dict]:
     else is an error."""
     from click.testing import CliRunner
 
-    from toolchain.cli import cli
+    from sqexport.toolchain.cli import cli
 
     args = ["export", model, *flags]
     with quiet():

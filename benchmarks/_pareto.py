@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from _budget import pareto_front
-from runtime_check.plots import new_figure, save_png
+from sqexport.runtime_check.plots import new_figure, save_png
 
 __all__ = ["MARKERS", "plot_pareto"]
 

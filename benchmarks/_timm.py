@@ -71,17 +71,17 @@ def _has_schema(name: str) -> bool:
 
 
 def _crops(names, per_photo: int, seed: int, size: int) -> np.ndarray:
-    from models.photos import normalize, photo_crops
+    from sqexport.models.photos import normalize, photo_crops
     return normalize(photo_crops(names, per_photo, seed, size=size), MEAN, STD)
 
 
 def calibration_crops(per_photo: int = 8, size: int = 224) -> np.ndarray:
-    from models.photos import CALIB_PHOTOS
+    from sqexport.models.photos import CALIB_PHOTOS
     return _crops(CALIB_PHOTOS, per_photo, 0, size)
 
 
 def evaluation_crops(per_photo: int = 8, size: int = 224) -> np.ndarray:
-    from models.photos import EVAL_PHOTOS
+    from sqexport.models.photos import EVAL_PHOTOS
     return _crops(EVAL_PHOTOS, per_photo, 1, size)
 
 

@@ -156,9 +156,9 @@ def build_variants(model: str, budgets: tuple[float, ...], workdir: Path, transf
 
 
 def bench_model(model: str, budgets: tuple[float, ...], workdir: Path, args) -> dict:
-    from models.zoo import load_model
-    from runtime_check.accuracy import run_session
-    from runtime_check.session import make_session
+    from sqexport.models.zoo import load_model
+    from sqexport.runtime_check.accuracy import run_session
+    from sqexport.runtime_check.session import make_session
 
     log(f"{model}: loading")
     spec = load_model(model)

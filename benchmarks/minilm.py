@@ -41,10 +41,10 @@ from _common import (  # noqa: E402
     latency_table, machine_info, markdown_table, project_revision, quiet, run_sqexport, size_of, thread_settings,
     write_results,
 )
-from models.hf import default_corpus, mean_pool  # noqa: E402
-from models.text_data import MAX_LENGTH, tokenize_batches  # noqa: E402
-from runtime_check.accuracy import embedding_metrics, run_session  # noqa: E402
-from runtime_check.session import default_threads, make_session  # noqa: E402
+from sqexport.models.hf import default_corpus, mean_pool  # noqa: E402
+from sqexport.models.text_data import MAX_LENGTH, tokenize_batches  # noqa: E402
+from sqexport.runtime_check.accuracy import embedding_metrics, run_session  # noqa: E402
+from sqexport.runtime_check.session import default_threads, make_session  # noqa: E402
 
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 SPARSE_NOTE = "unstructured zeros: smaller zipped file, no speed-up on onnxruntime CPU kernels"

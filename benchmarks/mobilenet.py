@@ -43,16 +43,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import latency_table, machine_info, markdown_table, project_revision, size_of, write_results  # noqa: E402
 
-from exporters.export import export_model  # noqa: E402
-from models.zoo import load_model  # noqa: E402
-from runtime_check.accuracy import classification_metrics, run_session  # noqa: E402
-from runtime_check.session import make_session  # noqa: E402
-from toolchain.folding import copy_for_compression, fold_batchnorm  # noqa: E402
-from toolchain.quantization.adaround import AdaRoundConfig  # noqa: E402
-from toolchain.quantization.int8 import Int8StaticConfig  # noqa: E402
-from toolchain.quantization.equalization import equalize  # noqa: E402
-from toolchain.quantize_step import quantize_to_onnx  # noqa: E402
-from toolchain.recipe import Stage  # noqa: E402
+from sqexport.exporters.export import export_model  # noqa: E402
+from sqexport.models.zoo import load_model  # noqa: E402
+from sqexport.runtime_check.accuracy import classification_metrics, run_session  # noqa: E402
+from sqexport.runtime_check.session import make_session  # noqa: E402
+from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm  # noqa: E402
+from sqexport.toolchain.quantization.adaround import AdaRoundConfig  # noqa: E402
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig  # noqa: E402
+from sqexport.toolchain.quantization.equalization import equalize  # noqa: E402
+from sqexport.toolchain.quantize_step import quantize_to_onnx  # noqa: E402
+from sqexport.toolchain.recipe import Stage  # noqa: E402
 
 ORT_METHODS = ("minmax", "percentile", "entropy")
 ORT_CALIB_BATCH = 8  # histogram calibrators keep every collected output: feed a few images at a time
@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 def default_config() -> Int8StaticConfig:
     """What `sqexport mobilenet-v2` runs (models/mobilenet_spec.py: the zoo's quantization defaults)."""
-    from models.mobilenet_spec import RECIPE_PARAMS
+    from sqexport.models.mobilenet_spec import RECIPE_PARAMS
 
     return Int8StaticConfig(**RECIPE_PARAMS)
 

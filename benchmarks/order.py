@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from contracts.tasks import get_task  # noqa: E402
-from models.spec import first_samples  # noqa: E402
-from models.zoo import load_model  # noqa: E402
-from runtime_check.accuracy import task_metrics  # noqa: E402
-from toolchain.bn_recalibration import recalibrate_batchnorm  # noqa: E402
-from toolchain.order import fake_quant_weight  # noqa: E402
-from toolchain.pruning import prunable_layers  # noqa: E402
-from toolchain.pruning.magnitude import magnitude_masks  # noqa: E402
-from toolchain.pruning.nm import nm_mask  # noqa: E402
+from sqexport.contracts.tasks import get_task  # noqa: E402
+from sqexport.models.spec import first_samples  # noqa: E402
+from sqexport.models.zoo import load_model  # noqa: E402
+from sqexport.runtime_check.accuracy import task_metrics  # noqa: E402
+from sqexport.toolchain.bn_recalibration import recalibrate_batchnorm  # noqa: E402
+from sqexport.toolchain.order import fake_quant_weight  # noqa: E402
+from sqexport.toolchain.pruning import prunable_layers  # noqa: E402
+from sqexport.toolchain.pruning.magnitude import magnitude_masks  # noqa: E402
+from sqexport.toolchain.pruning.nm import nm_mask  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = {"50%": lambda ws: magnitude_masks(ws, 0.5, "global"),

@@ -53,7 +53,7 @@ def build_bert_base(folder: Path) -> Path:
 
 def run_one(ref: str, out: Path) -> dict:
     """In the child: the CLI end to end; wall time, stages from report.json, process peak RSS."""
-    from toolchain.cli import cli
+    from sqexport.toolchain.cli import cli
 
     t0 = time.perf_counter()
     try:

@@ -70,7 +70,7 @@ def peers(spec, fp32: Path, workdir: Path) -> list[Variant]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
         quantize_static
 
-    from runtime_check.isa import weight_qmax
+    from sqexport.runtime_check.isa import weight_qmax
 
     out = workdir / spec.name
     dyn = out / "ort-dynamic.onnx"
@@ -96,9 +96,9 @@ def peers(spec, fp32: Path, workdir: Path) -> list[Variant]:
 
 
 def metric(spec, base_out, path: Path) -> dict:
-    from contracts.tasks import get_task
-    from runtime_check.accuracy import run_session, task_metrics
-    from runtime_check.session import make_session
+    from sqexport.contracts.tasks import get_task
+    from sqexport.runtime_check.accuracy import run_session, task_metrics
+    from sqexport.runtime_check.session import make_session
 
     out = run_session(make_session(path), spec.eval_batches, spec.postprocess)
     m = task_metrics(get_task(spec.task), base_out, out, spec.eval_labels)
@@ -108,9 +108,9 @@ def metric(spec, base_out, path: Path) -> dict:
 
 
 def bench_model(model: str, grid: list, workdir: Path, args) -> dict:
-    from models.zoo import load_model
-    from runtime_check.accuracy import run_session
-    from runtime_check.session import make_session
+    from sqexport.models.zoo import load_model
+    from sqexport.runtime_check.accuracy import run_session
+    from sqexport.runtime_check.session import make_session
 
     log(f"{model}: loading")
     spec = load_model(model)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import latency_table, machine_info, markdown_table, project_revision, run_sqexport, write_results  # noqa: E402
 from benchmarks._timm import ARCHITECTURES, calibration_crops, evaluation_crops  # noqa: E402
 from benchmarks.mobilenet import build_ort_static  # noqa: E402
-from runtime_check.session import make_session  # noqa: E402
+from sqexport.runtime_check.session import make_session  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -14,7 +14,7 @@ import re
 import stat
 from pathlib import Path
 
-from contracts.errors import ConfigError, SqexportError
+from sqexport.contracts.errors import ConfigError, SqexportError
 
 __all__ = ["sha256_file", "require_regular", "read_regular_bytes", "copy_regular", "file_kind", "plain_name",
            "is_sha256", "first_special_file"]

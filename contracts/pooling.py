@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.errors import ModelLoadError
+from sqexport.contracts.errors import ModelLoadError
 
 __all__ = ["Pooling", "MODES", "DEFAULT_POOLING", "read_pooling", "pool"]
 

@@ -2,7 +2,7 @@
 model's example input and a mobile model's fixed shapes both come from them."""
 from __future__ import annotations
 
-from contracts.errors import ConfigError
+from sqexport.contracts.errors import ConfigError
 
 __all__ = ["Shapes", "parse_input_shapes", "format_shape", "MAX_ELEMENTS"]
 

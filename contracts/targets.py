@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts.errors import ConfigError
+from sqexport.contracts.errors import ConfigError
 
 __all__ = ["Target", "register_target", "get_target", "target_names"]
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from contracts.errors import ConfigError
+from sqexport.contracts.errors import ConfigError
 
 __all__ = ["Task", "register_task", "get_task", "task_names", "hf_task_names", "task_for_output", "unit_of_metric",
            "first_output", "mean_pool", "POOLING"]

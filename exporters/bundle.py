@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from contracts.files import copy_regular, plain_name, sha256_file
-from contracts.errors import ConfigError, ModelLoadError, OutputError, first_line
-from exporters.bundle_readme import render_readme
-from exporters.mobile import ORT_CONFIG_NAME, PREPROCESSING_KEY
+from sqexport.contracts.files import copy_regular, plain_name, sha256_file
+from sqexport.contracts.errors import ConfigError, ModelLoadError, OutputError, first_line
+from sqexport.exporters.bundle_readme import render_readme
+from sqexport.exporters.mobile import ORT_CONFIG_NAME, PREPROCESSING_KEY
 
 __all__ = ["build_bundle", "write_reference", "bundle_name", "sha256_file", "REFERENCE_NAME", "RUNNER_NAME",
            "MANIFEST_NAME", "REQUIRED_FILES", "TOKENIZER_PREFIXES"]

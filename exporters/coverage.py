@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from exporters.graph import consumers
+from sqexport.exporters.graph import consumers
 
 __all__ = ["WEIGHT_OPS", "weight_layer_coverage"]
 

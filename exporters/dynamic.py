@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from contracts.quant import QuantParams
-from exporters.graph import ensure_node_names, toposort
-from exporters.qdq import Site
+from sqexport.contracts.quant import QuantParams
+from sqexport.exporters.graph import ensure_node_names, toposort
+from sqexport.exporters.qdq import Site
 
 __all__ = ["insert_dynamic"]
 

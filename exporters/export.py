@@ -12,8 +12,8 @@ from typing import Protocol
 import onnx
 import torch
 
-from exporters.onnx_export import export_torch
-from models.spec import ModelSpec
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.models.spec import ModelSpec
 
 __all__ = ["Exporter", "TorchOnnxExporter", "OptimumExporter", "EXPORTERS", "exporter_for", "export_model"]
 
@@ -47,12 +47,12 @@ class OptimumExporter:
     name = "optimum"
 
     def export(self, spec: ModelSpec, model: torch.nn.Module, path: Path) -> onnx.ModelProto:
-        from exporters.hf_export import export_hf
+        from sqexport.exporters.hf_export import export_hf
 
         return export_hf(spec, model, path)
 
     def artifacts(self, spec: ModelSpec, outdir: Path) -> list[str]:
-        from exporters.hf_export import save_tokenizer
+        from sqexport.exporters.hf_export import save_tokenizer
 
         return save_tokenizer(spec, outdir)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import onnx
 
-from exporters.onnx_export import check_model
-from exporters.pooling import add_pooling_output
-from contracts.errors import ExportError, first_line
-from contracts.tasks import get_task
-from models.spec import ModelSpec
+from sqexport.exporters.onnx_export import check_model
+from sqexport.exporters.pooling import add_pooling_output
+from sqexport.contracts.errors import ExportError, first_line
+from sqexport.contracts.tasks import get_task
+from sqexport.models.spec import ModelSpec
 
 __all__ = ["export_hf", "save_tokenizer"]
 

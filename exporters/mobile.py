@@ -17,8 +17,8 @@ from pathlib import Path
 
 import onnx
 
-from contracts.errors import ConfigError, ExportError
-from contracts.shapes import format_shape
+from sqexport.contracts.errors import ConfigError, ExportError
+from sqexport.contracts.shapes import format_shape
 
 __all__ = ["input_dims", "resolve_fixed_shapes", "fix_shapes", "convert_to_ort", "ort_format_info",
            "ORT_CONFIG_NAME", "PREPROCESSING_KEY", "MIN_RUNTIME_FOR_FORMAT"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from contracts.errors import ExportError, first_line
+from sqexport.contracts.errors import ExportError, first_line
 
 __all__ = ["OPSET", "export_torch", "check_model"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from contracts.pooling import Pooling
+from sqexport.contracts.pooling import Pooling
 
 __all__ = ["SENTENCE_EMBEDDING", "add_pooling_output"]
 

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from contracts.quant import LINEAR, RELU, ActQuant, Anchor, QuantParams
-from exporters.graph import consumers, ensure_node_names, toposort
-from exporters.weight_index import WeightIndex, initializer_array
+from sqexport.contracts.quant import LINEAR, RELU, ActQuant, Anchor, QuantParams
+from sqexport.exporters.graph import consumers, ensure_node_names, toposort
+from sqexport.exporters.weight_index import WeightIndex, initializer_array
 
 __all__ = ["Site", "find_sites", "anchors_for", "find_embedding_sites", "insert_qdq"]
 

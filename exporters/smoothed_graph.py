@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.graph import consumers
-from exporters.qdq import Site
+from sqexport.exporters.graph import consumers
+from sqexport.exporters.qdq import Site
 
 __all__ = ["SmoothedGroup", "GraphMismatch", "without_weights", "with_weights"]
 

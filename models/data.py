@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.errors import ConfigError, DataError
-from models.image_data import ImagePrep, is_image_folder, load_image_folder
-from models.spec import ModelSpec
-from models.validate import check_labels, num_classes
+from sqexport.contracts.errors import ConfigError, DataError
+from sqexport.models.image_data import ImagePrep, is_image_folder, load_image_folder
+from sqexport.models.spec import ModelSpec
+from sqexport.models.validate import check_labels, num_classes
 
 __all__ = ["apply_user_data", "load_data_file", "BATCH_SIZE", "HOLDOUT_EVERY", "SYNTHETIC_SAMPLES"]
 
@@ -51,7 +51,7 @@ def _load(path: str, spec: ModelSpec, prep: ImagePrep) -> Split:
         info = {"source": str(p), "format": p.suffix or "text", "samples": _count(batches),
                 "labels": "from the file" if labels is not None else "none"}
     else:
-        from models.tensor_data import load_tensor_data
+        from sqexport.models.tensor_data import load_tensor_data
 
         batches, labels = load_tensor_data(p, spec)
         info = {"source": str(p), "format": p.suffix, "samples": _count(batches),

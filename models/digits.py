@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.spec import ModelSpec
+from sqexport.models.spec import ModelSpec
 
 __all__ = ["DigitsCNN", "DigitsMLP", "digits_split", "build_digits_spec", "train_digits_model"]
 
@@ -148,7 +148,7 @@ def build_digits_spec(name: str) -> ModelSpec:
     )
 
 
-if __name__ == "__main__":  # retrain and print eval accuracy: python -m models.digits
+if __name__ == "__main__":  # retrain and print eval accuracy: python -m sqexport.models.digits
     s = digits_split()
     for model_name in ARCHITECTURES:
         m = train_digits_model(model_name, s)

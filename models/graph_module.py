@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from contracts.errors import ModelLoadError
+from sqexport.contracts.errors import ModelLoadError
 
 __all__ = ["module_from_program"]
 

@@ -6,13 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from contracts.errors import ModelLoadError, first_line
-from contracts.files import first_special_file
-from contracts.pooling import read_pooling
-from contracts.tasks import get_task, hf_task_names, mean_pool
-from models.remote_code import remote_code_files
-from models.spec import HFFolder, ModelSpec
-from models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
+from sqexport.contracts.errors import ModelLoadError, first_line
+from sqexport.contracts.files import first_special_file
+from sqexport.contracts.pooling import read_pooling
+from sqexport.contracts.tasks import get_task, hf_task_names, mean_pool
+from sqexport.models.remote_code import remote_code_files
+from sqexport.models.spec import HFFolder, ModelSpec
+from sqexport.models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
 
 __all__ = ["is_hf_folder", "build_hf_spec", "detect_task", "default_corpus", "mean_pool"]
 

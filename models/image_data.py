@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.errors import ConfigError, DataError
+from sqexport.contracts.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePrep", "VIEW_POLICY", "parse_floats", "parse_size", "is_image_folder",
            "load_image_folder", "preprocess_image", "image_views"]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.errors import ModelLoadError
-from models.spec import ModelSpec
+from sqexport.contracts.errors import ModelLoadError
+from sqexport.models.spec import ModelSpec
 
 __all__ = ["MnistResNet", "MnistData", "load_mnist", "build_mnist_resnet_spec", "WEIGHTS", "MEAN", "STD"]
 
@@ -102,7 +102,7 @@ class MnistResNet(nn.Module):
 
 def load_weights() -> nn.Module:
     if not WEIGHTS.is_file():
-        raise ModelLoadError(f"missing {WEIGHTS}; train it with `python -m models.train_mnist_resnet`")
+        raise ModelLoadError(f"missing {WEIGHTS}; train it with `python -m sqexport.models.train_mnist_resnet`")
     model = MnistResNet()
     model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval()

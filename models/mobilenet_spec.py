@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_pretrained
-from models.photos import CALIB_PHOTOS, EVAL_PHOTOS, normalize, photo_crops
-from models.spec import ModelSpec
+from sqexport.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_pretrained
+from sqexport.models.photos import CALIB_PHOTOS, EVAL_PHOTOS, normalize, photo_crops
+from sqexport.models.spec import ModelSpec
 
 __all__ = ["build_mobilenet_spec", "mobilenet_data", "INPUT_NAME"]
 

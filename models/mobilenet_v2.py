@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
-from contracts.errors import ModelLoadError
+from sqexport.contracts.errors import ModelLoadError
 
 __all__ = ["MobileNetV2", "load_pretrained", "weights_path", "IMAGENET_MEAN", "IMAGENET_STD"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from contracts.errors import DataError
+from sqexport.contracts.errors import DataError
 
 __all__ = ["CALIB_PHOTOS", "EVAL_PHOTOS", "load_photo", "random_resized_crops", "photo_crops", "normalize"]
 

@@ -7,8 +7,8 @@ from typing import Callable, ClassVar, Union
 import numpy as np
 import torch
 
-from contracts.pooling import Pooling
-from contracts.tasks import first_output, task_names
+from sqexport.contracts.pooling import Pooling
+from sqexport.contracts.tasks import first_output, task_names
 
 __all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind", "first_samples"]
 

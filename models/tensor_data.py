@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.spec import ModelSpec
-from contracts.errors import DataError, first_line
-from contracts.files import require_regular
-from models.validate import check_inputs, check_labels
+from sqexport.models.spec import ModelSpec
+from sqexport.contracts.errors import DataError, first_line
+from sqexport.contracts.files import require_regular
+from sqexport.models.validate import check_inputs, check_labels
 
 __all__ = ["load_tensor_data", "load_tensor_batches"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.errors import DataError
-from contracts.files import require_regular
+from sqexport.contracts.errors import DataError
+from sqexport.contracts.files import require_regular
 
 __all__ = ["read_texts", "text_batches", "tokenize_batches", "MAX_LENGTH", "BATCH_SIZE"]
 

@@ -1,6 +1,6 @@
 """Train the built-in `mnist-resnet` on the MNIST training split (50k) and save its weights.
 
-    python -m models.train_mnist_resnet [--epochs 1] [--threads 1]
+    python -m sqexport.models.train_mnist_resnet [--epochs 1] [--threads 1]
 
 Deterministic: fixed seeds, torch.use_deterministic_algorithms, a fixed thread count (the same
 thread count gives the same weights; reductions are summed in a thread-dependent order).
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.mnist_resnet import WEIGHTS, MnistResNet, load_mnist
+from sqexport.models.mnist_resnet import WEIGHTS, MnistResNet, load_mnist
 
 __all__ = ["train", "evaluate"]
 

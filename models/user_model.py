@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError, Interruption, ModelLoadError, SqexportError
-from contracts.files import require_regular
-from contracts.shapes import parse_input_shapes
-from models.spec import ModelSpec
+from sqexport.contracts.errors import ConfigError, Interruption, ModelLoadError, SqexportError
+from sqexport.contracts.files import require_regular
+from sqexport.contracts.shapes import parse_input_shapes
+from sqexport.models.spec import ModelSpec
 
 __all__ = ["FACTORY_RE", "MODEL_SUFFIXES", "is_user_model", "parse_input_shapes", "load_user_model"]
 
@@ -209,7 +209,7 @@ def _resolve_shapes(names: list[str] | None, given: Shapes, known: dict | None =
 
 def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
     """nn.Module with real layers: TorchScript and ExportedProgram are rebuilt (graph_module)."""
-    from models.graph_module import module_from_program
+    from sqexport.models.graph_module import module_from_program
 
     if isinstance(obj, torch.jit.ScriptModule):
         from torch._export.converter import TS2EPConverter
@@ -254,7 +254,7 @@ def _batch_dynamic_converter(base):
 
 
 def _rebuilt(ep: torch.export.ExportedProgram, shapes: dict[str, tuple]) -> torch.fx.GraphModule:
-    from models.graph_module import module_from_program
+    from sqexport.models.graph_module import module_from_program
 
     gm = module_from_program(ep)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

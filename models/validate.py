@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.errors import DataError
+from sqexport.contracts.errors import DataError
 
 __all__ = ["check_inputs", "check_labels", "num_classes"]
 

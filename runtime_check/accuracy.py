@@ -6,8 +6,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from contracts.tasks import Task
-from contracts.units import metric_units
+from sqexport.contracts.tasks import Task
+from sqexport.contracts.units import metric_units
 
 NO_LABELS = "agreement with FP32 (no labels): top-1 of the model vs the FP32 model's top-1"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.errors import ConfigError
-from runtime_check.children import children
-from runtime_check.runner_output import check_runner_result
+from sqexport.contracts.errors import ConfigError
+from sqexport.runtime_check.children import children
+from sqexport.runtime_check.runner_output import check_runner_result
 
 __all__ = ["TIERS", "arm64_root", "emulator_status", "run_tiers", "ARM64_RTOL", "ARM64_MAX_REL_ERROR", "DEVICE_MAX_REL_ERROR", "MAX_SAMPLES", "EMULATION_FACTOR",
            "BUDGET_S"]

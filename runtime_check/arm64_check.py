@@ -8,13 +8,13 @@ from typing import Callable
 
 import numpy as np
 
-from runtime_check.accuracy import classification_metrics, embedding_metrics
-from runtime_check.agreement import per_sample_agreement, relative_errors
-from runtime_check.arm64 import ARM64_MAX_REL_ERROR, ARM64_RTOL, BUDGET_S, EMULATION_FACTOR, MAX_SAMPLES, TIERS, run_tiers
-from runtime_check.fixed_inputs import fit_batches, is_fixed, session_shapes
-from runtime_check.gates import Gates, evaluate_gates
-from runtime_check.mobile_check import compare_outputs
-from runtime_check.session import make_session
+from sqexport.runtime_check.accuracy import classification_metrics, embedding_metrics
+from sqexport.runtime_check.agreement import per_sample_agreement, relative_errors
+from sqexport.runtime_check.arm64 import ARM64_MAX_REL_ERROR, ARM64_RTOL, BUDGET_S, EMULATION_FACTOR, MAX_SAMPLES, TIERS, run_tiers
+from sqexport.runtime_check.fixed_inputs import fit_batches, is_fixed, session_shapes
+from sqexport.runtime_check.gates import Gates, evaluate_gates
+from sqexport.runtime_check.mobile_check import compare_outputs
+from sqexport.runtime_check.session import make_session
 
 __all__ = ["verify_arm64"]
 

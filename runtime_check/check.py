@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.tasks import mean_pool, task_for_output
-from runtime_check.accuracy import nonfinite_outputs, run_session, task_metrics
-from runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
-from runtime_check.inspect_model import load_onnx
-from runtime_check.latency import measure_interleaved, measure_pair
-from runtime_check.fixed_inputs import fit_batches, is_fixed, run_fixed, session_shapes
-from runtime_check.session import make_session
-from contracts.errors import ConfigError, DataError, ModelLoadError, first_line
-from contracts.files import first_special_file, require_regular
-from models.validate import check_labels
+from sqexport.contracts.tasks import mean_pool, task_for_output
+from sqexport.runtime_check.accuracy import nonfinite_outputs, run_session, task_metrics
+from sqexport.runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
+from sqexport.runtime_check.inspect_model import load_onnx
+from sqexport.runtime_check.latency import measure_interleaved, measure_pair
+from sqexport.runtime_check.fixed_inputs import fit_batches, is_fixed, run_fixed, session_shapes
+from sqexport.runtime_check.session import make_session
+from sqexport.contracts.errors import ConfigError, DataError, ModelLoadError, first_line
+from sqexport.contracts.files import first_special_file, require_regular
+from sqexport.models.validate import check_labels
 
 __all__ = ["check_model", "SYNTHETIC_MAX_DROP"]
 
@@ -68,15 +68,15 @@ def _synthetic_batches(io: dict, n: int = 64, seed: int = 0) -> list[dict]:
 
 
 def _tensor_batches(path: Path, io: dict) -> tuple[list[dict], np.ndarray | None]:
-    from models.tensor_data import load_tensor_batches
+    from sqexport.models.tensor_data import load_tensor_batches
 
     return load_tensor_batches(path, {n: (tuple(s[1:]), t) for n, (s, t) in io["inputs"].items()})
 
 
 def _image_batches(path: Path, io: dict, prep) -> tuple[list[dict], np.ndarray | None, dict]:
     """An image folder shaped by the graph's one (N, C, H, W) input (dynamic H/W: --image-size)."""
-    from models.data import BATCH_SIZE
-    from models.image_data import ImagePrep, load_image_folder
+    from sqexport.models.data import BATCH_SIZE
+    from sqexport.models.image_data import ImagePrep, load_image_folder
 
     if len(io["inputs"]) != 1:
         raise DataError(f"an image folder feeds one input; the model takes {', '.join(io['inputs'])}")
@@ -94,8 +94,8 @@ def _text_batches(path: Path, model_path: Path, io: dict) -> tuple[list[dict], n
                         "sqexport export writes one into its output folder")
     from transformers import AutoTokenizer
 
-    from models.remote_code import remote_code_files
-    from models.text_data import read_texts, text_batches
+    from sqexport.models.remote_code import remote_code_files
+    from sqexport.models.text_data import read_texts, text_batches
 
     special = first_special_file(folder)
     if special:
@@ -185,7 +185,7 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
               "data": str(eval_data) if eval_data else "synthetic",
               **({"data_info": data_info} if data_info else {})}
     if arch == "arm64":
-        from runtime_check.arm64_check import verify_arm64
+        from sqexport.runtime_check.arm64_check import verify_arm64
 
         # the tiers' accuracy is gated against the baseline as the host's is; without a baseline
         # they are compared with x86 only, which says they compute the same, not that it is right

@@ -26,9 +26,9 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from contracts.errors import ConfigError, DeviceError
-from runtime_check.children import run_child
-from runtime_check.runner_output import check_runner_result
+from sqexport.contracts.errors import ConfigError, DeviceError
+from sqexport.runtime_check.children import run_child
+from sqexport.runtime_check.runner_output import check_runner_result
 
 __all__ = ["Device", "parse_device", "run_on_device", "parse_runner", "parse_perf_test", "fill_template",
            "PLACEHOLDERS", "RUNNER_ON_DEVICE"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts.tasks import get_task, task_names
+from sqexport.contracts.tasks import get_task, task_names
 
 __all__ = ["Gates", "evaluate_gates", "finite_checks", "accuracy_limit", "DEFAULT_DROP"]
 

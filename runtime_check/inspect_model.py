@@ -6,9 +6,9 @@ from pathlib import Path
 
 import onnx
 
-from exporters.sparse import file_sizes, initializer_stats
-from contracts.errors import ModelLoadError, first_line
-from contracts.files import require_regular
+from sqexport.exporters.sparse import file_sizes, initializer_stats
+from sqexport.contracts.errors import ModelLoadError, first_line
+from sqexport.contracts.files import require_regular
 
 __all__ = ["inspect_onnx", "load_onnx"]
 

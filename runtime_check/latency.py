@@ -7,8 +7,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from contracts.progress import NULL_PROGRESS, Progress
-from runtime_check.session import make_session
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.runtime_check.session import make_session
 
 __all__ = ["measure_interleaved", "measure_pair", "percentiles", "ratio_settled"]
 

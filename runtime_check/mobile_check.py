@@ -12,11 +12,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from exporters.sparse import densify
-from runtime_check.accuracy import classification_metrics, embedding_metrics
-from runtime_check.fixed_inputs import fit_batches
-from runtime_check.latency import measure_pair
-from runtime_check.session import make_session
+from sqexport.exporters.sparse import densify
+from sqexport.runtime_check.accuracy import classification_metrics, embedding_metrics
+from sqexport.runtime_check.fixed_inputs import fit_batches
+from sqexport.runtime_check.latency import measure_pair
+from sqexport.runtime_check.session import make_session
 
 __all__ = ["usability", "compare_outputs", "task_metrics", "verify_ort", "peak_memory", "SAME_HOST_RTOL",
            "COREML_QDQ_NOTE"]

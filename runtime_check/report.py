@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from contracts.units import format_value
-from runtime_check.plots import write_plots
-from runtime_check.report_mobile import render_mobile_sections
+from sqexport.contracts.units import format_value
+from sqexport.runtime_check.plots import write_plots
+from sqexport.runtime_check.report_mobile import render_mobile_sections
 
 __all__ = ["write_report", "render_markdown"]
 

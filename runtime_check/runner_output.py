@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import re
 
-from contracts.errors import DeviceError
-from contracts.files import is_sha256
+from sqexport.contracts.errors import DeviceError
+from sqexport.contracts.files import is_sha256
 
 __all__ = ["check_runner_result"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime_check.session import make_session
+from sqexport.runtime_check.session import make_session
 
 __all__ = ["storage_diff"]
 

@@ -6,13 +6,13 @@ from typing import Callable
 
 import numpy as np
 
-from contracts.progress import NULL_PROGRESS, Progress, track
-from exporters.sparse import file_sizes
-from models.spec import ModelSpec, first_samples
-from contracts.tasks import get_task
-from runtime_check.accuracy import run_session, task_metrics
-from runtime_check.latency import measure_pair
-from runtime_check.session import make_session
+from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
+from sqexport.exporters.sparse import file_sizes
+from sqexport.models.spec import ModelSpec, first_samples
+from sqexport.contracts.tasks import get_task
+from sqexport.runtime_check.accuracy import run_session, task_metrics
+from sqexport.runtime_check.latency import measure_pair
+from sqexport.runtime_check.session import make_session
 
 __all__ = ["FIDELITY_SAMPLES", "accuracy_of", "fidelity_batches", "fidelity_of", "latency_of", "latency_sessions",
            "sizes_of"]

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from exporters.sparse import initializer_arrays
-from toolchain.cli import cli
+from sqexport.exporters.sparse import initializer_arrays
+from sqexport.toolchain.cli import cli
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -72,7 +72,7 @@ def onnx_tools():
 
 @pytest.fixture(scope="session")
 def digits_split():
-    from models.digits import digits_split as split
+    from sqexport.models.digits import digits_split as split
 
     return split()
 
@@ -188,7 +188,7 @@ def text_files(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def tiny_bert_spec(tiny_bert):
-    from models.hf import build_hf_spec
+    from sqexport.models.hf import build_hf_spec
 
     return build_hf_spec(tiny_bert)
 

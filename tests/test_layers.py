@@ -1,4 +1,4 @@
-"""Imports run one way: contracts -> models -> exporters -> runtime_check -> toolchain.
+"""Imports run one way: contracts -> models -> exporters -> runtime_check -> toolchain -> sqexport.
 
 Every .py file of the five packages is parsed (ast, nothing is imported), including imports inside
 functions: a lazy import is still a dependency. A lower layer importing a higher one, or any import
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("contracts", "models", "exporters", "runtime_check", "toolchain")
+LAYERS = ("contracts", "models", "exporters", "runtime_check", "toolchain", "sqexport")
+# installed, the layer folders are `sqexport.<layer>`; here they are named by their folders
+NAMESPACE = "sqexport."
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 
@@ -36,6 +38,13 @@ def _resolve(name: str, known: dict[str, Path]) -> str | None:
     return None
 
 
+def _local(name: str) -> str:
+    """`sqexport.toolchain.x` (the installed name) -> `toolchain.x` (the folder's name)."""
+    if name.startswith(NAMESPACE) and name[len(NAMESPACE):].split(".")[0] in RANK:
+        return name[len(NAMESPACE):]
+    return name
+
+
 def _imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[str, int]]:
     """(imported project module, line) for every import statement in the file."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -43,9 +52,9 @@ def _imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[str,
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
+            targets = [_local(a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
+            base = _local(node.module or "")
             if node.level:
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
@@ -148,10 +157,10 @@ def test_no_import_cycles_between_packages():
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("import toolchain.registry", ["toolchain.registry"]),
-    ("from exporters.qdq import Site", ["exporters.qdq"]),
-    ("from toolchain.pruning import magnitude", ["toolchain.pruning.magnitude"]),
-    ("def f():\n    from toolchain import pipeline", ["toolchain.pipeline"]),
+    ("import sqexport.toolchain.registry", ["toolchain.registry"]),
+    ("from sqexport.exporters.qdq import Site", ["exporters.qdq"]),
+    ("from sqexport.toolchain.pruning import magnitude", ["toolchain.pruning.magnitude"]),
+    ("def f():\n    from sqexport.toolchain import pipeline", ["toolchain.pipeline"]),
     ("from . import graph", ["exporters.graph"]),
     ("import numpy", []),
 ])

@@ -16,13 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from contracts.errors import ConfigError
-from contracts.tasks import get_task
-from runtime_check.gates import evaluate_gates
-from toolchain import signals
-from toolchain.candidates import Evaluator, PairTimer
-from toolchain.ray_cluster import node_label, parse_ray_address, ray_cluster, target_resource
-from toolchain.search import AutoConfig, run_auto
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.tasks import get_task
+from sqexport.runtime_check.gates import evaluate_gates
+from sqexport.toolchain import signals
+from sqexport.toolchain.candidates import Evaluator, PairTimer
+from sqexport.toolchain.ray_cluster import node_label, parse_ray_address, ray_cluster, target_resource
+from sqexport.toolchain.search import AutoConfig, run_auto
 
 __all__ = ["RayEvaluator", "run_auto_on_ray"]
 
@@ -30,8 +30,8 @@ _POLL_S = 0.5
 
 
 def _accuracy_task(context: dict, model: bytes) -> tuple[dict, str]:
-    from runtime_check.accuracy import run_session, task_metrics
-    from runtime_check.session import make_session
+    from sqexport.runtime_check.accuracy import run_session, task_metrics
+    from sqexport.runtime_check.session import make_session
 
     out = run_session(make_session(model, context["threads"]), context["eval_batches"], context["postprocess"])
     return task_metrics(get_task(context["task"]), context["base_out"], out, context["labels"]), node_label()

@@ -16,14 +16,14 @@ import stat
 import tempfile
 from pathlib import Path
 
-from contracts.errors import ConfigError, OutputError
-from contracts.files import read_regular_bytes, require_regular, sha256_file
-from runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR
-from runtime_check.device import RUNNER_ON_DEVICE, parse_device, run_on_device
-from runtime_check.report import render_markdown
-from toolchain import signals
-from toolchain.bundle_reader import read_bundle
-from toolchain.manifest import manifest_exists, owned, read_manifest, record
+from sqexport.contracts.errors import ConfigError, OutputError
+from sqexport.contracts.files import read_regular_bytes, require_regular, sha256_file
+from sqexport.runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR
+from sqexport.runtime_check.device import RUNNER_ON_DEVICE, parse_device, run_on_device
+from sqexport.runtime_check.report import render_markdown
+from sqexport.toolchain import signals
+from sqexport.toolchain.bundle_reader import read_bundle
+from sqexport.toolchain.manifest import manifest_exists, owned, read_manifest, record
 
 __all__ = ["bench", "REPRODUCE_MIN_COSINE", "RUNNER_SRC"]
 

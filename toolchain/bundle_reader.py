@@ -17,8 +17,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts.errors import ConfigError
-from contracts.files import is_sha256, require_regular, sha256_file
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.files import is_sha256, require_regular, sha256_file
 
 __all__ = ["Bundle", "read_bundle", "MAX_MEMBERS", "MAX_TOTAL_BYTES", "MAX_RATIO", "MANIFEST_MAX_BYTES"]
 

@@ -22,18 +22,18 @@ from typing import Callable
 
 import numpy as np
 
-from contracts.quant import QuantParams
-from contracts.tasks import get_task
-from runtime_check.accuracy import run_session, task_metrics
-from runtime_check.gates import evaluate_gates
-from runtime_check.latency import measure_pair
-from runtime_check.session import make_session
-from toolchain import pipeline
-from toolchain.quantization.fallback import FallbackPolicy
-from toolchain.quantize_step import (
+from sqexport.contracts.quant import QuantParams
+from sqexport.contracts.tasks import get_task
+from sqexport.runtime_check.accuracy import run_session, task_metrics
+from sqexport.runtime_check.gates import evaluate_gates
+from sqexport.runtime_check.latency import measure_pair
+from sqexport.runtime_check.session import make_session
+from sqexport.toolchain import pipeline
+from sqexport.toolchain.quantization.fallback import FallbackPolicy
+from sqexport.toolchain.quantize_step import (
     QuantPlan, apply_fallback, compute_params, plan_quantization, public_name, weight_range_info, write_model,
 )
-from toolchain.recipe import Recipe, Stage
+from sqexport.toolchain.recipe import Recipe, Stage
 
 __all__ = ["Mode", "Built", "Evaluator", "PairTimer", "SCREEN_LATENCY_S", "pruned_level", "with_recovery", "finish_level", "write_mode",
            "dynamic_applicable"]
@@ -104,7 +104,7 @@ class Evaluator:
 
 
 def _recipe(base: Recipe, sparsity: float, recover: Stage | None) -> Recipe:
-    from toolchain.pruning.structured_stage import StructuredPruneConfig
+    from sqexport.toolchain.pruning.structured_stage import StructuredPruneConfig
 
     prune = Stage("prune", "structured", StructuredPruneConfig(sparsity=sparsity)) if sparsity > 0 else None
     return base.with_stage("prune", prune).with_stage("recover", recover if prune else None)
@@ -165,7 +165,7 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
         shutil.copyfile(pipeline.prepared_file(state), path)
         recipe = base.with_stages("transform", []).with_stage("quantize", None)
         return Built(mode, path, state, recipe, None)
-    from toolchain.builtin_methods import lookup
+    from sqexport.toolchain.builtin_methods import lookup
 
     entry = lookup("quantize", mode.quant)
     current = base.stage("quantize")

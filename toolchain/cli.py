@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from contracts.errors import ConfigError, ModelLoadError, SqexportError, first_line
-from contracts.targets import target_names
-from contracts.tasks import hf_task_names
-from contracts.units import format_value
-from toolchain import signals
-from toolchain.settings import SETTINGS, check_setting
+from sqexport.contracts.errors import ConfigError, ModelLoadError, SqexportError, first_line
+from sqexport.contracts.targets import target_names
+from sqexport.contracts.tasks import hf_task_names
+from sqexport.contracts.units import format_value
+from sqexport.toolchain import signals
+from sqexport.toolchain.settings import SETTINGS, check_setting
 
 __all__ = ["main", "cli", "run_export_job", "sweep_jobs"]
 
@@ -101,13 +101,13 @@ def cli():
 
     `sqexport MODEL [options]` is short for `sqexport export MODEL [options]`.
     """
-    from toolchain.quiet import quiet_libraries
+    from sqexport.toolchain.quiet import quiet_libraries
 
     quiet_libraries()  # before any command imports onnxruntime
 
 
 def _names(kind: str) -> list[str]:
-    from toolchain.builtin_methods import names
+    from sqexport.toolchain.builtin_methods import names
 
     return names(kind)
 
@@ -136,7 +136,7 @@ class _VariantChoice(click.Choice):
 
     @property
     def choices(self) -> tuple[str, ...]:
-        from toolchain.pruning.sensitivity_stage import SENSITIVITY_VARIANTS
+        from sqexport.toolchain.pruning.sensitivity_stage import SENSITIVITY_VARIANTS
 
         return SENSITIVITY_VARIANTS
 
@@ -148,8 +148,8 @@ def _given(ctx: click.Context, name: str) -> bool:
 def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude",
                  quant_defaults: dict | None = None):
     """The recipe file (if any), then every flag the user actually typed on top of it."""
-    from toolchain.overrides import Overrides, apply_overrides
-    from toolchain.recipe import load_recipe
+    from sqexport.toolchain.overrides import Overrides, apply_overrides
+    from sqexport.toolchain.recipe import load_recipe
 
     typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "variant", "rank_energy", "lowrank_eps", "quant",
                                   "observer", "max_accuracy_drop", "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
@@ -196,7 +196,7 @@ class InputPath(click.Path):
     def convert(self, value, param, ctx):
         import stat
 
-        from contracts.files import file_kind
+        from sqexport.contracts.files import file_kind
 
         value = super().convert(value, param, ctx)
         try:
@@ -304,12 +304,12 @@ def export_cmd(ctx, model, quiet, **opts):
 
     Progress goes to stderr: live bars on a terminal, plain lines otherwise. The summary goes to stdout.
     """
-    from models.zoo import load_model
-    from toolchain import pipeline
-    from toolchain.progress import make_progress
-    from toolchain.stage_meter import measured_stage
+    from sqexport.models.zoo import load_model
+    from sqexport.toolchain import pipeline
+    from sqexport.toolchain.progress import make_progress
+    from sqexport.toolchain.stage_meter import measured_stage
 
-    from toolchain.output_folder import check_output
+    from sqexport.toolchain.output_folder import check_output
 
     auto = _guard(_auto_config, ctx, opts)
     if auto is not None:  # recovery settings went into AutoConfig; the search builds its own stages
@@ -333,11 +333,11 @@ def export_cmd(ctx, model, quiet, **opts):
             else:
                 progress.message(f"! {note}")
         if auto is not None and opts["ray"]:
-            from toolchain.auto_ray import run_auto_on_ray
+            from sqexport.toolchain.auto_ray import run_auto_on_ray
 
             report = _guard(run_auto_on_ray, opts["ray"], recipe, spec, outdir, progress, auto)
         elif auto is not None:
-            from toolchain.search import run_auto
+            from sqexport.toolchain.search import run_auto
 
             report = _guard(run_auto, recipe, spec, outdir, progress, auto)
         else:
@@ -354,7 +354,7 @@ def export_cmd(ctx, model, quiet, **opts):
 def _default_output(model: str) -> Path:
     """./sqexport-out/NAME; `.` and `..` name the folder they stand for. A reference with no name
     at all ('' or '/') is a bad MODEL, said as such (not as a complaint about sqexport-out)."""
-    from models.zoo import BUILTIN_MODELS
+    from sqexport.models.zoo import BUILTIN_MODELS
 
     name = Path(model.rstrip("/")).name if model.strip() else ""
     if name in ("", ".", "..") and model.strip():
@@ -369,7 +369,7 @@ def _default_output(model: str) -> Path:
 def _auto_config(ctx: click.Context, opts: dict):
     """--auto's settings, or None without --auto; flags naming what it chooses itself are errors."""
     if opts.get("ray"):
-        from toolchain.ray_cluster import parse_ray_address, require_ray
+        from sqexport.toolchain.ray_cluster import parse_ray_address, require_ray
 
         if not opts["auto"]:
             raise ConfigError("--ray distributes --auto's candidates; a single export is one job (for many, "
@@ -380,7 +380,7 @@ def _auto_config(ctx: click.Context, opts: dict):
         if opts["auto_minutes"] is not None:
             raise ConfigError("--auto-minutes needs --auto")
         return None
-    from toolchain.search import AutoConfig, check_auto_flags
+    from sqexport.toolchain.search import AutoConfig, check_auto_flags
 
     check_auto_flags([k for k in opts if _given(ctx, k) and opts[k] is not None and k not in ("recover", "ray")]
                      + (["recipe"] if opts["recipe"] else []))
@@ -391,26 +391,26 @@ def _auto_config(ctx: click.Context, opts: dict):
 
 
 def _with_user_data(spec, calib_data, eval_data, prep, seed):
-    from models.data import apply_user_data
+    from sqexport.models.data import apply_user_data
 
     return apply_user_data(spec, calib_data, eval_data, prep, seed)
 
 
 def _input_shapes(values):
-    from contracts.shapes import parse_input_shapes
+    from sqexport.contracts.shapes import parse_input_shapes
 
     return parse_input_shapes(values)
 
 
 def _is_user_model(ref: str) -> bool:
-    from models.user_model import is_user_model
-    from models.zoo import BUILTIN_MODELS
+    from sqexport.models.user_model import is_user_model
+    from sqexport.models.zoo import BUILTIN_MODELS
 
     return ref not in BUILTIN_MODELS and is_user_model(ref)
 
 
 def _image_prep(opts: dict):
-    from models.image_data import ImagePrep, parse_floats, parse_size
+    from sqexport.models.image_data import ImagePrep, parse_floats, parse_size
 
     return ImagePrep(parse_size(opts["image_size"]), parse_floats("--mean", opts["mean"]),
                      parse_floats("--std", opts["std"]), opts.get("views") or 1, opts.get("seed") or 0)
@@ -461,7 +461,7 @@ def run_export_job(argv, outdir: str) -> tuple[int, str]:
 
 def _job_flags() -> dict:
     """The export options a sweep job may set, keyed by parameter name (the long flag, '_' for '-')."""
-    from toolchain.sweep_spec import NOT_IN_JOBS, Flag
+    from sqexport.toolchain.sweep_spec import NOT_IN_JOBS, Flag
 
     flags = {}
     for p in export_cmd.params:
@@ -497,7 +497,7 @@ def _validate_job(argv: list[str], label: str) -> dict:
 
 
 def _is_path_model(ref: str) -> bool:
-    from models.zoo import BUILTIN_MODELS
+    from sqexport.models.zoo import BUILTIN_MODELS
 
     return ref not in BUILTIN_MODELS and ":" not in ref.split("/")[-1]
 
@@ -513,7 +513,7 @@ def _version() -> str:
 
 def sweep_jobs(path: Path) -> list:
     """The jobs of a sweep file, each checked as `sqexport export` checks its flags (ConfigError)."""
-    from toolchain.sweep_spec import load_sweep
+    from sqexport.toolchain.sweep_spec import load_sweep
 
     return load_sweep(path, _job_flags(), _validate_job, _is_path_model, _version())
 
@@ -545,12 +545,12 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
     Exit code: 0 every job passed; 1 a job failed its gates; 2 bad input (the file, or a job's
     data); 3 a job hit an internal error.
     """
-    from toolchain.progress import make_progress
-    from toolchain.sweep import run_sweep
+    from sqexport.toolchain.progress import make_progress
+    from sqexport.toolchain.sweep import run_sweep
 
     ray_target = None
     if ray is not None:
-        from toolchain.ray_cluster import parse_ray_address, require_ray
+        from sqexport.toolchain.ray_cluster import parse_ray_address, require_ray
 
         if workers != 1:
             raise ToolError("--workers runs processes on this machine; with --ray the cluster's CPUs decide")
@@ -594,11 +594,11 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
 def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, threads, max_accuracy_drop,
               min_speedup, max_latency_ms, arch, as_json):
     """Verify an existing .onnx or .ort model (accuracy vs --baseline, latency, gates)."""
-    from runtime_check.check import check_model
-    from runtime_check.gates import Gates
-    from runtime_check.session import default_threads
+    from sqexport.runtime_check.check import check_model
+    from sqexport.runtime_check.gates import Gates
+    from sqexport.runtime_check.session import default_threads
 
-    from toolchain.manifest import sibling_output
+    from sqexport.toolchain.manifest import sibling_output
 
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
     prep = _guard(_image_prep, {"image_size": image_size, "mean": mean, "std": std})
@@ -636,7 +636,7 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect_cmd(model_onnx, as_json):
     """Per-weight sparsity, QDQ coverage, dtypes and sizes of an ONNX model."""
-    from runtime_check.inspect_model import inspect_onnx
+    from sqexport.runtime_check.inspect_model import inspect_onnx
 
     info = _guard(inspect_onnx, Path(model_onnx))
     if as_json:
@@ -660,7 +660,7 @@ def inspect_cmd(model_onnx, as_json):
               help="Zip to write [OUTDIR/<name>-mobile.zip].")
 def package_cmd(outdir, target, output):
     """Build <name>-mobile.zip from the output folder of `sqexport MODEL --target mobile`."""
-    from toolchain.packaging import package_outdir
+    from sqexport.toolchain.packaging import package_outdir
 
     info = _guard(package_outdir, Path(outdir), Path(output) if output else None)
     click.echo(f"{info['path']}: {info['bytes']:,} bytes, {len(info['files'])} files ({', '.join(info['files'])})")
@@ -688,7 +688,7 @@ def bench_cmd(model_or_bundle, device, device_cmd, perf_test, device_python, thr
     """Latency of a mobile bundle (or .ort/.onnx) on a device, with the bundled runner."""
     import re
 
-    from toolchain.bench import bench
+    from sqexport.toolchain.bench import bench
 
     if not re.fullmatch(r"\d+(,\d+)*", thread_list) or "0" in thread_list.split(","):
         raise ToolError(f"--threads {thread_list}: expected thread counts like 1,2")
@@ -715,7 +715,7 @@ def bench_cmd(model_or_bundle, device, device_cmd, perf_test, device_python, thr
 @cli.command("models")
 def models_cmd():
     """List the built-in models."""
-    from models.zoo import BUILTIN_MODELS, DEFAULT_MODEL
+    from sqexport.models.zoo import BUILTIN_MODELS, DEFAULT_MODEL
 
     for name, (summary, _) in sorted(BUILTIN_MODELS.items()):
         click.echo(f"{name:<12} {summary}{'  [default]' if name == DEFAULT_MODEL else ''}")
@@ -724,8 +724,8 @@ def models_cmd():
 @cli.command("methods")
 def methods_cmd():
     """List the pruning, transform and quantization methods and the activation observers."""
-    from toolchain.builtin_methods import entries
-    from toolchain.stages import STAGE_KINDS
+    from sqexport.toolchain.builtin_methods import entries
+    from sqexport.toolchain.stages import STAGE_KINDS
 
     none = {"prune": "no pruning", "quantize": "FP32 export of the (pruned) model"}
     for kind in STAGE_KINDS + ("observer",):

@@ -13,8 +13,8 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from contracts.errors import OutputError
-from contracts.files import is_sha256, sha256_file
+from sqexport.contracts.errors import OutputError
+from sqexport.contracts.files import is_sha256, sha256_file
 
 __all__ = ["MANIFEST", "MAX_MANIFEST_BYTES", "safe_relative", "read_manifest", "manifest_exists", "owned",
            "record", "write_manifest_entries", "sibling_output"]

@@ -7,15 +7,15 @@ from typing import Callable
 
 import onnx
 
-from exporters.bundle import REFERENCE_NAME, write_reference
-from exporters.mobile import PREPROCESSING_KEY, convert_to_ort, fix_shapes, resolve_fixed_shapes
-from exporters.sparse import file_sizes
-from models.spec import ModelSpec
-from runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR, emulator_status
-from runtime_check.fixed_inputs import fit_batches
-from runtime_check.gates import Gates, evaluate_gates
-from runtime_check.mobile_check import usability, verify_ort
-from runtime_check.session import make_session
+from sqexport.exporters.bundle import REFERENCE_NAME, write_reference
+from sqexport.exporters.mobile import PREPROCESSING_KEY, convert_to_ort, fix_shapes, resolve_fixed_shapes
+from sqexport.exporters.sparse import file_sizes
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR, emulator_status
+from sqexport.runtime_check.fixed_inputs import fit_batches
+from sqexport.runtime_check.gates import Gates, evaluate_gates
+from sqexport.runtime_check.mobile_check import usability, verify_ort
+from sqexport.runtime_check.session import make_session
 
 __all__ = ["mobile_step", "app_metadata"]
 
@@ -63,7 +63,7 @@ def mobile_step(spec: ModelSpec, tmp: Path, user_shapes: dict, limit: float, sta
     checks = _checks(verify, limit)
     ready, why = emulator_status()
     if ready:
-        from runtime_check.arm64_check import verify_arm64
+        from sqexport.runtime_check.arm64_check import verify_arm64
 
         with stage("mobile.arm64") as rec:
             arm, arm_checks = verify_arm64(ort_path, spec.eval_batches, spec.eval_labels, base_out,

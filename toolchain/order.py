@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.quant import quantize_weight_per_channel
+from sqexport.contracts.quant import quantize_weight_per_channel
 
 __all__ = ["ORDERS", "DEFAULT_ORDER", "fake_quant_weight", "quantize_layers_", "order_errors"]
 

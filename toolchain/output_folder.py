@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from contracts.errors import OutputError
-from contracts.files import sha256_file
-from toolchain import signals
-from toolchain.manifest import MANIFEST, read_manifest, write_manifest_entries
+from sqexport.contracts.errors import OutputError
+from sqexport.contracts.files import sha256_file
+from sqexport.toolchain import signals
+from sqexport.toolchain.manifest import MANIFEST, read_manifest, write_manifest_entries
 
 __all__ = ["MANIFEST", "TMP_MARKER", "atomic_output", "check_output", "resolve_output",
            "remove_stale_temps", "intact_output"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from contracts.errors import ConfigError
-from toolchain.pruning.nm import parse_nm
-from toolchain.recipe import Recipe, Stage
-from toolchain.builtin_methods import lookup
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.nm import parse_nm
+from sqexport.toolchain.recipe import Recipe, Stage
+from sqexport.toolchain.builtin_methods import lookup
 
 __all__ = ["Overrides", "apply_overrides", "DEFAULT_SPARSITY"]
 

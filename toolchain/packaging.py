@@ -11,10 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from contracts.errors import ConfigError
-from contracts.files import read_regular_bytes
-from exporters.bundle import build_bundle, bundle_name
-from toolchain.manifest import manifest_exists, owned, read_manifest, record
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.files import read_regular_bytes
+from sqexport.exporters.bundle import build_bundle, bundle_name
+from sqexport.toolchain.manifest import manifest_exists, owned, read_manifest, record
 
 __all__ = ["package_outdir"]
 

@@ -18,35 +18,35 @@ import onnx
 import onnxruntime
 import torch
 
-from contracts.progress import NULL_PROGRESS, Progress, track
-from contracts.quant import ObservedRanges
-from contracts.tasks import get_task
-from exporters.bundle import build_bundle
-from exporters.export import exporter_for
-from exporters.sparse import sizes_measured_meanwhile, store_sparse
-from models.spec import ModelSpec
-from runtime_check.gates import accuracy_limit, evaluate_gates
-from runtime_check.report import write_report
-from runtime_check.session import default_threads
-from runtime_check.sparse_check import storage_diff
-from runtime_check.verify import accuracy_of, fidelity_of, latency_of, latency_sessions, sizes_of
-from contracts.errors import DataError
-from toolchain import signals
-from toolchain.bn_recalibration import recalibrate_batchnorm
-from toolchain.builtin_methods import lookup
-from toolchain.folding import copy_for_compression, fold_batchnorm
-from toolchain.mobile_step import mobile_step
-from toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
-from toolchain.prepared_graph import BaselineGraph, GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
-from runtime_check.isa import weight_qmax
-from toolchain.output_folder import atomic_output
-from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
-from toolchain.quantize_step import quantize_to_onnx
-from toolchain.recipe import Recipe, Stage
-from toolchain.sparsity_search import choose_sparsity
-from toolchain.recover_step import make_fine_tune
-from toolchain.stage_meter import measured_stage
-from toolchain.stages import PruneContext, RecoverContext, TransformContext
+from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
+from sqexport.contracts.quant import ObservedRanges
+from sqexport.contracts.tasks import get_task
+from sqexport.exporters.bundle import build_bundle
+from sqexport.exporters.export import exporter_for
+from sqexport.exporters.sparse import sizes_measured_meanwhile, store_sparse
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.gates import accuracy_limit, evaluate_gates
+from sqexport.runtime_check.report import write_report
+from sqexport.runtime_check.session import default_threads
+from sqexport.runtime_check.sparse_check import storage_diff
+from sqexport.runtime_check.verify import accuracy_of, fidelity_of, latency_of, latency_sessions, sizes_of
+from sqexport.contracts.errors import DataError
+from sqexport.toolchain import signals
+from sqexport.toolchain.bn_recalibration import recalibrate_batchnorm
+from sqexport.toolchain.builtin_methods import lookup
+from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
+from sqexport.toolchain.mobile_step import mobile_step
+from sqexport.toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
+from sqexport.toolchain.prepared_graph import BaselineGraph, GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.output_folder import atomic_output
+from sqexport.toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
+from sqexport.toolchain.quantize_step import quantize_to_onnx
+from sqexport.toolchain.recipe import Recipe, Stage
+from sqexport.toolchain.sparsity_search import choose_sparsity
+from sqexport.toolchain.recover_step import make_fine_tune
+from sqexport.toolchain.stage_meter import measured_stage
+from sqexport.toolchain.stages import PruneContext, RecoverContext, TransformContext
 
 __all__ = ["run", "RunState", "STEPS", "StageTimer", "seed_everything", "prepared_file"]
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
-from exporters.qdq import Site, find_sites
-from exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
-from exporters.weight_index import WeightIndex
-from toolchain.order import DEFAULT_ORDER
-from toolchain.quantization.smoothing import SmoothedLinear
-from toolchain.recipe import Recipe
+from sqexport.exporters.qdq import Site, find_sites
+from sqexport.exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
+from sqexport.exporters.weight_index import WeightIndex
+from sqexport.toolchain.order import DEFAULT_ORDER
+from sqexport.toolchain.quantization.smoothing import SmoothedLinear
+from sqexport.toolchain.recipe import Recipe
 
 __all__ = ["BaselineGraph", "GraphMismatch", "recipe_blocker", "keep_baseline", "smoothed_groups", "derive_prepared"]
 

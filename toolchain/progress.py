@@ -15,8 +15,8 @@ import time
 from contextlib import contextmanager
 from typing import IO, Iterator
 
-from contracts.progress import NULL_PROGRESS, Progress
-from toolchain import signals
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.toolchain import signals
 
 __all__ = ["RichProgress", "PlainProgress", "make_progress", "stage_line"]
 

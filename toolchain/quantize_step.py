@@ -13,30 +13,30 @@ import onnx
 import torch
 from torch.ao.nn.quantized import FloatFunctional
 
-from contracts.errors import DataError, ExportError, first_line
-from contracts.progress import NULL_PROGRESS, Progress, track
-from contracts.quant import Anchor, ObservedRanges, QuantParams
-from contracts.tasks import get_task
-from exporters.coverage import weight_layer_coverage
-from exporters.dynamic import insert_dynamic
-from exporters.graph import merge_duplicate_nodes, own_weights
-from exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
-from exporters.tensor_sites import find_tensor_sites
-from models.spec import ModelSpec, first_samples
-from runtime_check.accuracy import drop_in_unit, task_metrics
-from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
-from runtime_check.verify import fidelity_batches
-from toolchain.builtin_methods import lookup
-from toolchain.hooks import run_with_hooks
-from toolchain.pruning import prunable_layers
-from toolchain.quantization.static import fake_quantized
-from toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
-from toolchain.quantization.prediction import (
+from sqexport.contracts.errors import DataError, ExportError, first_line
+from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
+from sqexport.contracts.quant import Anchor, ObservedRanges, QuantParams
+from sqexport.contracts.tasks import get_task
+from sqexport.exporters.coverage import weight_layer_coverage
+from sqexport.exporters.dynamic import insert_dynamic
+from sqexport.exporters.graph import merge_duplicate_nodes, own_weights
+from sqexport.exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
+from sqexport.exporters.tensor_sites import find_tensor_sites
+from sqexport.models.spec import ModelSpec, first_samples
+from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
+from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
+from sqexport.runtime_check.verify import fidelity_batches
+from sqexport.toolchain.builtin_methods import lookup
+from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.toolchain.quantization.static import fake_quantized
+from sqexport.toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
+from sqexport.toolchain.quantization.prediction import (
     EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
 )
-from toolchain.quantization.smoothing import SmoothedLinear
-from toolchain.recipe import Stage
-from toolchain.stages import QuantContext
+from sqexport.toolchain.quantization.smoothing import SmoothedLinear
+from sqexport.toolchain.recipe import Stage
+from sqexport.toolchain.stages import QuantContext
 
 __all__ = ["QuantPlan", "plan_quantization", "public_name", "compute_params", "apply_fallback", "write_model",
            "quantize_to_onnx", "torch_reference", "weight_range_info"]

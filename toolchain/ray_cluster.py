@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from contracts.errors import ConfigError, first_line
-from contracts.targets import target_names
-from toolchain import signals
+from sqexport.contracts.errors import ConfigError, first_line
+from sqexport.contracts.targets import target_names
+from sqexport.toolchain import signals
 
 __all__ = ["RayTarget", "parse_ray_address", "require_ray", "ray_cluster", "target_resource", "node_label",
            "torch_threads_like_cli"]
@@ -119,7 +119,7 @@ def torch_threads_like_cli(omp_num_threads: str | None) -> None:
     caller's OMP_NUM_THREADS if it set one, else every core it may run on) to write the same bytes."""
     import torch
 
-    from runtime_check.session import default_threads
+    from sqexport.runtime_check.session import default_threads
 
     n = int(omp_num_threads) if omp_num_threads and omp_num_threads.isdigit() else default_threads()
     if torch.get_num_threads() != n:

@@ -8,14 +8,14 @@ from typing import Any
 
 import yaml
 
-from runtime_check.gates import Gates
-from contracts.errors import ConfigError
-from contracts.targets import target_names
-from toolchain.builtin_methods import config_from_dict, config_to_dict
-from toolchain.order import DEFAULT_ORDER, ORDERS
-from toolchain.recipe_yaml import read_recipe_yaml
-from toolchain.settings import check_setting
-from toolchain.stages import STAGE_KINDS
+from sqexport.runtime_check.gates import Gates
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.targets import target_names
+from sqexport.toolchain.builtin_methods import config_from_dict, config_to_dict
+from sqexport.toolchain.order import DEFAULT_ORDER, ORDERS
+from sqexport.toolchain.recipe_yaml import read_recipe_yaml
+from sqexport.toolchain.settings import check_setting
+from sqexport.toolchain.stages import STAGE_KINDS
 
 __all__ = ["Stage", "Recipe", "TARGETS", "load_recipe", "upgrade_stage_dicts"]
 

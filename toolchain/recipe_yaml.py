@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode
 
-from contracts.errors import ConfigError, first_line
-from contracts.files import read_regular_bytes
+from sqexport.contracts.errors import ConfigError, first_line
+from sqexport.contracts.files import read_regular_bytes
 
 __all__ = ["read_recipe_yaml", "MAX_BYTES", "MAX_EXPANDED", "MAX_DEPTH"]
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from contracts.progress import NULL_PROGRESS, Progress
-from contracts.units import metric_units
-from models.spec import ModelSpec, first_samples
-from contracts.tasks import get_task
-from runtime_check.accuracy import task_metrics
-from toolchain.folding import copy_for_compression
-from toolchain.recovery import RecoveryConfig, make_pool, recover
-from toolchain.registry import register
-from toolchain.stages import RecoverContext
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.contracts.units import metric_units
+from sqexport.models.spec import ModelSpec, first_samples
+from sqexport.contracts.tasks import get_task
+from sqexport.runtime_check.accuracy import task_metrics
+from sqexport.toolchain.folding import copy_for_compression
+from sqexport.toolchain.recovery import RecoveryConfig, make_pool, recover
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import RecoverContext
 
 __all__ = ["run_recovery", "make_fine_tune", "torch_metric", "recover_distill", "METRIC_SAMPLES"]
 
@@ -45,7 +45,7 @@ def _sources(spec: ModelSpec, extra_path: str | None):
     if spec.recover_data is not None:
         sources.append(spec.recover_data())
     if extra_path:
-        from models.data import load_data_file
+        from sqexport.models.data import load_data_file
 
         sources.append(load_data_file(extra_path, spec))
     batches = [b for bs, _ in sources for b in bs]

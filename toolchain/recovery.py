@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.recovery_data import Pool, TextPool, make_pool
-from toolchain.recovery_threads import ThreadPicker
-from toolchain.recovery_encoder import EncoderOutputs, LossWeights, attention_modules, encoder_forward, encoder_loss
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.recovery_data import Pool, TextPool, make_pool
+from sqexport.toolchain.recovery_threads import ThreadPicker
+from sqexport.toolchain.recovery_encoder import EncoderOutputs, LossWeights, attention_modules, encoder_forward, encoder_loss
 
 __all__ = ["RecoveryConfig", "recover", "distill_loss", "lr_factor", "LOSS_WEIGHTS"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.text_data import MAX_LENGTH
+from sqexport.models.text_data import MAX_LENGTH
 
 __all__ = ["Pool", "ImagePool", "TensorPool", "TextPool", "make_pool"]
 

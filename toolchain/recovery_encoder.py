@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contracts.errors import ConfigError
+from sqexport.contracts.errors import ConfigError
 
 __all__ = ["EncoderOutputs", "LossWeights", "encoder_forward", "encoder_loss", "attention_modules"]
 
@@ -42,7 +42,7 @@ class EncoderOutputs:
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention sublayers of a BERT-style encoder ([] for other architectures: the loss then
     uses hidden states only)."""
-    from toolchain.pruning.transformer_structured import encoder_layers
+    from sqexport.toolchain.pruning.transformer_structured import encoder_layers
 
     try:
         return [lay.attention for lay in encoder_layers(model)]

@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from contracts.errors import ConfigError
-from toolchain.settings import check_config_params
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.settings import check_config_params
 
 __all__ = ["StageEntry", "register", "lookup", "names", "config_to_dict", "config_from_dict", "entries"]
 

@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from contracts.errors import ConfigError, SqexportError, first_line
-from contracts.progress import NULL_PROGRESS, Progress
-from runtime_check.gates import accuracy_limit
-from runtime_check.session import default_threads
-from toolchain import pipeline
-from toolchain.candidates import (
+from sqexport.contracts.errors import ConfigError, SqexportError, first_line
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.runtime_check.gates import accuracy_limit
+from sqexport.runtime_check.session import default_threads
+from sqexport.toolchain import pipeline
+from sqexport.toolchain.candidates import (
     SCREEN_LATENCY_S, Built, Evaluator, Mode, dynamic_applicable, finish_level, metric_of, pruned_level, timed,
     with_recovery, write_mode,
 )
-from toolchain.output_folder import atomic_output
-from toolchain.quantize_step import torch_reference
-from toolchain.recipe import Recipe, Stage
-from toolchain.recovery import RecoveryConfig
+from sqexport.toolchain.output_folder import atomic_output
+from sqexport.toolchain.quantize_step import torch_reference
+from sqexport.toolchain.recipe import Recipe, Stage
+from sqexport.toolchain.recovery import RecoveryConfig
 
 __all__ = ["AutoConfig", "run_auto", "check_auto_flags", "DEFAULT_LEVELS", "DEFAULT_MINUTES"]
 

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.errors import ConfigError
+from sqexport.contracts.errors import ConfigError
 
 __all__ = ["Setting", "SETTINGS", "check_setting", "check_type", "check_config_params", "max_threads",
            "SEED_MAX"]

@@ -13,7 +13,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from contracts.errors import Interruption
+from sqexport.contracts.errors import Interruption
 
 __all__ = ["Interrupted", "install", "check", "received", "deferred", "HANDLED"]
 

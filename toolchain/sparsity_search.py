@@ -15,15 +15,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from contracts.progress import NULL_PROGRESS, Progress
-from contracts.tasks import get_task
-from models.spec import ModelSpec
-from runtime_check.accuracy import drop_in_unit, task_metrics
-from toolchain.bn_recalibration import recalibrate_batchnorm
-from toolchain.folding import copy_for_compression
-from toolchain.pruning import prunable_layers
-from toolchain.recipe import Stage
-from toolchain.stages import PruneContext
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.contracts.tasks import get_task
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
+from sqexport.toolchain.bn_recalibration import recalibrate_batchnorm
+from sqexport.toolchain.folding import copy_for_compression
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.toolchain.recipe import Stage
+from sqexport.toolchain.stages import PruneContext
 
 __all__ = ["PRUNE_SHARE", "MAX_SPARSITY", "GRID", "SparsityChoice", "choose_sparsity"]
 

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from contracts.progress import Progress
+from sqexport.contracts.progress import Progress
 
 __all__ = ["StageMeter", "measured_stage", "current_rss_mb", "max_rss_mb"]
 

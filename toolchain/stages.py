@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.progress import NULL_PROGRESS, Progress
-from contracts.quant import Anchor, ObservedRanges, QuantParams
-from runtime_check.isa import int8_saturates
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.contracts.quant import Anchor, ObservedRanges, QuantParams
+from sqexport.runtime_check.isa import int8_saturates
 
 if TYPE_CHECKING:
-    from models.spec import ModelSpec
+    from sqexport.models.spec import ModelSpec
 
 __all__ = [
     "STAGE_KINDS", "StageConfig", "Runner", "FineTune",

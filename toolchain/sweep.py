@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from contracts.errors import ConfigError
-from contracts.progress import Progress
-from toolchain.output_folder import MANIFEST, check_output, resolve_output
-from toolchain.sweep_local import JobFn, run_processes, run_sequential
-from toolchain.sweep_progress import Tally
-from toolchain.sweep_report import REPORT_FILES, job_row, write_sweep_report
-from toolchain.sweep_spec import Job
-from toolchain.sweep_state import STATE_FILE, Outcome, load_state, record, reusable
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.progress import Progress
+from sqexport.toolchain.output_folder import MANIFEST, check_output, resolve_output
+from sqexport.toolchain.sweep_local import JobFn, run_processes, run_sequential
+from sqexport.toolchain.sweep_progress import Tally
+from sqexport.toolchain.sweep_report import REPORT_FILES, job_row, write_sweep_report
+from sqexport.toolchain.sweep_spec import Job
+from sqexport.toolchain.sweep_state import STATE_FILE, Outcome, load_state, record, reusable
 
 __all__ = ["run_sweep", "check_root", "exit_code_of"]
 
@@ -87,8 +87,8 @@ def run_sweep(jobs: Sequence[Job], root: Path, sweep_file: Path, job_fn: JobFn, 
             else:
                 todo.append(job)
         if ray_target is not None:
-            from toolchain.ray_cluster import ray_cluster
-            from toolchain.sweep_ray import run_ray
+            from sqexport.toolchain.ray_cluster import ray_cluster
+            from sqexport.toolchain.sweep_ray import run_ray
 
             with ray_cluster(ray_target) as info:
                 runner = f"Ray {info['address']} ({info['nodes']} node(s), {info['cpus']:g} CPUs)"

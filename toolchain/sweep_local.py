@@ -16,10 +16,10 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from toolchain import signals
-from toolchain.output_folder import remove_stale_temps
-from toolchain.sweep_spec import Job
-from toolchain.sweep_state import Outcome, retryable
+from sqexport.toolchain import signals
+from sqexport.toolchain.output_folder import remove_stale_temps
+from sqexport.toolchain.sweep_spec import Job
+from sqexport.toolchain.sweep_state import Outcome, retryable
 
 __all__ = ["JobFn", "Events", "run_sequential", "run_processes", "MAX_ATTEMPTS"]
 

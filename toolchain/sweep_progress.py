@@ -1,8 +1,8 @@
 """Jobs done / running / failed, told through the CLI's progress reporter (silent with --quiet)."""
 from __future__ import annotations
 
-from contracts.progress import Progress
-from toolchain.sweep_state import Outcome
+from sqexport.contracts.progress import Progress
+from sqexport.toolchain.sweep_state import Outcome
 
 __all__ = ["Tally", "verdict"]
 

@@ -20,13 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from contracts.errors import first_line
-from toolchain import signals
-from toolchain.output_folder import MANIFEST, atomic_output
-from toolchain.ray_cluster import node_label, torch_threads_like_cli
-from toolchain.sweep_local import Events, JobFn
-from toolchain.sweep_spec import Job
-from toolchain.sweep_state import Outcome
+from sqexport.contracts.errors import first_line
+from sqexport.toolchain import signals
+from sqexport.toolchain.output_folder import MANIFEST, atomic_output
+from sqexport.toolchain.ray_cluster import node_label, torch_threads_like_cli
+from sqexport.toolchain.sweep_local import Events, JobFn
+from sqexport.toolchain.sweep_spec import Job
+from sqexport.toolchain.sweep_state import Outcome
 
 __all__ = ["run_ray", "MAX_RETRIES"]
 

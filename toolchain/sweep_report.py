@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from toolchain.sweep_progress import verdict
-from toolchain.sweep_spec import Job
-from toolchain.sweep_state import Outcome, write_atomic
+from sqexport.toolchain.sweep_progress import verdict
+from sqexport.toolchain.sweep_spec import Job
+from sqexport.toolchain.sweep_state import Outcome, write_atomic
 
 __all__ = ["REPORT_FILES", "job_row", "write_sweep_report", "pareto_front"]
 
@@ -55,7 +55,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _plot(rows: list[dict], path: Path) -> bool:
-    from runtime_check.plots import new_figure, save_png
+    from sqexport.runtime_check.plots import new_figure, save_png
 
     models = sorted({r["model"] for r in rows if r.get("latency_p50_ms") is not None and r.get("metric") is not None})
     if not models:

@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from contracts.errors import ConfigError, first_line
-from contracts.files import sha256_file
+from sqexport.contracts.errors import ConfigError, first_line
+from sqexport.contracts.files import sha256_file
 
 __all__ = ["Flag", "Job", "load_sweep", "PATH_OPTIONS", "NOT_IN_JOBS"]
 

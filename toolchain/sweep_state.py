@@ -13,9 +13,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from contracts.files import sha256_file
-from toolchain.output_folder import MANIFEST, intact_output
-from toolchain.sweep_spec import Job
+from sqexport.contracts.files import sha256_file
+from sqexport.toolchain.output_folder import MANIFEST, intact_output
+from sqexport.toolchain.sweep_spec import Job
 
 __all__ = ["Outcome", "STATE_FILE", "load_state", "save_state", "reusable", "record", "retryable", "write_atomic"]
 

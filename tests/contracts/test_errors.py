@@ -1,7 +1,7 @@
 """first_line: the one helper every "first line of an exception" message goes through."""
 import pytest
 
-from contracts.errors import first_line
+from sqexport.contracts.errors import first_line
 
 
 @pytest.mark.parametrize("exc, expected", [

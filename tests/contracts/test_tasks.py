@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from contracts.errors import ConfigError
-from contracts.targets import get_target, target_names
-from contracts.tasks import first_output, get_task, hf_task_names, mean_pool, task_for_output, task_names, unit_of_metric
-from runtime_check.accuracy import drop_in_unit, task_metrics
-from runtime_check.gates import DEFAULT_DROP, Gates, accuracy_limit
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.targets import get_target, target_names
+from sqexport.contracts.tasks import first_output, get_task, hf_task_names, mean_pool, task_for_output, task_names, unit_of_metric
+from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
+from sqexport.runtime_check.gates import DEFAULT_DROP, Gates, accuracy_limit
 
 
 def test_known_tasks_and_a_miss_that_lists_them():

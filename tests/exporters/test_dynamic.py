@@ -3,8 +3,8 @@ weights equal to the torch-side quantized weights (transposed), onnxruntime outp
 torch fake-quant model (activations quantized per tensor at run time)."""
 from types import SimpleNamespace
 
-from runtime_check.isa import weight_qmax
-from toolchain.stages import QuantContext
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,14 +13,14 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.dynamic import insert_dynamic
-from exporters.onnx_export import export_torch
-from exporters.qdq import find_sites
-from toolchain.pruning import prunable_layers
-from contracts.quant import Anchor, QuantParams
-from toolchain.quantization import fake_quant_model, quantize_weights
-from toolchain.quantization.int8 import Int8DynamicConfig
-from toolchain.builtin_methods import lookup
+from sqexport.exporters.dynamic import insert_dynamic
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.exporters.qdq import find_sites
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.contracts.quant import Anchor, QuantParams
+from sqexport.toolchain.quantization import fake_quant_model, quantize_weights
+from sqexport.toolchain.quantization.int8 import Int8DynamicConfig
+from sqexport.toolchain.builtin_methods import lookup
 
 OPT_LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
 

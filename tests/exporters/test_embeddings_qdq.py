@@ -3,7 +3,7 @@ pair with the table's own params after the Gather, onnxruntime output equal to t
 with the dequantized table."""
 from types import SimpleNamespace
 
-from toolchain.stages import QuantContext
+from sqexport.toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,14 +12,14 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.onnx_export import export_torch
-from exporters.qdq import find_embedding_sites, find_sites, insert_qdq
-from toolchain.pruning import prunable_layers
-from contracts.quant import Anchor, QuantParams
-from toolchain.quantization import fake_quant_model
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.static import MIN_EMBEDDING_ROWS, quantize_embeddings
-from toolchain.builtin_methods import lookup
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.exporters.qdq import find_embedding_sites, find_sites, insert_qdq
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.contracts.quant import Anchor, QuantParams
+from sqexport.toolchain.quantization import fake_quant_model
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.static import MIN_EMBEDDING_ROWS, quantize_embeddings
+from sqexport.toolchain.builtin_methods import lookup
 
 OPT_LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
 VOCAB, SEGMENTS, DIM = 2048, 64, 16

@@ -1,8 +1,8 @@
 """One exporter object per model kind."""
 import torch
 
-from exporters.export import EXPORTERS, OptimumExporter, TorchOnnxExporter, exporter_for
-from models.spec import HFFolder, ModelKind, ModelSpec, TorchModule
+from sqexport.exporters.export import EXPORTERS, OptimumExporter, TorchOnnxExporter, exporter_for
+from sqexport.models.spec import HFFolder, ModelKind, ModelSpec, TorchModule
 
 
 def _spec(kind: ModelKind) -> ModelSpec:

@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.graph import merge_duplicate_nodes
+from sqexport.exporters.graph import merge_duplicate_nodes
 
 
 def _graph():
@@ -45,7 +45,7 @@ def test_identical_muls_merge_and_results_are_unchanged():
 def test_own_weights_copies_weights_only_weight_layers_share():
     from onnx import TensorProto, helper, numpy_helper
 
-    from exporters.graph import own_weights
+    from sqexport.exporters.graph import own_weights
 
     w = numpy_helper.from_array(np.zeros((2, 2, 1, 1), np.float32), "w")
     table = numpy_helper.from_array(np.ones((4, 2), np.float32), "table")

@@ -7,9 +7,9 @@ import pytest
 from onnx import helper, numpy_helper, TensorProto
 from torch import nn
 
-from exporters.onnx_export import OPSET, check_model, export_torch
-from exporters.sparse import deflated_size, file_sizes, initializer_stats
-from contracts.errors import ExportError
+from sqexport.exporters.onnx_export import OPSET, check_model, export_torch
+from sqexport.exporters.sparse import deflated_size, file_sizes, initializer_stats
+from sqexport.contracts.errors import ExportError
 
 
 def test_export_torch_writes_a_checked_model(tmp_path):

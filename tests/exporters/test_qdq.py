@@ -2,7 +2,7 @@
 quantized weights, and onnxruntime output equal to the torch fake-quant model."""
 from types import SimpleNamespace
 
-from toolchain.stages import QuantContext
+from sqexport.toolchain.stages import QuantContext
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,16 +11,16 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.onnx_export import export_torch
-from exporters.graph import toposort
-from exporters.qdq import find_sites, insert_qdq
-from toolchain.pruning import prunable_layers
-from toolchain.pruning.magnitude import magnitude_masks
-from toolchain.pruning.masks import apply_masks
-from contracts.quant import Anchor
-from toolchain.quantization import fake_quant_model
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.builtin_methods import lookup
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.exporters.graph import toposort
+from sqexport.exporters.qdq import find_sites, insert_qdq
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.toolchain.pruning.magnitude import magnitude_masks
+from sqexport.toolchain.pruning.masks import apply_masks
+from sqexport.contracts.quant import Anchor
+from sqexport.toolchain.quantization import fake_quant_model
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.builtin_methods import lookup
 
 OPT_LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
 

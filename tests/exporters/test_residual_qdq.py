@@ -8,14 +8,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from contracts.quant import Anchor
-from exporters.onnx_export import export_torch
-from exporters.qdq import find_sites, insert_qdq
-from toolchain.builtin_methods import lookup
-from toolchain.pruning import prunable_layers
-from toolchain.quantization import fake_quant_model
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.stages import QuantContext
+from sqexport.contracts.quant import Anchor
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.exporters.qdq import find_sites, insert_qdq
+from sqexport.toolchain.builtin_methods import lookup
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.toolchain.quantization import fake_quant_model
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.stages import QuantContext
 
 
 class ResNetlet(nn.Module):

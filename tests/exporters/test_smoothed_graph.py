@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.qdq import find_sites
-from exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
-from exporters.weight_index import WeightIndex
+from sqexport.exporters.qdq import find_sites
+from sqexport.exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
+from sqexport.exporters.weight_index import WeightIndex
 
 RNG = np.random.default_rng(0)
 W = {"q": RNG.normal(size=(5, 4)).astype(np.float32), "k": RNG.normal(size=(5, 4)).astype(np.float32),

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.sparse import densify, initializer_arrays, initializer_stats, store_sparse
-from runtime_check.inspect_model import inspect_onnx
+from sqexport.exporters.sparse import densify, initializer_arrays, initializer_stats, store_sparse
+from sqexport.runtime_check.inspect_model import inspect_onnx
 
 
 def _qdq_matmul(path, density: float, seed: int = 0):
@@ -80,7 +80,7 @@ def test_zero_points_stay_dense_and_the_usability_checker_reads_sparse_models(tm
     """Per-channel zero points are all zeros, and in a quantized transformer they are big enough
     to look "sparser" stored sparse; they are not pruned weights, so they stay dense. onnxruntime's
     mobile usability checker takes sparse initializers for missing inputs, so it gets a dense copy."""
-    from runtime_check.mobile_check import usability
+    from sqexport.runtime_check.mobile_check import usability
 
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (64, 512)).astype(np.int8)  # (in, out): per-channel along axis 1
@@ -103,7 +103,7 @@ def test_zero_points_stay_dense_and_the_usability_checker_reads_sparse_models(tm
 def test_unchanged_file_is_deflated_once_and_rewrites_are_measured_again(tmp_path, monkeypatch):
     """Nothing to store sparse: the file is measured once (no rewrite, no second deflate); the
     size cache follows the content, so a rewritten file is measured again."""
-    import exporters.sparse as sparse
+    import sqexport.exporters.sparse as sparse
     calls = []
     real = sparse.deflated_size
     monkeypatch.setattr(sparse, "deflated_size", lambda p, on_bytes=None: calls.append(p) or real(p))
@@ -125,7 +125,7 @@ def test_deflated_size_is_a_zip_around_one_deflate_stream_of_the_file(tmp_path):
     import zipfile
     import zlib
 
-    from exporters.sparse import _zip_overhead, deflate_stream_size, deflated_size
+    from sqexport.exporters.sparse import _zip_overhead, deflate_stream_size, deflated_size
     path = tmp_path / "data.bin"
     data = np.random.default_rng(0).integers(0, 4, 3_000_000, dtype=np.uint8).tobytes()
     path.write_bytes(data)
@@ -147,7 +147,7 @@ def test_parts_deflate_on_threads_and_cost_bytes_not_percent(tmp_path):
     starting each without the history before it costs a few bytes against one stream."""
     import zlib
 
-    from exporters.sparse import deflate_stream_size
+    from sqexport.exporters.sparse import deflate_stream_size
     path = tmp_path / "data.bin"
     data = np.random.default_rng(1).normal(size=500_000).astype(np.float32).tobytes()  # FP32 weights-like, 2 MB
     path.write_bytes(data)
@@ -166,7 +166,7 @@ def test_sizes_measured_meanwhile_runs_beside_the_block_and_is_kept_for_the_late
     the later file_sizes returns the same numbers without deflating again."""
     import threading
 
-    import exporters.sparse as sparse
+    import sqexport.exporters.sparse as sparse
     calls = []
     real = sparse.deflated_size
     monkeypatch.setattr(sparse, "deflated_size",
@@ -181,7 +181,7 @@ def test_sizes_measured_meanwhile_runs_beside_the_block_and_is_kept_for_the_late
 
 
 def test_a_failed_measurement_meanwhile_is_made_again_when_asked_for(tmp_path, monkeypatch):
-    import exporters.sparse as sparse
+    import sqexport.exporters.sparse as sparse
     monkeypatch.setattr(sparse, "_DEFLATED", {})
     path = tmp_path / "later.bin"
     with sparse.sizes_measured_meanwhile(path):  # no file yet: the thread's measurement fails quietly

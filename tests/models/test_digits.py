@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.digits import N_CALIB, N_EVAL, DigitsCNN, DigitsMLP, build_digits_spec
-from models.spec import ModelSpec
+from sqexport.models.digits import N_CALIB, N_EVAL, DigitsCNN, DigitsMLP, build_digits_spec
+from sqexport.models.spec import ModelSpec
 
 
 def test_split_is_fixed_and_well_formed(digits_split):
@@ -14,7 +14,7 @@ def test_split_is_fixed_and_well_formed(digits_split):
     for x in (s.x_train, s.x_calib, s.x_eval):
         assert x.dtype == np.float32 and x.min() >= 0.0 and x.max() <= 1.0
     assert set(np.unique(s.y_eval)) == set(range(10)) and s.y_eval.dtype == np.int64
-    from models.digits import digits_split as again
+    from sqexport.models.digits import digits_split as again
 
     np.testing.assert_array_equal(again().x_eval, s.x_eval)
 

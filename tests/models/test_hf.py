@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from transformers import BertForSequenceClassification, BertModel
 
-from exporters.export import exporter_for
-from models.hf import build_hf_spec, default_corpus, detect_task, is_hf_folder, mean_pool
-from models.text_data import MAX_LENGTH
-from models.spec import HFFolder
-from models.zoo import load_model
-from contracts.errors import ModelLoadError
+from sqexport.exporters.export import exporter_for
+from sqexport.models.hf import build_hf_spec, default_corpus, detect_task, is_hf_folder, mean_pool
+from sqexport.models.text_data import MAX_LENGTH
+from sqexport.models.spec import HFFolder
+from sqexport.models.zoo import load_model
+from sqexport.contracts.errors import ModelLoadError
 
 OPTIMUM_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
@@ -181,7 +181,7 @@ def test_task_override_does_not_apply_to_the_builtin_minilm():
 
 
 def test_embedding_models_recover_on_extra_text_that_eval_never_sees(tiny_bert_spec, tiny_bert_cls):
-    from models.hf import RECOVERY_CORPUS
+    from sqexport.models.hf import RECOVERY_CORPUS
 
     batches, labels = tiny_bert_spec.recover_data()
     extra = [t.strip() for t in RECOVERY_CORPUS.read_text(encoding="utf-8").splitlines() if t.strip()]

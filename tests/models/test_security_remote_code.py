@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts.errors import ModelLoadError
-from models.zoo import load_model
+from sqexport.contracts.errors import ModelLoadError
+from sqexport.models.zoo import load_model
 
 EVIL = "open({marker!r}, 'w').write('folder code ran')\nfrom transformers import BertConfig as EvilConfig\n"
 

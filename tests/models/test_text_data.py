@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
-from contracts.errors import DataError
+from sqexport.models.text_data import MAX_LENGTH, read_texts, text_batches, tokenize_batches
+from sqexport.contracts.errors import DataError
 
 LABEL2ID = {"neg": 0, "pos": 1}
 

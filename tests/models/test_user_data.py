@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from contracts.errors import ConfigError, DataError
-from models.data import SYNTHETIC_SAMPLES, apply_user_data
-from models.image_data import ImagePrep
-from models.zoo import load_model
+from sqexport.contracts.errors import ConfigError, DataError
+from sqexport.models.data import SYNTHETIC_SAMPLES, apply_user_data
+from sqexport.models.image_data import ImagePrep
+from sqexport.models.zoo import load_model
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError, ModelLoadError
-from models.user_model import load_user_model, parse_input_shapes
-from models.zoo import load_model
+from sqexport.contracts.errors import ConfigError, ModelLoadError
+from sqexport.models.user_model import load_user_model, parse_input_shapes
+from sqexport.models.zoo import load_model
 
 
 def _net():

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from models.data import apply_user_data
-from models.digits import build_digits_spec
-from models.tensor_data import load_tensor_data
-from models.zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_names, load_model
-from contracts.errors import DataError, ModelLoadError
+from sqexport.models.data import apply_user_data
+from sqexport.models.digits import build_digits_spec
+from sqexport.models.tensor_data import load_tensor_data
+from sqexport.models.zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_names, load_model
+from sqexport.contracts.errors import DataError, ModelLoadError
 
 
 @pytest.fixture(scope="module")

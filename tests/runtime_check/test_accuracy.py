@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from runtime_check.accuracy import (
+from sqexport.runtime_check.accuracy import (
     classification_metrics, embedding_metrics, run_session, softmax_kl, spearman, topk_agreement,
 )
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from runtime_check.agreement import per_sample_agreement
+from sqexport.runtime_check.agreement import per_sample_agreement
 
 
 def test_relative_error_and_cosine_by_hand():
@@ -35,7 +35,7 @@ def test_arm64_is_judged_per_sample_against_the_closer_x86_computation():
     """Two legitimate x86 computations part on two samples (a rounding boundary); ARM follows the
     exact arithmetic on one and the kernels on the other: per sample it matches, while either
     reference alone would be 3% off somewhere."""
-    from runtime_check.arm64_check import _closer_per_sample
+    from sqexport.runtime_check.arm64_check import _closer_per_sample
 
     rng = np.random.default_rng(0)
     exact = rng.normal(size=(4, 16))

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from runtime_check.agreement import per_sample_agreement
-from runtime_check.isa import int8_saturates
-from runtime_check.arm64 import ARM64_MAX_REL_ERROR, TIERS, emulator_status, run_tiers
+from sqexport.runtime_check.agreement import per_sample_agreement
+from sqexport.runtime_check.isa import int8_saturates
+from sqexport.runtime_check.arm64 import ARM64_MAX_REL_ERROR, TIERS, emulator_status, run_tiers
 
 READY, WHY = emulator_status()
 if not READY and os.environ.get("SQEXPORT_REQUIRE_ARM64"):

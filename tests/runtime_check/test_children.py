@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_check.children import run_child
+from sqexport.runtime_check.children import run_child
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,9 +50,9 @@ def test_a_grandchild_left_behind_after_a_normal_end_is_killed(tmp_path):
 SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from toolchain import signals
+    from sqexport.toolchain import signals
     signals.install()
-    import runtime_check.arm64 as arm64
+    import sqexport.runtime_check.arm64 as arm64
     import numpy as np
     arm64.emulator_status = lambda: (True, "")
     arm64._command = lambda root: [sys.executable]  # "qemu": a plain Python running the sleeper

@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from models.spec import ModelSpec
-from runtime_check.verify import FIDELITY_SAMPLES, fidelity_batches, fidelity_of
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.verify import FIDELITY_SAMPLES, fidelity_batches, fidelity_of
 
 
 def _spec(batch_sizes: list[int]) -> ModelSpec:

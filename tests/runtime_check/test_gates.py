@@ -1,7 +1,7 @@
 """Gate evaluation: points for top-1, 1-cosine for embeddings, default limits."""
 import pytest
 
-from runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
+from sqexport.runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
 
 TOP1 = {"metric": "top1", "unit": "%", "baseline": 99.0, "model": 98.5, "drop": 0.5, "drop_unit": "points"}
 LAT = {"threads": 1, "baseline": {"p50": 4.0}, "model": {"p50": 2.0}, "speedup": 2.0}

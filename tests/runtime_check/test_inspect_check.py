@@ -5,8 +5,8 @@ import shutil
 import onnx
 import pytest
 
-from runtime_check.inspect_model import inspect_onnx, load_onnx
-from contracts.errors import ModelLoadError
+from sqexport.runtime_check.inspect_model import inspect_onnx, load_onnx
+from sqexport.contracts.errors import ModelLoadError
 
 
 def test_inspect_text(run_cli, default_export):

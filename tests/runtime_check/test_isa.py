@@ -1,5 +1,5 @@
 """Where full-range int8 weights are unsafe: hand-checked against onnxruntime's kernel families."""
-from runtime_check.isa import FULL_QMAX, REDUCED_QMAX, int8_saturates, weight_qmax
+from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX, int8_saturates, weight_qmax
 
 
 def test_x86_without_vnni_saturates():

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from torch import nn
 
-from exporters.onnx_export import export_torch
-from runtime_check.latency import measure_interleaved, measure_pair, percentiles, ratio_settled
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.runtime_check.latency import measure_interleaved, measure_pair, percentiles, ratio_settled
 
 
 def test_percentiles_hand_values():
@@ -56,7 +56,7 @@ def test_ready_sessions_are_measured_and_handed_over(tiny_onnx):
     the dict it is handed, so nothing else keeps the pair alive."""
     from types import SimpleNamespace
 
-    from runtime_check.verify import latency_of, latency_sessions
+    from sqexport.runtime_check.verify import latency_of, latency_sessions
     sessions = latency_sessions(tiny_onnx, tiny_onnx, 1)
     spec = SimpleNamespace(example_inputs={"x": np.ones((1, 4), np.float32)})
     lat = latency_of(spec, tiny_onnx, tiny_onnx, 1, sessions=sessions)
@@ -66,7 +66,7 @@ def test_ready_sessions_are_measured_and_handed_over(tiny_onnx):
 @pytest.mark.parametrize("warmup_s, warmup_runs", [(0.0, 2), (60.0, 10)])
 def test_warmup_ends_after_its_rounds_or_its_time(tiny_onnx, monkeypatch, warmup_s, warmup_runs):
     """Warm-up runs `warmup` rounds unless WARMUP_S passes first, and always MIN_WARMUP_ROUNDS."""
-    import runtime_check.latency as latency
+    import sqexport.runtime_check.latency as latency
 
     runs = []
     real = latency.make_session

@@ -6,8 +6,8 @@ import re
 
 from PIL import Image
 
-from runtime_check.plots import DPI, WIDTH_IN, Point, latency_vs_metric, layer_bars, write_plots
-from runtime_check.report import render_markdown
+from sqexport.runtime_check.plots import DPI, WIDTH_IN, Point, latency_vs_metric, layer_bars, write_plots
+from sqexport.runtime_check.report import render_markdown
 
 
 def _report(**extra):

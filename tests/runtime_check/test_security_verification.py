@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import runtime_check.arm64_check as arm64_check
+import sqexport.runtime_check.arm64_check as arm64_check
 
 
 def _break_largest_int8_weight(src, dst, seed=0):
@@ -66,7 +66,7 @@ def test_without_a_baseline_no_drop_is_claimed(run_cli, broken, eval_npz):
 
 def test_arm64_tiers_matching_x86_do_not_pass_a_broken_model(run_cli, default_export, broken, monkeypatch):
     """The emulator is replaced by x86's own outputs: every tier "matches x86" exactly."""
-    from runtime_check.session import make_session
+    from sqexport.runtime_check.session import make_session
 
     def same_as_x86(model_path, feeds, tiers, budget_s=None):
         session = make_session(model_path, 1)

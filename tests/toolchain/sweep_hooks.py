@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolchain.cli import run_export_job
+from sqexport.toolchain.cli import run_export_job
 
 
 def _claim(marker: Path) -> bool:

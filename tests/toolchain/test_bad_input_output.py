@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from toolchain.output_folder import MANIFEST
+from sqexport.toolchain.output_folder import MANIFEST
 
 
 def _one_error_line(result) -> str:
@@ -46,12 +46,12 @@ def test_impossible_output_paths(run_cli, tmp_path, output):
 
 def test_a_disk_that_fills_late(run_cli, tmp_path, monkeypatch):
     """ENOSPC while writing the report, after every slow stage: exit 2, no output, no temp folder."""
-    import toolchain.pipeline
+    import sqexport.toolchain.pipeline as pipeline
 
     def full(report, outdir):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(toolchain.pipeline, "write_report", full)
+    monkeypatch.setattr(pipeline, "write_report", full)
     line = _one_error_line(run_cli(["export", "digits-mlp", "--prune", "none", "--quant", "none",
                                     "--threads", "1", "-o", tmp_path / "out"]))
     assert "No space left on device" in line

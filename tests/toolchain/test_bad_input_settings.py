@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from contracts.errors import ConfigError
-from toolchain.overrides import Overrides, apply_overrides
-from toolchain.recipe import Recipe
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.overrides import Overrides, apply_overrides
+from sqexport.toolchain.recipe import Recipe
 
 
 @pytest.fixture

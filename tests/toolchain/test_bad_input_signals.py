@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from toolchain import signals
-from toolchain.output_folder import TMP_MARKER, remove_stale_temps
+from sqexport.toolchain import signals
+from sqexport.toolchain.output_folder import TMP_MARKER, remove_stale_temps
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "toolchain", "digits-mlp", "-o", "out"], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "sqexport", "digits-mlp", "-o", "out"], cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

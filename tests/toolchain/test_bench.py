@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from contracts.errors import DeviceError
-from runtime_check.device import parse_device, parse_perf_test
+from sqexport.contracts.errors import DeviceError
+from sqexport.runtime_check.device import parse_device, parse_perf_test
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_bad_device_specs():
 def test_reproduction_is_judged_per_sample_when_one_coordinate_moves():
     """A rounding flip that moves one coordinate past rtol x the peak still reproduces when the
     vector as a whole is within the relative L2 limit; a vector that moved is not reproduced."""
-    from toolchain.bench import _reproduced
+    from sqexport.toolchain.bench import _reproduced
 
     flip = {"max_abs_diff": 0.02, "reference_max_abs": 1.0, "max_rel_error": 0.006, "min_cosine": 0.99998}
     ok, why = _reproduced(flip, 0.01, saturates=False, max_rel_error=0.02)
@@ -115,7 +115,7 @@ def test_reproduction_is_judged_per_sample_when_one_coordinate_moves():
 
 
 def test_device_runner_reports_per_sample_relative_error():
-    from runtime_check.device_runner import compare
+    from sqexport.runtime_check.device_runner import compare
 
     ref = np.array([[[3.0, 4.0]], [[1.0, 0.0]]])  # (sample, batch, values)
     got = {"y": np.array([[[3.0, 4.5]], [[1.0, 0.0]]])}

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from toolchain.bn_recalibration import recalibrate_batchnorm
+from sqexport.toolchain.bn_recalibration import recalibrate_batchnorm
 
 
 def _run(model, batch):

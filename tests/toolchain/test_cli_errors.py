@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.zoo import builtin_names
+from sqexport.models.zoo import builtin_names
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from exporters.sparse import deflated_size
-from models.zoo import builtin_names
+from sqexport.exporters.sparse import deflated_size
+from sqexport.models.zoo import builtin_names
 
 EXPECTED_FILES = [".sqexport-manifest.json", "baseline.onnx", "latency_vs_metric.png", "model.onnx", "report.json",
                   "report.md", "snr.png", "sparsity.png"]  # the output files (and manifest), and the plots report.md links
@@ -119,7 +119,7 @@ def test_model_onnx_accuracy_checked_independently(default_export, digits_split)
 
 
 def test_report_md_matches_report_json(default_export):
-    from runtime_check.report import render_markdown
+    from sqexport.runtime_check.report import render_markdown
 
     md = (default_export.out / "report.md").read_text()
     assert md == render_markdown(default_export.report)
@@ -129,7 +129,7 @@ def test_report_md_matches_report_json(default_export):
 def test_recipe_in_the_report_reloads(default_export, tmp_path):
     import yaml
 
-    from toolchain.recipe import Recipe, load_recipe
+    from sqexport.toolchain.recipe import Recipe, load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(default_export.report["recipe"]))

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from models.hf import mean_pool
-from runtime_check.isa import weight_qmax
-from toolchain.quantization.fallback import MAX_PASSES
-from contracts.quant import quantize_weight_per_channel
+from sqexport.models.hf import mean_pool
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.quantization.fallback import MAX_PASSES
+from sqexport.contracts.quant import quantize_weight_per_channel
 
 # the four required artifacts (model, baseline, report.json, report.md) plus the tokenizer an app needs beside model.onnx
 EXPECTED_FILES = sorted(["baseline.onnx", "model.onnx", "report.json", "report.md", "special_tokens_map.json",

@@ -113,3 +113,25 @@ def test_bad_input_is_one_line_exit_2(user_project, images_factory, run_cli, arg
     (user_project / "corrupt" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     _one_line_error(run_cli([*args, "-o", "out"]), words)
     assert not (user_project / "out").exists()
+
+
+def test_a_user_package_named_models_is_the_users(tmp_path):
+    """sqexport installs only `sqexport`: a project's own `models/net.py` is what `models.net:build`
+    names, run as a user would (console script, fresh interpreter, the project as current folder)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    (tmp_path / "models" / "net.py").write_text(
+        "import torch\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n")
+    proc = subprocess.run([sys.executable, "-m", "sqexport", "models.net:build", "--input-shape", "1x6",
+                           "--prune", "none", "--threads", "1", "-o", "out"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["source"]["kind"] == "factory" and rep["source"]["ref"] == "models.net:build"
+    assert rep["quantization"]["quantized_layers"] == 2

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-import toolchain.builtin_methods as builtin
-from contracts.quant import Anchor, QuantParams
-from toolchain.builtin_methods import entries
-from toolchain.quantization import fake_quant_model
-from toolchain.quantization.fallback import FallbackPolicy
-from toolchain.quantization.observers import RangeObserver, compute_range
-from toolchain.stages import (
+import sqexport.toolchain.builtin_methods as builtin
+from sqexport.contracts.quant import Anchor, QuantParams
+from sqexport.toolchain.builtin_methods import entries
+from sqexport.toolchain.quantization import fake_quant_model
+from sqexport.toolchain.quantization.fallback import FallbackPolicy
+from sqexport.toolchain.quantization.observers import RangeObserver, compute_range
+from sqexport.toolchain.stages import (
     STAGE_KINDS, PruneContext, PruneResult, QuantContext, RecoverContext, StageConfig, TransformContext,
     TransformResult,
 )
@@ -106,7 +106,7 @@ def _run_prune(entry):
 
 
 def _run_recover(entry):
-    from models.spec import ModelSpec
+    from sqexport.models.spec import ModelSpec
 
     model = Tiny().eval()
     batches = _batches()
@@ -173,10 +173,10 @@ def test_every_method_module_is_listed_in_builtin_methods():
 
 
 def test_cli_choices_come_from_the_registries():
-    from contracts.targets import target_names
-    from contracts.tasks import hf_task_names
-    from toolchain.builtin_methods import names
-    from toolchain.cli import export_cmd
+    from sqexport.contracts.targets import target_names
+    from sqexport.contracts.tasks import hf_task_names
+    from sqexport.toolchain.builtin_methods import names
+    from sqexport.toolchain.cli import export_cmd
 
     choices = {p.name: list(p.type.choices) for p in export_cmd.params if hasattr(p.type, "choices")}
     assert choices["prune"] == names("prune") + ["none"]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.spec import ModelSpec
-from runtime_check.gates import Gates
-from toolchain.builtin_methods import lookup
-from toolchain.pipeline import run
-from toolchain.quantization.fallback import FallbackPolicy
-from toolchain.recipe import Recipe, Stage
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.gates import Gates
+from sqexport.toolchain.builtin_methods import lookup
+from sqexport.toolchain.pipeline import run
+from sqexport.toolchain.quantization.fallback import FallbackPolicy
+from sqexport.toolchain.recipe import Recipe, Stage
 
 FEATURES, CLASSES = 16, 6
 

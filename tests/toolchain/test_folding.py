@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from toolchain.folding import copy_for_compression, fold_batchnorm
+from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
 
 
 def _net():

@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from contracts.quant import Anchor
-from exporters.onnx_export import export_torch
-from exporters.qdq import find_sites, insert_qdq
-from runtime_check.isa import weight_qmax
-from toolchain.pruning import lowrank_math as L
-from toolchain.pruning.lowrank import LowRankPruneConfig, plan_layer, prune_lowrank
-from toolchain.pruning.lowrank_model import revert_until_faster
-from toolchain.pruning.lowrank_modules import HMatrixLinear, channel_conv, separable_conv
-from toolchain.pruning.masks import prunable_layers
-from toolchain.quantization import fake_quant_model
-from toolchain.quantization.int8 import Int8StaticConfig, quantize_static
-from toolchain.stages import PruneContext, QuantContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.quant import Anchor
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.exporters.qdq import find_sites, insert_qdq
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.pruning import lowrank_math as L
+from sqexport.toolchain.pruning.lowrank import LowRankPruneConfig, plan_layer, prune_lowrank
+from sqexport.toolchain.pruning.lowrank_model import revert_until_faster
+from sqexport.toolchain.pruning.lowrank_modules import HMatrixLinear, channel_conv, separable_conv
+from sqexport.toolchain.pruning.masks import prunable_layers
+from sqexport.toolchain.quantization import fake_quant_model
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig, quantize_static
+from sqexport.toolchain.stages import PruneContext, QuantContext
 
 QMAX = weight_qmax("cpu")  # 63 on x86 without VNNI, where full-range int8 would saturate
 
@@ -211,7 +211,7 @@ def test_config_rejects_bad_values():
 
 
 def test_overrides_wire_the_flags_and_recovery_by_default():
-    from toolchain.overrides import Overrides, apply_overrides
+    from sqexport.toolchain.overrides import Overrides, apply_overrides
 
     recipe = apply_overrides(None, Overrides(prune="lowrank"))
     assert recipe.stage("recover").name == "distill" and recipe.stage("recover").config.steps == 300
@@ -226,8 +226,8 @@ def test_overrides_wire_the_flags_and_recovery_by_default():
 
 
 def test_recipe_file_runs_exactly_its_stages(tmp_path):
-    from toolchain.overrides import Overrides, apply_overrides
-    from toolchain.recipe import load_recipe
+    from sqexport.toolchain.overrides import Overrides, apply_overrides
+    from sqexport.toolchain.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("stages:\n  - type: prune.lowrank\n    params: {rank_energy: 0.8, eps: 0.2}\n  - type: quantize.int8\n")
@@ -240,7 +240,7 @@ def test_recipe_file_runs_exactly_its_stages(tmp_path):
 def test_cli_bad_values_are_one_line_exit_2(args, tmp_path):
     from click.testing import CliRunner
 
-    from toolchain.cli import cli
+    from sqexport.toolchain.cli import cli
 
     result = CliRunner().invoke(cli, ["digits-cnn", *args, "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
@@ -361,7 +361,7 @@ def _whole_model_ctx(model):
 def test_in_model_timing_and_whole_model_revert_with_an_injected_timer(monkeypatch):
     """Single-input model with an exporter: layer times come from the whole int8 model's profile,
     then the whole-model check (timer injected) reverts the least-gain layer until it is faster."""
-    import toolchain.pruning.lowrank as lowrank_mod
+    import sqexport.toolchain.pruning.lowrank as lowrank_mod
 
     calls = []
 

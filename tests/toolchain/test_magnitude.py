@@ -3,12 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
-from toolchain.pruning.magnitude import MagnitudePruneConfig, magnitude_masks
-from toolchain.pruning.masks import smallest_k_mask
-from toolchain.builtin_methods import lookup
-from toolchain.stages import PruneContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
+from sqexport.toolchain.pruning.magnitude import MagnitudePruneConfig, magnitude_masks
+from sqexport.toolchain.pruning.masks import smallest_k_mask
+from sqexport.toolchain.builtin_methods import lookup
+from sqexport.toolchain.stages import PruneContext
 
 W_A = torch.tensor([[0.5, -0.1, 0.3], [-0.7, 0.2, 0.05]])  # |w| sorted: .05 .1 .2 .3 .5 .7
 W_B = torch.tensor([[4.0, -3.0], [2.0, 1.0]])

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from models.hf import default_corpus
+from sqexport.models.hf import default_corpus
 
 
 @pytest.fixture(scope="module")

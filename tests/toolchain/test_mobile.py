@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from contracts.errors import ConfigError
-from contracts.shapes import parse_input_shapes
-from exporters.mobile import PREPROCESSING_KEY, resolve_fixed_shapes
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.shapes import parse_input_shapes
+from sqexport.exporters.mobile import PREPROCESSING_KEY, resolve_fixed_shapes
 
 
 def test_parse_input_shapes():
@@ -115,7 +115,7 @@ def test_bundled_runner_self_test(mobile_export, tmp_path):
     assert set(res["latency_ms"]) == {"1"}
     # the reference is the exact int8 arithmetic: an x86 CPU without VNNI saturates full-range weights
     # and lands measurably off (digits: cosine 0.977), an ARM CPU within rtol (tests/runtime_check/test_arm64.py)
-    from runtime_check.isa import int8_saturates
+    from sqexport.runtime_check.isa import int8_saturates
 
     assert res["int8_saturates"] == int8_saturates()
     if not res["int8_saturates"]:

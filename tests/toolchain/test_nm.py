@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning.nm import NMPruneConfig, nm_mask, parse_nm
-from toolchain.builtin_methods import lookup
-from toolchain.stages import PruneContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.nm import NMPruneConfig, nm_mask, parse_nm
+from sqexport.toolchain.builtin_methods import lookup
+from sqexport.toolchain.stages import PruneContext
 
 
 def test_linear_2_4_with_padded_last_group():
@@ -89,7 +89,7 @@ def test_config_validation():
 
 
 def test_a_layer_with_at_most_n_input_channels_is_skipped_with_a_reason():
-    from toolchain.pruning.nm import nm_skip_reason
+    from sqexport.toolchain.pruning.nm import nm_skip_reason
 
     stem = torch.nn.Conv2d(1, 8, 3).weight  # grouped along 1 input channel: 1 real weight per group of 4
     assert "1 input channel(s)" in nm_skip_reason(stem, 2, 4)

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
-from toolchain.pruning.obs_select import damped_inverse, greedy_drop, obs_saliency
-from toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
-from toolchain.stages import PruneContext
+from sqexport.toolchain.pruning.obs_select import damped_inverse, greedy_drop, obs_saliency
+from sqexport.toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
+from sqexport.toolchain.stages import PruneContext
 
 
 def _layer(n=400, d=6, out=3, seed=0):
@@ -90,7 +90,7 @@ def test_global_reconstruction_pruning_removes_the_requested_share_and_reloads(t
 def test_reconstruction_importance_is_for_transformers_only():
     import pytest
 
-    from contracts.errors import ConfigError
+    from sqexport.contracts.errors import ConfigError
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     ctx = PruneContext({}, [{"x": np.zeros((1, 1, 8, 8), np.float32)}], lambda m, b: None,

@@ -6,12 +6,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from contracts.errors import ConfigError
-from runtime_check.isa import weight_qmax
-from toolchain.cli import cli
-from toolchain.order import fake_quant_weight, order_errors, quantize_layers_
-from toolchain.pruning.magnitude import magnitude_masks
-from toolchain.recipe import Recipe, load_recipe
+from sqexport.contracts.errors import ConfigError
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.cli import cli
+from sqexport.toolchain.order import fake_quant_weight, order_errors, quantize_layers_
+from sqexport.toolchain.pruning.magnitude import magnitude_masks
+from sqexport.toolchain.recipe import Recipe, load_recipe
 
 QMAX4 = 7  # int4 per-channel symmetric: scale = max|w| / 7
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from contracts.errors import OutputError
-from toolchain.output_folder import MANIFEST, TMP_MARKER, atomic_output, remove_stale_temps
+from sqexport.contracts.errors import OutputError
+from sqexport.toolchain.output_folder import MANIFEST, TMP_MARKER, atomic_output, remove_stale_temps
 
 
 def _write(out, files):
@@ -98,7 +98,7 @@ def test_error_leaves_nothing_behind_and_keeps_the_old_folder(tmp_path):
 @pytest.mark.parametrize("wrap", [False, True], ids=["raw", "wrapped"])
 def test_a_full_disk_is_an_output_error(tmp_path, wrap):
     """ENOSPC however it surfaces (raw, or wrapped by an exporter) -> OutputError, temp removed."""
-    from contracts.errors import ExportError
+    from sqexport.contracts.errors import ExportError
 
     with pytest.raises(OutputError, match="No space left on device"):
         with atomic_output(tmp_path / "out") as tmp:

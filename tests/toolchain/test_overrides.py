@@ -1,13 +1,13 @@
 """Flags on top of recipes: typed flags win, the recipe keeps the rest, defaults fill the gaps."""
 import pytest
 
-from runtime_check.gates import Gates
-from contracts.errors import ConfigError
-from toolchain.overrides import Overrides, apply_overrides
-from toolchain.pruning.magnitude import MagnitudePruneConfig
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.smoothing import SmoothQuantConfig
-from toolchain.recipe import Recipe, Stage
+from sqexport.runtime_check.gates import Gates
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.overrides import Overrides, apply_overrides
+from sqexport.toolchain.pruning.magnitude import MagnitudePruneConfig
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.smoothing import SmoothQuantConfig
+from sqexport.toolchain.recipe import Recipe, Stage
 
 
 def _recipe(**kw):

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import torch
 
-from models.hf import build_hf_spec
-from runtime_check.gates import Gates
-from runtime_check.verify import FIDELITY_SAMPLES
-from toolchain import pipeline
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.smoothing import SmoothQuantConfig
-from toolchain.pruning.magnitude import MagnitudePruneConfig
-from toolchain.recipe import Recipe, Stage
+from sqexport.models.hf import build_hf_spec
+from sqexport.runtime_check.gates import Gates
+from sqexport.runtime_check.verify import FIDELITY_SAMPLES
+from sqexport.toolchain import pipeline
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.smoothing import SmoothQuantConfig
+from sqexport.toolchain.pruning.magnitude import MagnitudePruneConfig
+from sqexport.toolchain.recipe import Recipe, Stage
 
 SMOOTH_INT8 = (Stage("transform", "smoothquant", SmoothQuantConfig()), Stage("quantize", "int8", Int8StaticConfig()))
 

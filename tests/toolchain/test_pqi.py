@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning.pqi import SapParams, pq_index, prune_count, retained_lower_bound, sap_round
-from toolchain.pruning.pqi_stage import PqiPruneConfig, prune_pqi
-from toolchain.stages import PruneContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.pqi import SapParams, pq_index, prune_count, retained_lower_bound, sap_round
+from sqexport.toolchain.pruning.pqi_stage import PqiPruneConfig, prune_pqi
+from sqexport.toolchain.stages import PruneContext
 
 
 @pytest.mark.parametrize("p,q", [(0.5, 1.0), (1.0, 2.0), (0.3, 0.7)])

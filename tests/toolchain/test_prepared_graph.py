@@ -9,17 +9,17 @@ import onnx
 import pytest
 import torch
 
-from contracts.progress import NULL_PROGRESS
-from exporters.export import export_model
-from models.hf import build_hf_spec
-from runtime_check.gates import Gates
-from runtime_check.session import make_session
-from toolchain import pipeline
-from toolchain.prepared_graph import GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.smoothing import SmoothQuantConfig, smooth_model
-from toolchain.quantize_step import plan_quantization
-from toolchain.recipe import Recipe, Stage
+from sqexport.contracts.progress import NULL_PROGRESS
+from sqexport.exporters.export import export_model
+from sqexport.models.hf import build_hf_spec
+from sqexport.runtime_check.gates import Gates
+from sqexport.runtime_check.session import make_session
+from sqexport.toolchain import pipeline
+from sqexport.toolchain.prepared_graph import GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.smoothing import SmoothQuantConfig, smooth_model
+from sqexport.toolchain.quantize_step import plan_quantization
+from sqexport.toolchain.recipe import Recipe, Stage
 
 SMOOTH_INT8 = (Stage("transform", "smoothquant", SmoothQuantConfig()), Stage("quantize", "int8", Int8StaticConfig()))
 
@@ -117,8 +117,8 @@ def test_a_model_derivation_cannot_handle_is_exported_and_the_report_says_why(ti
 
 
 def test_only_recipes_that_change_nothing_but_smoothing_qualify():
-    from toolchain.pruning.magnitude import MagnitudePruneConfig
-    from toolchain.quantization.equalization import EqualizeConfig
+    from sqexport.toolchain.pruning.magnitude import MagnitudePruneConfig
+    from sqexport.toolchain.quantization.equalization import EqualizeConfig
 
     assert recipe_blocker(Recipe(stages=SMOOTH_INT8)) is None
     assert recipe_blocker(Recipe(stages=SMOOTH_INT8[1:])) is None  # no transform: the baseline graph itself

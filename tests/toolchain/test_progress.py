@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contracts.progress import NULL_PROGRESS, NullProgress, Progress, track
-from toolchain.progress import PlainProgress, make_progress
-from toolchain.stage_meter import StageMeter, measured_stage
+from sqexport.contracts.progress import NULL_PROGRESS, NullProgress, Progress, track
+from sqexport.toolchain.progress import PlainProgress, make_progress
+from sqexport.toolchain.stage_meter import StageMeter, measured_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -107,7 +107,7 @@ def test_cli_on_a_terminal_shows_bars_and_stage_lines(tmp_path):
     master, slave = os.openpty()
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM", "TTY_COMPATIBLE")}
     env.update(TERM="xterm-256color", COLUMNS="120", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain", "digits-mlp", "--prune", "none", "--threads", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "sqexport", "digits-mlp", "--prune", "none", "--threads", "1",
                              "-o", str(tmp_path / "out")], stdin=slave, stdout=slave, stderr=slave, env=env,
                             cwd=ROOT, close_fds=True)
     os.close(slave)

@@ -1,14 +1,14 @@
 """Recipe: ordered stages + target + gates; YAML round trip and order validation."""
 import pytest
 
-from runtime_check.gates import Gates
-from contracts.errors import ConfigError
-from toolchain.pruning.magnitude import MagnitudePruneConfig
-from toolchain.pruning.nm import NMPruneConfig
-from toolchain.quantization.fallback import FallbackPolicy
-from toolchain.quantization.int8 import Int8DynamicConfig, Int8StaticConfig
-from toolchain.quantization.smoothing import SmoothQuantConfig
-from toolchain.recipe import Recipe, Stage, load_recipe
+from sqexport.runtime_check.gates import Gates
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.magnitude import MagnitudePruneConfig
+from sqexport.toolchain.pruning.nm import NMPruneConfig
+from sqexport.toolchain.quantization.fallback import FallbackPolicy
+from sqexport.toolchain.quantization.int8 import Int8DynamicConfig, Int8StaticConfig
+from sqexport.toolchain.quantization.smoothing import SmoothQuantConfig
+from sqexport.toolchain.recipe import Recipe, Stage, load_recipe
 
 PRUNE = Stage("prune", "magnitude", MagnitudePruneConfig(0.7, "layer"))
 QUANT = Stage("quantize", "int8", Int8StaticConfig(observer="minmax", percentile=99.9))

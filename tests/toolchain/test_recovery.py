@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.recovery import RecoveryConfig, distill_loss, recover
-from toolchain.recovery_data import ImagePool, TextPool, make_pool
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.recovery import RecoveryConfig, distill_loss, recover
+from sqexport.toolchain.recovery_data import ImagePool, TextPool, make_pool
 
 
 def _teacher():
@@ -91,7 +91,7 @@ def test_text_pool_drops_tokens_and_mixes_sentences():
 
 
 def test_text_pool_replaces_tokens_from_its_own_vocabulary_only_without_labels(monkeypatch):
-    import toolchain.recovery_data as data
+    import sqexport.toolchain.recovery_data as data
 
     monkeypatch.setattr(data, "MIX_PROB", 0.0)  # no mixing: tokens of the other text come from replacement
     seqs = [[101] + list(range(1000, 1040)) + [102], [101] + list(range(2000, 2040)) + [102]]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from toolchain.recovery import RecoveryConfig, lr_factor, recover
-from toolchain.recovery_data import TextPool
-from toolchain.recovery_encoder import EncoderOutputs, LossWeights, attention_modules, encoder_forward, encoder_loss
+from sqexport.toolchain.recovery import RecoveryConfig, lr_factor, recover
+from sqexport.toolchain.recovery_data import TextPool
+from sqexport.toolchain.recovery_encoder import EncoderOutputs, LossWeights, attention_modules, encoder_forward, encoder_loss
 
 
 def test_loss_by_hand_on_real_tokens_only():
@@ -79,7 +79,7 @@ def test_recovery_of_a_pruned_tiny_bert_reduces_the_layerwise_loss():
 
 
 def test_thread_picker_keeps_the_faster_setting_and_restores():
-    from toolchain.recovery_threads import ThreadPicker
+    from sqexport.toolchain.recovery_threads import ThreadPicker
 
     original = torch.get_num_threads()
     try:

@@ -5,11 +5,11 @@ import json
 import pytest
 import yaml
 
-from contracts.errors import ConfigError
-from toolchain.pruning.magnitude import MagnitudePruneConfig
-from toolchain.pruning.nm import NMPruneConfig
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.builtin_methods import config_from_dict, config_to_dict, entries, lookup, names
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.magnitude import MagnitudePruneConfig
+from sqexport.toolchain.pruning.nm import NMPruneConfig
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.builtin_methods import config_from_dict, config_to_dict, entries, lookup, names
 
 
 def test_builtin_methods_are_registered():

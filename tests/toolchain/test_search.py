@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from models.zoo import load_model
-from toolchain.overrides import Overrides, apply_overrides
-from toolchain.search import AutoConfig, run_auto
+from sqexport.models.zoo import load_model
+from sqexport.toolchain.overrides import Overrides, apply_overrides
+from sqexport.toolchain.search import AutoConfig, run_auto
 
 
 def _latency_by_size(baseline, model):

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from toolchain.manifest import owned
-from toolchain.output_folder import check_output
+from sqexport.toolchain.manifest import owned
+from sqexport.toolchain.output_folder import check_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,7 +121,7 @@ def test_zip_bombs_are_refused_before_inflating(run_cli, out, monkeypatch, case)
             for i in range(300):
                 zf.writestr(f"f{i}", b"")
         else:
-            monkeypatch.setattr("toolchain.bundle_reader.MAX_TOTAL_BYTES", 1000)
+            monkeypatch.setattr("sqexport.toolchain.bundle_reader.MAX_TOTAL_BYTES", 1000)
             zf.writestr("model.ort", os.urandom(2000))
     line = _one_line_exit_2(_bench(run_cli, bomb, "--device", "local"))
     assert "zip bomb" in line
@@ -245,7 +245,7 @@ def test_a_failed_push_leaves_no_temporary_folder(run_cli, out, fake_tools, devi
 def test_local_push_failure_removes_the_device_folder(run_cli, out, monkeypatch):
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("runtime_check.device.shutil", SimpleNamespace(copyfile=fail, rmtree=shutil.rmtree))
+    monkeypatch.setattr("sqexport.runtime_check.device.shutil", SimpleNamespace(copyfile=fail, rmtree=shutil.rmtree))
     line = _one_line_exit_2(_bench(run_cli, out / "digits-cnn-mobile.zip", "--device", "local"))
     assert "push failed" in line
     _no_temp_left(out)
@@ -265,7 +265,7 @@ def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, 
     sleeper = tmp_path / "sleeper.py"
     sleeper.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain", "bench", str(out / "digits-cnn-mobile.zip"),
+    proc = subprocess.Popen([sys.executable, "-m", "sqexport", "bench", str(out / "digits-cnn-mobile.zip"),
                              "--device", "local", "--device-cmd", f"{{python}} {sleeper}"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

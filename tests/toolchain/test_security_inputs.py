@@ -103,7 +103,7 @@ def test_user_code_cannot_set_the_exit_code(project, run_cli, ref, needle):
 
 
 def test_the_console_script_contains_a_factorys_exit(project):
-    proc = subprocess.run([sys.executable, "-m", "toolchain", "mypkg.code:exit0", "--input-shape", "1x4", "-o", "out"],
+    proc = subprocess.run([sys.executable, "-m", "sqexport", "mypkg.code:exit0", "--input-shape", "1x4", "-o", "out"],
                           cwd=project, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{project}"},
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stderr
@@ -126,7 +126,7 @@ def test_models_and_shapes_sqexport_cannot_use(project, run_cli, ref, args, need
 def test_out_of_memory_is_exit_2(project, run_cli, monkeypatch):
     def huge(*args, **kwargs):
         raise MemoryError()
-    monkeypatch.setattr("models.zoo.load_model", huge)
+    monkeypatch.setattr("sqexport.models.zoo.load_model", huge)
     _one_line(run_cli(["digits-mlp", "-o", "out"]), "out of memory")
 
 
@@ -177,7 +177,7 @@ def test_hostile_recipes_are_refused_cheaply(tmp_path, run_cli, monkeypatch, tex
 
 
 def test_a_merge_key_override_is_not_a_duplicate(tmp_path):
-    from toolchain.recipe_yaml import read_recipe_yaml
+    from sqexport.toolchain.recipe_yaml import read_recipe_yaml
 
     (tmp_path / "r.yaml").write_text("base: &b {sparsity: 0.5}\nstage: {<<: *b, sparsity: 0.7}\n")
     assert read_recipe_yaml(tmp_path / "r.yaml")["stage"] == {"sparsity": 0.7}
@@ -200,7 +200,7 @@ def test_usage_errors_are_one_line(run_cli, tmp_path, monkeypatch, args, needle)
 
 def _console(args, cwd, env=None, drop=(), timeout=300):
     base = {k: v for k, v in os.environ.items() if k not in drop}
-    return subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sqexport", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                           env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
 
@@ -242,9 +242,9 @@ def test_a_model_without_a_name_is_named_not_the_output_folder(run_cli, tmp_path
 def test_no_progress_line_after_the_interrupt(capsys):
     """A `track` generator closed after the error (when its frame is freed) printed its task line
     after "interrupted"; once a signal arrived, progress prints nothing more."""
-    from contracts.progress import track
-    from toolchain import signals
-    from toolchain.progress import PlainProgress
+    from sqexport.contracts.progress import track
+    from sqexport.toolchain import signals
+    from sqexport.toolchain.progress import PlainProgress
 
     progress = PlainProgress(sys.stderr)
     items = track(progress, [1, 2, 3], "evaluation", "batches")

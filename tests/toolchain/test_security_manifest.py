@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from contracts.errors import OutputError
-from toolchain.manifest import MANIFEST, owned, read_manifest, record, safe_relative
-from toolchain.output_folder import atomic_output
+from sqexport.contracts.errors import OutputError
+from sqexport.toolchain.manifest import MANIFEST, owned, read_manifest, record, safe_relative
+from sqexport.toolchain.output_folder import atomic_output
 
 
 def _entry(path, data: bytes) -> dict:

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from toolchain.manifest import owned
-from toolchain.output_folder import check_output
+from sqexport.toolchain.manifest import owned
+from sqexport.toolchain.output_folder import check_output
 
 
 @pytest.fixture

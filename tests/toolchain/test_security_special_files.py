@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from contracts.errors import SqexportError
-from contracts.files import read_regular_bytes, require_regular
+from sqexport.contracts.errors import SqexportError
+from sqexport.contracts.files import read_regular_bytes, require_regular
 
 
 @pytest.fixture
@@ -83,19 +83,19 @@ def test_library_readers_refuse_a_fifo_too(fifo, tmp_path, reader):
     os.rename(fifo, target)
     with pytest.raises(SqexportError, match="FIFO"):
         if reader == "recipe":
-            from toolchain.recipe import load_recipe
+            from sqexport.toolchain.recipe import load_recipe
             load_recipe(target)
         elif reader == "tensors":
-            from models.tensor_data import load_tensor_batches
+            from sqexport.models.tensor_data import load_tensor_batches
             load_tensor_batches(target, {"x": ((4,), "float32")})
         elif reader == "texts":
-            from models.text_data import read_texts
+            from sqexport.models.text_data import read_texts
             read_texts(target)
         elif reader == "onnx":
-            from runtime_check.inspect_model import load_onnx
+            from sqexport.runtime_check.inspect_model import load_onnx
             load_onnx(target)
         else:
-            from toolchain.bundle_reader import read_bundle
+            from sqexport.toolchain.bundle_reader import read_bundle
             read_bundle(target, tmp_path)
 
 

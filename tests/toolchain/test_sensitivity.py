@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from exporters.onnx_export import export_torch
-from toolchain.pruning import sensitivity as sens
-from toolchain.pruning.sensitivity_stage import SensitivityPruneConfig, prune_sensitivity
-from toolchain.stages import PruneContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.toolchain.pruning import sensitivity as sens
+from sqexport.toolchain.pruning.sensitivity_stage import SensitivityPruneConfig, prune_sensitivity
+from sqexport.toolchain.stages import PruneContext
 
 
 def _two_layer():

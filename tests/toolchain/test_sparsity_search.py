@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.sparsity_search import GRID, MAX_SPARSITY, PRUNE_SHARE, choose_sparsity
+from sqexport.toolchain.sparsity_search import GRID, MAX_SPARSITY, PRUNE_SHARE, choose_sparsity
 
 
 def _search(drop_of_sparsity, limit=1.0):

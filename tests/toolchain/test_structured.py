@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from exporters.onnx_export import export_torch
-from toolchain.pruning import structured as S
-from toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
-from toolchain.stages import PruneContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.toolchain.pruning import structured as S
+from sqexport.toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
+from sqexport.toolchain.stages import PruneContext
 
 
 class TinyRes(nn.Module):
@@ -133,8 +133,8 @@ def test_config_rejects_bad_values():
 
 
 def test_latency_table_measures_every_group(tmp_path):
-    from toolchain.pruning.latency_table import measure_group_costs
-    from toolchain.pruning.structured_stage import _half_pruner
+    from sqexport.toolchain.pruning.latency_table import measure_group_costs
+    from sqexport.toolchain.pruning.structured_stage import _half_pruner
 
     model = _model()
     _, groups = S.channel_groups(model, EXAMPLE)

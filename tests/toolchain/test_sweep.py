@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke_cli
-from contracts.errors import OutputError
-from contracts.progress import NULL_PROGRESS
-from toolchain.cli import sweep_jobs
-from toolchain.sweep import run_sweep
+from sqexport.contracts.errors import OutputError
+from sqexport.contracts.progress import NULL_PROGRESS
+from sqexport.toolchain.cli import sweep_jobs
+from sqexport.toolchain.sweep import run_sweep
 from sweep_hooks import CrashFirst
 
 SWEEP = """jobs:
@@ -68,7 +68,7 @@ def test_rerun_skips_unchanged_jobs_and_reruns_changed_ones(swept):
 
 
 def _never_for(name):
-    from toolchain.cli import run_export_job
+    from sqexport.toolchain.cli import run_export_job
 
     def job(argv, outdir):
         assert Path(outdir).name != name, f"{name} should have been skipped"

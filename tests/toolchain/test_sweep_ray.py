@@ -12,10 +12,10 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'sqexport[ray]' (make venv does)")
 
 import sweep_hooks  # noqa: E402
-from contracts.progress import NULL_PROGRESS  # noqa: E402
-from toolchain.cli import run_export_job, sweep_jobs  # noqa: E402
-from toolchain.ray_cluster import parse_ray_address  # noqa: E402
-from toolchain.sweep import run_sweep  # noqa: E402
+from sqexport.contracts.progress import NULL_PROGRESS  # noqa: E402
+from sqexport.toolchain.cli import run_export_job, sweep_jobs  # noqa: E402
+from sqexport.toolchain.ray_cluster import parse_ray_address  # noqa: E402
+from sqexport.toolchain.sweep import run_sweep  # noqa: E402
 
 SWEEP = """jobs:
   - {name: cnn-mag, model: digits-cnn, prune: magnitude, sparsity: 0.5}
@@ -51,7 +51,7 @@ def _no_ray_left():
 def test_sweep_on_local_ray_survives_a_killed_worker(tmp_path):
     import numpy as np
 
-    from models.zoo import load_model
+    from sqexport.models.zoo import load_model
 
     spec = load_model("digits-mlp")
     np.save(tmp_path / "calib.npy", np.concatenate([next(iter(b.values())) for b in spec.calib_batches])[:64])
@@ -76,10 +76,10 @@ def test_sweep_on_local_ray_survives_a_killed_worker(tmp_path):
 
 
 def test_auto_on_ray_chooses_what_the_local_search_chooses(tmp_path):
-    from models.zoo import load_model
-    from toolchain.auto_ray import run_auto_on_ray
-    from toolchain.overrides import Overrides, apply_overrides
-    from toolchain.search import AutoConfig, run_auto
+    from sqexport.models.zoo import load_model
+    from sqexport.toolchain.auto_ray import run_auto_on_ray
+    from sqexport.toolchain.overrides import Overrides, apply_overrides
+    from sqexport.toolchain.search import AutoConfig, run_auto
 
     spec = load_model("digits-cnn")
     recipe = apply_overrides(None, Overrides(seed=0, target="cpu", max_accuracy_drop=2.0))

@@ -3,7 +3,7 @@ so every mistake is one line and exit 2, before any job runs (nothing is written
 import pytest
 
 from conftest import invoke_cli
-from toolchain.cli import sweep_jobs
+from sqexport.toolchain.cli import sweep_jobs
 
 
 def _write(tmp_path, text):

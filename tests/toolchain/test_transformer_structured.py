@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from toolchain.pruning import transformer_structured as T
-from toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
-from toolchain.stages import PruneContext
+from sqexport.toolchain.pruning import transformer_structured as T
+from sqexport.toolchain.pruning.structured_stage import StructuredPruneConfig, prune_structured
+from sqexport.toolchain.stages import PruneContext
 
 
 def _bert():
@@ -98,7 +98,7 @@ def test_repair_brings_outputs_closer_to_the_dense_model():
 def test_slim_model_reloads_and_exports_through_optimum(tmp_path):
     from types import SimpleNamespace
 
-    from exporters.hf_export import export_hf
+    from sqexport.exporters.hf_export import export_hf
     from transformers import AutoModel
 
     model = _bert()
@@ -114,14 +114,14 @@ def test_slim_model_reloads_and_exports_through_optimum(tmp_path):
 
 
 def test_unsupported_architecture_is_a_config_error():
-    from contracts.errors import ConfigError
+    from sqexport.contracts.errors import ConfigError
 
     with pytest.raises(ConfigError, match="BERT-style"):
         T.encoder_layers(torch.nn.Linear(2, 2))
 
 
 def test_sparsity_is_measured_on_the_replaced_modules():
-    from toolchain.pruning import overall_sparsity, prunable_layers
+    from sqexport.toolchain.pruning import overall_sparsity, prunable_layers
 
     model = _bert()
     dense = {n: m.weight.numel() for n, m in prunable_layers(model, "encoder.").items()}

@@ -2,7 +2,7 @@
 units (contracts/units.py). The embedding-model half is in test_cli_hf.py (its tiny-BERT run)."""
 import pytest
 
-from contracts.units import format_value, metric_units
+from sqexport.contracts.units import format_value, metric_units
 
 
 def test_units_per_metric():
@@ -30,7 +30,7 @@ def test_digits_cnn_units_agree(default_export, units_agree):
 
 
 def test_drop_units_agree_with_the_task_registry():
-    from contracts.tasks import get_task, task_names
+    from sqexport.contracts.tasks import get_task, task_names
 
     for name in task_names():
         task = get_task(name)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from runtime_check.latency import measure_interleaved
+from sqexport.runtime_check.latency import measure_interleaved
 
 __all__ = ["measure_group_costs"]
 

@@ -28,19 +28,19 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from contracts.progress import track
-from runtime_check.isa import weight_qmax
-from toolchain.pruning import lowrank_math as L
-from toolchain.pruning.lowrank_latency import layer_inputs, time_variants
-from toolchain.pruning.lowrank_model import (
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.progress import track
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.pruning import lowrank_math as L
+from sqexport.toolchain.pruning.lowrank_latency import layer_inputs, time_variants
+from sqexport.toolchain.pruning.lowrank_model import (
     layer_times, model_int8_graph, profile_node_times, revert_until_faster, time_pair,
 )
-from toolchain.pruning.lowrank_modules import (
+from sqexport.toolchain.pruning.lowrank_modules import (
     HMatrixLinear, channel_conv, factored_linear, replace_module, separable_conv,
 )
-from toolchain.registry import register
-from toolchain.stages import PruneContext, PruneResult
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["LowRankPruneConfig", "prune_lowrank", "plan_layer", "plan_candidates"]
 

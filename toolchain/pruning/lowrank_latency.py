@@ -18,11 +18,11 @@ import onnx
 import torch
 from torch import nn
 
-from exporters.onnx_export import export_torch
-from exporters.qdq import anchors_for, find_sites, insert_qdq
-from runtime_check.session import make_session
-from toolchain.pruning.masks import prunable_layers
-from toolchain.quantization.static import calibrate, quantize_weights
+from sqexport.exporters.onnx_export import export_torch
+from sqexport.exporters.qdq import anchors_for, find_sites, insert_qdq
+from sqexport.runtime_check.session import make_session
+from sqexport.toolchain.pruning.masks import prunable_layers
+from sqexport.toolchain.quantization.static import calibrate, quantize_weights
 
 __all__ = ["layer_inputs", "time_variants"]
 

@@ -28,12 +28,12 @@ import numpy as np
 import onnx
 from torch import nn
 
-from exporters.graph import merge_duplicate_nodes
-from exporters.qdq import anchors_for, find_sites, insert_qdq
-from runtime_check.session import make_session
-from toolchain.folding import fold_batchnorm
-from toolchain.pruning.masks import prunable_layers
-from toolchain.quantization.static import calibrate, quantize_weights
+from sqexport.exporters.graph import merge_duplicate_nodes
+from sqexport.exporters.qdq import anchors_for, find_sites, insert_qdq
+from sqexport.runtime_check.session import make_session
+from sqexport.toolchain.folding import fold_batchnorm
+from sqexport.toolchain.pruning.masks import prunable_layers
+from sqexport.toolchain.quantization.static import calibrate, quantize_weights
 
 __all__ = ["model_int8_graph", "profile_node_times", "layer_times", "time_pair", "revert_until_faster"]
 

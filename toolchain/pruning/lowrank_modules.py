@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolchain.pruning.lowrank_math import Block
+from sqexport.toolchain.pruning.lowrank_math import Block
 
 __all__ = ["factored_linear", "separable_conv", "channel_conv", "HMatrixLinear", "replace_module"]
 

@@ -7,10 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from contracts.errors import ConfigError
-from toolchain.pruning.masks import apply_masks, smallest_k_mask
-from toolchain.registry import register
-from toolchain.stages import PruneContext, PruneResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.masks import apply_masks, smallest_k_mask
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["MagnitudePruneConfig", "magnitude_masks"]
 

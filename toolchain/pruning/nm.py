@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from contracts.errors import ConfigError
-from toolchain.pruning.masks import apply_masks
-from toolchain.registry import register
-from toolchain.stages import PruneContext, PruneResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.masks import apply_masks
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["NMPruneConfig", "nm_mask", "nm_skip_reason", "parse_nm"]
 

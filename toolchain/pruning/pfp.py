@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning import sensitivity as sens
-from toolchain.pruning import structured as S
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning import sensitivity as sens
+from sqexport.toolchain.pruning import structured as S
 
 __all__ = ["pfp_prune"]
 

@@ -17,11 +17,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning.masks import apply_masks
-from toolchain.pruning.pqi import SCOPES, SapParams, sap_round
-from toolchain.registry import register
-from toolchain.stages import PruneContext, PruneResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.masks import apply_masks
+from sqexport.toolchain.pruning.pqi import SCOPES, SapParams, sap_round
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["PqiPruneConfig", "prune_pqi"]
 

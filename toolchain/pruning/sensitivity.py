@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolchain.hooks import run_with_hooks
+from sqexport.toolchain.hooks import run_with_hooks
 
 __all__ = ["C_CONSTANT", "failure_delta", "sample_size", "alpha", "samples_needed", "contributions",
            "edge_sensitivity", "channel_contributions", "channel_sensitivity", "collect_sensitivities", "bisect_eps", "supported"]

@@ -9,13 +9,13 @@ from typing import ClassVar
 
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning import structured as S
-from toolchain.pruning.pfp import pfp_prune
-from toolchain.pruning.sipp import sipp_prune
-from toolchain.pruning.structured_stage import structure_of
-from toolchain.registry import register
-from toolchain.stages import PruneContext, PruneResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning import structured as S
+from sqexport.toolchain.pruning.pfp import pfp_prune
+from sqexport.toolchain.pruning.sipp import sipp_prune
+from sqexport.toolchain.pruning.structured_stage import structure_of
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["SensitivityPruneConfig", "prune_sensitivity", "SENSITIVITY_VARIANTS"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolchain.pruning import sensitivity as sens
+from sqexport.toolchain.pruning import sensitivity as sens
 
 __all__ = ["VARIANTS", "sipp_prune", "neuron_plan"]
 

@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.hooks import run_with_hooks
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.hooks import run_with_hooks
 
 __all__ = ["ChannelGroup", "channel_groups", "activation_rms", "group_importance", "allocate",
            "prune_groups", "count_macs_params", "IMPORTANCES", "ALLOCATIONS"]

@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning import structured as S
-from toolchain.registry import register
-from toolchain.stages import PruneContext, PruneResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning import structured as S
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import PruneContext, PruneResult
 
 __all__ = ["StructuredPruneConfig", "prune_structured", "structure_of", "IMPORTANCES"]
 
@@ -82,7 +82,7 @@ def _prune_cnn(model: nn.Module, config: StructuredPruneConfig, ctx: PruneContex
         act = S.activation_rms(model, ctx.calib_batches, ctx.run, consumers)
     S.group_importance(groups, config.importance, act)
     if config.allocation == "latency":
-        from toolchain.pruning.latency_table import measure_group_costs
+        from sqexport.toolchain.pruning.latency_table import measure_group_costs
 
         costs = measure_group_costs(model, ctx.example_inputs, len(groups), _half_pruner(ctx.example_inputs),
                                     ctx.export, ctx.threads)
@@ -118,7 +118,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, ctx: Prune
     config = replace(config, importance=importance)
     before, macs0 = _layer_shapes(model), S.count_macs_params(model, ctx.example_inputs)
     if transformer:
-        from toolchain.pruning.transformer_structured import prune_transformer
+        from sqexport.toolchain.pruning.transformer_structured import prune_transformer
 
         removed = prune_transformer(model, config, ctx)
     else:

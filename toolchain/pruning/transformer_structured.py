@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from toolchain.pruning.obs_select import damped_inverse, greedy_drop, obs_saliency
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.pruning.obs_select import damped_inverse, greedy_drop, obs_saliency
 
 __all__ = ["encoder_layers", "layer_inputs", "sublayer_stats", "refit_columns", "prune_transformer", "DAMP"]
 

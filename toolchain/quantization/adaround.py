@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from contracts.progress import NULL_PROGRESS, Progress
-from contracts.quant import QuantParams, WeightQuant
-from toolchain.quantization.params import rectify
-from toolchain.quantization.static import fake_quantized
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.contracts.quant import QuantParams, WeightQuant
+from sqexport.toolchain.quantization.params import rectify
+from sqexport.toolchain.quantization.static import fake_quantized
 
 __all__ = ["AdaRoundConfig", "adaround_weights"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.hooks import run_with_hooks
-from contracts.quant import WeightQuant
+from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.contracts.quant import WeightQuant
 
 __all__ = ["bias_corrections"]
 

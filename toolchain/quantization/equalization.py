@@ -25,9 +25,9 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-from contracts.errors import ConfigError
-from toolchain.registry import register
-from toolchain.stages import TransformContext, TransformResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import TransformContext, TransformResult
 
 __all__ = ["ChannelClip", "EqualizeConfig", "EqualizedPair", "find_pairs", "equalize", "equalize_pair"]
 

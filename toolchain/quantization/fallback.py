@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from contracts.quant import QuantParams
-from contracts.progress import NULL_PROGRESS, Progress
-from toolchain.hooks import run_with_hooks
-from toolchain.quantization.params import energy, fake_quant_act, fake_quant_dynamic, rectify
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.quant import QuantParams
+from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.toolchain.quantization.params import energy, fake_quant_act, fake_quant_dynamic, rectify
 
 __all__ = ["FallbackPolicy", "MAX_PASSES", "local_snr_db", "fallback_until"]
 

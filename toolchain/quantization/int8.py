@@ -4,16 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from contracts.errors import ConfigError
-from contracts.progress import track
-from contracts.quant import QuantParams
-from runtime_check.isa import FULL_QMAX, REDUCED_QMAX
-from toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
-from toolchain.quantization.bias_correction import bias_corrections
-from toolchain.quantization.fallback import FallbackPolicy
-from toolchain.quantization.static import calibrate, quantize_embeddings, quantize_weights
-from toolchain.registry import names, register
-from toolchain.stages import QuantContext
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.progress import track
+from sqexport.contracts.quant import QuantParams
+from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX
+from sqexport.toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
+from sqexport.toolchain.quantization.bias_correction import bias_corrections
+from sqexport.toolchain.quantization.fallback import FallbackPolicy
+from sqexport.toolchain.quantization.static import calibrate, quantize_embeddings, quantize_weights
+from sqexport.toolchain.registry import names, register
+from sqexport.toolchain.stages import QuantContext
 
 __all__ = ["Int8StaticConfig", "Int8DynamicConfig", "quantize_static", "quantize_dynamic"]
 

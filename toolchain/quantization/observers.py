@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from contracts.errors import ConfigError
-from toolchain.registry import lookup, register
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.registry import lookup, register
 
 __all__ = ["RangeObserver", "compute_range", "observer_config", "MinMaxObserver", "PercentileObserver",
            "EntropyObserver", "MSEObserver", "MeanMinMaxObserver"]

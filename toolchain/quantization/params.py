@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from contracts.quant import ActQuant, act_params_from_range
+from sqexport.contracts.quant import ActQuant, act_params_from_range
 
 __all__ = ["fake_quant_act", "fake_quant_dynamic", "rectify", "energy"]
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.quant import QuantParams
-from contracts.tasks import Task
-from toolchain.hooks import run_with_hooks
-from toolchain.quantization.params import energy
+from sqexport.contracts.quant import QuantParams
+from sqexport.contracts.tasks import Task
+from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.toolchain.quantization.params import energy
 
 __all__ = ["Z", "LayerNoise", "layer_noise", "noise_hooks", "weight_noise", "shift_factor", "EvalView", "predict_drop"]
 

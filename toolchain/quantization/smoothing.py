@@ -22,12 +22,12 @@ from typing import Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from contracts.progress import NULL_PROGRESS, Progress, track
-from contracts.quant import ObservedRanges
-from toolchain.hooks import run_with_hooks
-from toolchain.registry import register
-from toolchain.stages import TransformContext, TransformResult
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
+from sqexport.contracts.quant import ObservedRanges
+from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.toolchain.registry import register
+from sqexport.toolchain.stages import TransformContext, TransformResult
 
 __all__ = ["SmoothQuantConfig", "SmoothedLinear", "find_shared_input_groups", "smooth_model", "smoothquant"]
 

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.quant import (
+from sqexport.contracts.quant import (
     ActQuant, Anchor, ObservedRanges, QuantParams, WeightQuant, act_params_from_range, quantize_bias,
     quantize_per_tensor_symmetric, quantize_weight_per_channel,
 )
-from toolchain.hooks import run_with_hooks
-from toolchain.quantization.observers import RangeObserver, compute_range, observer_config
-from toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
+from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.toolchain.quantization.observers import RangeObserver, compute_range, observer_config
+from sqexport.toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
 
 __all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model", "fake_quantized"]
 

@@ -6,18 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.errors import ConfigError
-from contracts.quant import Anchor, quantize_weight_per_channel
-from exporters.export import export_model
-from models.spec import ModelSpec
-from runtime_check.isa import weight_qmax
-from toolchain.folding import copy_for_compression, fold_batchnorm
-from toolchain.builtin_methods import config_from_dict, config_to_dict
-from toolchain.quantization.adaround import AdaRoundConfig, _Geometry, adaround_weights
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.static import calibrate, quantize_weights
-from toolchain.quantize_step import quantize_to_onnx
-from toolchain.recipe import Stage
+from sqexport.contracts.errors import ConfigError
+from sqexport.contracts.quant import Anchor, quantize_weight_per_channel
+from sqexport.exporters.export import export_model
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
+from sqexport.toolchain.builtin_methods import config_from_dict, config_to_dict
+from sqexport.toolchain.quantization.adaround import AdaRoundConfig, _Geometry, adaround_weights
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.static import calibrate, quantize_weights
+from sqexport.toolchain.quantize_step import quantize_to_onnx
+from sqexport.toolchain.recipe import Stage
 
 QMAX = 7  # a coarse grid: rounding choices matter, so the comparison with nearest is sharp
 # every pixel of the 16 calibration inputs: the error is then compared on exactly the data AdaRound saw

@@ -3,8 +3,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.quantization.bias_correction import bias_corrections
-from contracts.quant import quantize_weight_per_channel
+from sqexport.toolchain.quantization.bias_correction import bias_corrections
+from sqexport.contracts.quant import quantize_weight_per_channel
 
 
 def _run(model, batch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from toolchain.quantization.equalization import ChannelClip, equalize, find_pairs
+from sqexport.toolchain.quantization.equalization import ChannelClip, equalize, find_pairs
 
 
 class _Net(nn.Module):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.quant import ActQuant, Anchor, QuantParams, WeightQuant
-from toolchain.quantization import calibrate, quantize_weights
-from toolchain.quantization.fallback import MAX_PASSES, fallback_until, local_snr_db
+from sqexport.contracts.quant import ActQuant, Anchor, QuantParams, WeightQuant
+from sqexport.toolchain.quantization import calibrate, quantize_weights
+from sqexport.toolchain.quantization.fallback import MAX_PASSES, fallback_until, local_snr_db
 
 
 def _run(model, batch):

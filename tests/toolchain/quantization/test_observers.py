@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from contracts.errors import ConfigError
-from toolchain.builtin_methods import names
-from toolchain.quantization.observers import RangeObserver, _quant_error, compute_range
+from sqexport.contracts.errors import ConfigError
+from sqexport.toolchain.builtin_methods import names
+from sqexport.toolchain.quantization.observers import RangeObserver, _quant_error, compute_range
 
 OBSERVERS = names("observer")
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from contracts.quant import ActQuant, WeightQuant, act_params_from_range, quantize_bias, quantize_weight_per_channel
-from toolchain.quantization.params import fake_quant_act
+from sqexport.contracts.quant import ActQuant, WeightQuant, act_params_from_range, quantize_bias, quantize_weight_per_channel
+from sqexport.toolchain.quantization.params import fake_quant_act
 
 F32 = np.float32
 
@@ -109,7 +109,7 @@ def test_weight_quant_dequantized_layout():
 
 
 def test_energy_matches_a_float64_sum():
-    from toolchain.quantization.params import energy
+    from sqexport.toolchain.quantization.params import energy
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 7, 300)).astype(F32)) * 1000
     exact = float((x.double() ** 2).sum())
     assert energy(x) == pytest.approx(exact, rel=1e-6)  # float32 row norms: ~1e-7 relative

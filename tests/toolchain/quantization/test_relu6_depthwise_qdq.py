@@ -8,14 +8,14 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
-from exporters.export import export_model
-from models.spec import ModelSpec
-from runtime_check.isa import weight_qmax
-from toolchain.folding import copy_for_compression, fold_batchnorm
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.equalization import equalize
-from toolchain.quantize_step import quantize_to_onnx
-from toolchain.recipe import Stage
+from sqexport.exporters.export import export_model
+from sqexport.models.spec import ModelSpec
+from sqexport.runtime_check.isa import weight_qmax
+from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.equalization import equalize
+from sqexport.toolchain.quantize_step import quantize_to_onnx
+from sqexport.toolchain.recipe import Stage
 
 
 class _Block(nn.Module):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain.pruning import prunable_layers
-from toolchain.pruning.magnitude import magnitude_masks
-from toolchain.pruning.masks import apply_masks
-from toolchain.quantization.smoothing import SmoothedLinear, find_shared_input_groups, smooth_model
+from sqexport.toolchain.pruning import prunable_layers
+from sqexport.toolchain.pruning.magnitude import magnitude_masks
+from sqexport.toolchain.pruning.masks import apply_masks
+from sqexport.toolchain.quantization.smoothing import SmoothedLinear, find_shared_input_groups, smooth_model
 
 
 def _run(model, batch):
@@ -199,14 +199,14 @@ def test_bert_pruned_zeros_stay_zero(smoothed_bert):
 # ---------------------------------------------------------------- one pass: smoothing + min-max ranges
 
 def _anchors(model, outputs=()):
-    from contracts.quant import Anchor
+    from sqexport.contracts.quant import Anchor
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return [Anchor(n, quantize_output=n in outputs) for n in names]
 
 
 def test_ranges_from_the_smoothing_pass_equal_a_separate_calibration_pass():
-    from contracts.quant import ObservedRanges
-    from toolchain.quantization.static import calibrate
+    from sqexport.contracts.quant import ObservedRanges
+    from sqexport.toolchain.quantization.static import calibrate
 
     model, batches = _block_and_batches()
     ranges = ObservedRanges()
@@ -231,8 +231,8 @@ def test_ranges_from_the_smoothing_pass_equal_a_separate_calibration_pass():
 
 
 def test_other_observers_still_run_their_own_pass():
-    from contracts.quant import ObservedRanges
-    from toolchain.quantization.static import calibrate
+    from sqexport.contracts.quant import ObservedRanges
+    from sqexport.toolchain.quantization.static import calibrate
 
     model, batches = _block_and_batches()
     ranges = ObservedRanges()
@@ -251,7 +251,7 @@ def test_other_observers_still_run_their_own_pass():
 
 
 def test_nothing_smoothed_leaves_the_ranges_empty():
-    from contracts.quant import ObservedRanges
+    from sqexport.contracts.quant import ObservedRanges
 
     ranges = ObservedRanges()
     model = nn.Sequential(nn.Linear(4, 2))

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.quant import Anchor, act_params_from_range
-from toolchain.quantization import calibrate, fake_quant_model, quantize_weights
-from toolchain.quantization.int8 import Int8StaticConfig
-from toolchain.quantization.params import fake_quant_act
-from contracts.errors import ConfigError
+from sqexport.contracts.quant import Anchor, act_params_from_range
+from sqexport.toolchain.quantization import calibrate, fake_quant_model, quantize_weights
+from sqexport.toolchain.quantization.int8 import Int8StaticConfig
+from sqexport.toolchain.quantization.params import fake_quant_act
+from sqexport.contracts.errors import ConfigError
 
 
 class _Tiny(nn.Module):

@@ -1,11 +1,11 @@
-"""`python -m toolchain ...` is the `sqexport` console script."""
+"""`python -m sqexport ...` is the `sqexport` console script."""
 import sys
 
 try:
-    from toolchain import signals
+    from sqexport.toolchain import signals
 
     signals.install()  # before the CLI's imports, so Ctrl-C during start-up is one line too
-    from toolchain.cli import main
+    from sqexport.toolchain.cli import main
 except KeyboardInterrupt:  # before install(): Python's own handler
     print("Error: interrupted by SIGINT", file=sys.stderr)
     sys.exit(130)
