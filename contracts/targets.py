@@ -1,8 +1,8 @@
 """The deployment targets a recipe, the CLI and the runtime checks accept (one registry).
 
-Adding a target = one `register_target(Target(...))` here, then what it changes: weight range
-(runtime_check/isa.py weight_qmax), sessions (runtime_check/session.py) and packaging steps in the
-pipeline.
+A target carries its behaviour as data: the code asks `get_target(name).app_bundle`, never
+`name == "mobile"`. Adding a target = one `register_target(Target(...))` here; a new kind of
+behaviour = one field here and the one place that reads it.
 """
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ __all__ = ["Target", "register_target", "get_target", "target_names"]
 class Target:
     name: str
     summary: str
+    # where the int8 kernels run: "host" = this machine's CPU, whose ISA sets the weight range (x86
+    # without VNNI saturates full-range weights); "arm" = ARM kernels, which widen before adding,
+    # so full-range weights are exact whatever host builds the model
+    int8_kernels: str = "host"
+    # the shipped model has fixed input shapes (--input-shape or the model's example), because
+    # mobile runtimes plan their memory once
+    fixed_shapes: bool = False
+    # model.ort, its operator config, the app bundle and the ARM64 / mobile-runtime checks
+    app_bundle: bool = False
+
+    def __post_init__(self):
+        if self.int8_kernels not in ("host", "arm"):
+            raise ValueError(f"target {self.name}: int8_kernels must be 'host' or 'arm'")
 
 
 _TARGETS: dict[str, Target] = {}
@@ -38,4 +51,5 @@ def target_names() -> list[str]:
 
 
 register_target(Target("cpu", "onnxruntime CPUExecutionProvider on this host, all graph optimizations"))
-register_target(Target("mobile", "a phone app: ARM int8 (full-range weights), fixed shapes, model.ort, app bundle"))
+register_target(Target("mobile", "a phone app: ARM int8 (full-range weights), fixed shapes, model.ort, app bundle",
+                       int8_kernels="arm", fixed_shapes=True, app_bundle=True))

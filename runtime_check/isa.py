@@ -13,6 +13,8 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
+from sqexport.contracts.targets import get_target
+
 __all__ = ["cpu_flags", "int8_saturates", "weight_qmax", "FULL_QMAX", "REDUCED_QMAX", "describe_cpu"]
 
 FULL_QMAX = 127  # symmetric int8 weights in [-127, 127]
@@ -44,9 +46,9 @@ def int8_saturates(machine: str | None = None, flags: frozenset[str] | None = No
 
 
 def weight_qmax(target: str = "cpu") -> int:
-    """Largest |q| for int8 weights on `target`: mobile targets are ARM (no saturation); the cpu
-    target is this host."""
-    if target == "mobile":
+    """Largest |q| for int8 weights on `target`: ARM kernels never saturate; a host target is
+    this machine's CPU."""
+    if get_target(target).int8_kernels == "arm":
         return FULL_QMAX
     return REDUCED_QMAX if int8_saturates() else FULL_QMAX
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from sqexport.contracts.units import format_value
 from sqexport.runtime_check.plots import write_plots
 from sqexport.runtime_check.report_mobile import render_mobile_sections
+from sqexport.runtime_check.report_schema import SCHEMA_VERSION, schema_errors, strict_reports
 
 __all__ = ["write_report", "render_markdown"]
 
@@ -182,7 +183,18 @@ def _plots_section(plots: dict[str, str]) -> list[str]:
 
 
 def write_report(report: dict, outdir: Path) -> None:
-    """report.json, report.md and the PNG plots it links (report["plots"] names them)."""
+    """report.json, report.md and the PNG plots it links (report["plots"] names them).
+
+    The report is checked against its JSON Schema first: a deviation is a bug of ours, an error
+    under SQEXPORT_STRICT_REPORT=1 (the tests) and otherwise a note in the report, so a user's
+    run still ends with its files while tools reading report.json are told."""
     report["plots"] = write_plots(report, outdir)
+    report.setdefault("schema_version", SCHEMA_VERSION)
+    errors = schema_errors(report)
+    if errors and strict_reports():
+        raise AssertionError("report.json deviates from its schema: " + "; ".join(errors))
+    if errors:
+        report["notes"] = list(report.get("notes", [])) + [f"report.json deviates from its schema ({SCHEMA_VERSION}): "
+                                                            + "; ".join(errors)]
     (Path(outdir) / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     (Path(outdir) / "report.md").write_text(render_markdown(report))

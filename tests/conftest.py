@@ -17,6 +17,10 @@ from sqexport.toolchain.cli import cli
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
+# every report.json sqexport writes during the tests (in-process or in a child) must follow the
+# shipped JSON Schema: a deviation fails the run that wrote it
+os.environ["SQEXPORT_STRICT_REPORT"] = "1"
+
 
 def invoke_cli(args, **kwargs):
     """Run the click group in-process; every argument is stringified (paths are fine)."""

@@ -21,6 +21,7 @@ from sqexport.contracts.files import read_regular_bytes, require_regular, sha256
 from sqexport.runtime_check.arm64 import ARM64_RTOL, DEVICE_MAX_REL_ERROR
 from sqexport.runtime_check.device import RUNNER_ON_DEVICE, parse_device, run_on_device
 from sqexport.runtime_check.report import render_markdown
+from sqexport.runtime_check.report_schema import schema_errors, strict_reports
 from sqexport.toolchain import signals
 from sqexport.toolchain.bundle_reader import read_bundle
 from sqexport.toolchain.manifest import manifest_exists, owned, read_manifest, record
@@ -114,6 +115,9 @@ def _owned_report(folder: Path) -> tuple[dict | None, str | None]:
         return None, left + "it is not a readable JSON report"
     if not isinstance(report, dict):
         return None, left + "it is not a JSON object"
+    errors = schema_errors(report)
+    if errors:
+        return None, left + f"it does not follow report.json's schema ({errors[0]})"
     return report, None
 
 
@@ -124,6 +128,8 @@ def _write_report(folder: Path, section: dict) -> tuple[str | None, str | None]:
     if report is None:
         return None, why
     report["device_latency"] = section
+    if strict_reports() and schema_errors(report):
+        raise AssertionError("report.json with device_latency deviates from its schema: " + "; ".join(schema_errors(report)))
     try:
         texts = (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report)))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

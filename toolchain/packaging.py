@@ -13,7 +13,9 @@ from pathlib import Path
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.files import read_regular_bytes
+from sqexport.contracts.targets import get_target, target_names
 from sqexport.exporters.bundle import build_bundle, bundle_name
+from sqexport.runtime_check.report_schema import schema_errors
 from sqexport.toolchain.manifest import manifest_exists, owned, read_manifest, record
 
 __all__ = ["package_outdir"]
@@ -33,11 +35,16 @@ def _report(outdir: Path) -> dict:
         raise ConfigError(f"{outdir}/report.json is not an sqexport report (a JSON object)")
     if not isinstance(report.get("model"), str) or not report["model"].strip():
         raise ConfigError(f"{outdir}/report.json names no model ('model' must be a name)")
-    if report.get("target") != "mobile" or "mobile" not in report:
+    target = report.get("target")
+    if not (isinstance(target, str) and target in target_names() and get_target(target).app_bundle) \
+            or "mobile" not in report:
         raise ConfigError(f"{outdir} was exported with --target {str(report.get('target'))[:40]}; package needs the "
                           "output of `sqexport MODEL --target mobile` (full-range int8 weights, model.ort)")
     if not isinstance(report["mobile"], dict):
         raise ConfigError(f"{outdir}/report.json: 'mobile' must be the section sqexport writes (an object)")
+    errors = schema_errors(report)
+    if errors:
+        raise ConfigError(f"{outdir}/report.json does not follow report.json's schema: {errors[0]}")
     return report
 
 

@@ -21,12 +21,14 @@ import torch
 from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
 from sqexport.contracts.quant import ObservedRanges
 from sqexport.contracts.tasks import get_task
+from sqexport.contracts.targets import get_target
 from sqexport.exporters.bundle import build_bundle
 from sqexport.exporters.export import exporter_for
 from sqexport.exporters.sparse import sizes_measured_meanwhile, store_sparse
 from sqexport.models.spec import ModelSpec
 from sqexport.runtime_check.gates import accuracy_limit, evaluate_gates
 from sqexport.runtime_check.report import write_report
+from sqexport.runtime_check.report_schema import SCHEMA_VERSION
 from sqexport.runtime_check.session import default_threads
 from sqexport.runtime_check.sparse_check import storage_diff
 from sqexport.runtime_check.verify import accuracy_of, fidelity_of, latency_of, latency_sessions, sizes_of
@@ -396,7 +398,7 @@ def verify(state: RunState) -> None:
 def package(state: RunState) -> None:
     """What an app needs beside model.onnx (the tokenizer of a Hugging Face model)."""
     files = exporter_for(state.spec).artifacts(state.spec, state.tmp)
-    if state.recipe.target == "mobile":
+    if get_target(state.recipe.target).app_bundle:
         limit = accuracy_limit(state.recipe.gates, state.spec.task)
         state.mobile, checks = mobile_step(state.spec, state.tmp, state.input_shapes, limit, state.timer.stage, files)
         state.checks += checks
@@ -408,19 +410,30 @@ def package(state: RunState) -> None:
                                        model_dense_compressed=state.storage["dense"]["compressed"])
 
 
+def with_method_sections(core: dict, sections: dict) -> dict:
+    """The report: core sections, then the ones methods added. A method's section never replaces a
+    core one (a `**extra` spread once could overwrite `accuracy` silently): that is a bug, raised."""
+    clash = sorted(core.keys() & sections.keys())
+    if clash:
+        raise RuntimeError(f"report sections set twice (a method's section names a core one): {', '.join(clash)}")
+    return {**core, **sections}
+
+
 def report(state: RunState) -> None:
     m, recipe, spec = state.measured, state.recipe, state.spec
     checks = evaluate_gates(recipe.gates, m["accuracy"], m["latency"]) + state.checks
-    state.report = {
+    core = {
+        "schema_version": SCHEMA_VERSION,
         "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
         "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m["sizes"],
         "accuracy": m["accuracy"], "fidelity": m["fidelity"], "sparse_storage": state.storage,
         "quantization": state.quant_info,
         "latency_ms": m["latency"], "checks": checks, "notes": state.notes,
-        "recipe": recipe.to_dict(), "task": spec.task, "data": spec.data_info, **state.extra,
+        "recipe": recipe.to_dict(), "task": spec.task, "data": spec.data_info,
         **({"source": spec.source} if spec.source else {}),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+    state.report = with_method_sections(core, state.extra)
     if state.mobile is not None:
         state.report["mobile"] = state.mobile
         state.mobile["bundle"] = build_bundle(state.tmp, state.report)

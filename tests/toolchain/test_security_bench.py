@@ -219,6 +219,22 @@ def test_a_report_the_user_edited_is_left_alone(run_cli, out):
     assert (out / "report.json").read_text() == '{"model": "edited by me"}' and (out / "report.md").read_bytes() == md
 
 
+def test_an_owned_report_that_breaks_the_schema_is_left_alone(run_cli, out):
+    """A report sqexport's manifest vouches for is still data: it is updated only if it follows the
+    schema (here a newer tool's or a hand-made one without `accuracy`)."""
+    from sqexport.toolchain.manifest import record
+
+    rep = json.loads((out / "report.json").read_text())
+    del rep["accuracy"]
+    (out / "report.json").write_text(json.dumps(rep))
+    record(out, ["report.json"])
+    before = (out / "report.json").read_bytes()
+    result = _bench(run_cli, out / "digits-cnn-mobile.zip", "--device", "local")
+    assert result.exit_code == 0, result.output
+    assert "does not follow report.json's schema ((top): 'accuracy' is a required property)" in result.output
+    assert (out / "report.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("content", [b"\xff\xfe not json", b"[1, 2]", b"{broken"])
 def test_a_non_json_report_beside_the_zip_keeps_the_device_result(run_cli, out, content):
     (out / "report.json").write_bytes(content)
