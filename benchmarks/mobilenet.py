@@ -7,8 +7,8 @@ Variants:
   ort-{minmax,percentile,entropy}[-rr]
                       onnxruntime.quantization.quantize_static, QDQ format, defaults otherwise
                       (per-tensor weights, uint8 activations), calibrated on the same crops as
-                      sqexport; `-rr` = reduce_range=True (7-bit weights, what this host's non-VNNI
-                      kernels need to stay exact)
+                      sqexport; `-rr` = reduce_range=True (7-bit weights, what x86 kernels without VNNI
+                      need to stay exact)
   ort-dynamic         quantize_dynamic (int8 weights, activations at run time; convs not fused)
   sqexport            the default recipe of `sqexport mobilenet-v2` (no pruning, static int8)
   sqexport-minmax     plain static int8 (per-channel 7-bit weights, min-max activation ranges),

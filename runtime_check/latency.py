@@ -55,7 +55,7 @@ def _measure(paths: dict, feed: dict, threads: int, warmup: int, max_iters: int,
     """measure_interleaved plus why it stopped; with two models and `ratio_tolerance` it also stops
     (after MIN_SETTLED_ROUNDS) once their per-round ratio is settled (ratio_settled)."""
     # Spinning off for every session alike: with it, the session that just ran keeps its threads
-    # busy-waiting and slows the next one (2 threads: FP32 MiniLM 10 ms alone, 40 ms interleaved).
+    # busy-waiting and slows the next one (measured in benchmarks/README.md, "spinning is off").
     # a value may be a ready session (made with these threads and spinning off, verify.latency_sessions)
     sessions = {k: p if isinstance(p, ort.InferenceSession) else make_session(p, threads, spinning=False)
                 for k, p in paths.items()}

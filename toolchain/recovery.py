@@ -12,10 +12,9 @@ digit, but matching the teacher on it is still information); token dropout, sent
 (two texts joined into one) and token replacement for text. Embedding lookup tables stay
 frozen. Bounded by steps and minutes; seeded; on CUDA only when torch sees a GPU.
 
-The report also gives the metric on training samples: on MiniLM at structured 0.5 (1200 steps)
-held-out mean cosine went 0.860 -> 0.889 while the training texts went 0.918 -> 0.988, a
-generalization gap, not an optimization one; 316 more texts and token replacement then gave
-0.908 held out at 0.971 on training texts.
+The report also gives the metric on training samples: held-out low with training high is a
+generalization gap (more data or augmentation helps), both low an optimization one (more steps
+help). The MiniLM case that motivated it is in benchmarks/results/structured-runs.md.
 """
 from __future__ import annotations
 

@@ -1,14 +1,13 @@
 """How many torch threads recovery trains with: measured, not assumed.
 
-On an idle host all cores are faster. On an oversubscribed one (more runnable processes than
+On an idle machine all cores are faster. On an oversubscribed one (more runnable processes than
 cores) torch's intra-op threads wait for each other at every barrier while the scheduler runs
-someone else: measured on this 2-core host at load ~24, a MiniLM recovery step took 0.8 CPU-s and
-6.4-7.2 s wall at 1 thread but 4.6-5.1 CPU-s and 28-32 s wall at 2. A time-bounded budget then
-buys four times fewer steps. So the first steps alternate between all cores and one thread, and
-the faster (seconds per token, median) is kept for the rest of the run. Four trials each: text
-batches differ in length and a short one costs more per token, and with two trials a quiet host
-once kept 1 thread for MiniLM (1087 steps in 10 minutes) where 2 threads ran 60 steps in 20.6 s
-against 31.9 s at 1.
+someone else, and one thread can be several times faster per step; a time-bounded budget then buys
+that many times fewer steps. Which case holds is only known by measuring, so the first steps
+alternate between all cores and one thread, and the faster (seconds per token, median) is kept for
+the rest of the run. Four trials each, not two: text batches differ in length and a short one
+costs more per token, so two trials can pick the slower option. Measurements:
+benchmarks/results/structured-runs.md ("Recovery threads").
 """
 from __future__ import annotations
 

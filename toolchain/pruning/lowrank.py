@@ -73,8 +73,8 @@ class LowRankPruneConfig:
     VERSION: ClassVar[int] = 2
     kind: ClassVar[str] = "prune"
     requires_calibration: ClassVar[bool] = False
-    # factoring moves every weight: distillation after it, unless --no-recover (steps: one pass
-    # of ~600 images-or-texts' worth of batches recovered digits-cnn and mnist-resnet, see README)
+    # factoring moves every weight: distillation after it, unless --no-recover (steps: about one
+    # pass over ~600 images or texts; benchmarks/results/lowrank.md)
     default_recovery_steps: ClassVar[int | None] = 300
 
     def __post_init__(self):

@@ -47,8 +47,8 @@ def round_rank(r: int, multiple: int, cap: int) -> int:
     adds singular values, so the kept energy stays >= the tau that chose `r`. Why multiples of 8:
     int8 kernels work on channel blocks; onnxruntime's fast symmetric int8 conv (MlasConvSym)
     takes only output channel counts that are multiples of 8 (and >= 16) and input counts that are
-    multiples of 4; other counts fall back to im2col + GEMM (in mnist-resnet a 3 x 1 conv 24 -> 21
-    took 50 us, 24 -> 16 took 15 us)."""
+    multiples of 4; other counts fall back to im2col + GEMM, several times slower for the same
+    layer (benchmarks/results/lowrank.md)."""
     if multiple <= 1 or r <= 0:
         return min(r, cap)
     return min(-(-r // multiple) * multiple, cap)

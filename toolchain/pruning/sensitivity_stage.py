@@ -34,7 +34,8 @@ class SensitivityPruneConfig:
     (per neuron, the smaller error bound). `round_to`: PFP's kept widths are multiples of it, as
     for `--prune structured`. `recover_steps`: distillation from the dense model right after
     pruning (masks held), as the papers retrain; 0 = none (a recipe's recover stage can add more).
-    The default keeps digits-cnn and mnist-resnet within 1 point at 50% (see the README)."""
+    The defaults keep digits-cnn and mnist-resnet within 1 point at 50%
+    (benchmarks/results/pqi-sensitivity.md)."""
 
     sparsity: float = 0.5
     variant: str = "pfp"

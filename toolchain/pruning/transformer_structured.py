@@ -227,10 +227,9 @@ def prune_transformer(model: nn.Module, config, ctx) -> dict:
     layers = encoder_layers(model)
     if config.sparsity == 0:
         return {"heads": {}, "neurons": {}}
-    # the refit solves for up to 1537 weights per output from the calibration tokens: on MiniLM the
-    # 252 built-in calibration texts alone gave 0.846 held-out mean cosine at 50%, with 150
-    # recovery texts added 0.860, with 466 0.872 (the fit was short of data, not of capacity; a
-    # 10x larger ridge damping instead gave 0.836)
+    # the refit solves for up to 1537 weights per output from the calibration tokens, so it is
+    # short of data before it is short of capacity: the spec's recovery texts join its data (more
+    # data helped where a larger ridge damping hurt: benchmarks/results/structured-runs.md)
     batches = list(ctx.calib_batches) + (list(ctx.more_batches()) if ctx.more_batches is not None else [])
     inputs = layer_inputs(model, layers[0], batches, ctx.run)
     drops = _heads_to_drop(_head_scores(layers, inputs, config.importance), config.sparsity, config.allocation)

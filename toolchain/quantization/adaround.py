@@ -170,8 +170,7 @@ class _Geometry:
 
 class _Adam:
     """Adam (Kingma & Ba 2015) on one tensor, in place. Written out because torch.optim's first
-    use imports torch._dynamo, which took 14 s on a loaded 2-core host, longer than a small model's
-    whole AdaRound."""
+    use imports torch._dynamo, which can take longer than a small model's whole AdaRound."""
 
     def __init__(self, param: torch.Tensor, lr: float = LEARNING_RATE, betas=(0.9, 0.999), eps: float = 1e-8):
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
