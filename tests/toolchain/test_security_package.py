@@ -58,7 +58,7 @@ def test_the_zip_name_from_the_report_stays_in_the_folder(run_cli, out, tmp_path
     ("mobile-5", "'mobile' must be"),
     ("model-5", "names no model"),
     ("not json", "no readable report.json"),
-    ("versions-5", "does not follow report.json's schema: versions: 5 is not of type 'object'"),
+    ("versions-5", "does not follow report.json's schema: mobile/ort: 7 is not of type 'object'"),
 ])
 def test_reports_of_the_wrong_shape_are_exit_2(run_cli, out, report, needle):
     data = json.loads((out / "report.json").read_text())
