@@ -196,7 +196,7 @@ def load_recipe(path: Path) -> Recipe:
     read strictly (toolchain/recipe_yaml.py: regular file, size, aliases, depth, duplicate keys)."""
     data = read_recipe_yaml(Path(path))
     if data is None or data == {}:
-        raise ConfigError(f"recipe {path} is empty; give it stages (see the README), or leave out --recipe "
+        raise ConfigError(f"recipe {path} is empty; give it stages (see docs/user-guide.md, Recipes), or leave out --recipe "
                           "for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping (stages, gates, ...), got {type(data).__name__}")
