@@ -179,8 +179,9 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
             "weight_range": weight_range_info(params),
             "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     if mode.fallback:
-        params = apply_fallback(state.work, state.spec, params, stage.config.fallback, accuracy_limit, info,
-                                state.progress, work_is_dense=base.stage("prune") is None)
+        params, fallback_info = apply_fallback(state.work, state.spec, params, stage.config.fallback, accuracy_limit,
+                                               state.progress, work_is_dense=base.stage("prune") is None)
+        info.update(fallback_info)
     info["coverage"] = plan.coverage_after(cache[mode.quant], params, public_name(state.work))
     write_model(state.prepared, plan, params, path)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)

@@ -80,6 +80,16 @@ class StageTimer:
 
 
 @dataclass
+class Measured:
+    """What verify measured on onnxruntime: the report's accuracy, fidelity, latency_ms and size_bytes."""
+
+    accuracy: dict
+    fidelity: dict
+    latency: dict
+    sizes: dict
+
+
+@dataclass
 class RunState:
     """What the steps hand on to each other; one run, one state."""
 
@@ -101,7 +111,7 @@ class RunState:
     prepared: onnx.ModelProto | None = None  # FP32 export of `work`, where int8 gets written
     reference: Callable | None = None  # torch model that model.onnx must reproduce
     quant_info: dict = field(default_factory=dict)
-    measured: dict = field(default_factory=dict)  # accuracy, fidelity, latency, sizes
+    measured: Measured | None = None  # verify's numbers, the report's core
     report: dict | None = None
     input_shapes: dict = field(default_factory=dict)  # --input-shape, for the mobile model
     storage: dict = field(default_factory=dict)  # sparse initializer storage of model.onnx
@@ -392,7 +402,7 @@ def verify(state: RunState) -> None:
         latency = latency_of(spec, tmp / "baseline.onnx", tmp / "model.onnx", threads, progress, sessions)
     with state.timer.stage("verify.sizes"):
         sizes = sizes_of(tmp / "baseline.onnx", tmp / "model.onnx", progress)
-    state.measured = {"accuracy": accuracy, "fidelity": fidelity, "latency": latency, "sizes": sizes}
+    state.measured = Measured(accuracy, fidelity, latency, sizes)
 
 
 def package(state: RunState) -> None:
@@ -404,9 +414,9 @@ def package(state: RunState) -> None:
         state.checks += checks
         sizes = sizes_of(state.tmp / "baseline.onnx", state.tmp / "model.onnx")  # model.onnx: fixed shapes now
         sizes.update(ort=state.mobile["sizes"]["ort"]["raw"], ort_compressed=state.mobile["sizes"]["ort"]["compressed"])
-        state.measured["sizes"] = sizes
+        state.measured.sizes = sizes
     if state.storage:
-        state.measured["sizes"].update(model_dense=state.storage["dense"]["raw"],
+        state.measured.sizes.update(model_dense=state.storage["dense"]["raw"],
                                        model_dense_compressed=state.storage["dense"]["compressed"])
 
 
@@ -421,14 +431,14 @@ def with_method_sections(core: dict, sections: dict) -> dict:
 
 def report(state: RunState) -> None:
     m, recipe, spec = state.measured, state.recipe, state.spec
-    checks = evaluate_gates(recipe.gates, m["accuracy"], m["latency"]) + state.checks
+    checks = evaluate_gates(recipe.gates, m.accuracy, m.latency) + state.checks
     core = {
         "schema_version": SCHEMA_VERSION,
         "model": spec.name, "target": recipe.target, "passed": all(c["passed"] for c in checks),
-        "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m["sizes"],
-        "accuracy": m["accuracy"], "fidelity": m["fidelity"], "sparse_storage": state.storage,
+        "stages": state.timer.records, "sparsity": state.sparsity, "size_bytes": m.sizes,
+        "accuracy": m.accuracy, "fidelity": m.fidelity, "sparse_storage": state.storage,
         "quantization": state.quant_info,
-        "latency_ms": m["latency"], "checks": checks, "notes": state.notes,
+        "latency_ms": m.latency, "checks": checks, "notes": state.notes,
         "recipe": recipe.to_dict(), "task": spec.task, "data": spec.data_info,
         **({"source": spec.source} if spec.source else {}),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},

@@ -199,14 +199,16 @@ class _Predictor:
 
 
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
-                   accuracy_limit: float, info: dict, progress: Progress = NULL_PROGRESS,
-                   work_is_dense: bool = False) -> QuantParams:
+                   accuracy_limit: float, progress: Progress = NULL_PROGRESS,
+                   work_is_dense: bool = False) -> tuple[QuantParams, dict]:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
     FP32 until the gate's drop predicted for the evaluation data holds (prediction.py).
+    Returns the final params and the report's fallback fields (SNRs, prediction, what fell back).
 
     One FP32 pass over the calibration data serves the SNR ranking, the calibration-side noise
     statistics and the FP32 outputs; with `work_is_dense` (no pruning: smoothing and folding keep
     the function) those outputs are the dense reference too, so the dense model is not run again."""
+    info: dict = {}
     calib_noise, noise_handles = noise_hooks(work, params)
     n_fallback = sum(len(next(iter(b.values()))) for b in _fallback_batches(spec))
     fp32: list[np.ndarray] = []
@@ -228,10 +230,10 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     # SNR and JSON has no infinity, so it is null
     info["layers_snr_db"] = {public(n): (round(v, 2) if math.isfinite(v) else None) for n, v in snr.items()}
     if not policy.enabled:
-        return params
+        return params, info
     if not spec.calib_batches:
         info["fallback_skipped"] = "no calibration data to predict the gate on; pass --calib-data"
-        return params
+        return params, info
     work_fp32 = np.concatenate(fp32)
     dense = work_fp32 if work_is_dense else _outputs(spec, spec.model, _fallback_batches(spec), progress,
                                                      "FP32 outputs for fallback")
@@ -245,7 +247,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     # returning layers to FP32 could not make the gate hold, it would only cost speed
     if pruned_drop > 0 and pruned_drop >= accuracy_limit * (1 - 1e-9):
         info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
-        return params
+        return params, info
     n, cap, hard = len(params.anchors), policy.max_layers(len(params.anchors)), policy.hard_max_layers(len(params.anchors))
     first: dict = {}
 
@@ -265,7 +267,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
                                     "FP32 model only (activation statistics, output margins); no evaluation labels"},
                 fallback_cap={"layers": n, "max_layers": cap, "hard_max_layers": hard, "used": len(fallen),
                               "raised": len(fallen) > cap, "holds": trace[-1] <= accuracy_limit})
-    return params
+    return params, info
 
 
 def _rounded(d: dict) -> dict:
@@ -310,8 +312,9 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                   "calibration": _calibration_record(stage, spec, observed_ranges)}
     computed = params
     if stage.config.supports_fallback:
-        params = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, info, progress,
-                                work_is_dense)
+        params, fallback_info = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, progress,
+                                               work_is_dense)
+        info.update(fallback_info)
     info["coverage"] = plan.coverage_after(computed, params, public_name(work))
     write_model(prepared, plan, params, out_path, consume=consume_prepared)
     return torch_reference(work, spec, params, progress), info
