@@ -42,8 +42,8 @@ OUTPUTS = ("logits", "embeddings")
 class Task:
     name: str
     summary: str
-    output: str  # "logits" (top-1 vs labels, or agreement with FP32) or "embeddings" (cosine)
-    metric: str  # report.json accuracy.metric ("top1" becomes "top1_agreement" without labels)
+    output: str  # "logits" (top-1 vs labels, or the top-1 FP32 expects) or "embeddings" (cosine)
+    metric: str  # report.json accuracy.metric ("top1" becomes "top1_expected" without labels)
     unit: str  # unit of the accuracy gate
     default_max_drop: float  # the gate when no --max-accuracy-drop is given
     pooling: str = "first"  # raw outputs -> `output` (POOLING)
@@ -98,13 +98,14 @@ def task_for_output(output: str) -> Task:
 def unit_of_metric(metric: str) -> str | None:
     """The gate unit of a report's accuracy.metric (None: a metric no gate reads)."""
     units = {t.metric: t.unit for t in _TASKS.values()}
-    units.update({f"{t.metric}_agreement": t.unit for t in _TASKS.values() if t.output == "logits"})
+    units.update({f"{t.metric}_{kind}": t.unit for t in _TASKS.values() if t.output == "logits"
+                  for kind in ("expected", "agreement")})
     return units.get(metric)
 
 
-register_task(Task("image-classification", "image classifier: top-1 vs labels, else agreement with FP32",
+register_task(Task("image-classification", "image classifier: top-1 vs labels, else the top-1 FP32 expects",
                    output="logits", metric="top1", unit="points", default_max_drop=1.0))
-register_task(Task("sequence-classification", "text classifier (Hugging Face): top-1 vs labels, else agreement",
+register_task(Task("sequence-classification", "text classifier (Hugging Face): top-1 vs labels, else the top-1 FP32 expects",
                    output="logits", metric="top1", unit="points", default_max_drop=1.0,
                    hf_task="text-classification", hf_head="AutoModelForSequenceClassification",
                    hf_output="logits"))

@@ -4,7 +4,8 @@ The console, report.md and report.json all take their units from here, so they c
 
     metric           values (baseline, model)   drop, --max-accuracy-drop, checks[].unit
     top1             %  (99.56 = 99.56 %)       points   (percentage points: 0.22 = 0.22 % of samples)
-    top1_agreement   %  (share of FP32 argmax)  points
+    top1_expected    %  (top-1 FP32's softmax expects)  points
+    top1_agreement   %  (share of FP32 argmax)  points   (reports before schema 1.0)
     cosine           cosine (mean, FP32 = 1)    1-cosine (1 - mean cosine)
 
 Latency is in ms, speedup in x (baseline p50 / model p50), sizes in bytes.
@@ -17,6 +18,7 @@ __all__ = ["METRIC_UNITS", "metric_units", "format_value"]
 
 METRIC_UNITS: dict[str, tuple[str, str]] = {  # metric -> (unit of its values, unit of its drop)
     "top1": ("%", "points"),
+    "top1_expected": ("%", "points"),
     "top1_agreement": ("%", "points"),
     "cosine": ("cosine", "1-cosine"),
 }

@@ -39,8 +39,8 @@ def render_markdown(r: dict) -> str:
         pl = acc["pooling"]
         lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "
                      f"({pl['source']})" + (f"; model.onnx output `{pl['onnx_output']}`" if pl.get("onnx_output") else ""))
-    if acc["metric"] == "top1_agreement":
-        lines.append(f"- **{acc.get('note', 'agreement with FP32 (no labels)')}**; top-5 agreement compares the "
+    if acc["metric"] in ("top1_expected", "top1_agreement"):
+        lines.append(f"- **{acc.get('note', 'no labels: compared with FP32')}**; top-5 agreement compares the "
                      "top-5 class sets, KL is KL(FP32 softmax || model softmax)")
     for k, k_unit in (("min_cosine", unit), ("spearman", ""), ("agreement_with_baseline", unit),
                       ("top5_agreement", unit), ("kl_to_baseline", "nats")):

@@ -1,4 +1,6 @@
 """The task and target registries: one owner for what a task means, used by every layer."""
+import math
+
 import numpy as np
 import pytest
 
@@ -35,12 +37,14 @@ def test_metric_and_drop_follow_the_task():
     cls = get_task("image-classification")
     m = task_metrics(cls, base, model, np.array([0, 1, 0, 1]))
     assert m["metric"] == "top1" and drop_in_unit(cls, m) == pytest.approx(25.0)
-    m = task_metrics(cls, base, model)  # no labels: agreement with FP32
-    assert m["metric"] == "top1_agreement" and drop_in_unit(cls, m) == pytest.approx(25.0)
+    m = task_metrics(cls, base, model)  # no labels: the flip costs FP32's e/(e+1) - 1/(e+1), over 4 samples
+    assert m["metric"] == "top1_expected"
+    assert drop_in_unit(cls, m) == pytest.approx(100 * (math.e - 1) / (math.e + 1) / 4)
     emb = get_task("feature-extraction")
     m = task_metrics(emb, base, model)
     assert m["metric"] == "cosine" and drop_in_unit(emb, m) == pytest.approx(0.25)  # cos 0 on one of four
-    assert unit_of_metric("cosine") == "1-cosine" and unit_of_metric("top1_agreement") == "points"
+    assert unit_of_metric("cosine") == "1-cosine" and unit_of_metric("top1_expected") == "points"
+    assert unit_of_metric("top1_agreement") == "points"  # reports written before top1_expected
     assert unit_of_metric("none") is None
 
 

@@ -21,11 +21,28 @@ def test_classification_with_labels():
     assert m["agreement_with_baseline"] == 75.0
 
 
-def test_classification_without_labels_is_agreement():
+def test_classification_without_labels_is_the_top1_fp32_expects():
+    # one-hot logits: FP32's softmax gives its class e/(e+2), each other class 1/(e+2)
     m = classification_metrics(_logits([0, 1, 2, 1]), _logits([0, 1, 1, 1]), None)
-    assert m["metric"] == "top1_agreement" and (m["unit"], m["drop_unit"]) == ("%", "points")
-    assert m["baseline"] == 100.0 and m["model"] == 75.0
-    assert m["drop"] == pytest.approx(25.0)
+    assert m["metric"] == "top1_expected" and (m["unit"], m["drop_unit"]) == ("%", "points")
+    hi, lo = math.e / (math.e + 2), 1 / (math.e + 2)
+    assert m["baseline"] == pytest.approx(100 * hi, rel=1e-6)
+    assert m["model"] == pytest.approx(100 * (3 * hi + lo) / 4, rel=1e-6)
+    assert m["drop"] == pytest.approx(100 * (hi - lo) / 4, rel=1e-6)  # 9.1 points, where agreement loses 25
+    assert m["agreement_with_baseline"] == 75.0 and "no labels" in m["note"]
+
+
+def test_without_labels_a_flip_costs_what_fp32_believes():
+    """A flip between two classes FP32 holds equally likely costs nothing; a flip away from a
+    confident prediction costs its confidence."""
+    unsure = np.array([[2.0, 2.0, -9.0]], np.float32)  # FP32 argmax 0, class 1 equally likely
+    sure = np.array([[9.0, 0.0, 0.0]], np.float32)
+    to_class_1 = np.array([[0.0, 1.0, 0.0]], np.float32)
+    assert classification_metrics(unsure, to_class_1, None)["drop"] == pytest.approx(0.0, abs=1e-6)
+    confident = classification_metrics(sure, to_class_1, None)
+    p_top = math.exp(9) / (math.exp(9) + 2)
+    assert confident["drop"] == pytest.approx(100 * (p_top - 1 / (math.exp(9) + 2)), rel=1e-6)
+    assert confident["agreement_with_baseline"] == 0.0
 
 
 def test_model_better_than_baseline_gives_negative_drop():
@@ -108,4 +125,5 @@ def test_classification_metrics_always_report_top5_and_kl():
     p = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
     q = np.exp([1.0, 2.0, 0.0]) / np.exp([1.0, 2.0, 0.0]).sum()
     assert m["kl_to_baseline"] == pytest.approx(float((p * np.log(p / q)).sum()) / 4)
-    assert m["top5_agreement"] == 100.0 and m["model"] == 75.0 and m["samples"] == 4  # shares in percent
+    assert m["top5_agreement"] == 100.0 and m["agreement_with_baseline"] == 75.0 and m["samples"] == 4  # percent
+    assert m["model"] == pytest.approx(100 * (3 * p[0] + p[1]) / 4)  # FP32 gives sample 0's new class p[1]

@@ -74,7 +74,7 @@ def test_check_with_baseline_synthetic_data(run_cli, default_export):
     result = run_cli(["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--threads", "1", "--json"])
     assert result.exit_code in (0, 1), result.output
     res = json.loads(result.output[:result.output.rindex("}") + 1])
-    assert res["data"] == "synthetic" and res["accuracy"]["metric"] == "top1_agreement"
+    assert res["data"] == "synthetic" and res["accuracy"]["metric"] == "top1_expected"
     assert res["accuracy"]["baseline"] == 100.0 and 50.0 <= res["accuracy"]["model"] <= 100.0
     assert (result.exit_code == 0) == res["passed"]
 

@@ -75,10 +75,10 @@ def test_torchscript_file_with_grayscale_flat_folder(user_project, images_factor
     evals = rep["data"]["eval"]
     assert evals["layout"] == "flat" and evals["labels"] == "none" and evals["color"] == "grayscale"
     assert evals["mean"] == [0.5] and evals["std"] == [0.25] and evals["samples"] == 4
-    assert rep["accuracy"]["metric"] == "top1_agreement"
-    assert rep["accuracy"]["note"].startswith("agreement with FP32 (no labels)")
-    assert "agreement with FP32 (no labels)" in (user_project / "out" / "report.md").read_text()
-    assert "agreement with FP32 (no labels)" in r.output
+    assert rep["accuracy"]["metric"] == "top1_expected"
+    assert rep["accuracy"]["note"].startswith("no labels: top-1 expected under the FP32 model")
+    assert "no labels: top-1 expected under the FP32 model" in (user_project / "out" / "report.md").read_text()
+    assert "(no labels)" in r.output
 
 
 def test_exported_program_without_data_uses_seeded_synthetic_inputs(user_project, run_cli):
@@ -90,7 +90,7 @@ def test_exported_program_without_data_uses_seeded_synthetic_inputs(user_project
     rep = json.loads((user_project / "out" / "report.json").read_text())
     assert rep["source"]["kind"] == "ExportedProgram" and rep["source"]["input_shapes"] == {"image": [1, 3, 16, 16]}
     assert rep["data"]["calib"]["source"] == "synthetic" and "seed 3" in rep["data"]["calib"]["distribution"]
-    assert "NO DATA" in rep["notes"][0] and rep["accuracy"]["metric"] == "top1_agreement"
+    assert "NO DATA" in rep["notes"][0] and rep["accuracy"]["metric"] == "top1_expected"
 
 
 @pytest.mark.parametrize("args, words", [

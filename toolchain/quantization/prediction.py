@@ -13,9 +13,11 @@ top-1-vs-runner-up margin is measured per calibration sample (Delta_i = quantize
 margin), margins and noise relative to each sample's logit spread, the noise scaled by
 k = sqrt(F) * (1 + z / sqrt(2n)) (z-sided upper bound of a spread from n samples); an evaluation
 sample with FP32 margin m flips with probability P(k * Delta < -m) over the calibration samples
-whose margins are nearest to m (a smooth quantity: a share of max(10, n/10) neighbours per sample). The prediction is 100 *
-the mean flip probability over the evaluation inputs (every flip counted as a lost point: an upper
-bound without labels), and never below the flips seen on calibration data.
+whose margins are nearest to m (a smooth quantity: a share of max(10, n/10) neighbours per sample).
+Without labels the gate reads the top-1 FP32's softmax expects (runtime_check.accuracy.expected_top1),
+so a flip costs what FP32 believes it does: the prediction is 100 * the mean over the evaluation
+inputs of flip probability * (p_top - p_runner_up) of FP32's softmax, and never below the cost of
+the flips seen on calibration data. With calibration labels a flip costs a point where FP32 was right.
 
 F, the shift factor: the analytic noise-to-signal ratio the quantizers add at each quantized layer,
 sum over layers on evaluation inputs / the same sum on calibration inputs (at least 1). Per layer:
@@ -172,12 +174,18 @@ def _predict_logits(fp: np.ndarray, q: np.ndarray, view: EvalView, labels: np.nd
     relative_noise = delta / _spread(fp.astype(np.float64))
     flips = _flip_probability(eval_margin / _spread(view.fp32_outputs.astype(np.float64)), relative_noise * scale,
                               margin / _spread(fp.astype(np.float64)))
-    observed_flips = q.argmax(-1) != top
+    q_top = q.argmax(-1)
+    observed_flips = q_top != top
     if labels is not None:  # calibration labels: a flip costs only where FP32 was right
-        observed = 100.0 * float((observed_flips & (top == labels)).mean() - (observed_flips & (q.argmax(-1) == labels)).mean())
-    else:
-        observed = 100.0 * float(observed_flips.mean())
-    smooth = 100.0 * float(flips.mean())
+        observed = 100.0 * float((observed_flips & (top == labels)).mean() - (observed_flips & (q_top == labels)).mean())
+        smooth = 100.0 * float(flips.mean())
+    else:  # what each flip costs in the top-1 FP32's softmax expects (the gate's metric)
+        p_calib = np.exp(_log_softmax(fp))
+        observed = 100.0 * float((observed_flips * (p_calib[rows, top] - p_calib[rows, q_top])).mean())
+        p_eval = np.exp(_log_softmax(view.fp32_outputs))
+        eval_rows = np.arange(len(p_eval))
+        e_top, e_second, _ = _margins(view.fp32_outputs.astype(np.float64))
+        smooth = 100.0 * float((flips * (p_eval[eval_rows, e_top] - p_eval[eval_rows, e_second])).mean())
     log_p, log_q = _log_softmax(fp), _log_softmax(q)
     kl = float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
     return {"predicted": max(smooth, observed), "smooth_flip_points": smooth, "calib_observed_points": observed,
