@@ -382,7 +382,7 @@ def _validate_job(argv: list[str], label: str) -> dict:
                                                    without_recovery)
 
     try:
-        options = _typed_options(ctx, ctx.params)
+        options = _typed_options(ctx, {k: v for k, v in ctx.params.items() if k not in ("model", "quiet")})
         if auto_config(options) is not None:
             options = without_recovery(options)
         build_recipe(options)
