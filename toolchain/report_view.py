@@ -166,8 +166,9 @@ class Report(_Sections):
     """The report of one export (report.json in `output_dir`).
 
     Attributes: `model`, `target`, `task`, `passed`, `accuracy` (Accuracy), `latency_ms` (Latency),
-    `size_bytes` (Sizes), `sparsity` (Sparsity), `checks` (tuple of Check) and `output_dir` (the
-    folder written). Every other section: `report["quantization"]`, `report.to_dict()`.
+    `size_bytes` (Sizes), `sparsity` (Sparsity), `checks` (tuple of Check), `schema_version` (of
+    report.json, "MAJOR.MINOR") and `output_dir` (the folder written). Every other section:
+    `report["quantization"]`, `report.to_dict()`.
     """
 
     model: str
@@ -179,6 +180,7 @@ class Report(_Sections):
     size_bytes: Sizes
     sparsity: Sparsity
     checks: tuple[Check, ...]
+    schema_version: str | None = None
     output_dir: Path | None = None
     _data: Mapping = field(default_factory=dict, repr=False, compare=False)
 
@@ -190,7 +192,8 @@ class Report(_Sections):
                    passed=bool(data.get("passed")), accuracy=Accuracy.from_dict(data.get("accuracy")),
                    latency_ms=Latency.from_dict(data.get("latency_ms")),
                    size_bytes=Sizes.from_dict(data.get("size_bytes")), sparsity=Sparsity.from_dict(data.get("sparsity")),
-                   checks=_checks(data), output_dir=Path(output_dir) if output_dir is not None else None, _data=data)
+                   checks=_checks(data), schema_version=data.get("schema_version"),
+                   output_dir=Path(output_dir) if output_dir is not None else None, _data=data)
 
     @classmethod
     def load(cls, output_dir: Path | str) -> "Report":

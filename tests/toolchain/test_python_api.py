@@ -76,7 +76,7 @@ def test_report_attributes_are_the_report_json_fields(pair):
     assert report.latency_ms.speedup == pytest.approx(report.latency_ms.baseline.p50 / report.latency_ms.model.p50)
     assert [(c.name, c.passed, c.value, c.limit, c.unit) for c in report.checks] == \
         [(c["name"], c["passed"], c["value"], c["limit"], c["unit"]) for c in cli["checks"]]
-    assert report.failed_checks == ()
+    assert report.failed_checks == () and report.schema_version == cli["schema_version"]
     assert report["quantization"] == cli["quantization"] and "recipe" in report
 
 
@@ -106,7 +106,7 @@ def test_a_report_with_keys_the_api_does_not_name_still_loads():
             "accuracy": {"metric": "top1", "drop": 0.1, "new_field": 1}, "schema_version": "9", "extra": {"a": 1}}
     report = Report.from_dict(data)
     assert report.accuracy.drop == 0.1 and report["accuracy"]["new_field"] == 1
-    assert report["schema_version"] == "9" and report.checks[0].limit == 2
+    assert report.schema_version == report["schema_version"] == "9" and report.checks[0].limit == 2
     assert report.latency_ms.model is None and report.size_bytes.model is None
 
 
