@@ -8,6 +8,7 @@ synthetic inputs).
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import logging
@@ -27,7 +28,8 @@ from sqexport.contracts.files import require_regular
 from sqexport.contracts.shapes import parse_input_shapes
 from sqexport.models.spec import ModelSpec
 
-__all__ = ["FACTORY_RE", "MODEL_SUFFIXES", "is_user_model", "parse_input_shapes", "load_user_model"]
+__all__ = ["FACTORY_RE", "MODEL_SUFFIXES", "is_user_model", "parse_input_shapes", "load_user_model",
+           "load_module_model"]
 
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
@@ -366,17 +368,90 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
     capture = None
     if factory and not isinstance(obj, torch.export.ExportedProgram):
         model, capture = normalized_factory_model(model, shapes, dtypes)
+    example = _random_example(shapes, dtypes)
+    kind = "factory" if factory else ("ExportedProgram" if Path(ref).suffix == ".pt2" else "TorchScript")
+    return _user_spec(model, ref if factory else Path(ref).stem, example, kind, ref, capture)
+
+
+def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, example_inputs=None) -> ModelSpec:
+    """A torch.nn.Module object handed to the Python API, checked and captured as a factory's
+    model is. Its example input comes from `input_shapes` (as --input-shape gives them) or from
+    `example_inputs` (a tensor, a tuple of tensors in forward()'s order, or a dict by name). The run
+    works on a copy: the caller's module keeps its weights and its train/eval mode."""
+    ref = f"{type(module).__module__}.{type(module).__qualname__}"
+    names = _forward_names(module)
+    if example_inputs is not None and input_shapes:
+        raise ConfigError("give input_shape or example_inputs for the nn.Module, not both")
+    if example_inputs is not None:
+        example = _named_example(example_inputs, names)
+        shapes = {n: tuple(v.shape) for n, v in example.items()}
+        dtypes = {n: torch.from_numpy(v).dtype for n, v in example.items()}
+    elif input_shapes:
+        shapes, dtypes, example = _resolve_shapes(names, input_shapes), {}, None
+    else:
+        raise ConfigError(f"an nn.Module ({type(module).__name__}) needs an example input: pass "
+                          "input_shape=(1, 3, 224, 224) (batch first) or example_inputs=<tensor or tuple of tensors>")
+    try:
+        own = copy.deepcopy(module)
+    except Exception as exc:  # a module holding an uncopyable object (a lock, an open file)
+        raise ModelLoadError(f"cannot copy the {type(module).__name__} module ({type(exc).__name__}: "
+                             f"{_first_line(exc)}); sqexport runs on a copy so the caller's module stays "
+                             "unchanged") from None
+    model, capture = normalized_factory_model(own, shapes, dtypes)
+    return _user_spec(model, type(module).__name__, example if example is not None else _random_example(shapes, dtypes),
+                      "nn.Module", ref, capture)
+
+
+def _named_example(example_inputs, names: list[str] | None) -> dict[str, np.ndarray]:
+    """example_inputs as {input name: numpy array}, named by forward()'s parameters."""
+    if isinstance(example_inputs, dict):
+        unknown = [str(k) for k in example_inputs if names is not None and k not in names]
+        if unknown:
+            raise ConfigError(f"example_inputs names unknown input(s) {', '.join(unknown)}; "
+                              f"forward() takes: {', '.join(names)}")
+        missing = [n for n in names or () if n not in example_inputs]
+        if missing:
+            raise ConfigError(f"example_inputs lacks input(s) {', '.join(missing)} of forward()")
+        # forward()'s order: the capture passes the inputs positionally
+        items = [(n, example_inputs[n]) for n in names] if names is not None else list(example_inputs.items())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+        if names is not None and len(values) != len(names):
+            raise ConfigError(f"example_inputs holds {len(values)} tensor(s); forward() takes {len(names)} "
+                              f"({', '.join(names) or 'none'})")
+        if names is None:
+            names = [DEFAULT_INPUT] if len(values) == 1 else [f"{DEFAULT_INPUT}_{i}" for i in range(len(values))]
+        items = list(zip(names, values))
+    example = {}
+    for name, value in items:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if not isinstance(value, np.ndarray):
+            raise ConfigError(f"example_inputs['{name}'] is a {type(value).__name__}; give torch tensors or numpy arrays")
+        if value.ndim == 0 or value.shape[0] == 0:
+            raise ConfigError(f"example_inputs['{name}'] has shape {tuple(value.shape)}; sqexport needs the batch "
+                              "dimension first, with at least one sample")
+        example[name] = np.array(value, copy=True)  # the caller's tensor is not shared with the run
+    return example
+
+
+def _random_example(shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)  # example values only matter for tracing; fixed for reproducibility
-    example = {n: rng.random(s, dtype=np.float32).astype(_np_dtype(dtypes.get(n, torch.float32)))
-               for n, s in shapes.items()}
+    return {n: rng.random(s, dtype=np.float32).astype(_np_dtype(dtypes.get(n, torch.float32)))
+            for n, s in shapes.items()}
+
+
+def _user_spec(model: nn.Module, name: str, example: dict[str, np.ndarray], kind: str, ref: str,
+               capture: dict | None) -> ModelSpec:
+    """The spec of a user model (no data yet), after checking it runs on its example at two batch sizes."""
+    shapes = {n: tuple(v.shape) for n, v in example.items()}
     if not any(p.numel() for p in model.parameters()):
         raise ModelLoadError(f"{ref} has no parameters (weights): there is nothing to prune or quantize")
     outs = _check_batches(model, example)
     output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
     classifier = outs[0].ndim == 2
-    kind = "factory" if factory else ("ExportedProgram" if Path(ref).suffix == ".pt2" else "TorchScript")
     return ModelSpec(
-        name=ref if factory else Path(ref).stem,
+        name=name,
         model=model,
         task="image-classification" if classifier else "feature-extraction",
         input_names=list(shapes),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from sqexport.contracts.errors import ConfigError, ModelLoadError, SqexportError, first_line
+from sqexport.contracts.errors import ConfigError, SqexportError, first_line
 from sqexport.contracts.targets import target_names
 from sqexport.contracts.tasks import hf_task_names
 from sqexport.contracts.units import format_value
@@ -143,23 +143,6 @@ class _VariantChoice(click.Choice):
 
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
-
-
-def build_recipe(ctx: click.Context, opts: dict, default_prune: str = "magnitude",
-                 quant_defaults: dict | None = None):
-    """The recipe file (if any), then every flag the user actually typed on top of it."""
-    from sqexport.toolchain.overrides import Overrides, apply_overrides
-    from sqexport.toolchain.recipe import load_recipe
-
-    typed = {k: opts[k] for k in ("prune", "sparsity", "nm", "variant", "rank_energy", "lowrank_eps", "quant",
-                                  "observer", "max_accuracy_drop", "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
-                                  "recover_steps", "recover_minutes", "recover_data")
-             if _given(ctx, k) and opts[k] is not None}
-    if not opts["recipe"]:  # without a recipe file the CLI's own defaults apply
-        typed.setdefault("seed", opts["seed"])
-        typed.setdefault("target", opts["target"])
-    recipe = load_recipe(opts["recipe"]) if opts["recipe"] else None
-    return apply_overrides(recipe, Overrides(**typed), default_prune, quant_defaults)
 
 
 class SettingType(click.ParamType):
@@ -304,116 +287,28 @@ def export_cmd(ctx, model, quiet, **opts):
 
     Progress goes to stderr: live bars on a terminal, plain lines otherwise. The summary goes to stdout.
     """
-    from sqexport.models.zoo import load_model
-    from sqexport.toolchain import pipeline
+    from sqexport.toolchain.export_run import gate_failure, run_export
     from sqexport.toolchain.progress import make_progress
-    from sqexport.toolchain.stage_meter import measured_stage
 
-    from sqexport.toolchain.output_folder import check_output
-
-    auto = _guard(_auto_config, ctx, opts)
-    if auto is not None:  # recovery settings went into AutoConfig; the search builds its own stages
-        opts = {**opts, "recover": None, "recover_data": None}
-    recipe = _guard(build_recipe, ctx, opts)
-    outdir = Path(opts["output"]) if opts["output"] else _guard(_default_output, model)
-    _guard(check_output, outdir)  # before the slow part: a bad -o fails in a second
-    shapes = _guard(_input_shapes, opts["input_shape"])
-    # a built-in or Hugging Face model knows its inputs: --input-shape only fixes its mobile shapes
-    mobile_only = recipe.target == "mobile" and not _is_user_model(model)
-    prep = _guard(_image_prep, opts)
-    with make_progress(quiet) as progress:
-        with measured_stage(progress, f"load {model}"):
-            spec = _guard(load_model, model, opts["task"], None if mobile_only else shapes, opts["trust_remote_code"])
-            if spec.default_prune != "magnitude" or spec.quant_defaults:
-                recipe = _guard(build_recipe, ctx, opts, spec.default_prune, spec.quant_defaults)
-            spec = _guard(_with_user_data, spec, opts["calib_data"], opts["eval_data"], prep, recipe.seed)
-        for note in spec.data_info.get("notes", []):  # e.g. synthetic data: said loudly, even with --quiet
-            if quiet:
-                click.secho(f"! {note}", fg="yellow", err=True)
-            else:
-                progress.message(f"! {note}")
-        if auto is not None and opts["ray"]:
-            from sqexport.toolchain.auto_ray import run_auto_on_ray
-
-            report = _guard(run_auto_on_ray, opts["ray"], recipe, spec, outdir, progress, auto)
-        elif auto is not None:
-            from sqexport.toolchain.search import run_auto
-
-            report = _guard(run_auto, recipe, spec, outdir, progress, auto)
+    def note(progress, text):  # e.g. synthetic data: said loudly, even with --quiet
+        if quiet:
+            click.secho(f"! {text}", fg="yellow", err=True)
         else:
-            report = _guard(pipeline.run, recipe, spec, outdir, progress,
-                            shapes if recipe.target == "mobile" else None, model_disposable=True)
+            progress.message(f"! {text}")
+
+    options = _guard(_typed_options, ctx, opts)
+    run = _guard(run_export, model, options, lambda: make_progress(quiet), note)
     if not quiet:
-        _print_summary(report, outdir)
-    if not report["passed"]:
-        failed = ", ".join(f"{c['name']} {format_value(c['value'], c['unit'])} "
-                           f"(limit {format_value(c['limit'], c['unit'])})" for c in report["checks"] if not c["passed"])
-        raise ToolError(f"gate failed: {failed}; report written to {outdir}", 1)
+        _print_summary(run.report, run.outdir)
+    if not run.report["passed"]:
+        raise ToolError(gate_failure(run.report, run.outdir), 1)
 
 
-def _default_output(model: str) -> Path:
-    """./sqexport-out/NAME; `.` and `..` name the folder they stand for. A reference with no name
-    at all ('' or '/') is a bad MODEL, said as such (not as a complaint about sqexport-out)."""
-    from sqexport.models.zoo import BUILTIN_MODELS
+def _typed_options(ctx: click.Context, opts: dict):
+    """The export options the user typed (a flag left at its default is not given)."""
+    from sqexport.toolchain.export_options import option_values
 
-    name = Path(model.rstrip("/")).name if model.strip() else ""
-    if name in ("", ".", "..") and model.strip():
-        name = Path(os.path.abspath(model)).name
-    if not name:
-        raise ModelLoadError(f"cannot load {model!r}: not a built-in name, a Hugging Face folder (config.json), a "
-                             f"TorchScript .pt, an ExportedProgram .pt2 or pkg.module:factory; built-in models: "
-                             f"{', '.join(sorted(BUILTIN_MODELS))}")
-    return Path("sqexport-out") / name.replace(":", "_")
-
-
-def _auto_config(ctx: click.Context, opts: dict):
-    """--auto's settings, or None without --auto; flags naming what it chooses itself are errors."""
-    if opts.get("ray"):
-        from sqexport.toolchain.ray_cluster import parse_ray_address, require_ray
-
-        if not opts["auto"]:
-            raise ConfigError("--ray distributes --auto's candidates; a single export is one job (for many, "
-                              "use sqexport sweep --ray)")
-        require_ray()
-        parse_ray_address(opts["ray"])
-    if not opts["auto"]:
-        if opts["auto_minutes"] is not None:
-            raise ConfigError("--auto-minutes needs --auto")
-        return None
-    from sqexport.toolchain.search import AutoConfig, check_auto_flags
-
-    check_auto_flags([k for k in opts if _given(ctx, k) and opts[k] is not None and k not in ("recover", "ray")]
-                     + (["recipe"] if opts["recipe"] else []))
-    kwargs = {"recover": opts["recover"] is not False, "recover_data": opts["recover_data"]}
-    if opts["auto_minutes"] is not None:
-        kwargs["minutes"] = opts["auto_minutes"]
-    return AutoConfig(**kwargs)
-
-
-def _with_user_data(spec, calib_data, eval_data, prep, seed):
-    from sqexport.models.data import apply_user_data
-
-    return apply_user_data(spec, calib_data, eval_data, prep, seed)
-
-
-def _input_shapes(values):
-    from sqexport.contracts.shapes import parse_input_shapes
-
-    return parse_input_shapes(values)
-
-
-def _is_user_model(ref: str) -> bool:
-    from sqexport.models.user_model import is_user_model
-    from sqexport.models.zoo import BUILTIN_MODELS
-
-    return ref not in BUILTIN_MODELS and is_user_model(ref)
-
-
-def _image_prep(opts: dict):
-    from sqexport.models.image_data import ImagePrep, parse_floats, parse_size
-
-    return ImagePrep(parse_size(opts["image_size"]), parse_floats("--mean", opts["mean"]),
-                     parse_floats("--std", opts["std"]), opts.get("views") or 1, opts.get("seed") or 0)
+    return option_values({k: v for k, v in opts.items() if _given(ctx, k) and v is not None})
 
 
 def _print_summary(report: dict, outdir: Path) -> None:
@@ -483,14 +378,16 @@ def _validate_job(argv: list[str], label: str) -> dict:
         raise ConfigError(f"{label}: --help is not an option of a job") from None
     except click.ClickException as exc:
         raise ConfigError(f"{label}: {_one_line(exc.format_message())}") from None
-    opts = dict(ctx.params)
+    from sqexport.toolchain.export_options import (auto_config, build_recipe, image_prep, input_shapes,
+                                                   without_recovery)
+
     try:
-        auto = _auto_config(ctx, opts)
-        if auto is not None:
-            opts = {**opts, "recover": None, "recover_data": None}
-        build_recipe(ctx, opts)
-        _input_shapes(opts["input_shape"])
-        _image_prep(opts)
+        options = _typed_options(ctx, {k: v for k, v in ctx.params.items() if k not in ("model", "quiet")})
+        if auto_config(options) is not None:
+            options = without_recovery(options)
+        build_recipe(options)
+        input_shapes(options.input_shape)
+        image_prep(options.image_size, options.mean, options.std, options.views, options.seed)
     except SqexportError as exc:
         raise ConfigError(f"{label}: {_one_line(str(exc))}") from None
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items() if _given(ctx, k)}
@@ -594,26 +491,21 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
 def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, threads, max_accuracy_drop,
               min_speedup, max_latency_ms, arch, as_json):
     """Verify an existing .onnx or .ort model (accuracy vs --baseline, latency, gates)."""
-    from sqexport.runtime_check.check import check_model
     from sqexport.runtime_check.gates import Gates
-    from sqexport.runtime_check.session import default_threads
-
-    from sqexport.toolchain.manifest import sibling_output
+    from sqexport.toolchain.check_run import run_check
+    from sqexport.toolchain.export_options import image_prep
 
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
-    prep = _guard(_image_prep, {"image_size": image_size, "mean": mean, "std": std})
-    # in an output folder, sqexport's own baseline.onnx is the evidence the model is compared with
-    found = None if baseline else sibling_output(Path(model_onnx), "baseline.onnx")
-    result = _guard(check_model, Path(model_onnx), Path(baseline) if baseline else found,
-                    Path(eval_data) if eval_data else None, threads or default_threads(), gates, prep, arch)
-    if found is not None:
-        result["baseline_from"] = "baseline.onnx in the model's output folder (sqexport's manifest proves it)"
+    prep = _guard(image_prep, image_size, mean, std)
+    result = _guard(run_check, Path(model_onnx), Path(baseline) if baseline else None,
+                    Path(eval_data) if eval_data else None, prep, threads, gates, arch)
+    found = "baseline_from" in result
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         acc, lat = result["accuracy"], result["latency_ms"]
         click.echo(f"{model_onnx}: data {result['data']}; baseline {result['baseline'] or 'none'}"
-                   + (" (from the output folder)" if found is not None else ""))
+                   + (" (from the output folder)" if found else ""))
         if acc.get("model") is not None:
             click.echo(f"  accuracy  {acc['metric']}: model {format_value(acc['model'], acc['unit'])}"
                        + (f"  baseline {format_value(acc['baseline'], acc['unit'])}"
