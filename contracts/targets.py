@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sqexport.contracts.errors import ConfigError
 
-__all__ = ["Target", "register_target", "get_target", "target_names"]
+__all__ = ["Target", "register_target", "get_target", "target_names", "bundle_target_names"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ def get_target(name: str) -> Target:
 
 def target_names() -> list[str]:
     return list(_TARGETS)
+
+
+def bundle_target_names() -> list[str]:
+    """Targets `sqexport package` builds an app bundle for."""
+    return [name for name, t in _TARGETS.items() if t.app_bundle]
 
 
 register_target(Target("cpu", "onnxruntime CPUExecutionProvider on this host, all graph optimizations"))

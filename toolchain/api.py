@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqexport.contracts.errors import ConfigError, GateFailed
+from sqexport.contracts.targets import bundle_target_names
 from sqexport.toolchain.export_options import ExportOptions
 from sqexport.toolchain.report_view import Bundle, CheckReport, Report
 from sqexport.toolchain.settings import check_setting
@@ -198,8 +199,9 @@ def package(output_dir: str | os.PathLike, *, target: str = "mobile",
     """
     from sqexport.toolchain.packaging import package_outdir
 
-    if target != "mobile":
-        raise ConfigError(f"package builds the mobile bundle: target must be 'mobile', got {target!r}")
+    if target not in bundle_target_names():
+        raise ConfigError(f"package builds an app bundle: target must be one of {', '.join(bundle_target_names())}, "
+                          f"got {target!r}")
     folder = _path("output_dir", output_dir)
     if folder is None:
         raise ConfigError("output_dir must be the output folder of an export with target='mobile', got None")

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sqexport.contracts.errors import ConfigError, SqexportError, first_line
-from sqexport.contracts.targets import target_names
+from sqexport.contracts.targets import bundle_target_names, target_names
 from sqexport.contracts.tasks import hf_task_names
 from sqexport.contracts.units import format_value
 from sqexport.toolchain import signals
@@ -547,7 +547,7 @@ def inspect_cmd(model_onnx, as_json):
 
 @cli.command("package")
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.option("--target", type=click.Choice(["mobile"]), required=True, help="What to package for.")
+@click.option("--target", type=click.Choice(bundle_target_names()), required=True, help="What to package for.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Zip to write [OUTDIR/<name>-mobile.zip].")
 def package_cmd(outdir, target, output):

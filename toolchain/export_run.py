@@ -13,6 +13,7 @@ from typing import Callable
 
 from sqexport.contracts.errors import ConfigError, ModelLoadError
 from sqexport.contracts.progress import NULL_PROGRESS, Progress
+from sqexport.contracts.targets import get_target
 from sqexport.contracts.units import format_value
 from sqexport.toolchain.export_options import (ExportOptions, auto_config, build_recipe, image_prep,
                                                input_shapes, without_recovery)
@@ -45,7 +46,8 @@ def run_export(model, options: ExportOptions,
     check_output(outdir)  # before the slow part: a bad output folder fails in a second
     shapes = input_shapes(options.input_shape)
     # a built-in or Hugging Face model knows its inputs: --input-shape only fixes its mobile shapes
-    mobile_only = recipe.target == "mobile" and not _is_user_model(model)
+    fixed_shapes = get_target(recipe.target).fixed_shapes
+    mobile_only = fixed_shapes and not _is_user_model(model)
     prep = image_prep(options.image_size, options.mean, options.std, options.views, options.seed)
     with progress() as shown:
         with measured_stage(shown, f"load {model_label(model)}"):
@@ -64,7 +66,7 @@ def run_export(model, options: ExportOptions,
 
             report = run_auto(recipe, spec, outdir, shown, auto)
         else:
-            report = pipeline.run(recipe, spec, outdir, shown, shapes if recipe.target == "mobile" else None,
+            report = pipeline.run(recipe, spec, outdir, shown, shapes if fixed_shapes else None,
                                   model_disposable=True)
     return ExportRun(report, outdir)
 
