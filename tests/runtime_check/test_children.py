@@ -34,7 +34,7 @@ def test_a_timeout_kills_the_whole_group(tmp_path):
     pid_file = tmp_path / "pid"
     script = f"import os, time; open('{pid_file}', 'w').write(str(os.getpid())); time.sleep(60)"
     cmd = f'{sys.executable} -c "{script}" & wait'
-    with pytest.raises(subprocess.TimeoutExpired):
+    with pytest.raises(subprocess.TimeoutExpired, match="timed out after 2 seconds"):
         run_child(cmd, timeout=2, shell=True)
     assert _wait_gone([int(pid_file.read_text())]) == []
 

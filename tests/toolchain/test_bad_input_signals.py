@@ -97,7 +97,7 @@ def test_a_swallowed_signal_still_ends_the_run(monkeypatch):
             time.sleep(0.1)
         except BaseException:
             pass  # swallowed
-        with pytest.raises(signals.Interrupted) as info:
+        with pytest.raises(signals.Interrupted, match="SIGTERM") as info:
             signals.check()
         assert info.value.exit_code == 143
     finally:

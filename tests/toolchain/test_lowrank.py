@@ -203,10 +203,17 @@ def test_layers_that_do_not_pay_stay_dense_and_say_why():
 
 
 def test_config_rejects_bad_values():
-    for bad in ({"rank_energy": 0.0}, {"rank_energy": 1.5}, {"eps": 1.0}, {"eps": 0.0}, {"decide": "fast"},
-                {"min_block": 0}, {"min_gain": 1.0}, {"conv_scheme": "tucker"}, {"rank_multiple": 0},
-                {"max_checks": 1}):
-        with pytest.raises(ConfigError):
+    for bad, words in (({"rank_energy": 0.0}, r"rank_energy must be in \(0, 1\], got 0.0"),
+                       ({"rank_energy": 1.5}, r"rank_energy must be in \(0, 1\], got 1.5"),
+                       ({"eps": 1.0}, r"eps must be in \(0, 1\), got 1.0"),
+                       ({"eps": 0.0}, r"eps must be in \(0, 1\), got 0.0"),
+                       ({"decide": "fast"}, "decide must be one of latency, params, got 'fast'"),
+                       ({"min_block": 0}, "min_block must be >= 1, got 0"),
+                       ({"min_gain": 1.0}, r"min_gain must be in \[0, 1\), got 1.0"),
+                       ({"conv_scheme": "tucker"}, "conv_scheme must be one of auto, separable, channel, got 'tucker'"),
+                       ({"rank_multiple": 0}, "rank_multiple must be >= 1, got 0"),
+                       ({"max_checks": 1}, "max_checks must be >= 2, got 1")):
+        with pytest.raises(ConfigError, match=words):
             LowRankPruneConfig(**bad)
 
 

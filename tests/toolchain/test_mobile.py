@@ -19,8 +19,12 @@ def test_parse_input_shapes():
     assert parse_input_shapes(["1x3x224x224"]) == {None: (1, 3, 224, 224)}
     assert parse_input_shapes(["input_ids=1x128", "attention_mask=1X128"]) == {
         "input_ids": (1, 128), "attention_mask": (1, 128)}
-    for bad in (["1xa"], ["x=0x3"], ["=1x2"], ["a=1", "a=2"], ["1x2", "b=1x2"]):
-        with pytest.raises(ConfigError):
+    for bad, words in ((["1xa"], "'1xa': dimensions must be positive integers"),
+                       (["x=0x3"], "'x=0x3': dimensions must be positive integers"),
+                       (["=1x2"], "'=1x2': the input name before '=' is empty"),
+                       (["a=1", "a=2"], "'a=2': give one unnamed shape, or one NAME=shape per input"),
+                       (["1x2", "b=1x2"], "'b=1x2': give one unnamed shape, or one NAME=shape per input")):
+        with pytest.raises(ConfigError, match=f"--input-shape {words}"):
             parse_input_shapes(bad)
 
 
@@ -38,8 +42,10 @@ def test_resolve_fixed_shapes_shares_symbolic_dims():
     # the user's sequence length reaches every input that shares the dim
     assert resolve_fixed_shapes(model, {"input_ids": [1, 32]}, example) == {
         "input_ids": [1, 32], "attention_mask": [1, 32]}
-    for user in ({"nope": [1, 2]}, {"input_ids": [1, 2, 3]}, {None: [1, 8]}):
-        with pytest.raises(ConfigError):
+    for user, words in (({"nope": [1, 2]}, "no input named nope; inputs: input_ids, attention_mask"),
+                        ({"input_ids": [1, 2, 3]}, "input_ids=1x2x3: the input has rank 2"),
+                        ({None: [1, 8]}, "the model has 2 inputs .*: give --input-shape NAME=DxD for each")):
+        with pytest.raises(ConfigError, match=words):
             resolve_fixed_shapes(model, user, example)
     fixed = _graph({"x": [1, 8]})
     with pytest.raises(ConfigError, match="fixed to 8"):

@@ -60,9 +60,10 @@ def test_recipe_order_option():
     recipe = Recipe.from_dict({"stages": stages, "order": "q_then_s"})
     assert recipe.order == "q_then_s" and recipe.to_dict()["order"] == "q_then_s"
     assert "order" not in Recipe.from_dict({"stages": stages}).to_dict()  # the default writes nothing new
-    for bad in ({"stages": stages, "order": "q_first"}, {"stages": stages, "order": 1},
-                {"stages": stages[:1], "order": "q_then_s"}):
-        with pytest.raises(ConfigError):
+    for bad, words in (({"stages": stages, "order": "q_first"}, "order must be one of s_then_q, q_then_s, got 'q_first'"),
+                       ({"stages": stages, "order": 1}, "order must be one of s_then_q, q_then_s, got 1"),
+                       ({"stages": stages[:1], "order": "q_then_s"}, "the recipe needs both stages")):
+        with pytest.raises(ConfigError, match=words):
             Recipe.from_dict(bad)
 
 
