@@ -60,8 +60,10 @@ def test_dense_kept_where_sparse_is_not_smaller(tmp_path):
 
 def test_export_at_90_percent_uses_sparse_initializers(run_cli, tmp_path, onnx_tools):
     out = tmp_path / "o"
-    result = run_cli(["digits-cnn", "--sparsity", "0.9", "--threads", "1", "-o", out])
-    assert result.exit_code in (0, 1), result.output  # the accuracy gate may fail at 90%; storage is the point
+    # 90% costs digits-cnn ~3 points, more than the default 1-point gate; storage is the point here, so
+    # the gate is opened (a failed gate's exit 1 is test_cli_export's test_failing_gate_exits_1_...)
+    result = run_cli(["digits-cnn", "--sparsity", "0.9", "--max-accuracy-drop", "100", "--threads", "1", "-o", out])
+    assert result.exit_code == 0, result.output
     rep = json.loads((out / "report.json").read_text())
     st, sizes = rep["sparse_storage"], rep["size_bytes"]
     assert st["used"] and st["index_dtype"] == "int64"

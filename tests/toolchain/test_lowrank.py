@@ -438,7 +438,8 @@ def _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy: 
     recipe.write_text(f"stages:\n  - type: prune.lowrank\n    params: {{rank_energy: {rank_energy}, decide: params}}\n"
                       f"  - type: recover.distill\n    params: {{steps: {steps}}}\n  - type: quantize.int8\n")
     out = tmp_path / "out"
+    # a random tiny BERT's cosine may miss the default 0.01 gate; the gate is not under test (1 - cosine <= 2)
     result = run_cli(["export", tiny_bert, "--recipe", recipe, "--calib-data", text_files.calib_txt,
-                      "--eval-data", text_files.eval_txt, "--threads", 1, "-o", out])
-    assert result.exit_code in (0, 1), result.output  # a random tiny BERT may miss the cosine gate
+                      "--eval-data", text_files.eval_txt, "--max-accuracy-drop", 2, "--threads", 1, "-o", out])
+    assert result.exit_code == 0, result.output
     return json.loads((out / "report.json").read_text())

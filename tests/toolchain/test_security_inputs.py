@@ -133,9 +133,10 @@ def test_out_of_memory_is_exit_2(project, run_cli, monkeypatch):
 @pytest.mark.parametrize("samples", [1, 2, 3])
 def test_too_few_samples_share_calibration_and_evaluation_and_say_so(project, run_cli, samples):
     np.save(project / "few.npy", np.random.default_rng(0).random((samples, 4), dtype=np.float32))
+    # one to three samples: the gate is not under test (one flipped sample is a 33-100 point drop)
     result = run_cli(["mypkg.code:linear", "--input-shape", "1x4", "--calib-data", "few.npy", "-o", "out",
-                      "--threads", "1"])
-    assert result.exit_code in (0, 1), result.output  # a result either way, never an empty eval split
+                      "--threads", "1", "--max-accuracy-drop", "100"])
+    assert result.exit_code == 0, result.output  # a result, never an empty eval split
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["data"]["eval"]["samples"] == samples and report["data"]["eval"]["shared"]
     assert "share them" in result.output and "never overlap" not in result.output
@@ -144,8 +145,8 @@ def test_too_few_samples_share_calibration_and_evaluation_and_say_so(project, ru
 def test_a_one_image_folder_says_what_the_report_says(project, run_cli, images_factory):
     images_factory(project / "one", None, 1, size=(8, 8))
     result = run_cli(["mypkg.nets:tiny_cnn", "--input-shape", "1x3x8x8", "--calib-data", "one", "-o", "out",
-                      "--threads", "1"])
-    assert result.exit_code in (0, 1), result.output
+                      "--threads", "1", "--max-accuracy-drop", "100"])  # one image: the gate is not under test
+    assert result.exit_code == 0, result.output
     report = json.loads((project / "out" / "report.json").read_text())
     assert "share them" in report["data"]["eval"]["split"]
     assert "share them" in result.output and "never overlap" not in result.output
