@@ -418,14 +418,20 @@ def test_whole_model_check_on_real_timing_never_keeps_a_slower_set():
         assert whole is None or whole["speedup"] is None
 
 
-def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path):
+def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path, monkeypatch):
     """At rank energy 0.999 no Linear of the tiny BERT pays to factor: the model is unchanged, so
     the recover stage after it has nothing to recover, says so, and runs no step."""
+    import sqexport.toolchain.recover_step as recover_step
+
+    calls = []
+    monkeypatch.setattr(recover_step, "recover", lambda *a, **k: calls.append("recover"))
+    monkeypatch.setattr(recover_step, "make_pool", lambda *a, **k: calls.append("make_pool"))
     rep = _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy=0.999, steps=50)
+    assert calls == []  # no data pool built, no distillation step run
     assert rep["lowrank"]["factored"] == []
     assert rep["recovery"]["steps"] == 0 and "no prune stage changed the model" in rep["recovery"]["skipped"]
     stage = rep["stages"][[s["name"] for s in rep["stages"]].index("recover.distill")]
-    assert stage["params"]["steps_run"] == 0 and stage["seconds"] < 1.0
+    assert stage["params"]["steps_run"] == 0 and "no prune stage changed the model" in stage["params"]["skipped"]
     assert any(n.startswith("recover.distill skipped") for n in rep["notes"])
 
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +14,8 @@ import pytest
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.shapes import parse_input_shapes
 from sqexport.exporters.mobile import PREPROCESSING_KEY, resolve_fixed_shapes
+
+RUNNER = Path(__file__).resolve().parents[2] / "runtime_check" / "device_runner.py"  # not the cwd's
 
 
 def test_parse_input_shapes():
@@ -113,8 +116,10 @@ def test_bundled_runner_self_test(mobile_export, tmp_path):
     import sys
 
     out = mobile_export.out
-    proc = subprocess.run([sys.executable, "runtime_check/device_runner.py", out / "model.ort", "--reference",
-                           out / "reference.npz", "--threads", "1", "--iters", "3"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, RUNNER, out / "model.ort", "--reference",
+                           out / "reference.npz", "--threads", "1", "--iters", "3"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["model_sha256"] == hashlib.sha256((out / "model.ort").read_bytes()).hexdigest()
     assert res["reference"]["samples"] == 8 and res["reference"]["argmax_agreement"] == 1.0
@@ -134,9 +139,10 @@ def test_runner_budget_stops_after_the_first_sample_and_compares_those(mobile_ex
     import sys
 
     out = mobile_export.out
-    proc = subprocess.run([sys.executable, "runtime_check/device_runner.py", out / "model.ort", "--reference",
+    proc = subprocess.run([sys.executable, RUNNER, out / "model.ort", "--reference",
                            out / "reference.npz", "--no-timing", "--budget-s", "0", "--save-outputs",
-                           tmp_path / "o.npz"], capture_output=True, text=True)
+                           tmp_path / "o.npz"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["reference"]["samples"] == 1 and res["reference"]["samples_given"] == 8
     saved = np.load(tmp_path / "o.npz")

@@ -148,7 +148,8 @@ def test_impossible_output_paths_are_output_errors(tmp_path, path, words):
 
 
 def _dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=60)
     return int(proc.stdout)
 
 

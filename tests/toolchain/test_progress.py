@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,17 +113,25 @@ def test_cli_on_a_terminal_shows_bars_and_stage_lines(tmp_path):
                              "-o", str(tmp_path / "out")], stdin=slave, stdout=slave, stderr=slave, env=env,
                             cwd=ROOT, close_fds=True)
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    assert proc.wait(timeout=300) == 0
+    chunks, deadline = [], time.monotonic() + 300
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                pytest.fail(f"no end of output from the CLI on a terminal in 300 s: {b''.join(chunks)[-2000:]!r}")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        if proc.poll() is None and time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.wait(timeout=60) == 0
     raw = b"".join(chunks).decode("utf-8", "replace")
     text = ANSI.sub("", raw)
     assert "\x1b[" in raw  # styled: a terminal was detected
