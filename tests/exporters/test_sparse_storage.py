@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sqexport.exporters.sparse import densify, initializer_arrays, initializer_stats, store_sparse
@@ -58,6 +59,7 @@ def test_dense_kept_where_sparse_is_not_smaller(tmp_path):
     assert not info["used"] and (tmp_path / "m.onnx").read_bytes() == before
 
 
+@pytest.mark.e2e
 def test_export_at_90_percent_uses_sparse_initializers(run_cli, tmp_path, onnx_tools):
     out = tmp_path / "o"
     # 90% costs digits-cnn ~3 points, more than the default 1-point gate; storage is the point here, so
@@ -120,6 +122,7 @@ def test_unchanged_file_is_deflated_once_and_rewrites_are_measured_again(tmp_pat
     assert again["raw"] == (tmp_path / "m.onnx").stat().st_size
 
 
+@pytest.mark.slow
 def test_deflated_size_is_a_zip_around_one_deflate_stream_of_the_file(tmp_path):
     """One part: the zip overhead (checked against what ZipFile writes around its own deflate
     data) plus libdeflate's level-9 stream, which inflates to the file; no larger than zlib -9."""

@@ -95,6 +95,7 @@ def test_bad_pooling_config_is_a_load_error(tiny_bert, tmp_path, config, message
         read_pooling(folder)
 
 
+@pytest.mark.e2e
 def test_cls_folder_is_judged_and_exported_with_cls(run_cli, tiny_bert, tmp_path, text_files):
     """CLI end to end on a CLS-pooling folder: report, metric and ONNX output against torch."""
     folder = _st_folder(tiny_bert, tmp_path / "st-cls", ("cls",), normalize=True)

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 # Everyday sentences for calibration (the tests' shared SENTENCES), and for evaluation a corpus
 # of another kind: machine logs, part numbers and shouted headlines (written for this test).
 SHIFTED = [

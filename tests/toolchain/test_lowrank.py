@@ -255,6 +255,7 @@ def test_cli_bad_values_are_one_line_exit_2(args, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_hf_bert_factored_exports_through_optimum_and_quantizes(run_cli, tiny_bert, text_files, tmp_path):
     """A tiny BERT's Linears become Sequential(Linear, Linear); optimum exports them, QDQ finds every
     factor, and onnxruntime matches the torch fake-quant model (the pipeline's fidelity check)."""
@@ -418,6 +419,7 @@ def test_whole_model_check_on_real_timing_never_keeps_a_slower_set():
         assert whole is None or whole["speedup"] is None
 
 
+@pytest.mark.e2e
 def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path, monkeypatch):
     """At rank energy 0.999 no Linear of the tiny BERT pays to factor: the model is unchanged, so
     the recover stage after it has nothing to recover, says so, and runs no step."""

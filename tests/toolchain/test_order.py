@@ -67,6 +67,7 @@ def test_recipe_order_option():
             Recipe.from_dict(bad)
 
 
+@pytest.mark.e2e
 def test_cli_runs_q_then_s_and_reports_both_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"order": "q_then_s", "stages": [

@@ -142,6 +142,7 @@ def test_bad_values_are_config_errors(params, words):
         PqiPruneConfig(**params)
 
 
+@pytest.mark.e2e
 def test_cli_pqi_on_digits_cnn(tmp_path, run_cli):
     recipe = tmp_path / "pqi.yaml"
     recipe.write_text("stages:\n  - type: prune.pqi\n    params: {rounds: 2, recover_steps: 3, scope: neuron}\n"

@@ -93,6 +93,7 @@ def test_cli_off_a_terminal_prints_stage_lines_and_report_has_time_and_memory(de
         assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0
 
 
+@pytest.mark.e2e
 def test_quiet_prints_no_progress_but_still_the_error(run_cli, tmp_path):
     result = run_cli(["export", "digits-mlp", "--prune", "none", "--threads", "1", "--min-speedup", "1000",
                       "--quiet", "-o", tmp_path / "out"])
@@ -103,6 +104,7 @@ def test_quiet_prints_no_progress_but_still_the_error(run_cli, tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["stages"]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_cli_on_a_terminal_shows_bars_and_stage_lines(tmp_path):
     """The real CLI in a subprocess whose stdout/stderr are a pty: rich draws bars with units."""

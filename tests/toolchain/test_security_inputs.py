@@ -129,6 +129,7 @@ def test_out_of_memory_is_exit_2(project, run_cli, monkeypatch):
     _one_line(run_cli(["digits-mlp", "-o", "out"]), "out of memory")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("samples", [1, 2, 3])
 def test_too_few_samples_share_calibration_and_evaluation_and_say_so(project, run_cli, samples):
     np.save(project / "few.npy", np.random.default_rng(0).random((samples, 4), dtype=np.float32))
@@ -141,6 +142,7 @@ def test_too_few_samples_share_calibration_and_evaluation_and_say_so(project, ru
     assert "share them" in result.output and "never overlap" not in result.output
 
 
+@pytest.mark.e2e
 def test_a_one_image_folder_says_what_the_report_says(project, run_cli, images_factory):
     images_factory(project / "one", None, 1, size=(8, 8))
     result = run_cli(["mypkg.nets:tiny_cnn", "--input-shape", "1x3x8x8", "--calib-data", "one", "-o", "out",
@@ -216,6 +218,7 @@ def _console(args, cwd, env=None, drop=(), timeout=300):
                           env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
+@pytest.mark.slow
 def test_corrupt_torch_files_are_one_line_on_the_console(tmp_path):
     import zipfile
 
@@ -230,6 +233,7 @@ def test_corrupt_torch_files_are_one_line_on_the_console(tmp_path):
         assert "warnings above" not in lines[0]
 
 
+@pytest.mark.e2e
 def test_quiet_is_quiet_with_an_unusable_home(tmp_path):
     """HOME is a file: matplotlib cannot make its config folder and onnxruntime cannot persist its
     telemetry id; with --quiet neither says so."""

@@ -162,6 +162,7 @@ def test_bad_values_are_config_errors(params, words):
         SensitivityPruneConfig(**params)
 
 
+@pytest.mark.e2e
 def test_cli_sensitivity_on_digits_cnn(tmp_path, run_cli):
     recipe = tmp_path / "pfp.yaml"
     recipe.write_text("stages:\n  - type: prune.sensitivity\n    params: {sparsity: 0.4, recover_steps: 3}\n"

@@ -13,6 +13,8 @@ from sqexport.toolchain.cli import sweep_jobs
 from sqexport.toolchain.sweep import run_sweep
 from sweep_hooks import CrashFirst
 
+pytestmark = pytest.mark.e2e
+
 SWEEP = """jobs:
   - {name: mlp, model: digits-mlp, prune: none}
   - {name: mlp-mag, model: digits-mlp, prune: magnitude, sparsity: 0.5, seed: 1}
@@ -76,6 +78,7 @@ def _never_for(name):
     return job
 
 
+@pytest.mark.slow
 def test_workers_retry_a_crashed_job_process_once(tmp_path):
     (tmp_path / "sweep.yaml").write_text("jobs:\n  - {name: a, model: digits-mlp, prune: none}\n"
                                          "  - {name: b, model: digits-mlp, prune: none, seed: 1}\n")
