@@ -2,6 +2,7 @@
 `sqexport/` and its dist-info and nothing else at the top level; the layer folders (contracts,
 models, exporters, runtime_check, toolchain) land under `sqexport/`, with the package data the
 code reads by path (the built-in weights, the corpora, the device runner)."""
+import configparser
 import os
 import shutil
 import subprocess
@@ -18,11 +19,25 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-inf
                                     "sqexport-out", ".pytest_cache")
 
 
+def _setup_cfg() -> configparser.ConfigParser:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return cfg
+
+
 def _version() -> str:
-    for line in (ROOT / "setup.cfg").read_text().splitlines():
-        if line.startswith("version ="):
-            return line.split("=", 1)[1].strip()
-    raise AssertionError("setup.cfg has no version")
+    return _setup_cfg()["metadata"]["version"]
+
+
+def _package_data() -> list[Path]:
+    """The checkout's files that setup.cfg's [options.package_data] promises to install."""
+    files = []
+    for package, patterns in _setup_cfg()["options.package_data"].items():
+        folder = ROOT / package.removeprefix("sqexport.").replace(".", "/")
+        for pattern in patterns.replace("\n", ",").split(","):
+            if pattern.strip():
+                files += sorted(folder.glob(pattern.strip()))
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +74,10 @@ def test_every_layer_module_and_data_file_lands_under_sqexport(wheel):
         for path in (ROOT / layer).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
             assert f"sqexport/{rel}" in names, f"{rel} is not installed as sqexport/{rel}"
-    # the package data the code opens by path
-    data = [*sorted((ROOT / "models" / "weights").glob("*.pt")), *sorted((ROOT / "models" / "corpus").iterdir())]
+    # the package data the code opens by path: what setup.cfg names, and every corpus and weight file
+    data = {*_package_data(), *(ROOT / "models" / "weights").glob("*.pt"), *(ROOT / "models" / "corpus").iterdir()}
     assert data, "no package data found in the checkout"
-    for path in data:
+    for path in sorted(data):
         rel = path.relative_to(ROOT).as_posix()
         assert f"sqexport/{rel}" in names, f"{rel} is not installed as sqexport/{rel}"
     assert "sqexport/runtime_check/device_runner.py" in names  # read by path and copied to a device
