@@ -1,10 +1,11 @@
-# Everything from a fresh clone: `make demo` (main job on the default model), `make test`.
+# Everything from a fresh clone: `make demo` (main job on the default model), `make test` (fast),
+# `make test-all` (every test).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench arm64 clean
+.PHONY: venv demo test test-all bench arm64 clean
 
 venv: $(STAMP)
 
@@ -23,7 +24,12 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sqexport digits-cnn --target cpu -o sqexport-out/digits-cnn
 
+# the fast default: every test but those marked slow (setup.cfg [tool:pytest] says what slow is)
 test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# everything, slow tests included (what .ci/run runs)
+test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
 # aarch64 onnxruntime under qemu user-mode emulation, for `sqexport check --arch arm64`; writes only

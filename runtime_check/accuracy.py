@@ -9,6 +9,7 @@ import onnxruntime as ort
 from sqexport.contracts.tasks import Task
 from sqexport.contracts.units import metric_units
 
+AGREEMENT_ONLY = "agreement with FP32 (no labels): top-1 of the model vs the FP32 model's top-1"
 NO_LABELS = ("no labels: top-1 expected under the FP32 model's own class probabilities (a prediction counts "
              "with the probability FP32 gives its class); top-1 agreement with FP32 is agreement_with_baseline")
 
@@ -85,28 +86,32 @@ def topk_agreement(base_logits: np.ndarray, model_logits: np.ndarray, k: int = 5
 
 
 def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
-                           labels: np.ndarray | None) -> dict:
+                           labels: np.ndarray | None, agreement: bool = False) -> dict:
     """top-1 vs labels when there are labels, else the top-1 the FP32 model's own probabilities
     expect of each model (`top1_expected`, expected_top1: the gate reads its drop). Always also:
     top-1 and top-5 agreement with FP32 and the mean KL(FP32 softmax || model softmax), which need
-    no labels. Shares are in percent and the drop in percentage points (the gate's unit,
-    contracts/units.py); KL in nats."""
+    no labels. `agreement`: without labels gate raw top-1 agreement instead (`top1_agreement`:
+    synthetic inputs, where FP32's probabilities mean nothing and only sameness is checked).
+    Shares are in percent and the drop in percentage points (the gate's unit, contracts/units.py);
+    KL in nats."""
     base_pred, model_pred = base_logits.argmax(-1), model_logits.argmax(-1)
-    agreement = 100.0 * float((base_pred == model_pred).mean())
+    agreement_share = 100.0 * float((base_pred == model_pred).mean())
     if labels is not None:
         base, model = 100.0 * float((base_pred == labels).mean()), 100.0 * float((model_pred == labels).mean())
         metric = "top1"
+    elif agreement:
+        base, model, metric = 100.0, agreement_share, "top1_agreement"
     else:
         base, model = expected_top1(base_logits, base_pred), expected_top1(base_logits, model_pred)
         metric = "top1_expected"
     kl = softmax_kl(base_logits, model_logits)
     out = _with_units({"metric": metric, "baseline": base, "model": model, "drop": base - model,
-                       "agreement_with_baseline": agreement,
+                       "agreement_with_baseline": agreement_share,
                        "top5_agreement": 100.0 * topk_agreement(base_logits, model_logits, 5),
                        "kl_to_baseline": float(kl.mean()), "samples": int(len(base_logits)),
                        "nonfinite_outputs": nonfinite_outputs(base_logits, model_logits)})
     if labels is None:
-        out["note"] = NO_LABELS
+        out["note"] = AGREEMENT_ONLY if agreement else NO_LABELS
     return out
 
 
@@ -143,13 +148,14 @@ def embedding_metrics(base: np.ndarray, model: np.ndarray) -> dict:
                         "nonfinite_outputs": nonfinite_outputs(base, model)})
 
 
-def task_metrics(task: Task, base: np.ndarray, model: np.ndarray, labels: np.ndarray | None = None) -> dict:
+def task_metrics(task: Task, base: np.ndarray, model: np.ndarray, labels: np.ndarray | None = None,
+                 agreement: bool = False) -> dict:
     """The task's metric of `model` outputs against the FP32 `base` outputs (postprocessed).
     NaN/inf outputs make numpy warn; the `finite_outputs` check reports them instead."""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if task.output == "embeddings":
             return embedding_metrics(base, model)
-        return classification_metrics(base, model, labels)
+        return classification_metrics(base, model, labels, agreement)
 
 
 def drop_in_unit(task: Task, metrics: dict) -> float:

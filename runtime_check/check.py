@@ -166,7 +166,7 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
     if labels is not None and logits:
         labels = check_labels(Path(eval_data), labels, len(model_out), model_out.shape[-1])
     synthetic = eval_data is None
-    accuracy = _accuracy(task, logits, base_out, model_out, labels)
+    accuracy = _accuracy(task, logits, base_out, model_out, labels, agreement=synthetic)
     limit = _drop_limit(gates, accuracy, synthetic) if base_out is not None else None
     if synthetic and limit is not None:
         accuracy["note"] = (f"synthetic inputs: agreement with the baseline gated at a drop of at most {limit:g} "
@@ -196,11 +196,12 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
     return result
 
 
-def _accuracy(task, logits: bool, base_out, model_out, labels) -> dict:
+def _accuracy(task, logits: bool, base_out, model_out, labels, agreement: bool = False) -> dict:
     """The metric against the baseline; without one, the drop is not measured (None): top-1 on
-    labels alone is shown but gated by nothing, never as a drop of 0."""
+    labels alone is shown but gated by nothing, never as a drop of 0. `agreement`: synthetic
+    inputs, judged by sameness with the baseline (their class probabilities mean nothing)."""
     if base_out is not None:
-        return task_metrics(task, base_out, model_out, labels if logits else None)
+        return task_metrics(task, base_out, model_out, labels if logits else None, agreement)
     if logits and labels is not None:
         accuracy = task_metrics(task, model_out, model_out, labels)
         accuracy.update(baseline=None, drop=None, note="no --baseline: the accuracy drop is not measured and not gated")

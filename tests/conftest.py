@@ -64,6 +64,17 @@ def op_count(model, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
 
 
+# fixtures whose value is a finished `sqexport export` run: every test using one (directly or
+# through another fixture) is end to end too (setup.cfg [tool:pytest] registers the marker)
+PIPELINE_FIXTURES = {"default_export", "mobile_export"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def run_cli():
     return invoke_cli

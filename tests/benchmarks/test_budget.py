@@ -28,7 +28,7 @@ def test_channel_sparsity_inverts_the_power_law():
     assert channel_sparsity_for(0.5, 2.0) == pytest.approx(1 - 0.5 ** 0.5)
     assert channel_sparsity_for(0.25, 2.0) == pytest.approx(0.5)
     assert channel_sparsity_for(0.25, 1.0) == pytest.approx(0.75)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 0 < kept <= 1"):
         channel_sparsity_for(0.0, 2.0)
 
 

@@ -33,7 +33,7 @@ def test_export_failure_is_an_export_error(tmp_path):
 def test_check_model_rejects_garbage(tmp_path):
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"garbage")
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError, match="bad.onnx fails the ONNX checker"):
         check_model(path)
 
 

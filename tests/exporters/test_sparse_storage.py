@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sqexport.exporters.sparse import densify, initializer_arrays, initializer_stats, store_sparse
@@ -58,10 +59,13 @@ def test_dense_kept_where_sparse_is_not_smaller(tmp_path):
     assert not info["used"] and (tmp_path / "m.onnx").read_bytes() == before
 
 
+@pytest.mark.e2e
 def test_export_at_90_percent_uses_sparse_initializers(run_cli, tmp_path, onnx_tools):
     out = tmp_path / "o"
-    result = run_cli(["digits-cnn", "--sparsity", "0.9", "--threads", "1", "-o", out])
-    assert result.exit_code in (0, 1), result.output  # the accuracy gate may fail at 90%; storage is the point
+    # 90% costs digits-cnn ~3 points, more than the default 1-point gate; storage is the point here, so
+    # the gate is opened (a failed gate's exit 1 is test_cli_export's test_failing_gate_exits_1_...)
+    result = run_cli(["digits-cnn", "--sparsity", "0.9", "--max-accuracy-drop", "100", "--threads", "1", "-o", out])
+    assert result.exit_code == 0, result.output
     rep = json.loads((out / "report.json").read_text())
     st, sizes = rep["sparse_storage"], rep["size_bytes"]
     assert st["used"] and st["index_dtype"] == "int64"
@@ -118,6 +122,7 @@ def test_unchanged_file_is_deflated_once_and_rewrites_are_measured_again(tmp_pat
     assert again["raw"] == (tmp_path / "m.onnx").stat().st_size
 
 
+@pytest.mark.slow
 def test_deflated_size_is_a_zip_around_one_deflate_stream_of_the_file(tmp_path):
     """One part: the zip overhead (checked against what ZipFile writes around its own deflate
     data) plus libdeflate's level-9 stream, which inflates to the file; no larger than zlib -9."""

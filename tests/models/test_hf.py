@@ -137,13 +137,14 @@ def test_load_model_resolves_a_folder(tiny_bert):
     assert exporter_for(spec).name == "optimum" and spec.name == "tiny-bert"
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: (d / "config.json").write_text("{not json"),
-    lambda d: (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]})),
+@pytest.mark.parametrize("make, words", [
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]})),
+     "no tokenizer files in "),
 ], ids=["bad-config", "no-weights"])
-def test_broken_folder_is_a_model_load_error(tmp_path, make):
+def test_broken_folder_is_a_model_load_error(tmp_path, make, words):
     make(tmp_path)
-    with pytest.raises(ModelLoadError) as exc:
+    with pytest.raises(ModelLoadError, match=words) as exc:
         build_hf_spec(tmp_path)
     assert "\n" not in str(exc.value)
 

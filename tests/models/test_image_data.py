@@ -92,11 +92,11 @@ def test_bad_folders_and_options(tmp_path, images_factory, case, error, words):
 def test_option_parsing():
     assert parse_floats("--mean", "0.485,0.456,0.406") == (0.485, 0.456, 0.406)
     assert parse_size("224x160") == (224, 160) and parse_size("32") == (32, 32)
-    for text in ("a,b", "1,nan"):
-        with pytest.raises(ConfigError):
+    for text, words in (("a,b", "give comma-separated numbers, one per channel"), ("1,nan", "values must be finite")):
+        with pytest.raises(ConfigError, match=f"--mean '{text}': {words}"):
             parse_floats("--mean", text)
     with pytest.raises(ConfigError, match="> 0"):
         parse_floats("--std", "0.2,0")
     for text in ("0x4", "3x", "axb", "1x2x3"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=f"--image-size '{text}': give HxW with positive integers"):
             parse_size(text)

@@ -55,7 +55,8 @@ def test_transformers_is_told_false_or_the_users_true(tiny_bert, tmp_path, monke
     assert seen and all(v is False for v in seen), seen
     seen.clear()
     folder = _hostile(tiny_bert, tmp_path, "tokenizer_config.json")
-    with pytest.raises(Exception):  # the flag lets transformers try (the folder's code is broken here)
+    # the flag lets transformers import the folder's code, which has no EvilTokenizer: a load error
+    with pytest.raises(ModelLoadError, match="cannot load the Hugging Face model in .*evil-tokenizer_config: .*EvilTokenizer"):
         load_model(str(folder), trust_remote_code=True)
     assert True in seen
 

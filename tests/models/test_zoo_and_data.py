@@ -24,7 +24,7 @@ def test_load_builtin():
 
 
 def test_unknown_model_lists_the_builtins():
-    with pytest.raises(ModelLoadError) as exc:
+    with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'; built-in models: ") as exc:
         load_model("no-such-model")
     for name in builtin_names():
         assert name in str(exc.value)
@@ -33,7 +33,7 @@ def test_unknown_model_lists_the_builtins():
 def test_unsupported_existing_file(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b"\0")
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadError, match="model.bin': not a built-in name, a Hugging Face folder"):
         load_model(str(path))
 
 
@@ -58,18 +58,25 @@ def test_npz_eval_data_with_labels(tmp_path, spec):
     assert len(spec.eval_labels) == 450  # the original spec is not modified
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: np.save(p.with_suffix(".npy"), np.zeros((4, 1, 9, 9), np.float32)) or p.with_suffix(".npy"),
-    lambda p: np.save(p.with_suffix(".npy"), np.zeros((4, 8, 8), np.float32)) or p.with_suffix(".npy"),
-    lambda p: np.save(p.with_suffix(".npy"), np.zeros((0, 1, 8, 8), np.float32)) or p.with_suffix(".npy"),
-    lambda p: np.savez(p.with_suffix(".npz"), other=np.zeros((4, 1, 8, 8))) or p.with_suffix(".npz"),
-    lambda p: np.savez(p.with_suffix(".npz"), pixels=np.zeros((4, 1, 8, 8)), labels=np.arange(3)) or p.with_suffix(".npz"),
-    lambda p: p.with_suffix(".txt").write_text("hello") and p.with_suffix(".txt"),
-    lambda p: p.with_suffix(".npy").write_bytes(b"not numpy") and p.with_suffix(".npy"),
+@pytest.mark.parametrize("make, words", [
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((4, 1, 9, 9), np.float32)) or p.with_suffix(".npy"),
+     r"'pixels' has shape \(4, 1, 9, 9\), the model expects \(N, 1, 8, 8\)"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((4, 8, 8), np.float32)) or p.with_suffix(".npy"),
+     r"'pixels' has shape \(4, 8, 8\), the model expects \(N, 1, 8, 8\)"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((0, 1, 8, 8), np.float32)) or p.with_suffix(".npy"),
+     "arrays must have the same, non-zero number of rows"),
+    (lambda p: np.savez(p.with_suffix(".npz"), other=np.zeros((4, 1, 8, 8))) or p.with_suffix(".npz"),
+     r"missing array\(s\) pixels \(has other\)"),
+    (lambda p: np.savez(p.with_suffix(".npz"), pixels=np.zeros((4, 1, 8, 8)), labels=np.arange(3)) or p.with_suffix(".npz"),
+     r"labels have shape \(3,\); expected \(4,\), one per input"),
+    (lambda p: p.with_suffix(".txt").write_text("hello") and p.with_suffix(".txt"),
+     "tensor data must be .npy or .npz, got '.txt'"),
+    (lambda p: p.with_suffix(".npy").write_bytes(b"not numpy") and p.with_suffix(".npy"),
+     "cannot read .*data.npy as .npy"),
 ], ids=["9x9", "missing-channel-dim", "empty", "npz-missing-input", "label-count", "txt", "corrupt"])
-def test_bad_tensor_data_is_a_data_error(tmp_path, spec, make):
+def test_bad_tensor_data_is_a_data_error(tmp_path, spec, make, words):
     path = make(tmp_path / "data")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=words):
         apply_user_data(spec, str(path), None)
 
 

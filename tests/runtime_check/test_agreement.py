@@ -20,7 +20,7 @@ def test_identical_outputs_agree_exactly_and_shapes_must_match():
     x = np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32)
     a = per_sample_agreement(x, x.copy())
     assert a["max_rel_error"] == 0.0 and a["min_cosine"] == pytest.approx(1.0) and "argmax_agreement" not in a
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="differ in shape"):
         per_sample_agreement(x, x[:3])
 
 

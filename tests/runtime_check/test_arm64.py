@@ -18,7 +18,7 @@ from sqexport.runtime_check.arm64 import ARM64_MAX_REL_ERROR, TIERS, emulator_st
 READY, WHY = emulator_status()
 if not READY and os.environ.get("SQEXPORT_REQUIRE_ARM64"):
     raise RuntimeError(f"SQEXPORT_REQUIRE_ARM64 is set but the arm64 emulator is not ready: {WHY}")
-pytestmark = pytest.mark.skipif(not READY, reason=f"arm64 emulator not set up: {WHY}")
+pytestmark = [pytest.mark.skipif(not READY, reason=f"arm64 emulator not set up: {WHY}"), pytest.mark.slow]  # emulated
 
 
 def test_ort_on_three_arm64_tiers_matches_x86_and_passes_gate(mobile_export, run_cli, eval_npz):

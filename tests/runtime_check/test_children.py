@@ -15,6 +15,14 @@ from sqexport.runtime_check.children import run_child
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _signals_as_from_a_terminal():
+    """preexec_fn: the child starts with SIGINT and SIGHUP at their defaults. A shell starts
+    background jobs with SIGINT ignored (nohup: SIGHUP), an ignored signal stays ignored across
+    exec, and sqexport keeps it ignored by design; the test must not depend on how pytest was run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -34,7 +42,7 @@ def test_a_timeout_kills_the_whole_group(tmp_path):
     pid_file = tmp_path / "pid"
     script = f"import os, time; open('{pid_file}', 'w').write(str(os.getpid())); time.sleep(60)"
     cmd = f'{sys.executable} -c "{script}" & wait'
-    with pytest.raises(subprocess.TimeoutExpired):
+    with pytest.raises(subprocess.TimeoutExpired, match="timed out after 2 seconds"):
         run_child(cmd, timeout=2, shell=True)
     assert _wait_gone([int(pid_file.read_text())]) == []
 
@@ -71,17 +79,20 @@ def test_a_signal_during_the_arm64_check_kills_every_emulator(tmp_path, sig):
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(sleeper), str(tmp_path / "model.ort")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_signals_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("pid-*"))) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"three emulators never started (exit {proc.poll()}): {proc.communicate(timeout=30)}")
             time.sleep(0.05)
         proc.send_signal(sig)
         proc.communicate(timeout=60)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("pid-*")]
     assert _wait_gone(pids) == [], "an emulator outlived sqexport"
     assert [p for p in os.listdir(tmp_path / "tmp") if "sqexport" in p] == []  # not onnxruntime's `.ses`

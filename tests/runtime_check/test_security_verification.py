@@ -131,6 +131,7 @@ def neginf():
 '''
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("factory", ["nan", "neginf"])
 def test_non_finite_outputs_fail_export(run_cli, tmp_path, monkeypatch, factory):
     import sys

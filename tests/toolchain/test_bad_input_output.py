@@ -44,6 +44,7 @@ def test_impossible_output_paths(run_cli, tmp_path, output):
     assert os.listdir(tmp_path) == ["loop"]
 
 
+@pytest.mark.e2e
 def test_a_disk_that_fills_late(run_cli, tmp_path, monkeypatch):
     """ENOSPC while writing the report, after every slow stage: exit 2, no output, no temp folder."""
     import sqexport.toolchain.pipeline as pipeline
@@ -58,6 +59,7 @@ def test_a_disk_that_fills_late(run_cli, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.e2e
 def test_a_250_character_output_name_works(run_cli, tmp_path):
     out = tmp_path / ("n" * 250)
     result = run_cli(["export", "digits-mlp", "--prune", "none", "--quant", "none", "--threads", "1", "-o", out])

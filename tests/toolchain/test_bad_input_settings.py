@@ -93,9 +93,13 @@ def test_bad_flag(run_cli, workdir, flags, needle):
     assert needle in line
 
 
-@pytest.mark.parametrize("gates, ok", [({"max_accuracy_drop": 0}, True), ({"max_accuracy_drop": -5}, False),
-                                       ({"min_speedup": 0}, False), ({"max_latency_ms": 1e-3}, True)])
-def test_flags_and_recipes_apply_the_same_limits(gates, ok):
+@pytest.mark.parametrize("gates, error", [
+    ({"max_accuracy_drop": 0}, None),
+    ({"max_accuracy_drop": -5}, r"gate max_accuracy_drop must be a number in \[0, inf\), got -5.0"),
+    ({"min_speedup": 0}, r"gate min_speedup must be a number in \(0, inf\), got 0.0"),
+    ({"max_latency_ms": 1e-3}, None),
+])
+def test_flags_and_recipes_apply_the_same_limits(gates, error):
     def from_recipe():
         return Recipe.from_dict({"stages": ["quantize.int8"], "gates": gates})
 
@@ -103,8 +107,8 @@ def test_flags_and_recipes_apply_the_same_limits(gates, ok):
         return apply_overrides(None, Overrides(**gates))
 
     for build in (from_recipe, from_flags):
-        if ok:
+        if error is None:
             assert getattr(build().gates, *gates) == list(gates.values())[0]
         else:
-            with pytest.raises(ConfigError):
+            with pytest.raises(ConfigError, match=error):
                 build()

@@ -17,10 +17,19 @@ from sqexport.toolchain.output_folder import TMP_MARKER, remove_stale_temps
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _signals_as_from_a_terminal():
+    """preexec_fn: the child starts with SIGINT and SIGHUP at their defaults. A shell starts
+    background jobs with SIGINT ignored (nohup: SIGHUP), an ignored signal stays ignored across
+    exec, and sqexport keeps it ignored by design; the test must not depend on how pytest was run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start(cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sqexport", "digits-mlp", "-o", "out"], cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_signals_as_from_a_terminal)
 
 
 def _handlers_installed(pid: int) -> bool:
@@ -63,7 +72,7 @@ def test_a_signal_ends_the_run_cleanly(tmp_path, moment, sig):
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("Error")]
@@ -79,7 +88,7 @@ def test_a_killed_run_leaves_a_folder_the_next_run_can_prove_is_its_own(tmp_path
         proc.kill()  # SIGKILL: nothing can clean up
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     (stale,) = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     assert json.loads((stale / TMP_MARKER).read_text())["pid"] == proc.pid
     assert remove_stale_temps(tmp_path) == [stale]
@@ -97,7 +106,7 @@ def test_a_swallowed_signal_still_ends_the_run(monkeypatch):
             time.sleep(0.1)
         except BaseException:
             pass  # swallowed
-        with pytest.raises(signals.Interrupted) as info:
+        with pytest.raises(signals.Interrupted, match="SIGTERM") as info:
             signals.check()
         assert info.value.exit_code == 143
     finally:

@@ -79,7 +79,7 @@ def test_perf_test_output_both_spellings():
     assert parse_perf_test("Average inference time cost: 12.5 ms\n")["p50"] == 12.5
     res = parse_perf_test("Average inference time cost total: 3.5 ms\nP50 Latency: 0.0031 s\nP90 Latency: 0.004 s\n")
     assert res["mean"] == 3.5 and res["p50"] == pytest.approx(3.1) and res["p90"] == pytest.approx(4.0)
-    with pytest.raises(DeviceError):
+    with pytest.raises(DeviceError, match="printed no 'Average inference time cost' line"):
         parse_perf_test("Session creation time cost: 0.1 s\n")
 
 

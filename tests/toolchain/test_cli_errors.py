@@ -100,8 +100,8 @@ def test_min_speedup_without_baseline_for_check(run_cli, workdir, default_export
 
 
 def test_console_script_prints_one_line_on_stderr(tmp_path):
-    """The real entry point (toolchain.cli:main), not the test runner."""
-    proc = subprocess.run([sys.executable, "-c", "from toolchain.cli import main; main()", "no-such-model",
+    """The real entry point (setup.cfg console_scripts: sqexport.toolchain.cli:main), not the test runner."""
+    proc = subprocess.run([sys.executable, "-c", "from sqexport.toolchain.cli import main; main()", "no-such-model",
                            "-o", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, timeout=120)
     assert proc.returncode == 2

@@ -162,12 +162,14 @@ def nm_export(tmp_path_factory, run_cli):
     return SimpleNamespace(result=result, out=out, cwd=cwd, report=report)
 
 
+@pytest.mark.e2e
 def test_short_form_and_default_output_folder(nm_export):
     assert nm_export.result.exit_code == 0, nm_export.result.output
     assert sorted(os.listdir(nm_export.cwd)) == ["sqexport-out"]
     assert sorted(os.listdir(nm_export.out)) == EXPECTED_FILES
 
 
+@pytest.mark.e2e
 def test_nm_2_4_pattern_in_every_int8_weight(nm_export, onnx_tools):
     model = onnx.load(str(nm_export.out / "model.onnx"))
     rows = onnx_tools.quantized_weights(model)
@@ -188,6 +190,7 @@ def test_nm_2_4_pattern_in_every_int8_weight(nm_export, onnx_tools):
     assert nm_export.report["latency_ms"]["threads"] == 1 and "at_1_thread" not in nm_export.report["latency_ms"]
 
 
+@pytest.mark.e2e
 def test_failing_gate_exits_1_and_still_writes_everything(tmp_path, run_cli):
     out = tmp_path / "out"
     result = run_cli(["export", "digits-cnn", "--max-latency-ms", "0.000001", "--threads", "1", "-o", out])
@@ -202,6 +205,7 @@ def test_failing_gate_exits_1_and_still_writes_everything(tmp_path, run_cli):
     assert "FAILED" in (out / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_recipe_file_with_flag_override(tmp_path, run_cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n"
@@ -234,17 +238,18 @@ def test_rerun_replaces_a_previous_output_folder(tmp_path, run_cli, default_expo
 
 def test_existing_folder_with_unrelated_files_is_not_wiped(tmp_path, run_cli, digits_split):
     """-o pointing at a folder that holds the user's own files (e.g. `-o .`, or the folder the
-    --calib-data lives in) must not silently delete them: keep them or refuse with exit 2."""
+    --calib-data lives in) is refused with exit 2, naming a file, and nothing in it changes."""
     out = tmp_path / "work"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     np.save(out / "calib.npy", digits_split.x_calib)
     result = run_cli(["export", "digits-cnn", "--calib-data", out / "calib.npy", "--threads", "1", "-o", out])
-    assert result.exit_code in (0, 2), result.output
-    assert (out / "notes.txt").is_file() and (out / "notes.txt").read_text() == "precious"
-    assert (out / "calib.npy").is_file()
+    assert result.exit_code == 2, result.output
+    assert f"output folder {out} already holds files sqexport did not write" in result.output
+    assert sorted(os.listdir(out)) == ["calib.npy", "notes.txt"] and (out / "notes.txt").read_text() == "precious"
 
 
+@pytest.mark.e2e
 def test_mlp_gemm_relu_export(tmp_path, run_cli, onnx_tools):
     out = tmp_path / "mlp"
     # the fallback's predicted drop on digits-mlp sits at the 1-point gate (1.07 predicted, 0.22 real):
@@ -264,6 +269,7 @@ def test_mlp_gemm_relu_export(tmp_path, run_cli, onnx_tools):
     assert rep["accuracy"]["drop"] <= 1.0  # points
 
 
+@pytest.mark.e2e
 def test_prune_none_quant_none_is_the_fp32_model(tmp_path, run_cli, onnx_tools):
     out = tmp_path / "fp32"
     result = run_cli(["digits-mlp", "--prune", "none", "--quant", "none", "--threads", "1", "-o", out])

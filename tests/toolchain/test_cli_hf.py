@@ -90,12 +90,14 @@ def _cosine(a, b):
 
 # ---------------------------------------------------------------- feature extraction, static int8
 
+@pytest.mark.e2e
 def test_feature_extraction_export(fe, tiny_bert):
     rep = _ok(fe)
     assert rep["model"] == tiny_bert.name and rep["task"] == "feature-extraction" and rep["passed"] is True
     assert tiny_bert.name in fe.result.output and "cosine" in fe.result.output
 
 
+@pytest.mark.e2e
 def test_embedding_accuracy_is_cosine_with_spearman(fe, text_files):
     acc = _ok(fe)["accuracy"]
     assert acc["metric"] == "cosine" and acc["baseline"] == 1.0
@@ -109,6 +111,7 @@ def test_embedding_accuracy_is_cosine_with_spearman(fe, text_files):
     assert finite["name"] == "finite_outputs" and finite["passed"] and finite["value"] == 0.0
 
 
+@pytest.mark.e2e
 def test_embedding_units_agree_across_console_md_and_json(fe, units_agree):
     _ok(fe)
     units_agree(fe.result.stdout, fe.out)
@@ -116,6 +119,7 @@ def test_embedding_units_agree_across_console_md_and_json(fe, units_agree):
     assert (acc["unit"], acc["drop_unit"]) == ("cosine", "1-cosine")
 
 
+@pytest.mark.e2e
 def test_no_pruning_by_default_for_hf(fe):
     rep = _ok(fe)
     names = [s["name"] for s in rep["stages"]]
@@ -132,6 +136,7 @@ def test_no_pruning_by_default_for_hf(fe):
     assert export["params"]["smoothed_groups"] == 8  # per layer: Q/K/V, attention output, intermediate, output
 
 
+@pytest.mark.e2e
 def test_quantization_info(fe, onnx_tools):
     q = _ok(fe)["quantization"]
     assert q["int8_embeddings"] == ["embeddings.word_embeddings"]
@@ -150,6 +155,7 @@ def test_quantization_info(fe, onnx_tools):
     assert fid["max_abs_deviation"] <= 1e-3 * fid["reference_max_abs"]
 
 
+@pytest.mark.e2e
 def test_model_onnx_runs_with_dynamic_batch_and_sequence(fe, tokenizer, text_files):
     _ok(fe)
     model, base = _session(fe.out / "model.onnx"), _session(fe.out / "baseline.onnx")
@@ -170,6 +176,7 @@ def test_model_onnx_runs_with_dynamic_batch_and_sequence(fe, tokenizer, text_fil
 
 # ---------------------------------------------------------------- int8-dynamic
 
+@pytest.mark.e2e
 def test_int8_dynamic(dyn, onnx_tools, tokenizer, text_files):
     rep = _ok(dyn)
     names = [s["name"] for s in rep["stages"]]
@@ -191,6 +198,7 @@ def test_int8_dynamic(dyn, onnx_tools, tokenizer, text_files):
 
 # ---------------------------------------------------------------- classifier with labels, sparsity
 
+@pytest.mark.e2e
 def test_classifier_with_labelled_jsonl_reports_top1(cls, text_files):
     rep = _ok(cls)
     assert rep["task"] == "sequence-classification"
@@ -207,6 +215,7 @@ def test_classifier_with_labelled_jsonl_reports_top1(cls, text_files):
     assert {i.name for i in sess.get_inputs()} == OPTIMUM_INPUTS
 
 
+@pytest.mark.e2e
 def test_sparsity_prunes_only_encoder_linears_of_a_classifier(cls, tiny_bert_cls, onnx_tools):
     rep = _ok(cls)
     layers = rep["sparsity"]["layers"]
@@ -226,6 +235,7 @@ def test_sparsity_prunes_only_encoder_linears_of_a_classifier(cls, tiny_bert_cls
     assert (encoder_q == 0).mean() >= 0.5  # the pruned zeros are exact int8 zeros
 
 
+@pytest.mark.e2e
 def test_sparsity_on_feature_extraction_prunes_encoder_only(sparse):
     rep = _ok(sparse)
     layers = rep["sparsity"]["layers"]
@@ -248,6 +258,7 @@ def strict(run_cli, tmp_path_factory, tiny_bert, text_files):
                    "--eval-data", text_files.eval_txt, "--max-accuracy-drop", 1e-12)
 
 
+@pytest.mark.e2e
 def test_fallback_when_the_gate_cannot_hold(strict, onnx_tools):
     assert strict.result.exit_code == 1, strict.result.output  # the gate fails ...
     assert sorted(os.listdir(strict.out)) == sorted(EXPECTED_FILES + list(strict.report["plots"].values()))  # ... and everything is still written
@@ -315,6 +326,7 @@ def test_bad_text_data_exit_2(request, run_cli, workdir, model, args, needle):
     assert sorted(os.listdir(workdir)) == before, "output left behind"
 
 
+@pytest.mark.e2e
 def test_distilbert_takes_no_token_type_ids(run_cli, tmp_path_factory, tiny_bert, text_files):
     """Input names follow the model's forward signature, not just the tokenizer (DistilBERT)."""
     import torch
@@ -334,6 +346,7 @@ def test_distilbert_takes_no_token_type_ids(run_cli, tmp_path_factory, tiny_bert
     assert run.report["quantization"]["quantized_layers"] == 12  # q, k, v, out, ffn1, ffn2 x 2 layers
 
 
+@pytest.mark.e2e
 def test_export_ships_the_tokenizer_and_check_reads_text(run_cli, fe, text_files):
     assert (fe.out / "tokenizer_config.json").is_file() and (fe.out / "tokenizer.json").is_file()
     result = run_cli(["check", fe.out / "model.onnx", "--baseline", fe.out / "baseline.onnx",
@@ -345,6 +358,7 @@ def test_export_ships_the_tokenizer_and_check_reads_text(run_cli, fe, text_files
     assert checked["accuracy"]["model"] == pytest.approx(fe.report["accuracy"]["model"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_check_on_text_without_a_tokenizer_is_bad_input(run_cli, fe, text_files, tmp_path):
     import shutil
 

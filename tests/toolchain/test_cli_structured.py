@@ -16,6 +16,7 @@ def structured_export(tmp_path_factory, run_cli):
     return out, json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.e2e
 def test_report_has_structure_and_recovery(structured_export):
     out, rep = structured_export
     st = rep["structure"]
@@ -36,6 +37,7 @@ def test_report_has_structure_and_recovery(structured_export):
     assert names.index("prune.structured") < names.index("recover.distill") < names.index("quantize.int8")
 
 
+@pytest.mark.e2e
 def test_slim_model_onnx_is_int8_and_smaller(structured_export, onnx_tools):
     out, rep = structured_export
     model = onnx.load(str(out / "model.onnx"))

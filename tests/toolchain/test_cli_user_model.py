@@ -29,6 +29,7 @@ def _net(module="tiny_cnn"):
     return getattr(mypkg.nets, module)()
 
 
+@pytest.mark.e2e
 def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_cli):
     images_factory(user_project / "imgs", ["cat", "dog", "owl"], 4)
     r = _ok(run_cli(["mypkg.nets:tiny_cnn", "--input-shape", "1x3x32x32", "--calib-data", "imgs/"]))
@@ -64,6 +65,7 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
                     "--mean has 2 value(s)")
 
 
+@pytest.mark.e2e
 def test_torchscript_file_with_grayscale_flat_folder(user_project, images_factory, run_cli):
     torch.jit.save(torch.jit.trace(_net("gray_cnn"), torch.rand(2, 1, 16, 16)), "net.pt")
     images_factory(user_project / "calib", ["a", "b"], 3, mode="L")
@@ -81,6 +83,7 @@ def test_torchscript_file_with_grayscale_flat_folder(user_project, images_factor
     assert "(no labels)" in r.output
 
 
+@pytest.mark.e2e
 def test_exported_program_without_data_uses_seeded_synthetic_inputs(user_project, run_cli):
     ep = torch.export.export(_net(), (torch.rand(2, 3, 16, 16),),
                              dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -115,6 +118,7 @@ def test_bad_input_is_one_line_exit_2(user_project, images_factory, run_cli, arg
     assert not (user_project / "out").exists()
 
 
+@pytest.mark.e2e
 def test_a_user_package_named_models_is_the_users(tmp_path):
     """sqexport installs only `sqexport`: a project's own `models/net.py` is what `models.net:build`
     names, run as a user would (console script, fresh interpreter, the project as current folder)."""

@@ -89,6 +89,7 @@ def _run(tmp_path, quant: str, fallback) -> dict:
     return report
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("quant", ["int8", "int8-dynamic"])
 def test_fallback_brings_the_held_out_drop_under_the_limit(tmp_path, quant):
     plain = _run(tmp_path, quant, False)

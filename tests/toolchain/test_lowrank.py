@@ -203,10 +203,17 @@ def test_layers_that_do_not_pay_stay_dense_and_say_why():
 
 
 def test_config_rejects_bad_values():
-    for bad in ({"rank_energy": 0.0}, {"rank_energy": 1.5}, {"eps": 1.0}, {"eps": 0.0}, {"decide": "fast"},
-                {"min_block": 0}, {"min_gain": 1.0}, {"conv_scheme": "tucker"}, {"rank_multiple": 0},
-                {"max_checks": 1}):
-        with pytest.raises(ConfigError):
+    for bad, words in (({"rank_energy": 0.0}, r"rank_energy must be in \(0, 1\], got 0.0"),
+                       ({"rank_energy": 1.5}, r"rank_energy must be in \(0, 1\], got 1.5"),
+                       ({"eps": 1.0}, r"eps must be in \(0, 1\), got 1.0"),
+                       ({"eps": 0.0}, r"eps must be in \(0, 1\), got 0.0"),
+                       ({"decide": "fast"}, "decide must be one of latency, params, got 'fast'"),
+                       ({"min_block": 0}, "min_block must be >= 1, got 0"),
+                       ({"min_gain": 1.0}, r"min_gain must be in \[0, 1\), got 1.0"),
+                       ({"conv_scheme": "tucker"}, "conv_scheme must be one of auto, separable, channel, got 'tucker'"),
+                       ({"rank_multiple": 0}, "rank_multiple must be >= 1, got 0"),
+                       ({"max_checks": 1}, "max_checks must be >= 2, got 1")):
+        with pytest.raises(ConfigError, match=words):
             LowRankPruneConfig(**bad)
 
 
@@ -248,6 +255,7 @@ def test_cli_bad_values_are_one_line_exit_2(args, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_hf_bert_factored_exports_through_optimum_and_quantizes(run_cli, tiny_bert, text_files, tmp_path):
     """A tiny BERT's Linears become Sequential(Linear, Linear); optimum exports them, QDQ finds every
     factor, and onnxruntime matches the torch fake-quant model (the pipeline's fidelity check)."""
@@ -411,14 +419,21 @@ def test_whole_model_check_on_real_timing_never_keeps_a_slower_set():
         assert whole is None or whole["speedup"] is None
 
 
-def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path):
+@pytest.mark.e2e
+def test_recovery_is_skipped_when_nothing_was_factored(run_cli, tiny_bert, text_files, tmp_path, monkeypatch):
     """At rank energy 0.999 no Linear of the tiny BERT pays to factor: the model is unchanged, so
     the recover stage after it has nothing to recover, says so, and runs no step."""
+    import sqexport.toolchain.recover_step as recover_step
+
+    calls = []
+    monkeypatch.setattr(recover_step, "recover", lambda *a, **k: calls.append("recover"))
+    monkeypatch.setattr(recover_step, "make_pool", lambda *a, **k: calls.append("make_pool"))
     rep = _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy=0.999, steps=50)
+    assert calls == []  # no data pool built, no distillation step run
     assert rep["lowrank"]["factored"] == []
     assert rep["recovery"]["steps"] == 0 and "no prune stage changed the model" in rep["recovery"]["skipped"]
     stage = rep["stages"][[s["name"] for s in rep["stages"]].index("recover.distill")]
-    assert stage["params"]["steps_run"] == 0 and stage["seconds"] < 1.0
+    assert stage["params"]["steps_run"] == 0 and "no prune stage changed the model" in stage["params"]["skipped"]
     assert any(n.startswith("recover.distill skipped") for n in rep["notes"])
 
 
@@ -431,7 +446,8 @@ def _lowrank_bert_report(run_cli, tiny_bert, text_files, tmp_path, rank_energy: 
     recipe.write_text(f"stages:\n  - type: prune.lowrank\n    params: {{rank_energy: {rank_energy}, decide: params}}\n"
                       f"  - type: recover.distill\n    params: {{steps: {steps}}}\n  - type: quantize.int8\n")
     out = tmp_path / "out"
+    # a random tiny BERT's cosine may miss the default 0.01 gate; the gate is not under test (1 - cosine <= 2)
     result = run_cli(["export", tiny_bert, "--recipe", recipe, "--calib-data", text_files.calib_txt,
-                      "--eval-data", text_files.eval_txt, "--threads", 1, "-o", out])
-    assert result.exit_code in (0, 1), result.output  # a random tiny BERT may miss the cosine gate
+                      "--eval-data", text_files.eval_txt, "--max-accuracy-drop", 2, "--threads", 1, "-o", out])
+    assert result.exit_code == 0, result.output
     return json.loads((out / "report.json").read_text())

@@ -75,9 +75,9 @@ def test_smallest_k_mask_shape_and_count():
 def test_config_validation():
     assert MagnitudePruneConfig() == MagnitudePruneConfig(0.5, "global")
     for bad in (1.0, 1.5, -0.1):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=rf"sparsity must be in \[0, 1\), got {bad}"):
             MagnitudePruneConfig(sparsity=bad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="scope must be 'layer' or 'global', got 'channel'"):
         MagnitudePruneConfig(scope="channel")
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from sqexport.models.hf import default_corpus
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 
 @pytest.fixture(scope="module")
 def minilm(run_cli, tmp_path_factory):

@@ -3,7 +3,9 @@
 import hashlib
 import json
 import os
+import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,13 +16,19 @@ from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.shapes import parse_input_shapes
 from sqexport.exporters.mobile import PREPROCESSING_KEY, resolve_fixed_shapes
 
+RUNNER = Path(__file__).resolve().parents[2] / "runtime_check" / "device_runner.py"  # not the cwd's
+
 
 def test_parse_input_shapes():
     assert parse_input_shapes(["1x3x224x224"]) == {None: (1, 3, 224, 224)}
     assert parse_input_shapes(["input_ids=1x128", "attention_mask=1X128"]) == {
         "input_ids": (1, 128), "attention_mask": (1, 128)}
-    for bad in (["1xa"], ["x=0x3"], ["=1x2"], ["a=1", "a=2"], ["1x2", "b=1x2"]):
-        with pytest.raises(ConfigError):
+    for bad, words in ((["1xa"], "'1xa': dimensions must be positive integers"),
+                       (["x=0x3"], "'x=0x3': dimensions must be positive integers"),
+                       (["=1x2"], "'=1x2': the input name before '=' is empty"),
+                       (["a=1", "a=2"], "'a=2': give one unnamed shape, or one NAME=shape per input"),
+                       (["1x2", "b=1x2"], "'b=1x2': give one unnamed shape, or one NAME=shape per input")):
+        with pytest.raises(ConfigError, match=f"--input-shape {words}"):
             parse_input_shapes(bad)
 
 
@@ -38,8 +46,10 @@ def test_resolve_fixed_shapes_shares_symbolic_dims():
     # the user's sequence length reaches every input that shares the dim
     assert resolve_fixed_shapes(model, {"input_ids": [1, 32]}, example) == {
         "input_ids": [1, 32], "attention_mask": [1, 32]}
-    for user in ({"nope": [1, 2]}, {"input_ids": [1, 2, 3]}, {None: [1, 8]}):
-        with pytest.raises(ConfigError):
+    for user, words in (({"nope": [1, 2]}, "no input named nope; inputs: input_ids, attention_mask"),
+                        ({"input_ids": [1, 2, 3]}, "input_ids=1x2x3: the input has rank 2"),
+                        ({None: [1, 8]}, "the model has 2 inputs .*: give --input-shape NAME=DxD for each")):
+        with pytest.raises(ConfigError, match=words):
             resolve_fixed_shapes(model, user, example)
     fixed = _graph({"x": [1, 8]})
     with pytest.raises(ConfigError, match="fixed to 8"):
@@ -67,10 +77,13 @@ def test_mobile_export_writes_verified_ort(mobile_export, digits_split):
     # the preprocessing rides in the metadata and survives into the .ort
     meta = json.loads(ort_s.get_modelmeta().custom_metadata_map[PREPROCESSING_KEY])
     assert meta["preprocessing"]["size"] == [8, 8] and meta["labels"][3] == "3"
-    # the fixture points the ARM64 check at an empty root; on a machine without `make arm64` the
-    # missing emulator is named first
-    skipped = m["arm64"]["skipped"]
-    assert skipped.startswith("no arm64 onnxruntime") or skipped.startswith("qemu-aarch64-static is not installed")
+    # the fixture points the ARM64 check at an empty root: the report says what is missing, the
+    # emulator itself first (a machine without `make arm64`), else the arm64 onnxruntime
+    if shutil.which("qemu-aarch64-static") is None:
+        assert m["arm64"] == {"skipped": "qemu-aarch64-static is not installed (run `make arm64`)"}
+    else:
+        root = out.parent / "no-emulator"
+        assert m["arm64"] == {"skipped": f"no arm64 onnxruntime under {root} (run `make arm64`)"}
 
 
 def test_usability_is_data(mobile_export):
@@ -107,8 +120,10 @@ def test_bundled_runner_self_test(mobile_export, tmp_path):
     import sys
 
     out = mobile_export.out
-    proc = subprocess.run([sys.executable, "runtime_check/device_runner.py", out / "model.ort", "--reference",
-                           out / "reference.npz", "--threads", "1", "--iters", "3"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, RUNNER, out / "model.ort", "--reference",
+                           out / "reference.npz", "--threads", "1", "--iters", "3"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["model_sha256"] == hashlib.sha256((out / "model.ort").read_bytes()).hexdigest()
     assert res["reference"]["samples"] == 8 and res["reference"]["argmax_agreement"] == 1.0
@@ -128,9 +143,10 @@ def test_runner_budget_stops_after_the_first_sample_and_compares_those(mobile_ex
     import sys
 
     out = mobile_export.out
-    proc = subprocess.run([sys.executable, "runtime_check/device_runner.py", out / "model.ort", "--reference",
+    proc = subprocess.run([sys.executable, RUNNER, out / "model.ort", "--reference",
                            out / "reference.npz", "--no-timing", "--budget-s", "0", "--save-outputs",
-                           tmp_path / "o.npz"], capture_output=True, text=True)
+                           tmp_path / "o.npz"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["reference"]["samples"] == 1 and res["reference"]["samples_given"] == 8
     saved = np.load(tmp_path / "o.npz")
@@ -164,6 +180,7 @@ def test_input_shape_needs_mobile_target(run_cli, tmp_path):
     assert result.exit_code == 2 and "--target mobile" in result.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_text_model_mobile_with_input_shape(run_cli, tiny_bert, tmp_path):
     out = tmp_path / "tb"
     old = os.environ.get("SQEXPORT_ARM64_ROOT")

@@ -75,16 +75,20 @@ def test_parse_nm_accepts(text, expected):
     assert parse_nm(text) == expected
 
 
-@pytest.mark.parametrize("text", ["4:2", "2:2", "0:4", "x", "2-4", "2:4:8", "", "-1:4"])
-def test_parse_nm_rejects(text):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("text, words", [
+    ("4:2", "needs 0 < N < M, got 4:2"), ("2:2", "needs 0 < N < M, got 2:2"), ("0:4", "needs 0 < N < M, got 0:4"),
+    ("x", "must look like N:M"), ("2-4", "must look like N:M"), ("2:4:8", "must look like N:M"),
+    ("", "must look like N:M"), ("-1:4", "must look like N:M"),
+])
+def test_parse_nm_rejects(text, words):
+    with pytest.raises(ConfigError, match=f"--nm {words}"):
         parse_nm(text)
 
 
 def test_config_validation():
     assert NMPruneConfig() == NMPruneConfig(2, 4)
     for n, m in [(4, 2), (2, 2), (0, 4)]:
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=f"N:M pruning needs 0 < N < M, got {n}:{m}"):
             NMPruneConfig(n, m)
 
 

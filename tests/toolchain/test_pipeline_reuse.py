@@ -4,6 +4,7 @@ the FP32 graph is dropped once model.onnx is written."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from sqexport.models.hf import build_hf_spec
@@ -28,6 +29,7 @@ def _run(tiny_bert, out, disposable: bool):
     return report, changed
 
 
+@pytest.mark.e2e
 def test_disposable_model_gives_the_same_output_without_a_copy(tiny_bert, tmp_path):
     kept, kept_changed = _run(tiny_bert, tmp_path / "copy", False)
     used, used_changed = _run(tiny_bert, tmp_path / "own", True)
@@ -64,6 +66,7 @@ def test_the_original_is_copied_whenever_a_step_reads_it(tiny_bert_spec):
     assert own is tiny_bert_spec.model and not any(p.requires_grad for p in own.parameters())
 
 
+@pytest.mark.e2e
 def test_the_fp32_graph_is_dropped_after_quantization(tiny_bert, tmp_path):
     spec = build_hf_spec(tiny_bert)
     seen = {}

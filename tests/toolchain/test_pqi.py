@@ -128,13 +128,21 @@ def test_a_round_below_the_accuracy_floor_is_undone():
     assert kept == sum(int(m.sum()) for m in result.masks.values())
 
 
-@pytest.mark.parametrize("params", [{"p": 1.0, "q": 1.0}, {"beta": 1.0}, {"gamma": 0.0}, {"scope": "row"},
-                                    {"rounds": 0}, {"target_sparsity": 1.0}, {"max_drop": -1.0}])
-def test_bad_values_are_config_errors(params):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("params, words", [
+    ({"p": 1.0, "q": 1.0}, "pqi needs 0 < p < q, got p=1.0, q=1.0"),
+    ({"beta": 1.0}, "pqi needs eta_r >= 0, gamma > 0 and 0 < beta < 1, got .*beta=1.0"),
+    ({"gamma": 0.0}, "pqi needs eta_r >= 0, gamma > 0 and 0 < beta < 1, got .*gamma=0.0"),
+    ({"scope": "row"}, "scope must be one of global, layer, neuron, got 'row'"),
+    ({"rounds": 0}, "pqi needs rounds >= 1 and recover_steps >= 0, got 0"),
+    ({"target_sparsity": 1.0}, r"target_sparsity must be in \(0, 1\), got 1.0"),
+    ({"max_drop": -1.0}, "max_drop must be >= 0, got -1.0"),
+])
+def test_bad_values_are_config_errors(params, words):
+    with pytest.raises(ConfigError, match=words):
         PqiPruneConfig(**params)
 
 
+@pytest.mark.e2e
 def test_cli_pqi_on_digits_cnn(tmp_path, run_cli):
     recipe = tmp_path / "pqi.yaml"
     recipe.write_text("stages:\n  - type: prune.pqi\n    params: {rounds: 2, recover_steps: 3, scope: neuron}\n"

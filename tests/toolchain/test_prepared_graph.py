@@ -66,6 +66,7 @@ def _run(tiny_bert, out, **gates):
     return report, spec, {s["name"]: s for s in report["stages"]}
 
 
+@pytest.mark.e2e
 def test_the_pipeline_derives_prepared_onnx_and_writes_the_same_model(tiny_bert, tmp_path, monkeypatch):
     derived, spec, stages = _run(tiny_bert, tmp_path / "derived", max_accuracy_drop=0.05)
     params = stages["export.model"]["params"]
@@ -88,6 +89,7 @@ def test_the_pipeline_derives_prepared_onnx_and_writes_the_same_model(tiny_bert,
     assert derived["accuracy"]["model"] == pytest.approx(exported["accuracy"]["model"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_without_quantization_the_derived_graph_is_written_as_model_onnx(tiny_bert, tmp_path):
     spec = build_hf_spec(tiny_bert)
     report = pipeline.run(Recipe(stages=(), gates=Gates(max_accuracy_drop=0.05), threads=1), spec, tmp_path / "out")
@@ -99,6 +101,7 @@ def test_without_quantization_the_derived_graph_is_written_as_model_onnx(tiny_be
         np.testing.assert_array_equal(a, b)  # nothing changed the model: the baseline's own function
 
 
+@pytest.mark.e2e
 def test_a_model_derivation_cannot_handle_is_exported_and_the_report_says_why(tiny_bert, tmp_path, monkeypatch):
     real = build_hf_spec
 

@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,7 @@ def test_cli_off_a_terminal_prints_stage_lines_and_report_has_time_and_memory(de
         assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0
 
 
+@pytest.mark.e2e
 def test_quiet_prints_no_progress_but_still_the_error(run_cli, tmp_path):
     result = run_cli(["export", "digits-mlp", "--prune", "none", "--threads", "1", "--min-speedup", "1000",
                       "--quiet", "-o", tmp_path / "out"])
@@ -101,6 +104,7 @@ def test_quiet_prints_no_progress_but_still_the_error(run_cli, tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["stages"]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_cli_on_a_terminal_shows_bars_and_stage_lines(tmp_path):
     """The real CLI in a subprocess whose stdout/stderr are a pty: rich draws bars with units."""
@@ -111,17 +115,25 @@ def test_cli_on_a_terminal_shows_bars_and_stage_lines(tmp_path):
                              "-o", str(tmp_path / "out")], stdin=slave, stdout=slave, stderr=slave, env=env,
                             cwd=ROOT, close_fds=True)
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    assert proc.wait(timeout=300) == 0
+    chunks, deadline = [], time.monotonic() + 300
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                pytest.fail(f"no end of output from the CLI on a terminal in 300 s: {b''.join(chunks)[-2000:]!r}")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        if proc.poll() is None and time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.wait(timeout=60) == 0
     raw = b"".join(chunks).decode("utf-8", "replace")
     text = ANSI.sub("", raw)
     assert "\x1b[" in raw  # styled: a terminal was detected

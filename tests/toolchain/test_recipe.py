@@ -54,12 +54,12 @@ def test_quantize_before_prune_is_rejected():
 def test_quantize_before_prune_is_rejected_when_loading(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("stages:\n  - type: quantize.int8\n  - type: prune.magnitude\n")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="stage order: pruning, then recovery, then transforms, then quantization"):
         load_recipe(path)
 
 
 def test_at_most_one_quantization_stage():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="a recipe takes at most one quantization stage"):
         Recipe(stages=(PRUNE, QUANT, QUANT))
 
 
@@ -69,20 +69,20 @@ def test_with_stage_keeps_the_order_rule():
     assert r.with_stage("prune", None).stages == (QUANT,)
 
 
-@pytest.mark.parametrize("text", [
-    "target: gpu\n",
-    "stagez: []\n",
-    "threads: 0\n",
-    "gates: {max_drop: 1}\n",
-    "- just\n- a list\n",
-    "stages:\n  - type: prune.magnitude\n    params: {sparsity: 2.0}\n",
-    "stages: [prune.unknown]\n",
-    "key: [unclosed\n",
+@pytest.mark.parametrize("text, words", [
+    ("target: gpu\n", "unknown target 'gpu'; known: cpu, mobile"),
+    ("stagez: []\n", r"recipe: unknown key\(s\) stagez"),
+    ("threads: 0\n", "threads must be an integer in .*, got 0"),
+    ("gates: {max_drop: 1}\n", r"recipe gates: unknown key\(s\) max_drop"),
+    ("- just\n- a list\n", r"must be a YAML mapping \(stages, gates, ...\), got list"),
+    ("stages:\n  - type: prune.magnitude\n    params: {sparsity: 2.0}\n", r"sparsity must be in \[0, 1\), got 2.0"),
+    ("stages: [prune.unknown]\n", "unknown prune method 'unknown'"),
+    ("key: [unclosed\n", "is not valid YAML"),
 ])
-def test_bad_recipes_are_config_errors(tmp_path, text):
+def test_bad_recipes_are_config_errors(tmp_path, text, words):
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=words):
         load_recipe(path)
 
 

@@ -133,7 +133,7 @@ def test_recovery_reports_the_metric_on_training_samples_too():
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="recovery steps must be >= 1, got 0"):
         RecoveryConfig(steps=0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="recovery minutes must be > 0, got 0"):
         RecoveryConfig(minutes=0)

@@ -44,22 +44,23 @@ def test_non_default_configs_round_trip(kind, name, cfg):
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(ConfigError, match="unknown prune method 'structured-nonexistent'") as exc:
         lookup("prune", "structured-nonexistent")
     assert "magnitude" in str(exc.value) and "nm" in str(exc.value)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown quantize method 'int4'; known: int8, int8-dynamic"):
         config_from_dict({"type": "quantize.int4"})
 
 
-@pytest.mark.parametrize("data", [
-    {"type": "magnitude"},  # no kind
-    {"params": {}},  # no type
-    {"type": "prune.magnitude", "params": {"sparsity": 0.5, "bogus": 1}},  # unknown param
-    {"type": "prune.magnitude", "params": {"sparsity": 1.5}},  # invalid value
-    {"type": "prune.nm", "params": {"n": 4, "m": 2}},
+@pytest.mark.parametrize("data, words", [
+    ({"type": "magnitude"}, "stage needs a type like 'prune.magnitude'"),  # no kind
+    ({"params": {}}, "stage needs a type like 'prune.magnitude'"),  # no type
+    ({"type": "prune.magnitude", "params": {"sparsity": 0.5, "bogus": 1}},
+     "prune.magnitude: unknown parameter.s. bogus; known: scope, sparsity"),  # unknown param
+    ({"type": "prune.magnitude", "params": {"sparsity": 1.5}}, r"sparsity must be in \[0, 1\), got 1.5"),  # invalid value
+    ({"type": "prune.nm", "params": {"n": 4, "m": 2}}, "N:M pruning needs 0 < N < M, got 4:2"),
 ])
-def test_bad_stage_dicts_are_config_errors(data):
-    with pytest.raises(ConfigError):
+def test_bad_stage_dicts_are_config_errors(data, words):
+    with pytest.raises(ConfigError, match=words):
         config_from_dict(data)
 
 

@@ -80,6 +80,8 @@ def test_nothing_passing_writes_the_closest_and_fails(spec, tmp_path):
     assert (tmp_path / "o" / "report.json").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_exit_1_when_nothing_passes(run_cli, tmp_path):
     res = run_cli(["digits-cnn", "--auto", "--auto-minutes", "0.01", "--min-speedup", "1000", "-q",
                    "-o", tmp_path / "o"])

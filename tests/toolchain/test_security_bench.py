@@ -23,6 +23,14 @@ from sqexport.toolchain.output_folder import check_output
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _signals_as_from_a_terminal():
+    """preexec_fn: the child starts with SIGINT and SIGHUP at their defaults. A shell starts
+    background jobs with SIGINT ignored (nohup: SIGHUP), an ignored signal stays ignored across
+    exec, and sqexport keeps it ignored by design; the test must not depend on how pytest was run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.fixture
 def out(mobile_export, tmp_path, monkeypatch):
     """A copy of the mobile output folder; temporary folders go to tmp_path/tmp (checked empty)."""
@@ -284,18 +292,20 @@ def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "sqexport", "bench", str(out / "digits-cnn-mobile.zip"),
                              "--device", "local", "--device-cmd", f"{{python}} {sleeper}"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_signals_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not (pid_file.is_file() and pid_file.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the runner never started (exit {proc.poll()}): {proc.communicate(timeout=30)[1]}")
             time.sleep(0.05)
         runner = int(pid_file.read_text())
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     assert proc.returncode == 128 + sig, stderr
     assert len([ln for ln in stderr.splitlines() if ln.strip()]) == 1 and "interrupted" in stderr
     deadline = time.monotonic() + 10

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -130,22 +129,25 @@ def test_out_of_memory_is_exit_2(project, run_cli, monkeypatch):
     _one_line(run_cli(["digits-mlp", "-o", "out"]), "out of memory")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("samples", [1, 2, 3])
 def test_too_few_samples_share_calibration_and_evaluation_and_say_so(project, run_cli, samples):
     np.save(project / "few.npy", np.random.default_rng(0).random((samples, 4), dtype=np.float32))
+    # one to three samples: the gate is not under test (one flipped sample is a 33-100 point drop)
     result = run_cli(["mypkg.code:linear", "--input-shape", "1x4", "--calib-data", "few.npy", "-o", "out",
-                      "--threads", "1"])
-    assert result.exit_code in (0, 1), result.output  # a result either way, never an empty eval split
+                      "--threads", "1", "--max-accuracy-drop", "100"])
+    assert result.exit_code == 0, result.output  # a result, never an empty eval split
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["data"]["eval"]["samples"] == samples and report["data"]["eval"]["shared"]
     assert "share them" in result.output and "never overlap" not in result.output
 
 
+@pytest.mark.e2e
 def test_a_one_image_folder_says_what_the_report_says(project, run_cli, images_factory):
     images_factory(project / "one", None, 1, size=(8, 8))
     result = run_cli(["mypkg.nets:tiny_cnn", "--input-shape", "1x3x8x8", "--calib-data", "one", "-o", "out",
-                      "--threads", "1"])
-    assert result.exit_code in (0, 1), result.output
+                      "--threads", "1", "--max-accuracy-drop", "100"])  # one image: the gate is not under test
+    assert result.exit_code == 0, result.output
     report = json.loads((project / "out" / "report.json").read_text())
     assert "share them" in report["data"]["eval"]["split"]
     assert "share them" in result.output and "never overlap" not in result.output
@@ -168,11 +170,22 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     ("x" * (2 << 20), "larger than"),
 ])
 def test_hostile_recipes_are_refused_cheaply(tmp_path, run_cli, monkeypatch, text, needle):
+    """Cheaply: refused while the YAML is composed (or on the first duplicate key), before the
+    expansion is built; the bomb used to build ~970 MB and print a 2.8 MB line."""
+    from sqexport.toolchain import recipe_yaml
+
+    built = []
+    construct = recipe_yaml._StrictLoader.construct_object
+    monkeypatch.setattr(recipe_yaml._StrictLoader, "construct_object",
+                        lambda self, node, deep=False: built.append(node) or construct(self, node, deep))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text(text)
-    start = time.process_time()
     line = _one_line(run_cli(["digits-mlp", "--recipe", "r.yaml", "-o", "out"]), needle)
-    assert len(line) < 500 and time.process_time() - start < 30  # the bomb used ~970 MB and a 2.8 MB line
+    assert len(line) < 500
+    if "twice" in needle:  # refused when its mapping is built: only the few keys before it were
+        assert 0 < len(built) < 20, len(built)
+    else:  # aliases, depth and size: refused before any object is built
+        assert built == [], len(built)
     assert sorted(os.listdir(tmp_path)) == ["r.yaml"]
 
 
@@ -205,6 +218,7 @@ def _console(args, cwd, env=None, drop=(), timeout=300):
                           env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
+@pytest.mark.slow
 def test_corrupt_torch_files_are_one_line_on_the_console(tmp_path):
     import zipfile
 
@@ -219,6 +233,7 @@ def test_corrupt_torch_files_are_one_line_on_the_console(tmp_path):
         assert "warnings above" not in lines[0]
 
 
+@pytest.mark.e2e
 def test_quiet_is_quiet_with_an_unusable_home(tmp_path):
     """HOME is a file: matplotlib cannot make its config folder and onnxruntime cannot persist its
     telemetry id; with --quiet neither says so."""

@@ -72,18 +72,18 @@ def test_record_adds_files_and_a_symlink_cannot_be_recorded(tmp_path, victim):
     record(out, ["new.zip"])
     assert owned(out, "new.zip") and owned(out, "report.json")
     (out / "link").symlink_to(victim)
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match="link: not a regular file sqexport can record"):
         record(out, ["link"])
 
 
 def test_parent_folders_made_for_the_output_go_when_the_run_fails(tmp_path):
     out = tmp_path / "made" / "for" / "run" / "out"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with atomic_output(out):
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
     (tmp_path / "mine").mkdir()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with atomic_output(tmp_path / "mine" / "new" / "out"):
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []

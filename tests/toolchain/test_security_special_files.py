@@ -109,6 +109,6 @@ def test_the_shared_helper(fifo, tmp_path):
     link.symlink_to(regular)
     with pytest.raises(SqexportError, match="symlink"):
         read_regular_bytes(link, "x", follow=False)
-    for special in (fifo, "/dev/zero", tmp_path):
-        with pytest.raises(SqexportError):
+    for special, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device"), (tmp_path, "a folder")):
+        with pytest.raises(SqexportError, match=f"is {kind}.*; sqexport reads regular files only"):
             read_regular_bytes(special, "x")

@@ -151,12 +151,18 @@ def test_pfp_removes_channels_and_the_export_matches_torch_in_onnxruntime(tmp_pa
     np.testing.assert_allclose(sess.run(None, CNN_BATCHES[0])[0], _run(model, CNN_BATCHES[0])[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("params", [{"variant": "sipp"}, {"sparsity": 1.0}, {"round_to": 0}, {"recover_steps": -1}])
-def test_bad_values_are_config_errors(params):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("params, words", [
+    ({"variant": "sipp"}, "variant must be one of pfp, sipp-deterministic, sipp-sampling, sipp-hybrid, got 'sipp'"),
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
+    ({"round_to": 0}, "round_to must be >= 1, got 0"),
+    ({"recover_steps": -1}, "recover_steps must be >= 0, got -1"),
+])
+def test_bad_values_are_config_errors(params, words):
+    with pytest.raises(ConfigError, match=words):
         SensitivityPruneConfig(**params)
 
 
+@pytest.mark.e2e
 def test_cli_sensitivity_on_digits_cnn(tmp_path, run_cli):
     recipe = tmp_path / "pfp.yaml"
     recipe.write_text("stages:\n  - type: prune.sensitivity\n    params: {sparsity: 0.4, recover_steps: 3}\n"

@@ -111,6 +111,7 @@ def trained_cnn(tmp_path_factory):
     return root, float(top1)
 
 
+@pytest.mark.e2e
 def test_user_cnn_passes_its_gate_with_defaults(trained_cnn, run_cli, monkeypatch):
     root, top1 = trained_cnn
     assert top1 > 0.9
@@ -129,6 +130,7 @@ def test_user_cnn_passes_its_gate_with_defaults(trained_cnn, run_cli, monkeypatc
     assert "sparsity" in r.output and "chosen" in " ".join(rep["notes"])
 
 
+@pytest.mark.e2e
 def test_explicit_sparsity_is_honoured_exactly(trained_cnn, run_cli, monkeypatch):
     root, _ = trained_cnn
     monkeypatch.chdir(root)
@@ -143,6 +145,7 @@ def test_explicit_sparsity_is_honoured_exactly(trained_cnn, run_cli, monkeypatch
     assert rep["sparsity"]["overall"] == pytest.approx(0.3, abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_user_cnn_as_torchscript_passes_its_gate_with_defaults(trained_cnn, run_cli, monkeypatch):
     root, top1 = trained_cnn
     monkeypatch.chdir(root)

@@ -90,7 +90,7 @@ def test_allocation_numbers():
     g[1].cost, g[0].cost = 4.0, 1.0
     keep = S.allocate(g, 0.5, "latency", 1)
     assert keep[1] < 16 and keep[0] + keep[1] == 24
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="allocation must be one of global, latency, uniform"):
         S.allocate(g, 0.5, "nope")
 
 
@@ -126,9 +126,9 @@ def test_activation_importance_uses_data():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"sparsity must be in \[0, 1\), got 1.0"):
         StructuredPruneConfig(sparsity=1.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="importance must be one of auto, activation, magnitude, reconstruction"):
         StructuredPruneConfig(importance="random")
 
 

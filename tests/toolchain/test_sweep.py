@@ -2,6 +2,7 @@
 the same options writes; the sweep report; exit codes; reruns skip what is unchanged and rerun what
 changed; with --workers a job whose process crashes is retried once and nothing partial is left."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from sqexport.contracts.progress import NULL_PROGRESS
 from sqexport.toolchain.cli import sweep_jobs
 from sqexport.toolchain.sweep import run_sweep
 from sweep_hooks import CrashFirst
+
+pytestmark = pytest.mark.e2e
 
 SWEEP = """jobs:
   - {name: mlp, model: digits-mlp, prune: none}
@@ -50,8 +53,10 @@ def test_report_and_exit_code_of_a_failed_gate(swept):
     assert "| mlp-strict |" in md and "sweep-pareto.png" in md and (tmp / "root" / "sweep-pareto.png").is_file()
 
 
-def test_rerun_skips_unchanged_jobs_and_reruns_changed_ones(swept):
-    tmp, _ = swept
+def test_rerun_skips_unchanged_jobs_and_reruns_changed_ones(swept, tmp_path):
+    """On a copy of the module's sweep: this test edits and reruns it, the others read it."""
+    tmp = tmp_path / "sweep"
+    shutil.copytree(swept[0], tmp, symlinks=True)
     root = tmp / "root"
     before = (root / "mlp" / "model.onnx").stat().st_mtime_ns
     (root / "mlp-mag" / "report.md").unlink()  # an output no longer matching its manifest
@@ -76,6 +81,7 @@ def _never_for(name):
     return job
 
 
+@pytest.mark.slow
 def test_workers_retry_a_crashed_job_process_once(tmp_path):
     (tmp_path / "sweep.yaml").write_text("jobs:\n  - {name: a, model: digits-mlp, prune: none}\n"
                                          "  - {name: b, model: digits-mlp, prune: none, seed: 1}\n")

@@ -17,6 +17,8 @@ from sqexport.toolchain.cli import run_export_job, sweep_jobs  # noqa: E402
 from sqexport.toolchain.ray_cluster import parse_ray_address  # noqa: E402
 from sqexport.toolchain.sweep import run_sweep  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a local Ray cluster per module
+
 SWEEP = """jobs:
   - {name: cnn-mag, model: digits-cnn, prune: magnitude, sparsity: 0.5}
   - {name: mlp, model: digits-mlp, prune: none}

@@ -18,6 +18,8 @@ import torch
 FORMS = Path(__file__).resolve().parent.parent / "models" / "zoo_forms.py"
 SHAPE = "1x3x16x16"
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def forms_project(tmp_path, monkeypatch):

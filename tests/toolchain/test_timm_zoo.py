@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks._timm import timm_available
 
-pytestmark = pytest.mark.skipif(not timm_available(), reason="timm not installed (make venv installs it)")
+pytestmark = [pytest.mark.skipif(not timm_available(), reason="timm not installed (make venv installs it)"),
+              pytest.mark.slow, pytest.mark.e2e]
 
 ARCHS = ["mobilenetv3_small", "efficientnet_lite0", "tf_efficientnet_lite0", "convnext_atto", "regnetx_002",
          "ghostnet"]

@@ -114,17 +114,23 @@ def test_deterministic_with_the_seed():
         np.testing.assert_array_equal(a[name].q, b[name].q)
 
 
-@pytest.mark.parametrize("bad", [{"iterations": 0}, {"samples": -1}, {"reg_weight": -0.1}, {"batch": 1.5},
-                                 {"enabled": "yes"}, {"unknown": 1}])
-def test_bad_config_is_a_config_error(bad):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("bad, words", [
+    ({"iterations": 0}, "adaround.iterations must be an integer >= 1, got 0"),
+    ({"samples": -1}, "adaround.samples must be an integer >= 1, got -1"),
+    ({"reg_weight": -0.1}, "adaround.reg_weight must be a finite number >= 0, got -0.1"),
+    ({"batch": 1.5}, "adaround.batch must be an integer >= 1, got 1.5"),
+    ({"enabled": "yes"}, "adaround.enabled must be true or false, got 'yes'"),
+    ({"unknown": 1}, r"adaround: unknown key\(s\) unknown"),
+])
+def test_bad_config_is_a_config_error(bad, words):
+    with pytest.raises(ConfigError, match=words):
         Int8StaticConfig(adaround={"enabled": True, **bad})
 
 
 def test_recipe_forms_coerce():
     assert Int8StaticConfig(adaround=True).adaround == AdaRoundConfig(enabled=True)
     assert Int8StaticConfig(adaround={"iterations": 10}).adaround.iterations == 10
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="adaround must be true, false or a mapping .*, got 'on'"):
         Int8StaticConfig(adaround="on")
 
 
