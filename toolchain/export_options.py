@@ -15,19 +15,18 @@ from typing import Any
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.targets import target_names
-from sqexport.toolchain.settings import check_setting, check_type
+from sqexport.toolchain.settings import SETTINGS, check_setting, check_type
 
-__all__ = ["ExportOptions", "RECIPE_KEYS", "build_recipe", "auto_config", "without_recovery", "image_prep",
+__all__ = ["ExportOptions", "build_recipe", "auto_config", "without_recovery", "image_prep",
            "input_shapes", "option_values"]
 
-# the options apply_overrides lays over a recipe file (toolchain/overrides.py Overrides)
-RECIPE_KEYS = ("prune", "sparsity", "nm", "variant", "rank_energy", "lowrank_eps", "quant", "observer",
-               "max_accuracy_drop", "min_speedup", "max_latency_ms", "threads", "seed", "target", "recover",
-               "recover_steps", "recover_minutes", "recover_data")
-_SETTINGS = ("sparsity", "rank_energy", "lowrank_eps", "max_accuracy_drop", "min_speedup", "max_latency_ms",
-             "threads", "seed")
 _PATHS = ("recover_data", "calib_data", "eval_data", "recipe", "output")
 _TEXTS = ("nm", "image_size", "mean", "std", "ray")
+
+
+def _settings() -> tuple[str, ...]:
+    """The options with a typed range (settings.SETTINGS), checked on construction."""
+    return tuple(f.name for f in fields(ExportOptions) if f.name in SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class ExportOptions:
     example_inputs: Any = None
 
     def __post_init__(self):
-        for name in _SETTINGS:
+        for name in _settings():
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_setting(name, getattr(self, name)))
         for name in _PATHS:
@@ -145,10 +144,11 @@ def option_values(values: dict) -> ExportOptions:
 
 def build_recipe(options: ExportOptions, default_prune: str = "magnitude", quant_defaults: dict | None = None):
     """The recipe file (if any), then every option given on top of it."""
-    from sqexport.toolchain.overrides import Overrides, apply_overrides
+    # the options laid over a recipe file are declared once, on Overrides
+    from sqexport.toolchain.overrides import OVERRIDE_KEYS, Overrides, apply_overrides
     from sqexport.toolchain.recipe import load_recipe
 
-    typed = {k: getattr(options, k) for k in RECIPE_KEYS if getattr(options, k) is not None}
+    typed = {k: getattr(options, k) for k in OVERRIDE_KEYS if getattr(options, k) is not None}
     if not options.recipe:  # without a recipe file the CLI's own defaults apply
         typed.setdefault("seed", 0)
         typed.setdefault("target", "cpu")

@@ -2,14 +2,14 @@
 recipe file, or from the defaults when there is none."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.toolchain.pruning.nm import parse_nm
 from sqexport.toolchain.recipe import Recipe, Stage
 from sqexport.toolchain.builtin_methods import lookup
 
-__all__ = ["Overrides", "apply_overrides", "DEFAULT_SPARSITY"]
+__all__ = ["Overrides", "OVERRIDE_KEYS", "AUTO_CHOSEN_KEYS", "apply_overrides", "DEFAULT_SPARSITY"]
 
 DEFAULT_SPARSITY = 0.5
 # Without a recipe file, int8 runs behind these transforms. SmoothQuant (alpha 0.85) keeps
@@ -18,17 +18,26 @@ DEFAULT_SPARSITY = 0.5
 DEFAULT_TRANSFORMS = ("smoothquant",)
 
 
+# --auto chooses these itself: giving one with --auto is an error (search.check_auto_flags)
+_AUTO = {"auto_chooses": True}
+
+
 @dataclass(frozen=True)
 class Overrides:
-    """Only what was typed; None = not given."""
+    """Only what was typed; None = not given.
 
-    prune: str | None = None
-    sparsity: float | None = None
-    nm: str | None = None
-    variant: str | None = None
-    rank_energy: float | None = None
-    lowrank_eps: float | None = None
-    quant: str | None = None
+    The one declaration of the options that lay over a recipe file: ExportOptions' recipe keys,
+    the settings checked on construction (settings.SETTINGS by name) and what --auto chooses itself
+    (field metadata `auto_chooses`) are read from here. A new method flag = a field here (plus a
+    Setting when it has a numeric range) and its click option."""
+
+    prune: str | None = field(default=None, metadata=_AUTO)
+    sparsity: float | None = field(default=None, metadata=_AUTO)
+    nm: str | None = field(default=None, metadata=_AUTO)
+    variant: str | None = field(default=None, metadata=_AUTO)
+    rank_energy: float | None = field(default=None, metadata=_AUTO)
+    lowrank_eps: float | None = field(default=None, metadata=_AUTO)
+    quant: str | None = field(default=None, metadata=_AUTO)
     observer: str | None = None
     max_accuracy_drop: float | None = None
     min_speedup: float | None = None
@@ -37,9 +46,13 @@ class Overrides:
     seed: int | None = None
     target: str | None = None
     recover: bool | None = None
-    recover_steps: int | None = None
-    recover_minutes: float | None = None
+    recover_steps: int | None = field(default=None, metadata=_AUTO)
+    recover_minutes: float | None = field(default=None, metadata=_AUTO)
     recover_data: str | None = None
+
+
+OVERRIDE_KEYS = tuple(f.name for f in fields(Overrides))
+AUTO_CHOSEN_KEYS = tuple(f.name for f in fields(Overrides) if f.metadata.get("auto_chooses"))
 
 
 def _stage(kind: str, name: str, current: Stage | None, updates: dict) -> Stage | None:

@@ -35,6 +35,7 @@ from sqexport.toolchain.candidates import (
     with_recovery, write_mode,
 )
 from sqexport.toolchain.output_folder import atomic_output
+from sqexport.toolchain.overrides import AUTO_CHOSEN_KEYS
 from sqexport.toolchain.quantize_step import torch_reference
 from sqexport.toolchain.recipe import Recipe, Stage
 from sqexport.toolchain.recovery import RecoveryConfig
@@ -45,10 +46,9 @@ DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.625, 0.75)
 DEFAULT_MINUTES = 15.0  # 2 CPU cores: mnist-resnet needs about two recovered levels of a few minutes
 MIN_RECOVERY_MINUTES = 0.25
 
-# flags that set what --auto chooses itself (CLI option name -> flag)
-AUTO_CHOOSES = {"prune": "--prune", "sparsity": "--sparsity", "nm": "--nm", "variant": "--variant",
-                "rank_energy": "--rank-energy", "lowrank_eps": "--lowrank-eps", "quant": "--quant",
-                "recipe": "--recipe", "recover_steps": "--recover-steps", "recover_minutes": "--recover-minutes"}
+# options that set what --auto chooses itself (option name -> flag): declared on Overrides, plus
+# the recipe file, which would fix the stages
+AUTO_CHOOSES = {name: "--" + name.replace("_", "-") for name in (*AUTO_CHOSEN_KEYS, "recipe")}
 
 
 def check_auto_flags(given: list[str]) -> None:

@@ -90,3 +90,23 @@ def test_model_quant_defaults_apply_without_recipe_and_flags_win():
     # a recipe file says everything itself; int8-dynamic ignores keys it does not have
     assert apply_overrides(_recipe(), Overrides(), "none", d).stage("quantize").config.observer == "percentile"
     assert apply_overrides(None, Overrides(quant="int8-dynamic"), "none", d).stage("quantize").name == "int8-dynamic"
+
+
+def test_recipe_options_are_declared_once_and_every_surface_reads_them():
+    """Overrides is the one list of options laid over a recipe: the CLI has a flag for each, the
+    Python API an option, and the ones --auto chooses are refused beside --auto, by flag name."""
+    from dataclasses import fields
+
+    from sqexport.toolchain.cli import cli
+    from sqexport.toolchain.export_options import ExportOptions
+    from sqexport.toolchain.overrides import AUTO_CHOSEN_KEYS, OVERRIDE_KEYS
+    from sqexport.toolchain.search import AUTO_CHOOSES, check_auto_flags
+
+    export_params = {p.name for p in cli.commands["export"].params}
+    assert set(OVERRIDE_KEYS) <= export_params
+    assert set(OVERRIDE_KEYS) <= {f.name for f in fields(ExportOptions)}
+    assert set(AUTO_CHOOSES) == {*AUTO_CHOSEN_KEYS, "recipe"}
+    assert {"prune", "sparsity", "quant", "rank_energy"} <= set(AUTO_CHOSEN_KEYS) and "seed" not in AUTO_CHOSEN_KEYS
+    for key in AUTO_CHOSEN_KEYS:
+        with pytest.raises(ConfigError, match="--auto chooses .*" + "--" + key.replace("_", "-")):
+            check_auto_flags([key])
