@@ -429,8 +429,25 @@ def with_method_sections(core: dict, sections: dict) -> dict:
     return {**core, **sections}
 
 
+def slower_note(latency: dict) -> str | None:
+    """Said whenever the model is slower than FP32 at a measured thread count: int8 (or a removed
+    structure) that does not pay on this CPU must not pass as a speed-up."""
+    slow = [e for e in [latency] + ([latency["at_1_thread"]] if "at_1_thread" in latency else [])
+            if e.get("speedup") is not None and e["speedup"] < 1.0]
+    if not slow:
+        return None
+    where = ", ".join(f"{e['speedup']:.2f}x at {e['threads']} thread(s)" for e in slow)
+    return (f"model.onnx is SLOWER than baseline.onnx on this CPU ({where}): here its int8 kernels and "
+            "the float work between them (e.g. unfused activations between DequantizeLinear and "
+            "QuantizeLinear) cost more than they save; ship baseline.onnx for speed, model.onnx for size, "
+            "or gate with --min-speedup")
+
+
 def report(state: RunState) -> None:
     m, recipe, spec = state.measured, state.recipe, state.spec
+    note = slower_note(m.latency)
+    if note:
+        state.notes.append(note)
     checks = evaluate_gates(recipe.gates, m.accuracy, m.latency) + state.checks
     core = {
         "schema_version": SCHEMA_VERSION,

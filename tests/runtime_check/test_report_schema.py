@@ -57,3 +57,14 @@ def test_a_method_section_never_replaces_a_core_one():
     assert with_method_sections(core, {"pqi": {"trace": []}}) == {**core, "pqi": {"trace": []}}
     with pytest.raises(RuntimeError, match="report sections set twice .*: accuracy"):
         with_method_sections(core, {"accuracy": {"drop": 0.0}})
+
+
+def test_a_model_slower_than_fp32_is_said_so():
+    from sqexport.toolchain.pipeline import slower_note
+
+    fast = {"threads": 2, "speedup": 1.7, "at_1_thread": {"threads": 1, "speedup": 3.4}}
+    assert slower_note(fast) is None
+    slow = {"threads": 2, "speedup": 0.8, "at_1_thread": {"threads": 1, "speedup": 1.1}}
+    note = slower_note(slow)
+    assert note.startswith("model.onnx is SLOWER than baseline.onnx on this CPU (0.80x at 2 thread(s))")
+    assert "1.10x" not in note
