@@ -9,6 +9,8 @@ import onnxruntime as ort
 from sqexport.contracts.tasks import Task
 from sqexport.contracts.units import metric_units
 
+# below this mean FP32 top-1 probability (%) the expected top-1 has little power: said in the note
+UNSURE_BELOW = 20.0
 AGREEMENT_ONLY = "agreement with FP32 (no labels): top-1 of the model vs the FP32 model's top-1"
 NO_LABELS = ("no labels: top-1 expected under the FP32 model's own class probabilities (a prediction counts "
              "with the probability FP32 gives its class); top-1 agreement with FP32 is agreement_with_baseline")
@@ -112,6 +114,10 @@ def classification_metrics(base_logits: np.ndarray, model_logits: np.ndarray,
                        "nonfinite_outputs": nonfinite_outputs(base_logits, model_logits)})
     if labels is None:
         out["note"] = AGREEMENT_ONLY if agreement else NO_LABELS
+        if not agreement and base < UNSURE_BELOW:
+            out["note"] += (f". FP32 is unsure of these samples (it gives its own top-1 {base:.1f}% on average): "
+                            f"every flip is cheap, so the expected drop says little; read top-1 agreement "
+                            f"({agreement_share:.1f}%) and KL ({out['kl_to_baseline']:.3g}) beside it")
     return out
 
 

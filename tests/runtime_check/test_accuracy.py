@@ -127,3 +127,16 @@ def test_classification_metrics_always_report_top5_and_kl():
     assert m["kl_to_baseline"] == pytest.approx(float((p * np.log(p / q)).sum()) / 4)
     assert m["top5_agreement"] == 100.0 and m["agreement_with_baseline"] == 75.0 and m["samples"] == 4  # percent
     assert m["model"] == pytest.approx(100 * (3 * p[0] + p[1]) / 4)  # FP32 gives sample 0's new class p[1]
+
+
+def test_an_unsure_fp32_model_makes_the_expected_drop_say_little_and_the_note_says_so():
+    base = np.zeros((4, 10), np.float32)
+    base[:, 0] = 0.1  # near-uniform: FP32 gives its top-1 about 11%
+    model = np.roll(base, 1, axis=1)  # every sample flips
+    m = classification_metrics(base, model, None)
+    assert m["drop"] == pytest.approx(100 * (math.exp(0.1) - 1) / (math.exp(0.1) + 9), rel=1e-5)  # 1.04 points
+    assert m["agreement_with_baseline"] == 0.0
+    assert "FP32 is unsure of these samples (it gives its own top-1 10.9% on average)" in m["note"]
+    assert "top-1 agreement (0.0%)" in m["note"]
+    sure = classification_metrics(_logits([0, 1, 2, 1]), _logits([0, 1, 1, 1]), None)
+    assert "unsure" not in sure["note"]
