@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench arm64 clean
+.PHONY: venv demo test test-all bench arm64 nncf clean
 
 venv: $(STAMP)
 
@@ -37,8 +37,16 @@ test-all: $(STAMP)
 arm64: $(STAMP)
 	PYTHON=$(abspath $(BIN))/python scripts/setup_arm64.sh
 
+# NNCF for benchmarks/peers.py, in its own venv (.venv-nncf): its ONNX path needs no torch, so nncf
+# itself goes in without dependencies and its ONNX-side dependencies are listed here
+nncf:
+	$(PYTHON) -m venv .venv-nncf
+	.venv-nncf/bin/pip install --quiet onnx==1.23.2 onnxruntime==1.32.0 numpy scipy scikit-learn networkx \
+		ninja psutil pydot rich tabulate safetensors openvino-telemetry ml_dtypes packaging cloudpickle narwhals
+	.venv-nncf/bin/pip install --quiet --no-deps nncf==3.4.0
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/minilm.py
 
 clean:
-	rm -rf $(VENV) sqexport-out build *.egg-info
+	rm -rf $(VENV) .venv-nncf sqexport-out build *.egg-info

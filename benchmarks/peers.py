@@ -13,8 +13,8 @@ For each model:
   nncf            nncf.quantize(baseline, default preset); MiniLM also with
   nncf-transformer  model_type=nncf.ModelType.TRANSFORMER (MIXED preset, SmoothQuant 0.95 on MatMuls)
 
-NNCF runs in its own venv (--nncf-python, default /work/nncf-venv/bin/python; it needs nncf, onnx
-and onnxruntime, no torch) as a child process of this script (`peers.py nncf-worker ...`), so this
+NNCF runs in its own venv (--nncf-python, default .venv-nncf/bin/python, made by `make nncf`; it
+needs nncf, onnx and onnxruntime, no torch) as a child process of this script (`peers.py nncf-worker ...`), so this
 process stays in the project venv. Every peer calibrates on sqexport's own calibration samples of
 the model (ModelSpec.calib_batches: 160 crops of 10 photos; 252 corpus texts), NNCF one sample at a
 time (its recommended batch 1; texts without their padding), quantize_static 8 crops at a time.
@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve()
-NNCF_PYTHON = "/work/nncf-venv/bin/python"
+NNCF_PYTHON = str(Path(__file__).resolve().parent.parent / ".venv-nncf" / "bin" / "python")
 MODELS = ("mobilenet-v2", "minilm")
 
 
