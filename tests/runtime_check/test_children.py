@@ -10,32 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from child_process import alive, signals_as_from_a_terminal
 from sqexport.runtime_check.children import run_child
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _signals_as_from_a_terminal():
-    """preexec_fn: the child starts with SIGINT and SIGHUP at their defaults. A shell starts
-    background jobs with SIGINT ignored (nohup: SIGHUP), an ignored signal stays ignored across
-    exec, and sqexport keeps it ignored by design; the test must not depend on how pytest was run."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 def _wait_gone(pids, timeout=10.0):
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if alive(p)]
 
 
 def test_a_timeout_kills_the_whole_group(tmp_path):
@@ -80,7 +65,7 @@ def test_a_signal_during_the_arm64_check_kills_every_emulator(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(sleeper), str(tmp_path / "model.ort")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_signals_as_from_a_terminal)
+                            preexec_fn=signals_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("pid-*"))) < 3:

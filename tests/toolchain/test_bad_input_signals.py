@@ -11,25 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from child_process import signals_as_from_a_terminal
 from sqexport.toolchain import signals
 from sqexport.toolchain.output_folder import TMP_MARKER, remove_stale_temps
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _signals_as_from_a_terminal():
-    """preexec_fn: the child starts with SIGINT and SIGHUP at their defaults. A shell starts
-    background jobs with SIGINT ignored (nohup: SIGHUP), an ignored signal stays ignored across
-    exec, and sqexport keeps it ignored by design; the test must not depend on how pytest was run."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
 def _start(cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sqexport", "digits-mlp", "-o", "out"], cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_signals_as_from_a_terminal)
+                            preexec_fn=signals_as_from_a_terminal)
 
 
 def _handlers_installed(pid: int) -> bool:

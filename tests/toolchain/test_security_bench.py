@@ -17,18 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from child_process import alive, signals_as_from_a_terminal
 from sqexport.toolchain.manifest import owned
 from sqexport.toolchain.output_folder import check_output
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _signals_as_from_a_terminal():
-    """preexec_fn: the child starts with SIGINT and SIGHUP at their defaults. A shell starts
-    background jobs with SIGINT ignored (nohup: SIGHUP), an ignored signal stays ignored across
-    exec, and sqexport keeps it ignored by design; the test must not depend on how pytest was run."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -275,14 +268,6 @@ def test_local_push_failure_removes_the_device_folder(run_cli, out, monkeypatch)
     _no_temp_left(out)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
-    except (OSError, StopIteration):
-        return False
-    return " Z " not in state + " "  # a zombie has exited; only its parent's wait is missing
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, sig):
     pid_file = tmp_path / "runner.pid"
@@ -292,7 +277,7 @@ def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "sqexport", "bench", str(out / "digits-cnn-mobile.zip"),
                              "--device", "local", "--device-cmd", f"{{python}} {sleeper}"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_signals_as_from_a_terminal)
+                            text=True, preexec_fn=signals_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not (pid_file.is_file() and pid_file.read_text()):
@@ -309,8 +294,8 @@ def test_a_signal_kills_the_runner_and_removes_temporary_folders(out, tmp_path, 
     assert proc.returncode == 128 + sig, stderr
     assert len([ln for ln in stderr.splitlines() if ln.strip()]) == 1 and "interrupted" in stderr
     deadline = time.monotonic() + 10
-    while _alive(runner) and time.monotonic() < deadline:
+    while alive(runner) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(runner), "the runner outlived sqexport"
+    assert not alive(runner), "the runner outlived sqexport"
     # only sqexport's own temporary folders count (onnxruntime keeps a telemetry file `.ses` there)
     assert [p for p in os.listdir(tmp_path / "tmp") if "sqexport" in p] == []
