@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from sqexport.contracts.tasks import get_task, task_names
 
-__all__ = ["Gates", "evaluate_gates", "finite_checks", "accuracy_limit", "DEFAULT_DROP"]
+__all__ = ["Gates", "evaluate_gates", "finite_checks", "accuracy_limit", "DEFAULT_DROP", "slower_note"]
 
 # Used when no --max-accuracy-drop is given, so a broken model never passes silently (per unit,
 # from the task registry: 1 point of top-1, 0.01 of cosine).
@@ -67,3 +67,17 @@ def evaluate_gates(gates: Gates, accuracy: dict, latency: dict) -> list[dict]:
         checks.append({"name": "latency_p50_ms", "passed": p50 <= gates.max_latency_ms,
                        "value": p50, "limit": gates.max_latency_ms, "unit": "ms"})
     return checks
+
+
+def slower_note(latency: dict) -> str | None:
+    """Said whenever the model is slower than FP32 at a measured thread count: int8 (or a removed
+    structure) that does not pay on this CPU must not pass as a speed-up."""
+    slow = [e for e in [latency] + ([latency["at_1_thread"]] if "at_1_thread" in latency else [])
+            if e.get("speedup") is not None and e["speedup"] < 1.0]
+    if not slow:
+        return None
+    where = ", ".join(f"{e['speedup']:.2f}x at {e['threads']} thread(s)" for e in slow)
+    return (f"model.onnx is SLOWER than baseline.onnx on this CPU ({where}): here its int8 kernels and "
+            "the float work between them (e.g. unfused activations between DequantizeLinear and "
+            "QuantizeLinear) cost more than they save; ship baseline.onnx for speed, model.onnx for size, "
+            "or gate with --min-speedup")

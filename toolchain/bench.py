@@ -128,8 +128,9 @@ def _write_report(folder: Path, section: dict) -> tuple[str | None, str | None]:
     if report is None:
         return None, why
     report["device_latency"] = section
-    if strict_reports() and schema_errors(report):
-        raise AssertionError("report.json with device_latency deviates from its schema: " + "; ".join(schema_errors(report)))
+    errors = schema_errors(report) if strict_reports() else []
+    if errors:
+        raise AssertionError("report.json with device_latency deviates from its schema: " + "; ".join(errors))
     try:
         texts = (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report)))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

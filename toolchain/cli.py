@@ -328,7 +328,9 @@ def _print_summary(report: dict, outdir: Path) -> None:
     for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):
         click.echo(f"  latency   {entry['threads']} thread(s): p50 {entry['baseline']['p50']:.3f} ms -> "
                    f"{entry['model']['p50']:.3f} ms ({entry['speedup']:.2f}x)")
-    if any(entry["speedup"] < 1.0 for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else [])):
+    from sqexport.runtime_check.gates import slower_note
+
+    if slower_note(lat):
         click.secho("  ! model.onnx is slower than baseline.onnx on this CPU (see the report's notes)", fg="yellow")
     _print_checks(report["checks"])
 

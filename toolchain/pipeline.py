@@ -26,7 +26,7 @@ from sqexport.exporters.bundle import build_bundle
 from sqexport.exporters.export import exporter_for
 from sqexport.exporters.sparse import sizes_measured_meanwhile, store_sparse
 from sqexport.models.spec import ModelSpec
-from sqexport.runtime_check.gates import accuracy_limit, evaluate_gates
+from sqexport.runtime_check.gates import accuracy_limit, evaluate_gates, slower_note
 from sqexport.runtime_check.report import write_report
 from sqexport.runtime_check.report_schema import SCHEMA_VERSION
 from sqexport.runtime_check.session import default_threads
@@ -427,20 +427,6 @@ def with_method_sections(core: dict, sections: dict) -> dict:
     if clash:
         raise RuntimeError(f"report sections set twice (a method's section names a core one): {', '.join(clash)}")
     return {**core, **sections}
-
-
-def slower_note(latency: dict) -> str | None:
-    """Said whenever the model is slower than FP32 at a measured thread count: int8 (or a removed
-    structure) that does not pay on this CPU must not pass as a speed-up."""
-    slow = [e for e in [latency] + ([latency["at_1_thread"]] if "at_1_thread" in latency else [])
-            if e.get("speedup") is not None and e["speedup"] < 1.0]
-    if not slow:
-        return None
-    where = ", ".join(f"{e['speedup']:.2f}x at {e['threads']} thread(s)" for e in slow)
-    return (f"model.onnx is SLOWER than baseline.onnx on this CPU ({where}): here its int8 kernels and "
-            "the float work between them (e.g. unfused activations between DequantizeLinear and "
-            "QuantizeLinear) cost more than they save; ship baseline.onnx for speed, model.onnx for size, "
-            "or gate with --min-speedup")
 
 
 def report(state: RunState) -> None:

@@ -60,7 +60,7 @@ def test_a_method_section_never_replaces_a_core_one():
 
 
 def test_a_model_slower_than_fp32_is_said_so():
-    from sqexport.toolchain.pipeline import slower_note
+    from sqexport.runtime_check.gates import slower_note
 
     fast = {"threads": 2, "speedup": 1.7, "at_1_thread": {"threads": 1, "speedup": 3.4}}
     assert slower_note(fast) is None

@@ -169,7 +169,7 @@ def _predict_logits(fp: np.ndarray, q: np.ndarray, view: EvalView, labels: np.nd
     delta = (qd[rows, top] - qd[rows, second]) - margin
     sigma = float(np.sqrt((delta ** 2).mean()))
     scale = math.sqrt(factor) * (1.0 + Z / math.sqrt(2.0 * n))
-    _, _, eval_margin = _margins(view.fp32_outputs.astype(np.float64))
+    e_top, e_second, eval_margin = _margins(view.fp32_outputs.astype(np.float64))
     # noise grows with the logits' own spread: compare margins and noise relative to it
     relative_noise = delta / _spread(fp.astype(np.float64))
     flips = _flip_probability(eval_margin / _spread(view.fp32_outputs.astype(np.float64)), relative_noise * scale,
@@ -184,7 +184,6 @@ def _predict_logits(fp: np.ndarray, q: np.ndarray, view: EvalView, labels: np.nd
         observed = 100.0 * float((observed_flips * (p_calib[rows, top] - p_calib[rows, q_top])).mean())
         p_eval = np.exp(_log_softmax(view.fp32_outputs))
         eval_rows = np.arange(len(p_eval))
-        e_top, e_second, _ = _margins(view.fp32_outputs.astype(np.float64))
         smooth = 100.0 * float((flips * (p_eval[eval_rows, e_top] - p_eval[eval_rows, e_second])).mean())
     log_p, log_q = _log_softmax(fp), _log_softmax(q)
     kl = float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
