@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqexport.contracts.errors import ConfigError, GateFailed
-from sqexport.contracts.targets import bundle_target_names
+from sqexport.contracts.targets import bundle_target_names, get_target, target_names
 from sqexport.toolchain.export_options import ExportOptions
 from sqexport.toolchain.report_view import Bundle, CheckReport, Report
 from sqexport.toolchain.settings import check_setting
@@ -127,7 +127,7 @@ def export(model: Any, *, target: str | None = None, prune: str | None = None, s
 def check(model: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
           eval_data: str | os.PathLike | None = None, threads: int | None = None,
           max_accuracy_drop: float | None = None, min_speedup: float | None = None,
-          max_latency_ms: float | None = None, arch: str | None = None,
+          max_latency_ms: float | None = None, arch: str | None = None, target: str = "cpu",
           image_size: str | Sequence[int] | None = None, mean: str | Sequence[float] | None = None,
           std: str | Sequence[float] | None = None, raise_on_gate: bool = True) -> CheckReport:
     """Verify an existing .onnx or .ort model: accuracy against a baseline, latency and gates.
@@ -143,6 +143,7 @@ def check(model: str | os.PathLike, *, baseline: str | os.PathLike | None = None
         threads: onnxruntime intra-op threads; default all cores.
         max_accuracy_drop, min_speedup, max_latency_ms: the gates.
         arch: `"arm64"` also runs the model on aarch64 onnxruntime under emulation (`make arm64`).
+        target: `"mobile"` also reports which nodes NNAPI and CoreML would take (`mobile_usability`).
         image_size, mean, std: image-folder preprocessing, as for `export`.
         raise_on_gate: raise GateFailed when a gate fails (default); False returns the result.
 
@@ -168,11 +169,15 @@ def check(model: str | os.PathLike, *, baseline: str | os.PathLike | None = None
     settings = {k: check_setting(k, v) if v is not None else None for k, v in settings.items()}
     if arch not in (None, "arm64"):
         raise ConfigError(f"arch must be None or 'arm64', got {arch!r}")
+    if not isinstance(target, str):
+        raise ConfigError(f"target must be one of {', '.join(target_names())}, got {target!r}")
+    get_target(target)  # an unknown name: ConfigError naming the known ones
     _check_flag("raise_on_gate", raise_on_gate)
     prep = image_prep(_size_text(image_size), _floats_text("mean", mean), _floats_text("std", std))
     quiet_libraries()
     gates = Gates(settings["max_accuracy_drop"], settings["min_speedup"], settings["max_latency_ms"])
-    result = CheckReport.from_dict(run_check(model, baseline, eval_data, prep, settings["threads"], gates, arch))
+    result = CheckReport.from_dict(run_check(model, baseline, eval_data, prep, settings["threads"], gates, arch,
+                                             target))
     if raise_on_gate and not result.passed:
         raise GateFailed(f"gate failed: {failed_checks(result['checks'])}", result)
     return result

@@ -12,10 +12,13 @@ BASELINE_FROM_FOLDER = "baseline.onnx in the model's output folder (sqexport's m
 
 
 def run_check(model: Path, baseline: Path | None = None, eval_data: Path | None = None, prep=None,
-              threads: int | None = None, gates: Gates = Gates(), arch: str | None = None) -> dict:
+              threads: int | None = None, gates: Gates = Gates(), arch: str | None = None,
+              target: str = "cpu") -> dict:
     """The check result (accuracy, latency_ms, checks, passed, ...). Without `baseline`, a model in
     an sqexport output folder is compared with that folder's baseline.onnx; the result's
-    `baseline_from` then says so."""
+    `baseline_from` then says so. A `target` with an app bundle (mobile) adds `mobile_usability`:
+    which nodes NNAPI and CoreML would take, as `export --target mobile` reports it."""
+    from sqexport.contracts.targets import get_target
     from sqexport.runtime_check.check import check_model
     from sqexport.runtime_check.session import default_threads
     from sqexport.toolchain.export_options import image_prep
@@ -28,4 +31,13 @@ def run_check(model: Path, baseline: Path | None = None, eval_data: Path | None 
                          arch)
     if found is not None:
         result["baseline_from"] = BASELINE_FROM_FOLDER
+    result["target"] = target
+    if get_target(target).app_bundle:
+        if Path(model).suffix == ".ort":
+            result["mobile_usability"] = {"notes": ["an .ort file is already converted: check the .onnx it came "
+                                                    "from for NNAPI/CoreML coverage"]}
+        else:
+            from sqexport.runtime_check.mobile_check import usability
+
+            result["mobile_usability"] = usability(Path(model))
     return result

@@ -483,7 +483,9 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
               help="Resize image-folder images to HxW [the model input's H x W].")
 @click.option("--mean", default=None, metavar="M1,M2,...", help="Image-folder normalization (x - mean) / std [none].")
 @click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
-@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()))
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
+              help="mobile also reports which nodes NNAPI and CoreML would take (onnxruntime's usability "
+                   "checker), as `export --target mobile` does.")
 @click.option("--threads", type=SettingType("threads"), default=None)
 @click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None)
 @click.option("--min-speedup", type=SettingType("min_speedup"), default=None)
@@ -502,7 +504,7 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
     gates = Gates(max_accuracy_drop, min_speedup, max_latency_ms)
     prep = _guard(image_prep, image_size, mean, std)
     result = _guard(run_check, Path(model_onnx), Path(baseline) if baseline else None,
-                    Path(eval_data) if eval_data else None, prep, threads, gates, arch)
+                    Path(eval_data) if eval_data else None, prep, threads, gates, arch, target)
     found = "baseline_from" in result
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -522,6 +524,8 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
             click.echo(f"  arm64     {tier:<10} max |diff| vs x86 {t['vs_x86']['max_abs_diff']:.3g} "
                        f"(tolerance {t['vs_x86']['tolerance']:.3g}), {t['accuracy']['metric']} "
                        f"{t['accuracy']['model']:.4f}")
+        for note in (result.get("mobile_usability") or {}).get("notes", []):
+            click.echo(f"  mobile    {note}")
         _print_checks(result["checks"])
     if not result["passed"]:
         raise ToolError("gate failed", 1)

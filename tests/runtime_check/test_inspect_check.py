@@ -116,3 +116,18 @@ def test_check_failing_latency_gate(run_cli, default_export):
     result = run_cli(["check", default_export.out / "model.onnx", "--threads", "1", "--max-latency-ms", "0.000001"])
     assert result.exit_code == 1
     assert "Traceback" not in result.output and "FAILED" in result.output
+
+
+def test_check_for_the_mobile_target_reports_nnapi_and_coreml_coverage(run_cli, default_export):
+    """`check --target mobile` is not a no-op: it adds what a phone's runtimes would take."""
+    out = default_export.out
+    args = ["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--threads", "1"]
+    cpu = json.loads(run_cli([*args, "--json"]).output)
+    assert cpu["target"] == "cpu" and "mobile_usability" not in cpu
+    result = run_cli([*args, "--target", "mobile", "--json"])
+    assert result.exit_code == 0, result.output
+    use = json.loads(result.output)["mobile_usability"]
+    assert use["nnapi"]["provider"] == "Android NNAPI" and 0 < use["nnapi"]["nodes_covered"] <= use["nnapi"]["nodes"]
+    assert use["recommended_provider"]["android"] in ("NNAPI", "CPU")
+    text = run_cli([*args, "--target", "mobile"]).output
+    assert "  mobile    NNAPI takes" in text
