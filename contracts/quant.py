@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sqexport.contracts.weight_grid import WeightGrid, as_grid, pair_limited_per_channel
+
 __all__ = [
     "INT8_MAX", "RELU", "LINEAR", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "ObservedRanges",
     "act_params_from_range",
@@ -40,6 +42,7 @@ class WeightQuant:
 
     q: np.ndarray  # int8, torch weight layout (out, ...)
     scale: np.ndarray  # float32, (out,)
+    limited_pairs: int = 0  # pairs moved to the int16 pair limit (contracts.weight_grid)
 
     def dequantized(self) -> np.ndarray:
         shape = (-1,) + (1,) * (self.q.ndim - 1)
@@ -79,6 +82,7 @@ class QuantParams:
     # quantized so that onnxruntime runs the add as QLinearAdd and its readers stay int8
     tensors: dict[str, ActQuant] = field(default_factory=dict)
     dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
+    weight_grid: WeightGrid | None = None  # the grid the weights were quantized on
 
 
 @dataclass
@@ -109,11 +113,18 @@ def act_params_from_range(rmin: float, rmax: float) -> ActQuant:
     return ActQuant(scale=scale, zero_point=zero_point)
 
 
-def quantize_weight_per_channel(weight: np.ndarray, qmax: int = INT8_MAX) -> WeightQuant:
+def quantize_weight_per_channel(weight: np.ndarray, grid: int | WeightGrid = INT8_MAX) -> WeightQuant:
     """scale_c = max|w_c| / qmax on the (pruned) weight; zeros map to q = 0 exactly.
 
-    qmax is 127, or 63 ("reduce range") where the int8 kernels would saturate (runtime_check.isa)."""
+    `grid` is a qmax (127; 63 = "reduce range") or a WeightGrid: on the pair-limited grid each
+    channel picks its qmax and same-sign pairs the kernel adds into one int16 stay within the limit
+    (contracts.weight_grid)."""
+    grid = as_grid(grid)
     w = np.asarray(weight, dtype=np.float32)
+    if grid.pair_limit is not None:
+        q, scale, moved = pair_limited_per_channel(w, grid.pair_limit)
+        return WeightQuant(q=q, scale=scale, limited_pairs=moved)
+    qmax = grid.qmax
     absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
     scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)

@@ -4,7 +4,9 @@ onnxruntime's x86 int8 kernels (QLinearConv, QGemm, MatMulInteger, DynamicQuanti
 u8 x s8 multiply-adds. Without VNNI (AVX2, or AVX-512 without VNNI) they go through vpmaddubsw,
 which adds two u8*s8 products into a *saturating* int16: 2 * 255 * 127 = 64770 overflows, so a
 model with full-range int8 weights silently computes something else than its QDQ graph says.
-With 7-bit weights (|q| <= 63: 2 * 255 * 63 = 32130) the sums fit and the result is exact.
+With 7-bit weights (|q| <= 63: 2 * 255 * 63 = 32130) the sums fit and the result is exact, but
+the weights lose a bit; full 8-bit weights whose same-sign adjacent pairs keep |q_a| + |q_b| <= 128
+are exact too (contracts.weight_grid), and that is what such a host gets.
 VNNI (vpdpbusd) accumulates in int32 and ARM kernels widen before adding: full range is safe.
 """
 from __future__ import annotations
@@ -14,8 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqexport.contracts.targets import get_target
+from sqexport.contracts.weight_grid import PAIR_SUM_LIMIT, WeightGrid
 
-__all__ = ["cpu_flags", "int8_saturates", "weight_qmax", "FULL_QMAX", "REDUCED_QMAX", "describe_cpu"]
+__all__ = ["cpu_flags", "int8_saturates", "weight_grid", "weight_qmax", "FULL_QMAX", "REDUCED_QMAX", "describe_cpu"]
 
 FULL_QMAX = 127  # symmetric int8 weights in [-127, 127]
 REDUCED_QMAX = 63  # "reduce_range": 7-bit weights, safe for non-VNNI x86 kernels
@@ -45,12 +48,17 @@ def int8_saturates(machine: str | None = None, flags: frozenset[str] | None = No
     return not (VNNI_FLAGS & set(flags))
 
 
+def weight_grid(target: str = "cpu") -> WeightGrid:
+    """The integers int8 weights may take on `target`: ARM kernels never saturate; a host target is
+    this machine's CPU, and one without VNNI gets full 8-bit weights with limited int16 pairs."""
+    if get_target(target).int8_kernels == "arm" or not int8_saturates():
+        return WeightGrid(FULL_QMAX)
+    return WeightGrid(FULL_QMAX, pair_limit=PAIR_SUM_LIMIT)
+
+
 def weight_qmax(target: str = "cpu") -> int:
-    """Largest |q| for int8 weights on `target`: ARM kernels never saturate; a host target is
-    this machine's CPU."""
-    if get_target(target).int8_kernels == "arm":
-        return FULL_QMAX
-    return REDUCED_QMAX if int8_saturates() else FULL_QMAX
+    """Largest |q| for int8 weights on `target`."""
+    return weight_grid(target).qmax
 
 
 def describe_cpu() -> str:

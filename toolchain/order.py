@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sqexport.contracts.quant import quantize_weight_per_channel
+from sqexport.contracts.weight_grid import WeightGrid
 
 __all__ = ["ORDERS", "DEFAULT_ORDER", "fake_quant_weight", "quantize_layers_", "order_errors"]
 
@@ -25,20 +26,20 @@ ORDERS = ("s_then_q", "q_then_s")
 DEFAULT_ORDER = "s_then_q"
 
 
-def fake_quant_weight(w: torch.Tensor, qmax: int) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, qmax: int | WeightGrid) -> torch.Tensor:
     """Per-output-channel symmetric fake quantization with the int8 params code (scale = max|w_c| / qmax)."""
     return torch.from_numpy(quantize_weight_per_channel(w.detach().numpy(), qmax).dequantized()).to(w.dtype)
 
 
 @torch.no_grad()
-def quantize_layers_(layers: dict[str, nn.Module], qmax: int) -> None:
+def quantize_layers_(layers: dict[str, nn.Module], qmax: int | WeightGrid) -> None:
     """Q before S: every prunable weight replaced by its fake-quantized value, in place."""
     for mod in layers.values():
         mod.weight.copy_(fake_quant_weight(mod.weight, qmax))
 
 
 def order_errors(dense: dict[str, torch.Tensor], masks_sq: dict[str, torch.Tensor],
-                 masks_qs: dict[str, torch.Tensor], qmax: int) -> dict[str, dict[str, float]]:
+                 masks_qs: dict[str, torch.Tensor], qmax: int | WeightGrid) -> dict[str, dict[str, float]]:
     """Per layer: ||Q(M_S(W) * W) - W|| (S->Q, masks chosen on W) and ||M_S(Q(W)) * Q(W) - W||
     (Q->S, masks chosen on Q(W)). Layers without both masks are left out."""
     out = {}

@@ -40,7 +40,7 @@ from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
 from sqexport.toolchain.mobile_step import mobile_step
 from sqexport.toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
 from sqexport.toolchain.prepared_graph import BaselineGraph, GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.output_folder import atomic_output
 from sqexport.toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from sqexport.toolchain.quantize_step import quantize_to_onnx
@@ -231,7 +231,7 @@ def _quantize_first(state: RunState) -> dict:
     if state.recipe.order == DEFAULT_ORDER:
         return {}
     dense = {n: m.weight.detach().clone() for n, m in state.layers.items()}
-    quantize_layers_(state.layers, weight_qmax(state.recipe.target))
+    quantize_layers_(state.layers, weight_grid(state.recipe.target))
     state.pruned = True
     state.notes.append("order q_then_s (study option): weights were quantized before pruning")
     return dense
@@ -244,9 +244,9 @@ def _compare_orders(state: RunState, stage, dense: dict, masks_qs: dict, context
     copy = copy_for_compression(state.spec.model)
     layers = prunable_layers(copy, state.spec.prune_prefix)
     masks_sq = lookup("prune", stage.name).handler(copy, stage.config, context(layers)).masks
-    errors = order_errors(dense, masks_sq, masks_qs, weight_qmax(state.recipe.target))
+    errors = order_errors(dense, masks_sq, masks_qs, weight_grid(state.recipe.target))
     total = {k: float(sum(e[k] ** 2 for e in errors.values()) ** 0.5) for k in ("s_then_q", "q_then_s")}
-    state.extra["order"] = {"order": state.recipe.order, "qmax": weight_qmax(state.recipe.target),
+    state.extra["order"] = {"order": state.recipe.order, "qmax": weight_grid(state.recipe.target).qmax,
                             "weight_error": {"total": total, "layers": errors}}
 
 

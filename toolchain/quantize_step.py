@@ -24,7 +24,8 @@ from sqexport.exporters.qdq import Site, anchors_for, find_embedding_sites, find
 from sqexport.exporters.tensor_sites import find_tensor_sites
 from sqexport.models.spec import ModelSpec, first_samples
 from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
-from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_qmax
+from sqexport.contracts.weight_grid import WeightGrid
+from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_grid
 from sqexport.runtime_check.verify import fidelity_batches
 from sqexport.toolchain.builtin_methods import lookup
 from sqexport.toolchain.hooks import run_with_hooks
@@ -120,7 +121,7 @@ def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Q
     if stage.config.requires_calibration and not spec.calib_batches:
         raise DataError(f"{stage.qualified} needs calibration data; pass --calib-data")
     ctx = QuantContext(plan.anchors, spec.calib_batches, spec.torch_outputs,
-                       reduce_range=weight_qmax(target) < FULL_QMAX, progress=progress,
+                       weight_grid=weight_grid(target), progress=progress,
                        tensors=list(plan.tensor_sites), observed_ranges=observed_ranges)
     return lookup("quantize", stage.name).handler(work, stage.config, ctx)
 
@@ -138,12 +139,22 @@ def _calibration_record(stage: Stage, spec: ModelSpec, observed: ObservedRanges 
 
 
 def weight_range_info(params: QuantParams) -> dict:
+    """Which integers the weights use and why (report `quantization.weight_range`)."""
     qmax = max((int(abs(w.q.astype(np.int16)).max()) for w in params.weights.values()), default=0)
-    reduced = qmax <= REDUCED_QMAX
-    return {"reduce_range": reduced, "max_abs_q": qmax,
-            "why": "x86 without VNNI: onnxruntime's u8s8 kernels saturate int16 sums of full-range int8, "
-                   "so weights use 7 bits" if reduced else
-                   "full int8 range: the target's int8 kernels accumulate without saturation"}
+    grid = params.weight_grid or WeightGrid(FULL_QMAX if qmax > REDUCED_QMAX else REDUCED_QMAX)
+    info = {"scheme": grid.scheme, "reduce_range": grid.qmax <= REDUCED_QMAX, "max_abs_q": qmax}
+    if grid.pair_limit is not None:
+        pairs = sum(w.q.size // 2 for w in params.weights.values())
+        info |= {"pair_limit": grid.pair_limit, "limited_pairs": sum(w.limited_pairs for w in params.weights.values()),
+                 "pairs": pairs,
+                 "why": "x86 without VNNI: onnxruntime's u8s8 kernels add two adjacent products into a saturating "
+                        f"int16, so same-sign adjacent weights keep |q_a| + |q_b| <= {grid.pair_limit} (exact on that "
+                        "kernel); each channel picks the scale with the least weight error"}
+    elif grid.qmax <= REDUCED_QMAX:
+        info["why"] = "7-bit weights, as the recipe asks (reduce_range: true)"
+    else:
+        info["why"] = "full int8 range: the target's int8 kernels accumulate without saturation"
+    return info
 
 
 def _fallback_batches(spec: ModelSpec) -> list[dict]:

@@ -29,7 +29,8 @@ from torch import nn
 
 from sqexport.contracts.progress import NULL_PROGRESS, Progress
 from sqexport.contracts.quant import Anchor, ObservedRanges, QuantParams
-from sqexport.runtime_check.isa import int8_saturates
+from sqexport.contracts.weight_grid import WeightGrid
+from sqexport.runtime_check.isa import weight_grid
 
 if TYPE_CHECKING:
     from sqexport.models.spec import ModelSpec
@@ -145,8 +146,8 @@ class QuantContext:
     anchors: list[Anchor]  # where the exported graph can take int8 (exporters.qdq.find_sites)
     calib_batches: list[dict]
     run: Runner | None
-    # 7-bit weights unless a config says otherwise; defaults to what this host's kernels need
-    reduce_range: bool = field(default_factory=int8_saturates)
+    # the integers weights may take on the target's kernels, unless a config says otherwise
+    weight_grid: WeightGrid = field(default_factory=weight_grid)
     progress: Progress = NULL_PROGRESS
     # weightless modules whose outputs get quantized as they are (residual adds, QuantPlan.tensor_sites)
     tensors: list[str] = field(default_factory=list)

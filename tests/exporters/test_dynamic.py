@@ -3,7 +3,7 @@ weights equal to the torch-side quantized weights (transposed), onnxruntime outp
 torch fake-quant model (activations quantized per tensor at run time)."""
 from types import SimpleNamespace
 
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.toolchain.stages import QuantContext
 import numpy as np
 import onnx
@@ -24,7 +24,8 @@ from sqexport.toolchain.builtin_methods import lookup
 
 OPT_LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
 
-QMAX = weight_qmax("cpu")  # 63 on x86 without VNNI, where full-range int8 would saturate
+QMAX = 127  # full int8: these tests pin the grid (the pair-limited grid has tests of its own)
+GRID = WeightGrid(QMAX)
 
 
 class SeqNet(nn.Module):
@@ -64,7 +65,7 @@ def _build(model_cls, shape, tmp_path):
     sites = find_sites(fp32, weights)
     anchors = [Anchor(n, s.rectified_output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"))
                for n, s in sites.items()]
-    ctx = QuantContext(anchors=anchors, calib_batches=[], run=None)  # dynamic: no calibration
+    ctx = QuantContext(anchors=anchors, calib_batches=[], run=None, weight_grid=GRID)  # dynamic: no calibration
     params = lookup("quantize", "int8-dynamic").handler(model, Int8DynamicConfig(), ctx)
     dyn = insert_dynamic(fp32, sites, params)
     onnx.checker.check_model(dyn)
@@ -110,7 +111,7 @@ def test_handler_skips_anchors_that_are_not_matmul():
     model = nn.Module()
     model.fc, model.conv = nn.Linear(3, 2), nn.Conv2d(1, 2, 3)
     params = lookup("quantize", "int8-dynamic").handler(model, Int8DynamicConfig(embeddings=False),
-                                                        QuantContext(anchors=anchors, calib_batches=[], run=None))
+                                                        QuantContext(anchors=anchors, calib_batches=[], run=None, weight_grid=GRID))
     assert [a.module for a in params.anchors] == ["fc"] and set(params.weights) == {"fc"}
 
 

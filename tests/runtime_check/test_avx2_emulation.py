@@ -1,10 +1,12 @@
 """int8 on an x86 CPU without VNNI, checked on any x86 host: onnxruntime runs under qemu user-mode
 emulation of a Haswell CPU (AVX2, no AVX-512, no VNNI), so its MLAS kernels take the AVX2 path.
 
-The rule runtime_check/isa.py builds on: AVX2's u8 x s8 kernels add two products into a saturating
-int16, so full-range int8 weights (|q| <= 127) can compute something else than the graph says;
-7-bit weights (|q| <= 63) and u8 weights with a zero point are exact. And the model sqexport builds
-for such a host (7-bit weights) gives there what it gives here.
+The rule runtime_check/isa.py and contracts/weight_grid.py build on: AVX2's u8 x s8 kernels add two
+products of adjacent weights into a saturating int16, so full-range int8 weights (|q| <= 127) can
+compute something else than the graph says; 7-bit weights (|q| <= 63), u8 weights with a zero point
+and full-range weights whose same-sign adjacent pairs sum to at most 128 are exact. Which weights
+are adjacent is probed on the emulated kernels themselves. And the model sqexport builds for such a
+host (the pair-limited grid) gives there what it gives here.
 """
 from __future__ import annotations
 
@@ -95,19 +97,86 @@ def test_avx2_saturates_full_range_int8_weights_and_not_7_bit_or_u8_weights(tmp_
         [True, True, True]  # this host (VNNI or ARM-like int32 accumulation here) is exact on all three
 
 
+def _probe_conv(path: Path, cin: int, k: int, group: int) -> int:
+    """A QLinearConv whose output channels each test one guess: weight i is 127, the weights of a
+    set S are 2, the rest 0, inputs all 255. A channel's int16 pair saturates (255 * 129 > 32767)
+    exactly when i's partner in the kernel's reduction order is in S; the bias cancels the exact
+    sum, so a channel reads 128 unless it saturated. Channels: for every i, S = all others, then
+    S = {j: bit b of j is set} for every bit b: the partner's index in binary."""
+    width = cin // group * k * k
+    bits = max(1, (width - 1).bit_length())
+    rows = []
+    for i in range(width):
+        for b in [None, *range(bits)]:
+            row = np.array([2 if b is None or (j >> b) & 1 else 0 for j in range(width)], np.int8)
+            row[i] = 127
+            rows.append(row)
+    rows += [np.zeros(width, np.int8)] * (-len(rows) % group)
+    w = np.stack(rows).reshape(len(rows), cin // group, k, k)
+    bias = -(255 * w.reshape(len(w), -1).astype(np.int64).sum(1)).astype(np.int32)
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(len(w), np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(len(w), np.int8), "wz"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "ys"), numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+             numpy_helper.from_array(bias, "B")]
+    node = helper.make_node("QLinearConv", ["X", "xs", "xz", "W", "ws", "wz", "ys", "yz", "B"], ["Y"],
+                            group=group, kernel_shape=[k, k])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.UINT8, [1, cin, k + 2, k + 2])],
+                              [helper.make_tensor_value_info("Y", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return bits
+
+
+def _partners(saturated: np.ndarray, width: int, bits: int) -> list[int | None]:
+    found = []
+    for i in range(width):
+        row = saturated[i * (bits + 1):(i + 1) * (bits + 1)]
+        found.append(None if not row[0] else sum(1 << b for b in range(bits) if row[1 + b]))
+    return found
+
+
 @needs_qemu
-def test_the_model_built_for_a_cpu_without_vnni_computes_the_same_there(run_cli, tmp_path, monkeypatch, digits_split):
-    """Export as on a non-VNNI host (7-bit weights), then run it on the emulated Haswell: the same
-    outputs as on this host, so the report's accuracy holds where the model is meant to run."""
+def test_the_pairs_the_avx2_conv_kernel_adds_are_the_ones_the_grid_limits(tmp_path):
+    from sqexport.contracts.weight_grid import reduction_pairs
+
+    shapes = [(3, 3, 1), (4, 3, 1), (5, 3, 1), (7, 1, 1), (8, 3, 8), (6, 3, 2)]  # (in channels, kernel, groups)
+    paths, bits = [], []
+    for n, (cin, k, group) in enumerate(shapes):
+        paths.append(tmp_path / f"probe{n}.onnx")
+        bits.append(_probe_conv(paths[-1], cin, k, group))
+    for (cin, k, group), path, b in zip(shapes, paths, bits):
+        out = _on_haswell(tmp_path, [path], {"X": np.full((1, cin, k + 2, k + 2), 255, np.uint8)})[0]
+        width = cin // group * k * k
+        found = _partners(out[0, :, 0, 0] != 128, width, b)
+        # the grid's rule, in ONNX/torch weight order: reduction_pairs lays a weight out in the
+        # kernel's order; number each position and read who shares a pair
+        order = reduction_pairs(np.arange(1, width + 1).reshape(1, cin // group, k, k)).reshape(-1, 2)
+        expected: list[int | None] = [None] * width
+        for a, c in order:
+            if a and c:
+                expected[a - 1], expected[c - 1] = c - 1, a - 1
+        assert found == expected, (cin, k, group)
+
+
+@needs_qemu
+@pytest.mark.parametrize("model", ["digits-cnn", "digits-mlp"])
+def test_the_model_built_for_a_cpu_without_vnni_computes_the_same_there(run_cli, tmp_path, monkeypatch, digits_split,
+                                                                       model):
+    """Export as on a non-VNNI host (full 8-bit weights on the pair-limited grid), then run it on the
+    emulated Haswell: the same outputs as on this host, so the report's accuracy holds where the
+    model is meant to run; the same weights without the pair limit would not."""
     import sqexport.runtime_check.isa as isa
 
     monkeypatch.setattr(isa, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))  # Haswell's
     out = tmp_path / "out"
-    result = run_cli(["digits-cnn", "--prune", "none", "--threads", "1", "-o", out])
+    result = run_cli([model, "--prune", "none", "--threads", "1", "-o", out])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     weights = report["quantization"]["weight_range"]
-    assert weights["reduce_range"] is True and weights["max_abs_q"] <= isa.REDUCED_QMAX
+    assert weights["scheme"] == "int8-pair-limited" and weights["max_abs_q"] == 127
+    assert weights["limited_pairs"] > 0  # pairs full range would have saturated: the check below is not vacuous
     feed = {"pixels": digits_split.x_eval[:64].astype(np.float32)}
     emulated = _on_haswell(tmp_path, [out / "model.onnx"], feed)[0]
     native = _native([out / "model.onnx"], feed)[0]

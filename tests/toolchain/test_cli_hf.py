@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sqexport.models.hf import mean_pool
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.quantization.fallback import MAX_PASSES
 from sqexport.contracts.quant import quantize_weight_per_channel
 
@@ -229,7 +229,7 @@ def test_sparsity_prunes_only_encoder_linears_of_a_classifier(cls, tiny_bert_cls
     gemms = [r for r in rows if r.node.op_type == "Gemm"]
     assert len(gemms) == 2
     for w in heads:
-        expected = quantize_weight_per_channel(w.detach().numpy(), weight_qmax("cpu")).q
+        expected = quantize_weight_per_channel(w.detach().numpy(), weight_grid("cpu")).q
         assert any(r.q.shape == expected.shape and np.array_equal(r.q, expected) for r in gemms)
     encoder_q = np.concatenate([r.q.ravel() for r in rows if r.node.op_type == "MatMul"])
     assert (encoder_q == 0).mean() >= 0.5  # the pruned zeros are exact int8 zeros

@@ -12,6 +12,7 @@ from torch import nn
 
 import sqexport.toolchain.builtin_methods as builtin
 from sqexport.contracts.quant import Anchor, QuantParams
+from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.toolchain.builtin_methods import entries
 from sqexport.toolchain.quantization import fake_quant_model
 from sqexport.toolchain.quantization.fallback import FallbackPolicy
@@ -134,7 +135,7 @@ def _run_transform(entry):
 
 def _run_quantize(entry):
     model = Tiny().eval()
-    ctx = QuantContext(ANCHORS, _batches(), _run, reduce_range=False)
+    ctx = QuantContext(ANCHORS, _batches(), _run, weight_grid=WeightGrid(127))
     params = entry.handler(model, entry.config_cls(), ctx)
     assert isinstance(params, QuantParams) and params.anchors
     assert {a.module for a in params.anchors} <= {a.module for a in ANCHORS}

@@ -13,7 +13,7 @@ from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.quant import Anchor
 from sqexport.exporters.onnx_export import export_torch
 from sqexport.exporters.qdq import find_sites, insert_qdq
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.pruning import lowrank_math as L
 from sqexport.toolchain.pruning.lowrank import LowRankPruneConfig, plan_layer, prune_lowrank
 from sqexport.toolchain.pruning.lowrank_model import revert_until_faster
@@ -23,7 +23,6 @@ from sqexport.toolchain.quantization import fake_quant_model
 from sqexport.toolchain.quantization.int8 import Int8StaticConfig, quantize_static
 from sqexport.toolchain.stages import PruneContext, QuantContext
 
-QMAX = weight_qmax("cpu")  # 63 on x86 without VNNI, where full-range int8 would saturate
 
 
 def _orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -179,7 +178,7 @@ def test_factored_model_exports_to_int8_and_matches_torch(tmp_path):
     anchors = [Anchor(n, s.output is not None, s.bias is not None, s.op_type in ("MatMul", "Gemm"),
                       s.output_range)
                for n, s in sites.items()]
-    params = quantize_static(model, Int8StaticConfig(), QuantContext(anchors, BATCHES, _run, reduce_range=QMAX < 127))
+    params = quantize_static(model, Int8StaticConfig(), QuantContext(anchors, BATCHES, _run, weight_grid=weight_grid("cpu")))
     path = tmp_path / "int8.onnx"
     onnx.save(insert_qdq(graph, sites, params), str(path))
     ref = _run(fake_quant_model(model, params), BATCHES[1])[0]

@@ -30,7 +30,7 @@ from torch import nn
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.progress import track
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.pruning import lowrank_math as L
 from sqexport.toolchain.pruning.lowrank_latency import layer_inputs, time_variants
 from sqexport.toolchain.pruning.lowrank_model import (
@@ -201,7 +201,7 @@ class _Bench:
     def __init__(self, model: nn.Module, options: dict, ctx: PruneContext, tmp: Path):
         self.model, self.options, self.ctx, self.tmp = model, options, ctx, tmp
         self.batches = ctx.calib_batches[:1] or [ctx.example_inputs]  # ranges only shape the graph here
-        self.feed, self.qmax, self.built = ctx.example_inputs, weight_qmax(), 0
+        self.feed, self.qmax, self.built = ctx.example_inputs, weight_grid(), 0
         self.dense_path = tmp / "dense.onnx"
         self.dense_nodes = self._graph(model, self.dense_path)
 
@@ -232,7 +232,7 @@ def _times_in_context(bench: _Bench, options: dict) -> dict[str, dict[str, float
 def _times_alone(mod: nn.Module, schemes: dict, x) -> dict[str, float]:
     """Milliseconds of the layer and of each factored candidate, each alone as an int8 graph."""
     variants = {"dense": mod, **{s: build(copy.deepcopy(mod)) for s, (_, build) in schemes.items()}}
-    return time_variants(variants, x, threads=1, qmax=weight_qmax())
+    return time_variants(variants, x, threads=1, qmax=weight_grid())
 
 
 def _pick(times: dict[str, float | None], config: LowRankPruneConfig) -> tuple[str | None, float, float]:

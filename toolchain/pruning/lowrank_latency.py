@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.exporters.onnx_export import export_torch
 from sqexport.exporters.qdq import anchors_for, find_sites, insert_qdq
 from sqexport.runtime_check.session import make_session
@@ -59,7 +60,7 @@ def _timing_copy(module: nn.Module) -> nn.Sequential:
     return nn.Sequential(layer, nn.ReLU()).eval()
 
 
-def _int8_graph(module: nn.Module, x: np.ndarray, path: Path, qmax: int) -> None:
+def _int8_graph(module: nn.Module, x: np.ndarray, path: Path, qmax: int | WeightGrid) -> None:
     wrapped = _timing_copy(module)
     graph = export_torch(wrapped, {"x": x}, ["x"], ["y"], {}, path)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(wrapped).items()}
@@ -98,7 +99,7 @@ def _fastest_runs(paths: dict[str, Path], x: np.ndarray, threads: int, budget_s:
     return {k: v * 1000.0 for k, v in best.items()}
 
 
-def time_variants(variants: dict[str, nn.Module], x: np.ndarray, threads: int, qmax: int,
+def time_variants(variants: dict[str, nn.Module], x: np.ndarray, threads: int, qmax: int | WeightGrid,
                   budget_s: float = 1.0) -> dict[str, float]:
     """Fastest-run milliseconds of each variant (int8 QDQ in onnxruntime) on input `x`."""
     with tempfile.TemporaryDirectory(prefix="sqexport-lowrank-") as tmp:

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from torch import nn
 
+from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.exporters.graph import merge_duplicate_nodes
 from sqexport.exporters.qdq import anchors_for, find_sites, insert_qdq
 from sqexport.runtime_check.session import make_session
@@ -39,7 +40,7 @@ __all__ = ["model_int8_graph", "profile_node_times", "layer_times", "time_pair",
 
 
 def model_int8_graph(model: nn.Module, export: Callable, batches: list[dict], run: Callable, path: Path,
-                     qmax: int) -> dict[str, str]:
+                     qmax: int | WeightGrid) -> dict[str, str]:
     """Write the int8 QDQ graph of a copy of `model` to `path`; return torch module -> ONNX node
     (the node consuming its weight: the QLinearConv / QGemm onnxruntime fuses it into). The same
     placement as the pipeline's quantize step (toolchain/quantize_step.plan_quantization, which

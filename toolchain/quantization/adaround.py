@@ -39,6 +39,7 @@ from torch import nn
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.progress import NULL_PROGRESS, Progress
 from sqexport.contracts.quant import QuantParams, WeightQuant
+from sqexport.contracts.weight_grid import WeightGrid, as_grid, enforce_grid
 from sqexport.toolchain.quantization.params import rectify
 from sqexport.toolchain.quantization.static import fake_quantized
 
@@ -306,10 +307,12 @@ def _write(mod: nn.Module, wq: WeightQuant) -> None:
     mod.weight.copy_(torch.from_numpy(wq.dequantized()))
 
 
-def adaround_weights(model: nn.Module, params: QuantParams, batches: list[dict], run: Callable, qmax: int,
+def adaround_weights(model: nn.Module, params: QuantParams, batches: list[dict], run: Callable, grid: int | WeightGrid,
                      config: AdaRoundConfig, progress: Progress = NULL_PROGRESS) -> dict[str, WeightQuant]:
     """AdaRound int8 weights for the Conv/Linear anchors of `params` (activation params already
-    calibrated, weights rounded to nearest); same scales as params.weights. `model` is unchanged."""
+    calibrated, weights rounded to nearest); same scales as params.weights. `model` is unchanged.
+    On a pair-limited grid the learned integers are then moved onto its pair limit."""
+    grid = as_grid(grid)
     modules = dict(model.named_modules())
     anchors = {a.module: a for a in params.anchors if a.module in params.weights}
     layers = {n: modules[n] for n in anchors if isinstance(modules[n], (nn.Conv1d, nn.Conv2d, nn.Linear))}
@@ -336,9 +339,10 @@ def adaround_weights(model: nn.Module, params: QuantParams, batches: list[dict],
             for name in group:
                 weight, bias = fp32[name]
                 scale = torch.from_numpy(params.weights[name].scale)
-                q = round_layer(weight, scale, qmax, geoms[name], inputs.pop(name), targets.pop(name), bias,
+                q = round_layer(weight, scale, grid.qmax, geoms[name], inputs.pop(name), targets.pop(name), bias,
                                 bounds[name], config, gen)
-                out[name] = WeightQuant(q=q, scale=params.weights[name].scale)
+                q, moved = enforce_grid(q, weight.numpy(), params.weights[name].scale, grid)
+                out[name] = WeightQuant(q=q, scale=params.weights[name].scale, limited_pairs=moved)
                 _write(layers[name], out[name])  # later groups see this layer's rounded weights
                 task.advance()
     return out

@@ -7,6 +7,7 @@ from typing import ClassVar
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.progress import track
 from sqexport.contracts.quant import QuantParams
+from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX
 from sqexport.toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
 from sqexport.toolchain.quantization.bias_correction import bias_corrections
@@ -34,8 +35,8 @@ class Int8StaticConfig:
     embeddings: bool = True  # int8 embedding tables (per-tensor, gathered as int8 by onnxruntime)
     # accuracy-aware fallback of the worst layers to FP32 (see fallback.py)
     fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
-    # 7-bit weights (|q| <= 63): None = decided by the target (runtime_check.isa: x86 without VNNI
-    # saturates full-range int8 sums); True/False force it
+    # 7-bit weights (|q| <= 63): None = the target's grid (runtime_check.isa: x86 without VNNI gets
+    # 8-bit weights with limited int16 pairs); True forces 7 bits, False full 8 bits unlimited
     reduce_range: bool | None = None
     # subtract the expected quantization error E[(W_q - W) x] from each bias (bias_correction.py)
     bias_correction: bool = False
@@ -57,9 +58,10 @@ class Int8StaticConfig:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
 
 
-def _qmax(config, ctx) -> int:
-    reduce = ctx.reduce_range if config.reduce_range is None else config.reduce_range
-    return REDUCED_QMAX if reduce else FULL_QMAX
+def _grid(config, ctx) -> WeightGrid:
+    if config.reduce_range is None:
+        return ctx.weight_grid
+    return WeightGrid(REDUCED_QMAX if config.reduce_range else FULL_QMAX)
 
 
 @register("quantize", "int8", Int8StaticConfig,
@@ -68,16 +70,16 @@ def quantize_static(model, config: Int8StaticConfig, ctx: QuantContext) -> Quant
     batches = track(ctx.progress, ctx.calib_batches, "calibration", "batches")
     ins, outs, tensors = calibrate(model, ctx.anchors, batches, ctx.run, config.observer, config.percentile,
                                    ctx.tensors, ctx.observed_ranges)
-    qmax = _qmax(config, ctx)
-    params = quantize_weights(model, ctx.anchors, ins, qmax)
+    grid = _grid(config, ctx)
+    params = quantize_weights(model, ctx.anchors, ins, grid)
     params.outputs = outs
     params.tensors = tensors
     if config.adaround.enabled:  # needs the activation params: layers learn from quantized inputs
-        rounded = adaround_weights(model, params, ctx.calib_batches, ctx.run, qmax, config.adaround, ctx.progress)
+        rounded = adaround_weights(model, params, ctx.calib_batches, ctx.run, grid, config.adaround, ctx.progress)
         params = replace(params, weights=rounded)
     if config.bias_correction:
         corrected = bias_corrections(model, params.weights, ctx.calib_batches, ctx.run)
-        params = replace(quantize_weights(model, ctx.anchors, ins, qmax, corrected, params.weights),
+        params = replace(quantize_weights(model, ctx.anchors, ins, grid, corrected, params.weights),
                          outputs=outs, tensors=tensors)
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)
@@ -109,7 +111,7 @@ def quantize_dynamic(model, config: Int8DynamicConfig, ctx: QuantContext) -> Qua
     anchors = [a for a in ctx.anchors if a.dynamic_ok]
     params = quantize_weights(model, [replace(a, quantize_bias=False, quantize_output=False, quantize_input_for_sum=False)
                                       for a in anchors], {},
-                              _qmax(config, ctx))
+                              _grid(config, ctx))
     params.dynamic = True
     if config.embeddings:
         params.embeddings = quantize_embeddings(model)

@@ -14,6 +14,7 @@ from sqexport.contracts.quant import (
     ActQuant, Anchor, ObservedRanges, QuantParams, WeightQuant, act_params_from_range, quantize_bias,
     quantize_per_tensor_symmetric, quantize_weight_per_channel,
 )
+from sqexport.contracts.weight_grid import WeightGrid, as_grid
 from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.quantization.observers import RangeObserver, compute_range, observer_config
 from sqexport.toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
@@ -100,16 +101,16 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
 
 
 def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant],
-                     qmax: int = 127, biases: dict[str, np.ndarray] | None = None,
+                     grid: int | WeightGrid = 127, biases: dict[str, np.ndarray] | None = None,
                      weights: dict[str, WeightQuant] | None = None) -> QuantParams:
     """`biases` overrides float biases by module name (bias correction), `weights` the nearest
     rounding (AdaRound: same scales); the model is not changed."""
     modules = dict(model.named_modules())
     biases, weights = biases or {}, weights or {}
-    params = QuantParams(inputs=dict(inputs), anchors=list(anchors))
+    params = QuantParams(inputs=dict(inputs), anchors=list(anchors), weight_grid=as_grid(grid))
     for a in anchors:
         mod = modules[a.module]
-        wq = weights.get(a.module) or quantize_weight_per_channel(mod.weight.detach().numpy(), qmax)
+        wq = weights.get(a.module) or quantize_weight_per_channel(mod.weight.detach().numpy(), grid)
         params.weights[a.module] = wq
         if a.quantize_bias and mod.bias is not None and a.module in inputs:
             bias = biases.get(a.module, mod.bias.detach().numpy())

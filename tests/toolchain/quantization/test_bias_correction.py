@@ -19,7 +19,7 @@ def test_bias_correction_cancels_the_mean_error_of_a_coarse_conv():
     rng = np.random.default_rng(0)
     # positive-mean inputs (post-ReLU-like): weight rounding then shifts the output mean
     batches = [{"x": rng.uniform(0, 2, (8, 4, 10, 10)).astype(np.float32)} for _ in range(3)]
-    wq = quantize_weight_per_channel(conv.weight.detach().numpy(), qmax=7)  # coarse: visible error
+    wq = quantize_weight_per_channel(conv.weight.detach().numpy(), 7)  # coarse: visible error
     corrected = bias_corrections(model, {"0": wq}, batches, _run)["0"]
     x = torch.from_numpy(np.concatenate([b["x"] for b in batches]))
     w_q = torch.from_numpy(wq.dequantized())
@@ -39,7 +39,7 @@ def test_linear_layers_use_the_mean_input_vector():
     fc = nn.Linear(5, 3).eval()
     rng = np.random.default_rng(1)
     batches = [{"x": rng.normal(1.0, 1.0, (16, 5)).astype(np.float32)}]
-    wq = quantize_weight_per_channel(fc.weight.detach().numpy(), qmax=3)
+    wq = quantize_weight_per_channel(fc.weight.detach().numpy(), 3)
     corrected = bias_corrections(nn.Sequential(fc), {"0": wq}, batches, _run)["0"]
     dw = wq.dequantized().astype(np.float64) - fc.weight.detach().numpy()
     want = fc.bias.detach().numpy() - dw @ batches[0]["x"].astype(np.float64).mean(0)
