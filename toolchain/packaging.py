@@ -61,7 +61,7 @@ def _check_target(zip_path: Path) -> None:
 
 def package_outdir(outdir: Path, zip_path: Path | None = None) -> dict:
     """Rebuild the bundle from OUTDIR's files and report.json. A cpu-target folder is refused: its
-    weights are 7-bit for this host's x86 kernels, not the full int8 range ARM kernels take."""
+    weights are built for this host's x86 kernels (7-bit or pair-limited without VNNI), not for ARM's."""
     outdir = Path(outdir)
     report = _report(outdir)
     zip_path = Path(zip_path) if zip_path is not None else outdir / bundle_name(report["model"])

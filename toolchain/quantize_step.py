@@ -151,7 +151,7 @@ def weight_range_info(params: QuantParams) -> dict:
                         f"int16, so same-sign adjacent weights keep |q_a| + |q_b| <= {grid.pair_limit} (exact on that "
                         "kernel); each channel picks the scale with the least weight error"}
     elif grid.qmax <= REDUCED_QMAX:
-        info["why"] = "7-bit weights, as the recipe asks (reduce_range: true)"
+        info["why"] = "7-bit weights (reduce_range: true)"
     else:
         info["why"] = "full int8 range: the target's int8 kernels accumulate without saturation"
     return info

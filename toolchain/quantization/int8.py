@@ -7,7 +7,7 @@ from typing import ClassVar
 from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.progress import track
 from sqexport.contracts.quant import QuantParams
-from sqexport.contracts.weight_grid import WeightGrid
+from sqexport.contracts.weight_grid import PAIR_SUM_LIMIT, WeightGrid
 from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX
 from sqexport.toolchain.quantization.adaround import AdaRoundConfig, adaround_weights
 from sqexport.toolchain.quantization.bias_correction import bias_corrections
@@ -35,9 +35,12 @@ class Int8StaticConfig:
     embeddings: bool = True  # int8 embedding tables (per-tensor, gathered as int8 by onnxruntime)
     # accuracy-aware fallback of the worst layers to FP32 (see fallback.py)
     fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
-    # 7-bit weights (|q| <= 63): None = the target's grid (runtime_check.isa: x86 without VNNI gets
-    # 8-bit weights with limited int16 pairs); True forces 7 bits, False full 8 bits unlimited
+    # the weights' integer grid; None = the target's (runtime_check.isa: x86 without VNNI gets 8-bit
+    # weights whose int16 pairs stay within the limit, contracts.weight_grid). reduce_range: True
+    # forces 7 bits (|q| <= 63). pair_limit: True forces the pair limit (building on a VNNI machine
+    # for x86 CPUs without it), False lifts it
     reduce_range: bool | None = None
+    pair_limit: bool | None = None
     # subtract the expected quantization error E[(W_q - W) x] from each bias (bias_correction.py)
     bias_correction: bool = False
     # learned up/down rounding of the weights (adaround.py); bias correction, if on, runs after it
@@ -59,9 +62,12 @@ class Int8StaticConfig:
 
 
 def _grid(config, ctx) -> WeightGrid:
-    if config.reduce_range is None:
-        return ctx.weight_grid
-    return WeightGrid(REDUCED_QMAX if config.reduce_range else FULL_QMAX)
+    host = ctx.weight_grid
+    qmax = host.qmax if config.reduce_range is None else REDUCED_QMAX if config.reduce_range else FULL_QMAX
+    limit = host.pair_limit if config.pair_limit is None else PAIR_SUM_LIMIT if config.pair_limit else None
+    if qmax <= REDUCED_QMAX:  # 7-bit pairs never reach the limit
+        limit = None
+    return WeightGrid(qmax, limit)
 
 
 @register("quantize", "int8", Int8StaticConfig,
@@ -94,6 +100,7 @@ class Int8DynamicConfig:
 
     embeddings: bool = True  # int8 embedding tables, as in static int8
     reduce_range: bool | None = None  # as in static int8
+    pair_limit: bool | None = None  # as in static int8
     # the same accuracy-aware fallback as static int8; its prediction scores calibration data
     fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
     VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage
