@@ -270,10 +270,15 @@ def build_ort_static_pc(fp32: Path, calib: np.ndarray, name: str, path: Path) ->
 
 
 EXPERIMENTS = {  # --experiments: model -> name -> (settings, changes to the default recipe's stage params)
-    "mobilenet-v2": {"sqexport-7bit": ("sqexport defaults with `reduce_range: true` (7-bit weights: what a host "
-                                       "without VNNI builds)", {"quantize.int8": {"reduce_range": True}})},
-    "minilm": {"sqexport-7bit": ("sqexport defaults with `reduce_range: true` (7-bit weights: what a host without "
-                                 "VNNI builds)", {"quantize.int8": {"reduce_range": True}}),
+    "mobilenet-v2": {"sqexport-avx2": ("sqexport defaults with `pair_limit: true` (the pair-limited 8-bit grid: "
+                                       "what a host without VNNI builds)", {"quantize.int8": {"pair_limit": True}}),
+                     "sqexport-7bit": ("sqexport defaults with `reduce_range: true` (7-bit weights: what a host "
+                                       "without VNNI built before the pair-limited grid)",
+                                       {"quantize.int8": {"reduce_range": True}})},
+    "minilm": {"sqexport-avx2": ("sqexport defaults with `pair_limit: true` (the pair-limited 8-bit grid: what a "
+                                 "host without VNNI builds)", {"quantize.int8": {"pair_limit": True}}),
+               "sqexport-7bit": ("sqexport defaults with `reduce_range: true` (7-bit weights: what a host without "
+                                 "VNNI built before the pair-limited grid)", {"quantize.int8": {"reduce_range": True}}),
                "sqexport-7bit-mean-minmax": ("`reduce_range: true`, `observer: mean-minmax`",
                                              {"quantize.int8": {"reduce_range": True, "observer": "mean-minmax"}}),
                "sqexport-mean-minmax": ("sqexport defaults with `observer: mean-minmax` (NNCF's estimator)",
@@ -282,7 +287,7 @@ EXPERIMENTS = {  # --experiments: model -> name -> (settings, changes to the def
                                    {"transform.smoothquant": {"alpha": 0.95}})},
 }
 NNCF_ORT = {"mobilenet-v2": "nncf", "minilm": "nncf-transformer"}  # --experiments: nncf-ort is made from this
-ABLATIONS = ("sqexport-7bit", "sqexport-7bit-mean-minmax", "sqexport-mean-minmax", "sqexport-sq0.95",
+ABLATIONS = ("sqexport-avx2", "sqexport-7bit", "sqexport-7bit-mean-minmax", "sqexport-mean-minmax", "sqexport-sq0.95",
              "nncf-act-per-tensor", "nncf-no-fbc", "nncf-no-overflow-fix", "nncf-act-minmax", "nncf-transformer-no-sq",
              "nncf-transformer-no-fbc", "nncf-transformer-act-minmax")  # fidelity only, not timed
 

@@ -51,9 +51,18 @@ def build_bert_base(folder: Path) -> Path:
     return folder
 
 
-def run_one(ref: str, out: Path) -> dict:
-    """In the child: the CLI end to end; wall time, stages from report.json, process peak RSS."""
+HASWELL_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma"})
+
+
+def run_one(ref: str, out: Path, no_vnni: bool = False) -> dict:
+    """In the child: the CLI end to end; wall time, stages from report.json, process peak RSS.
+    `no_vnni`: build as on a host without VNNI (Haswell's CPU flags; onnxruntime still runs here)."""
     from sqexport.toolchain.cli import cli
+
+    if no_vnni:
+        import sqexport.runtime_check.isa as isa
+
+        isa.cpu_flags = lambda: HASWELL_FLAGS
 
     t0 = time.perf_counter()
     try:
@@ -66,16 +75,18 @@ def run_one(ref: str, out: Path) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"exit_code": code, "seconds": wall, "cpu_seconds": time.process_time(), "peak_rss_mb": peak, "stages": report["stages"],
             "accuracy": report["accuracy"], "speedup": report["latency_ms"]["speedup"],
-            "fallback": len(report["quantization"].get("fallback", []))}
+            "fallback": len(report["quantization"].get("fallback", [])),
+            "weight_range": report["quantization"].get("weight_range")}
 
 
-def measure(model: str, workdir: Path) -> dict:
+def measure(model: str, workdir: Path, no_vnni: bool = False) -> dict:
     ref = model
     if model == "bert-base-random":
         log("building the BERT-base-size folder (random weights)")
         ref = str(build_bert_base(workdir / "bert-base-random"))
     log(f"running sqexport export {model}")
-    cmd = [sys.executable, __file__, "--child", ref, "--out", str(workdir / f"out-{model}")]
+    cmd = [sys.executable, __file__, "--child", ref, "--out", str(workdir / f"out-{model}")] + \
+        (["--no-vnni"] if no_vnni else [])
     proc, others = other_cpu_load(lambda: subprocess.run(cmd, capture_output=True, text=True))
     if proc.returncode != 0:
         raise SystemExit(f"{model}: child failed\n{proc.stderr[-3000:]}")
@@ -97,7 +108,8 @@ def render(model: str, r: dict) -> str:
     acc = r["accuracy"]
     lines = [f"### {model}", "", markdown_table(["stage", "wall s", "CPU s", "peak RSS MB"], rows), "",
              f"- exit code {r['exit_code']}; {acc['metric']} {acc['model']:.4f} (drop {acc['drop']:.4f}); "
-             f"speedup {r['speedup']:.2f}x; layers kept in FP32: {r['fallback']}",
+             f"speedup {r['speedup']:.2f}x; layers kept in FP32: {r['fallback']}; weights: "
+             f"{(r.get('weight_range') or {}).get('scheme', '?')}",
              f"- target on 2 quiet cores: <= {target['seconds']:.0f} s"
              + (f", peak RSS <= {target['peak_rss_mb']:.0f} MB" if target["peak_rss_mb"] else ""),
              "- wall time includes waiting for a core on a shared machine; CPU seconds (all threads of the "
@@ -112,17 +124,20 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--no-vnni", action="store_true",
+                    help="build as on an x86 host without VNNI (Haswell's CPU flags): the weight grid and "
+                         "fallback such a host gets; latency is still this host's")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(run_one(args.child, Path(args.out))))
+        print(json.dumps(run_one(args.child, Path(args.out), args.no_vnni)))
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="sqexport-pipeline-bench-") as tmp:
         for model in args.models:
-            results[model] = measure(model, Path(tmp))
+            results[model] = measure(model, Path(tmp), args.no_vnni)
     md = "\n".join(render(m, r) for m, r in results.items())
     print(md)
-    write_results("pipeline", {"machine": machine_info(), "revision": project_revision(), "results": results}, md)
+    write_results("pipeline-no-vnni" if args.no_vnni else "pipeline", {"no_vnni": args.no_vnni, "machine": machine_info(), "revision": project_revision(), "results": results}, md)
 
 
 if __name__ == "__main__":

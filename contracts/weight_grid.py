@@ -71,23 +71,25 @@ def from_reduction_pairs(pairs: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
 
 def pair_violations(q_pairs: np.ndarray, limit: int = PAIR_SUM_LIMIT) -> np.ndarray:
     """Boolean (out, pairs): same-sign pairs whose magnitudes sum above `limit`."""
-    q = q_pairs.astype(np.int32)
-    same = (q[..., 0] * q[..., 1]) > 0
-    return same & (np.abs(q).sum(-1) > limit)
+    a, b = q_pairs[..., 0], q_pairs[..., 1]
+    if a.dtype.kind in "iu":
+        a, b = a.astype(np.int32), b.astype(np.int32)
+    return (a * b > 0) & (np.abs(a + b) > limit)  # same sign: |a| + |b| = |a + b|
 
 
 def limit_pairs(q_pairs: np.ndarray, u_pairs: np.ndarray, qmax: int, limit: int = PAIR_SUM_LIMIT
                 ) -> tuple[np.ndarray, int]:
     """Move every violating pair to the integer pair on |a| + |b| = limit nearest to the real values
-    `u_pairs` (weights / scale); returns the new integers and how many pairs moved. Zeros never move."""
-    q = q_pairs.astype(np.int32)  # a copy
+    `u_pairs` (weights / scale); returns the new integers (a copy, float32 if `u_pairs` is float) and
+    how many pairs moved. Zeros never move."""
+    q = q_pairs.astype(np.float32 if q_pairs.dtype.kind == "f" else np.int32)
     bad = pair_violations(q, limit)
-    count = int(bad.sum())
+    count = int(np.count_nonzero(bad))
     if not count:
         return q, 0
     ua, ub = np.abs(u_pairs[..., 0][bad]), np.abs(u_pairs[..., 1][bad])
     lo = max(limit - qmax, 0)
-    a = np.clip(np.rint((ua - ub + limit) / 2.0), lo, min(qmax, limit)).astype(np.int32)
+    a = np.clip(np.rint((ua - ub + limit) / 2.0), lo, min(qmax, limit))
     sign = np.sign(q[..., 0][bad])
     q[..., 0][bad] = sign * a
     q[..., 1][bad] = sign * (limit - a)
@@ -96,14 +98,15 @@ def limit_pairs(q_pairs: np.ndarray, u_pairs: np.ndarray, qmax: int, limit: int 
 
 def _nearest(pairs: np.ndarray, absmax: np.ndarray, qmax: int, limit: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per channel at one qmax: scales, pair-limited integers, their squared error and how many of
-    the channel's pairs had to move."""
+    """Per channel at one qmax: scales, pair-limited integers (float32), their squared error and how
+    many of the channel's pairs had to move."""
     scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    u = pairs / scale[:, None, None]
+    u = pairs * (1.0 / scale)[:, None, None]
     nearest = np.clip(np.rint(u), -qmax, qmax)
-    moved = pair_violations(nearest, limit).sum(axis=1)
-    q, _ = limit_pairs(nearest, u, qmax, limit)
-    err = (((q - u) * scale[:, None, None]) ** 2).reshape(len(scale), -1).sum(1)
+    moved = np.count_nonzero(pair_violations(nearest, limit), axis=1)
+    q, _ = limit_pairs(nearest, u, qmax, limit) if moved.any() else (nearest, 0)
+    diff = q - u
+    err = np.einsum("ij,ij->i", diff.reshape(len(scale), -1), diff.reshape(len(scale), -1)) * scale.astype(np.float64) ** 2
     return scale, q, err, moved
 
 
