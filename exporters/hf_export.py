@@ -26,8 +26,12 @@ def save_tokenizer(spec: ModelSpec, outdir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     before = set(p.name for p in Path(outdir).iterdir())
-    AutoTokenizer.from_pretrained(spec.kind.path, local_files_only=True,
-                                  trust_remote_code=spec.kind.trust_remote_code).save_pretrained(str(outdir))
+    tokenizer = AutoTokenizer.from_pretrained(spec.kind.path, local_files_only=True,
+                                              trust_remote_code=spec.kind.trust_remote_code)
+    max_length = (spec.preprocessing or {}).get("max_length")
+    if isinstance(max_length, int):  # the positions the model has: `sqexport check` tokenizes to at most this
+        tokenizer.model_max_length = min(int(tokenizer.model_max_length), max_length)
+    tokenizer.save_pretrained(str(outdir))
     return sorted(set(p.name for p in Path(outdir).iterdir()) - before)
 
 

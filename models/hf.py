@@ -92,6 +92,22 @@ def _without_sklearn_in_transformers() -> None:
         import_utils._sklearn_available = False
 
 
+def sequence_length(config, tokenizer) -> int:
+    """Tokens per text: MAX_LENGTH, or fewer where the model has fewer positions (a small model
+    trained with max_position_embeddings 64) or its tokenizer says so. RoBERTa-style models number
+    positions from pad_token_id + 1, so that many of their table's rows are never a position."""
+    limit = MAX_LENGTH
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet"):
+            positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        limit = min(limit, max(positions, 2))
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 2 <= declared < limit:
+        limit = declared
+    return limit
+
+
 def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None,
                   trust_remote_code: bool = False) -> ModelSpec:
     """`trust_remote_code`: the user's explicit --trust-remote-code; without it a folder whose
@@ -133,20 +149,21 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
                    if n in accepted and (n in tokenizer.model_input_names or n == "input_ids")]
     output_names = [info.hf_output]
     calib, evals = default_corpus()
+    max_length = sequence_length(model.config, tokenizer)
     # transformers may save id2label alone (label2id null): invert it so label names still map
     id2label = getattr(model.config, "id2label", None) or {}
     label2id = getattr(model.config, "label2id", None) or {str(v): int(k) for k, v in id2label.items()}
 
     def load_data(path: Path):
         texts, labels = read_texts(path, label2id)
-        return text_batches(tokenizer, texts, input_names, labels)
+        return text_batches(tokenizer, texts, input_names, labels, max_length=max_length)
 
     def recovery_texts():
         texts, _ = read_texts(RECOVERY_CORPUS)
-        return tokenize_batches(tokenizer, texts, input_names), None
+        return tokenize_batches(tokenizer, texts, input_names, max_length=max_length), None
 
     pooling = read_pooling(folder) if info.output == "embeddings" else None
-    example = tokenize_batches(tokenizer, evals[:1], input_names, max_length=MAX_LENGTH, pad_to_max=True)[0]
+    example = tokenize_batches(tokenizer, evals[:1], input_names, max_length=max_length, pad_to_max=True)[0]
     return ModelSpec(
         name=name or folder.name,
         model=model,
@@ -154,8 +171,8 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
         input_names=input_names,
         output_names=output_names,
         example_inputs=example,
-        calib_batches=text_batches(tokenizer, calib, input_names)[0],
-        eval_batches=text_batches(tokenizer, evals, input_names)[0],
+        calib_batches=text_batches(tokenizer, calib, input_names, max_length=max_length)[0],
+        eval_batches=text_batches(tokenizer, evals, input_names, max_length=max_length)[0],
         eval_labels=None,
         postprocess=pooling if pooling is not None and pooling.from_config else info.postprocess,
         pooling=pooling,
@@ -173,7 +190,7 @@ def build_hf_spec(folder: Path, name: str | None = None, task: str | None = None
                             "labels": "none"},
                    **({"recover": {"source": f"the calibration split + built-in corpus {RECOVERY_CORPUS.name}",
                                    "labels": "none"}} if info.output == "embeddings" else {})},
-        preprocessing={"type": "text", "tokenizer": type(tokenizer).__name__, "max_length": MAX_LENGTH,
+        preprocessing={"type": "text", "tokenizer": type(tokenizer).__name__, "max_length": max_length,
                        "padding": "max_length (pad id 0, attention_mask 0)", "truncation": True,
                        "pooling": "mean of last_hidden_state over attention_mask" if task == "feature-extraction"
                        else None},

@@ -95,7 +95,7 @@ def _text_batches(path: Path, model_path: Path, io: dict) -> tuple[list[dict], n
     from transformers import AutoTokenizer
 
     from sqexport.models.remote_code import remote_code_files
-    from sqexport.models.text_data import read_texts, text_batches
+    from sqexport.models.text_data import MAX_LENGTH, read_texts, text_batches
 
     special = first_special_file(folder)
     if special:
@@ -109,7 +109,9 @@ def _text_batches(path: Path, model_path: Path, io: dict) -> tuple[list[dict], n
     except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
         raise DataError(f"cannot load the tokenizer beside {model_path}: {first_line(exc)}") from None
     texts, labels = read_texts(path)
-    return text_batches(tokenizer, texts, list(io["inputs"]), labels)
+    declared = getattr(tokenizer, "model_max_length", MAX_LENGTH)  # export saves the model's positions here
+    max_length = min(MAX_LENGTH, declared) if isinstance(declared, int) and declared >= 2 else MAX_LENGTH
+    return text_batches(tokenizer, texts, list(io["inputs"]), labels, max_length=max_length)
 
 
 def _first(outputs, batch):

@@ -134,7 +134,8 @@ def make_pool(batches: list[dict], labels: np.ndarray | None, text: bool, encode
     if text:
         seqs, pad = _sequences(batches)
         names = list(batches[0])
-        return TextPool(seqs, names, MAX_LENGTH, pad, labels, encoder)
+        # no longer than the data: a model with fewer positions than MAX_LENGTH had its texts cut to them
+        return TextPool(seqs, names, min(MAX_LENGTH, max(map(len, seqs), default=2)), pad, labels, encoder)
     arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     if len(arrays) == 1:
         x = next(iter(arrays.values()))

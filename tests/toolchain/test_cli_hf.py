@@ -366,3 +366,24 @@ def test_check_on_text_without_a_tokenizer_is_bad_input(run_cli, fe, text_files,
     result = run_cli(["check", tmp_path / "model.onnx", "--eval-data", text_files.eval_txt])
     assert result.exit_code == 2
     assert "tokenizer" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.e2e
+def test_a_model_with_fewer_positions_than_the_default_length(run_cli, tmp_path_factory, text_files):
+    """A small classifier trained with max_position_embeddings 16: texts are cut to 16 tokens in
+    export, in recovery and in `sqexport check` (the saved tokenizer says so), never to the default
+    128 its position table cannot index."""
+    from transformers import BertForSequenceClassification
+
+    from conftest import _bert_config, _save_tiny
+
+    config = _bert_config(num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    config.max_position_embeddings = 16
+    folder = _save_tiny(tmp_path_factory.mktemp("hf") / "short-bert", BertForSequenceClassification, config)
+    run = _export(run_cli, tmp_path_factory, folder, "--calib-data", text_files.calib_txt,
+                  "--eval-data", text_files.eval_jsonl, "--max-accuracy-drop", 100)
+    _ok(run)
+    assert json.loads((run.out / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    checked = run_cli(["check", run.out / "model.onnx", "--eval-data", text_files.eval_txt, "--threads", 1,
+                       "--max-accuracy-drop", 100])
+    assert checked.exit_code == 0, checked.output
