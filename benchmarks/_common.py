@@ -191,10 +191,24 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), line(align), *(line(r) for r in rows)])
 
 
+def results_header(name: str) -> str:
+    """Where and when: the host's CPU and int8 flags, the commit and the date (UTC)."""
+    import datetime
+
+    m = machine_info()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# {name}\n\n- Host: {m['cpu']}, {m['cpu_count']} logical CPUs; ISA flags {', '.join(m['isa']) or 'none'}.\n"
+            f"- Commit: `{project_revision()}`; date: {when}.\n")
+
+
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """results/<name>.json and .md; a page that does not already name its commit gets the header
+    (a rerun must not lose where and when it ran)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
     json_path.write_text(json.dumps(data, indent=2) + "\n")
+    if not re.search(r"`[0-9a-f]{7}|revision [0-9a-f]{7}", markdown[:1500]):
+        markdown = results_header(name) + "\n" + markdown
     md_path.write_text(markdown + "\n")
     return json_path, md_path
 
