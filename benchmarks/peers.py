@@ -88,7 +88,50 @@ NNCF_OPTIONS = {  # worker option -> what it changes in nncf.quantize (the ablat
     "smooth_quant_off": "advanced: smooth_quant_alphas matmul=-1",
     "preset": "preset=QuantizationPreset.<value>",
     "act_per_tensor": "advanced: activations_quantization_params=QuantizationParameters(per_channel=False)",
+    "accuracy_control": "nncf.quantize_with_accuracy_control on sqexport's held-out samples, sqexport's metric and "
+                        "gate (max_drop absolute): {eval: .npz, metric: top1_expected|cosine, max_drop}",
 }
+
+
+def _pooled(out, batch):
+    """Sentence embeddings as sqexport's MiniLM gate sees them: masked mean of the last hidden state."""
+    import numpy as np_
+
+    if out.ndim == 3 and "attention_mask" in batch:
+        mask = batch["attention_mask"][..., None].astype(out.dtype)
+        out = (out * mask).sum(1) / np_.maximum(mask.sum(1), 1e-9)
+    return out / np_.maximum(np_.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+
+
+def _validation(fp32_path: str, evals: list[dict], metric: str):
+    """validation_fn for quantize_with_accuracy_control: per batch, the metric sqexport gates on,
+    computed against the FP32 model's outputs (higher is better; per-sample values for ranking)."""
+    import numpy as np_
+    import onnxruntime as ort_
+
+    def outputs(model, items):
+        sess = ort_.InferenceSession(model if isinstance(model, (str, bytes)) else model.SerializeToString(),
+                                     providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        return [sess.run(None, {k: v for k, v in b.items() if k in names})[0] for b in items]
+
+    reference = outputs(fp32_path, evals)
+    if metric == "top1_expected":
+        probs = []
+        for logits in reference:
+            e = np_.exp(logits - logits.max(-1, keepdims=True))
+            probs.append(e / e.sum(-1, keepdims=True))
+
+        def fn(model, items):
+            per = np_.concatenate([p[np_.arange(len(p)), o.argmax(-1)] for p, o in zip(probs, outputs(model, items))])
+            return float(per.mean() * 100.0), (per * 100.0).tolist()
+    else:
+        ref = [_pooled(o, b) for o, b in zip(reference, evals)]
+
+        def fn(model, items):
+            per = np_.concatenate([(r * _pooled(o, b)).sum(-1) for r, o, b in zip(ref, outputs(model, items), items)])
+            return float(per.mean()), per.tolist()
+    return fn
 
 
 def nncf_worker(argv: list[str]) -> None:
@@ -128,7 +171,15 @@ def nncf_worker(argv: list[str]) -> None:
         adv.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=-1)
     t0 = time.perf_counter()
     model = onnx.load(args.model)
-    q = nncf.quantize(model, nncf.Dataset(samples), advanced_parameters=adv, **kwargs)
+    ac = opts.get("accuracy_control")
+    if ac:
+        evals = load_samples(Path(ac["eval"]))
+        q = nncf.quantize_with_accuracy_control(model, nncf.Dataset(samples), nncf.Dataset(evals),
+                                                _validation(args.model, evals, ac["metric"]), max_drop=ac["max_drop"],
+                                                drop_type=nncf.DropType.ABSOLUTE,
+                                                advanced_quantization_parameters=adv, **kwargs)
+    else:
+        q = nncf.quantize(model, nncf.Dataset(samples), advanced_parameters=adv, **kwargs)
     onnx.save(q, args.out)
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "nncf": nncf.__version__,
                       "samples": len(samples), "options": opts}))
@@ -297,7 +348,9 @@ def peer_variants(model: str, ablations: bool) -> dict[str, tuple[str, dict | No
     if model == "mobilenet-v2":
         out = {"ort-static": ("ORT `quantize_static` QDQ, MinMax, per-tensor weights (mobilenet.py `ort-minmax`)", None),
                "ort-static-pc": ("ORT `quantize_static` QDQ, MinMax, `per_channel=True`", None),
-               "nncf": ("`nncf.quantize` defaults (PERFORMANCE preset, fast bias correction)", {})}
+               "nncf": ("`nncf.quantize` defaults (PERFORMANCE preset, fast bias correction)", {}),
+               "nncf-ac": ("`nncf.quantize_with_accuracy_control`: sqexport's held-out crops, its metric "
+                           "(top1_expected) and its gate as max_drop", {"accuracy_control": True})}
         if ablations:
             out |= {"nncf-no-fbc": ("nncf, fast bias correction off", {"fast_bias_correction_off": True}),
                     "nncf-no-overflow-fix": ("nncf, overflow fix off", {"overflow_fix_off": True}),
@@ -308,7 +361,10 @@ def peer_variants(model: str, ablations: bool) -> dict[str, tuple[str, dict | No
     out = {"ort-dynamic": ("ORT `quantize_dynamic(per_channel=True, weight_type=QInt8)` (minilm.py)", None),
            "nncf": ("`nncf.quantize` defaults (no model_type)", {}),
            "nncf-transformer": ("`nncf.quantize(model_type=TRANSFORMER)`: MIXED preset, SmoothQuant 0.95",
-                                {"model_type": "TRANSFORMER"})}
+                                {"model_type": "TRANSFORMER"}),
+           "nncf-transformer-ac": ("`nncf.quantize_with_accuracy_control(model_type=TRANSFORMER)`: sqexport's held-out "
+                                   "texts, mean cosine of pooled embeddings, sqexport's gate as max_drop",
+                                   {"model_type": "TRANSFORMER", "accuracy_control": True})}
     if ablations:
         out |= {"nncf-transformer-no-sq": ("nncf-transformer, SmoothQuant off",
                                            {"model_type": "TRANSFORMER", "smooth_quant_off": True}),
@@ -357,6 +413,13 @@ def build_model(model: str, work: Path, args) -> dict:
             log(f"{model}: building {name}")
             t0 = time.perf_counter()
             if options is not None:
+                if options.get("accuracy_control"):  # the same data, metric and budget as sqexport's gate
+                    evals = out / "eval.npz"
+                    save_samples(spec.eval_batches, evals)
+                    gate = next(c for c in report["checks"] if c["name"] == "accuracy_drop")
+                    metric = "top1_expected" if spec.task == "image-classification" else "cosine"
+                    options = {**options, "accuracy_control": {"eval": str(evals), "metric": metric,
+                                                               "max_drop": float(gate["limit"])}}
                 entry["info"] = run_nncf(args.nncf_python, fp32, npz, path, options)
             elif name == "ort-static":
                 from mobilenet import build_ort_static
