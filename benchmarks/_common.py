@@ -196,9 +196,11 @@ def results_header(name: str) -> str:
     import datetime
 
     m = machine_info()
+    commit, _, changes = project_revision().partition(" + ")
+    local = f" + {changes}" if changes else ""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"# {name}\n\n- Host: {m['cpu']}, {m['cpu_count']} logical CPUs; ISA flags {', '.join(m['isa']) or 'none'}.\n"
-            f"- Commit: `{project_revision()}`; date: {when}.\n")
+            f"- Commit: `{commit}`{local}; date: {when}.\n")
 
 
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:

@@ -95,7 +95,7 @@ def _holdout(split: Split, keep_eval: bool) -> tuple[Split, Split]:
     batches, labels, info = split
     arrays = _concat(batches)
     n = len(next(iter(arrays.values())))
-    if n < HOLDOUT_EVERY:  # no sample i with i % 4 == 3: holding out would leave one side empty
+    if n // info.get("views", 1) < HOLDOUT_EVERY:  # no image i with i % 4 == 3: one side would be empty
         note = dict(info, split=SHARED_SPLIT, shared=True)
         return (batches, labels, note), (batches, labels, note)
     # views of one image (--views) stay on one side: the split is by image

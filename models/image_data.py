@@ -15,7 +15,7 @@ import numpy as np
 from sqexport.contracts.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePrep", "VIEW_POLICY", "parse_floats", "parse_size", "is_image_folder",
-           "load_image_folder", "preprocess_image", "image_views"]
+           "load_image_folder", "preprocess_image", "image_views", "auto_views"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 RESIZE = "bilinear (Pillow, on float pixels in [0, 1])"
@@ -30,13 +30,27 @@ class ImagePrep:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     # --views: deterministic views per image (the whole image, then crops and flips, seeded), so a
-    # folder of a few photos still gives an evaluation of more than a handful of samples
-    views: int = 1
+    # folder of a few photos still gives an evaluation of more than a handful of samples; None =
+    # chosen by the folder's size (auto_views)
+    views: int | None = None
     seed: int = 0
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in (self.size, self.mean, self.std)) or self.views > 1
+        return any(v is not None for v in (self.size, self.mean, self.std)) or (self.views or 1) > 1
+
+
+SMALL_FOLDER_SAMPLES = 64  # a folder of fewer images gets views until it gives about this many samples
+MAX_AUTO_VIEWS = 8
+
+
+def auto_views(images: int) -> int:
+    """Views per image when --views is not given: 1 for a folder of 64 images or more; fewer
+    images get up to 8 views each (8 photos: 8 views, 64 samples). Calibration then sees crops and
+    flips, not only 6 whole photos, and the held-out images are scored on several views each."""
+    if images <= 0 or images >= SMALL_FOLDER_SAMPLES:
+        return 1
+    return min(MAX_AUTO_VIEWS, -(-SMALL_FOLDER_SAMPLES // images))
 
 
 def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
@@ -189,7 +203,7 @@ def load_image_folder(root: Path, input_shape: tuple,
     if (h, w) != (None, None) and any(m is not None and m != s for m, s in zip((h, w), size)):
         raise ConfigError(f"--image-size {size[0]}x{size[1]} differs from the model's input {h}x{w}")
     files, labels, classes = _scan(root)
-    views = max(1, prep.views)
+    views = max(1, prep.views) if prep.views is not None else auto_views(len(files))
     images = np.concatenate([image_views(f, channels, size, prep.mean, prep.std, views, prep.seed, i)
                              for i, f in enumerate(files)])
     if labels is not None and views > 1:
@@ -202,5 +216,7 @@ def load_image_folder(root: Path, input_shape: tuple,
             "mean": list(prep.mean) if prep.mean is not None else "none",
             "std": list(prep.std) if prep.std is not None else "none"}
     if views > 1:
-        info.update(images=len(files), views=views, view_policy=VIEW_POLICY)
+        info.update(images=len(files), views=views, view_policy=VIEW_POLICY,
+                    views_chosen="--views" if prep.views is not None else
+                    f"automatic: a folder of {len(files)} images (< {SMALL_FOLDER_SAMPLES}) gets {views} views each")
     return images, labels, info

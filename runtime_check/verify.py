@@ -46,19 +46,25 @@ def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
     model_out = run_session(sessions.get("model") or make_session(model, threads),
                             track(progress, spec.eval_batches, "evaluation model.onnx", "batches"), spec.postprocess)
     metrics = task_metrics(get_task(spec.task), base_out, model_out, spec.eval_labels)
-    return {**metrics, **sample_evidence(metrics)}, model_out
+    views = (getattr(spec, "data_info", None) or {}).get("eval", {}).get("views", 1)
+    return {**metrics, **sample_evidence(metrics, views)}, model_out
 
 
-def sample_evidence(metrics: dict) -> dict:
+def sample_evidence(metrics: dict, views: int = 1) -> dict:
     """How much one sample moves a top-1 metric: with few evaluation samples a gate in points can
-    only be met or missed in steps of 100 / N, which the report must say."""
+    only be met or missed in steps of 100 / N, which the report must say. With `views` per image
+    the samples are views of N / views images, which is what the evidence rests on."""
     n = metrics.get("samples")
     if not n or metrics.get("drop_unit") != "points":
         return {}
     step = 100.0 / n
+    images = n // views if views > 1 else n
+    what = (f"{n} evaluation samples ({images} image(s) x {views} views; views of one image are not independent)"
+            if views > 1 else f"{n} evaluation sample(s)")
     return {"one_sample_points": step,
-            "evidence": f"{n} evaluation sample(s): one changed prediction moves the metric by {step:.3g} points"
-                        + ("; fewer than 100 samples give a coarse estimate, pass more --eval-data" if n < 100 else "")}
+            "evidence": f"{what}: one changed prediction moves the metric by {step:.3g} points"
+                        + (f"; fewer than 100 {'images' if views > 1 else 'samples'} give a coarse estimate, "
+                           "pass more --eval-data" if images < 100 else "")}
 
 
 def fidelity_of(spec: ModelSpec, reference: Callable, onnx_out: np.ndarray,

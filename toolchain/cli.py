@@ -262,7 +262,7 @@ def _validate_positive(ctx, param, value):
 @click.option("--views", type=click.IntRange(1, 64), default=None,
               help="Image folders: N deterministic views per image (the whole image, then seeded crops and "
                    "mirrors), so a few photos still give a usable evaluation; a held-out split keeps an "
-                   "image's views together [1].")
+                   "image's views together [1 for a folder of 64 images or more; up to 8 for fewer, to give ~64 samples].")
 @click.option("--max-accuracy-drop", type=SettingType("max_accuracy_drop"), default=None,
               help="Gate, in the metric's unit: points for top-1 [1.0], 1-cosine for embeddings [0.01].")
 @click.option("--min-speedup", type=SettingType("min_speedup"), default=None,
@@ -317,7 +317,7 @@ def _print_summary(report: dict, outdir: Path) -> None:
     click.echo(f"  accuracy  {acc['metric']}: baseline {format_value(acc['baseline'], acc['unit'])}  "
                f"model {format_value(acc['model'], acc['unit'])}  drop {format_value(acc['drop'], acc['drop_unit'])}"
                + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
-    if acc.get("samples") is not None and acc.get("samples") < 100 and acc.get("evidence"):
+    if acc.get("evidence") and "coarse estimate" in acc["evidence"]:  # under 100 samples or images
         click.echo(f"  evidence  {acc['evidence']}")
     click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
     cov = (report.get("quantization") or {}).get("coverage")

@@ -196,4 +196,4 @@ def image_prep(image_size: str | None, mean: str | None, std: str | None, views:
     from sqexport.models.image_data import ImagePrep, parse_floats, parse_size
 
     return ImagePrep(parse_size(image_size), parse_floats("--mean", mean), parse_floats("--std", std),
-                     views or 1, seed or 0)
+                     views, seed or 0)

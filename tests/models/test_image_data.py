@@ -4,7 +4,9 @@ import pytest
 from PIL import Image
 
 from sqexport.contracts.errors import ConfigError, DataError
-from sqexport.models.image_data import ImagePrep, load_image_folder, parse_floats, parse_size, preprocess_image
+from sqexport.models.image_data import (
+    ImagePrep, auto_views, load_image_folder, parse_floats, parse_size, preprocess_image,
+)
 
 
 def _save(path, array):
@@ -43,7 +45,7 @@ def test_class_subfolders_give_sorted_labels_and_names(tmp_path, images_factory)
     root = images_factory(tmp_path / "imgs", ["zebra", "ant", "cat"], 2)
     (root / ".hidden").mkdir()  # hidden folders and non-image files are skipped
     (root / "ant" / "notes.txt").write_text("x")
-    x, labels, info = load_image_folder(root, (3, 8, 6))
+    x, labels, info = load_image_folder(root, (3, 8, 6), ImagePrep(views=1))
     assert x.shape == (6, 3, 8, 6) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert info["class_names"] == ["ant", "cat", "zebra"] and info["layout"] == "one subfolder per class"
@@ -53,7 +55,7 @@ def test_class_subfolders_give_sorted_labels_and_names(tmp_path, images_factory)
 
 def test_flat_folder_has_no_labels_and_image_size_option(tmp_path, images_factory):
     root = images_factory(tmp_path / "flat", None, 3, mode="L")
-    x, labels, info = load_image_folder(root, (1, None, None), ImagePrep(size=(5, 7)))
+    x, labels, info = load_image_folder(root, (1, None, None), ImagePrep(size=(5, 7), views=1))
     assert labels is None and x.shape == (3, 1, 5, 7)
     assert info["layout"] == "flat" and info["labels"] == "none" and info["color"] == "grayscale"
 
@@ -100,3 +102,18 @@ def test_option_parsing():
     for text in ("0x4", "3x", "axb", "1x2x3"):
         with pytest.raises(ConfigError, match=f"--image-size '{text}': give HxW with positive integers"):
             parse_size(text)
+
+
+@pytest.mark.parametrize("images, views", [(1, 8), (8, 8), (12, 6), (40, 2), (63, 2), (64, 1), (500, 1)])
+def test_small_folders_get_views_until_about_64_samples(images, views):
+    assert auto_views(images) == views
+
+
+def test_automatic_views_only_without_the_option(tmp_path, images_factory):
+    root = images_factory(tmp_path / "few", None, 3)
+    x, _, info = load_image_folder(root, (3, 8, 8))
+    assert len(x) == 3 * 8 and info["views"] == 8 and info["views_chosen"].startswith("automatic")
+    x, _, info = load_image_folder(root, (3, 8, 8), ImagePrep(views=2))
+    assert len(x) == 6 and info["views_chosen"] == "--views"
+    x, _, info = load_image_folder(root, (3, 8, 8), ImagePrep(views=1))
+    assert len(x) == 3 and "views" not in info

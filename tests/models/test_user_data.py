@@ -44,7 +44,7 @@ def test_no_data_gives_seeded_synthetic_inputs(cnn):
 def test_image_folders_record_preprocessing(cnn, tmp_path, images_factory):
     calib = images_factory(tmp_path / "calib", ["a", "b"], 3)
     evals = images_factory(tmp_path / "eval", ["a", "b"], 2, seed=1)
-    prep = ImagePrep(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    prep = ImagePrep(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), views=1)
     spec = apply_user_data(cnn, str(calib), str(evals), prep)
     assert _rows(spec.calib_batches).shape == (6, 3, 8, 8) and spec.eval_labels.tolist() == [0, 0, 1, 1]
     for split in ("calib", "eval"):

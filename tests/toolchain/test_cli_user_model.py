@@ -44,7 +44,9 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
                              "task_from": "2-D output: classification (top-1)"}
     assert rep["quantization"]["coverage"]["fp32"] == []
     calib, evals = rep["data"]["calib"], rep["data"]["eval"]
-    assert calib["samples"] == 9 and evals["samples"] == 3  # 12 images, every 4th held out
+    # 12 images, every 4th held out; a folder under 64 images gets ceil(64 / 12) = 6 views per image
+    assert calib["samples"] == 9 * 6 and evals["samples"] == 3 * 6 and calib["views"] == 6
+    assert calib["views_chosen"].startswith("automatic: a folder of 12 images")
     for info in (calib, evals):
         assert info["format"] == "image folder" and info["class_names"] == ["cat", "dog", "owl"]
         assert info["size"] == [32, 32] and info["channels"] == 3 and info["color"] == "RGB"
@@ -59,7 +61,7 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
     r = _ok(run_cli(["check", out / "model.onnx", "--baseline", out / "baseline.onnx", "--eval-data", "imgs",
                      "--json"]))
     result = json.loads(r.output[r.output.index("{"):])
-    assert result["data_info"]["samples"] == 12 and result["data_info"]["size"] == [32, 32]
+    assert result["data_info"]["samples"] == 12 * 6 and result["data_info"]["size"] == [32, 32]  # automatic views
     assert result["accuracy"]["metric"] == "top1"
     _one_line_error(run_cli(["check", out / "model.onnx", "--eval-data", "imgs", "--mean", "1,2"]),
                     "--mean has 2 value(s)")
@@ -76,7 +78,7 @@ def test_torchscript_file_with_grayscale_flat_folder(user_project, images_factor
     assert rep["source"]["kind"] == "TorchScript" and rep["model"] == "net"
     evals = rep["data"]["eval"]
     assert evals["layout"] == "flat" and evals["labels"] == "none" and evals["color"] == "grayscale"
-    assert evals["mean"] == [0.5] and evals["std"] == [0.25] and evals["samples"] == 4
+    assert evals["mean"] == [0.5] and evals["std"] == [0.25] and evals["samples"] == 4 * 8  # 8 automatic views
     assert rep["accuracy"]["metric"] == "top1_expected"
     assert rep["accuracy"]["note"].startswith("no labels: top-1 expected under the FP32 model")
     assert "no labels: top-1 expected under the FP32 model" in (user_project / "out" / "report.md").read_text()
