@@ -103,34 +103,35 @@ def _pooled(out, batch):
     return out / np_.maximum(np_.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
 
 
-def _validation(fp32_path: str, evals: list[dict], metric: str):
-    """validation_fn for quantize_with_accuracy_control: per batch, the metric sqexport gates on,
-    computed against the FP32 model's outputs (higher is better; per-sample values for ranking)."""
+def _validation(fp32_path: str, metric: str):
+    """validation_fn for quantize_with_accuracy_control: the metric sqexport gates on, against the
+    FP32 model's outputs (higher is better), and its value per item (one sample each), which NNCF
+    ranks by. NNCF validates subsets too, so the FP32 reference is looked up per item."""
     import numpy as np_
     import onnxruntime as ort_
 
-    def outputs(model, items):
-        sess = ort_.InferenceSession(model if isinstance(model, (str, bytes)) else model.SerializeToString(),
-                                     providers=["CPUExecutionProvider"])
+    fp32 = ort_.InferenceSession(fp32_path, providers=["CPUExecutionProvider"])
+    reference: dict[int, np_.ndarray] = {}
+
+    def run(sess, item):
         names = {i.name for i in sess.get_inputs()}
-        return [sess.run(None, {k: v for k, v in b.items() if k in names})[0] for b in items]
+        return sess.run(None, {k: v for k, v in item.items() if k in names})[0]
 
-    reference = outputs(fp32_path, evals)
-    if metric == "top1_expected":
-        probs = []
-        for logits in reference:
-            e = np_.exp(logits - logits.max(-1, keepdims=True))
-            probs.append(e / e.sum(-1, keepdims=True))
+    def score(ref, out, item):
+        if metric == "top1_expected":
+            e = np_.exp(ref - ref.max(-1, keepdims=True))
+            p = e / e.sum(-1, keepdims=True)
+            return float(p[np_.arange(len(p)), out.argmax(-1)].mean() * 100.0)
+        return float((_pooled(ref, item) * _pooled(out, item)).sum(-1).mean())
 
-        def fn(model, items):
-            per = np_.concatenate([p[np_.arange(len(p)), o.argmax(-1)] for p, o in zip(probs, outputs(model, items))])
-            return float(per.mean() * 100.0), (per * 100.0).tolist()
-    else:
-        ref = [_pooled(o, b) for o, b in zip(reference, evals)]
-
-        def fn(model, items):
-            per = np_.concatenate([(r * _pooled(o, b)).sum(-1) for r, o, b in zip(ref, outputs(model, items), items)])
-            return float(per.mean()), per.tolist()
+    def fn(model, items):
+        sess = ort_.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        per = []
+        for item in items:
+            if id(item) not in reference:
+                reference[id(item)] = run(fp32, item)
+            per.append(score(reference[id(item)], run(sess, item), item))
+        return float(np_.mean(per)), per
     return fn
 
 
@@ -173,9 +174,10 @@ def nncf_worker(argv: list[str]) -> None:
     model = onnx.load(args.model)
     ac = opts.get("accuracy_control")
     if ac:
-        evals = load_samples(Path(ac["eval"]))
+        evals = [{k: v[i:i + 1] for k, v in b.items()} for b in load_samples(Path(ac["eval"]))
+                 for i in range(len(next(iter(b.values()))))]  # one sample per item: NNCF ranks per item
         q = nncf.quantize_with_accuracy_control(model, nncf.Dataset(samples), nncf.Dataset(evals),
-                                                _validation(args.model, evals, ac["metric"]), max_drop=ac["max_drop"],
+                                                _validation(args.model, ac["metric"]), max_drop=ac["max_drop"],
                                                 drop_type=nncf.DropType.ABSOLUTE,
                                                 advanced_quantization_parameters=adv, **kwargs)
     else:
