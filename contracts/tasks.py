@@ -36,6 +36,8 @@ def mean_pool(outputs: list[np.ndarray], batch: dict) -> np.ndarray:
 
 POOLING: dict[str, Callable[[list[np.ndarray], dict], np.ndarray]] = {"first": first_output, "mean": mean_pool}
 OUTPUTS = ("logits", "embeddings")
+# model.onnx metadata_props key: a classifier's class names (JSON list, by class index)
+LABELS_KEY = "sqexport.labels"
 
 
 @dataclass(frozen=True)

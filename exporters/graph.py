@@ -2,6 +2,8 @@
 merging duplicate nodes."""
 from __future__ import annotations
 
+import json
+
 import hashlib
 import heapq
 from collections import defaultdict
@@ -10,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["consumers", "ensure_node_names", "toposort", "merge_duplicate_nodes", "own_weights"]
+__all__ = ["consumers", "ensure_node_names", "toposort", "merge_duplicate_nodes", "own_weights", "set_metadata"]
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -141,3 +143,10 @@ def own_weights(model: onnx.ModelProto) -> int:
     for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in read]:
         graph.node.remove(node)  # aliases no node reads any more
     return copies
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
+    """metadata_props[key] = value (JSON for non-strings), replacing an entry of the same key."""
+    for key, value in metadata.items():
+        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)

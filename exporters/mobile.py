@@ -19,6 +19,7 @@ import onnx
 
 from sqexport.contracts.errors import ConfigError, ExportError
 from sqexport.contracts.shapes import format_shape
+from sqexport.exporters.graph import set_metadata
 
 __all__ = ["input_dims", "resolve_fixed_shapes", "fix_shapes", "convert_to_ort", "ort_format_info",
            "ORT_CONFIG_NAME", "PREPROCESSING_KEY", "MIN_RUNTIME_FOR_FORMAT"]
@@ -85,9 +86,7 @@ def fix_shapes(src: Path, dst: Path, shapes: dict[str, list[int]], metadata: dic
         fix_output_shapes(model)
     except (ValueError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"cannot fix the input shapes: {str(exc).splitlines()[0]}") from None
-    for key, value in (metadata or {}).items():
-        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    set_metadata(model, metadata or {})
     onnx.save(model, str(dst))
 
 

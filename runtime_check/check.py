@@ -2,11 +2,13 @@
 and on aarch64 onnxruntime under emulation (`--arch arm64`)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from sqexport.contracts.tasks import mean_pool, task_for_output
+from sqexport.contracts.tasks import LABELS_KEY, mean_pool, task_for_output
+from sqexport.exporters.mobile import PREPROCESSING_KEY
 from sqexport.runtime_check.accuracy import nonfinite_outputs, run_session, task_metrics
 from sqexport.runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
 from sqexport.runtime_check.inspect_model import load_onnx
@@ -46,7 +48,21 @@ def _model_io(path: Path) -> dict:
         session = make_session(path, 1)
     dims = lambda shape: [d if isinstance(d, int) and d > 0 else None for d in shape]  # noqa: E731
     return {"inputs": {i.name: (dims(i.shape), _NP_TYPES.get(i.type, np.float32)) for i in session.get_inputs()},
-            "output_ranks": [len(o.shape) for o in session.get_outputs()]}
+            "output_ranks": [len(o.shape) for o in session.get_outputs()],
+            "labels": _label_names(session.get_modelmeta().custom_metadata_map)}
+
+
+def _label_names(metadata: dict) -> list[str] | None:
+    """A classifier's class names from the model's metadata (export writes LABELS_KEY; a mobile
+    model's preprocessing entry carries them too). Data from elsewhere: only a list of strings counts."""
+    for key, pick in ((LABELS_KEY, lambda v: v), (PREPROCESSING_KEY, lambda v: v.get("labels") if isinstance(v, dict) else None)):
+        try:
+            names = pick(json.loads(metadata.get(key, "null")))
+        except (ValueError, TypeError, RecursionError):
+            continue
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return names
+    return None
 
 
 def _synthetic_batches(io: dict, n: int = 64, seed: int = 0) -> list[dict]:
@@ -108,7 +124,8 @@ def _text_batches(path: Path, model_path: Path, io: dict) -> tuple[list[dict], n
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
         raise DataError(f"cannot load the tokenizer beside {model_path}: {first_line(exc)}") from None
-    texts, labels = read_texts(path)
+    names = io.get("labels")
+    texts, labels = read_texts(path, {n: i for i, n in enumerate(names)} if names else None)
     declared = getattr(tokenizer, "model_max_length", MAX_LENGTH)  # export saves the model's positions here
     max_length = min(MAX_LENGTH, declared) if isinstance(declared, int) and declared >= 2 else MAX_LENGTH
     return text_batches(tokenizer, texts, list(io["inputs"]), labels, max_length=max_length)

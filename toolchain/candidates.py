@@ -183,7 +183,7 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
                                                state.progress, work_is_dense=base.stage("prune") is None)
         info.update(fallback_info)
     info["coverage"] = plan.coverage_after(cache[mode.quant], params, public_name(state.work))
-    write_model(state.prepared, plan, params, path)
+    write_model(state.prepared, plan, params, path, labels=state.spec.labels)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)
 
 

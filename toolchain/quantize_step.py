@@ -3,6 +3,7 @@ plan (where the exported graph takes int8) -> compute params in torch (the regis
 -> fallback (worst layers back to FP32, if the method supports it) -> write the ONNX model."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,10 @@ from torch.ao.nn.quantized import FloatFunctional
 from sqexport.contracts.errors import DataError, ExportError, first_line
 from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
 from sqexport.contracts.quant import Anchor, ObservedRanges, QuantParams
-from sqexport.contracts.tasks import get_task
+from sqexport.contracts.tasks import LABELS_KEY, get_task
 from sqexport.exporters.coverage import weight_layer_coverage
 from sqexport.exporters.dynamic import insert_dynamic
-from sqexport.exporters.graph import merge_duplicate_nodes, own_weights
+from sqexport.exporters.graph import merge_duplicate_nodes, own_weights, set_metadata
 from sqexport.exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
 from sqexport.exporters.tensor_sites import find_tensor_sites
 from sqexport.models.spec import ModelSpec, first_samples
@@ -293,15 +294,19 @@ def _check(path: Path) -> None:
 
 
 def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, out_path: Path,
-                consume: bool = False) -> None:
+                consume: bool = False, labels: list[str] | None = None) -> None:
     """The QDQ graph (or, for dynamic params, int8 tables + DynamicQuantizeLinear/MatMulInteger).
-    `consume`: `prepared` is rewritten in place (the caller no longer needs the FP32 graph)."""
+    `consume`: `prepared` is rewritten in place (the caller no longer needs the FP32 graph).
+    `labels`: a classifier's class names, kept in the model's metadata (LABELS_KEY) so that
+    `sqexport check` can read labelled data by name."""
     if params.dynamic:
         with_tables = insert_qdq(prepared, plan.sites, QuantParams(embeddings=params.embeddings), plan.embedding_sites,
                                  inplace=consume)
         model = insert_dynamic(with_tables, plan.sites, params, inplace=True)  # with_tables: ours either way
     else:
         model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume)
+    if labels:
+        set_metadata(model, {LABELS_KEY: json.dumps([str(x) for x in labels])})
     onnx.save(model, str(out_path))
     del model, prepared
     _check(out_path)
@@ -327,7 +332,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                                                work_is_dense)
         info.update(fallback_info)
     info["coverage"] = plan.coverage_after(computed, params, public_name(work))
-    write_model(prepared, plan, params, out_path, consume=consume_prepared)
+    write_model(prepared, plan, params, out_path, consume=consume_prepared, labels=spec.labels)
     return torch_reference(work, spec, params, progress), info
 
 

@@ -384,6 +384,9 @@ def test_a_model_with_fewer_positions_than_the_default_length(run_cli, tmp_path_
                   "--eval-data", text_files.eval_jsonl, "--max-accuracy-drop", 100)
     _ok(run)
     assert json.loads((run.out / "tokenizer_config.json").read_text())["model_max_length"] == 16
-    checked = run_cli(["check", run.out / "model.onnx", "--eval-data", text_files.eval_txt, "--threads", 1,
-                       "--max-accuracy-drop", 100])
+    # labelled by name: the class names travel in model.onnx's metadata
+    checked = run_cli(["check", run.out / "model.onnx", "--baseline", run.out / "baseline.onnx", "--eval-data",
+                       text_files.eval_jsonl, "--threads", 1, "--max-accuracy-drop", 100, "--json"])
     assert checked.exit_code == 0, checked.output
+    result = json.loads(checked.output[checked.output.index("{"):])
+    assert result["accuracy"]["metric"] == "top1" and result["accuracy"]["samples"] == len(text_files.labels)
