@@ -14,6 +14,8 @@ from sqexport.runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
 from sqexport.runtime_check.inspect_model import load_onnx
 from sqexport.runtime_check.latency import measure_interleaved, measure_pair
 from sqexport.runtime_check.fixed_inputs import fit_batches, is_fixed, run_fixed, session_shapes
+from sqexport.runtime_check.isa import int8_saturates
+from sqexport.runtime_check.saturation import saturating_pairs
 from sqexport.runtime_check.session import make_session
 from sqexport.contracts.errors import ConfigError, DataError, ModelLoadError, first_line
 from sqexport.contracts.files import first_special_file, require_regular
@@ -211,8 +213,24 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
         result["arm64"], arm_checks = verify_arm64(model_path, batches, labels, base_out, logits,
                                                    Gates(limit), _first, base_out is None, _exact_reference(model_path))
         checks += arm_checks
+    host = host_kernel_note(model_path)
+    if host:
+        result["host_int8"] = host
     result["passed"] = all(c["passed"] for c in checks)
     return result
+
+
+def host_kernel_note(model_path: Path) -> dict | None:
+    """On a host whose int8 kernels saturate (x86 without VNNI): how many of the model's int8 weight
+    pairs exceed what those kernels add exactly, and what it means for the numbers above."""
+    if not int8_saturates() or Path(model_path).suffix != ".onnx":
+        return None
+    found = saturating_pairs(load_onnx(model_path))
+    if not found["pairs"]:
+        return {**found, "note": "this CPU has no VNNI; every int8 weight pair of the model fits its int16 sums"}
+    return {**found, "note": f"this CPU has no VNNI: {found['pairs']} weight pairs in {found['layers']} layer(s) exceed "
+                              "what its int8 kernels add exactly (saturating int16), so the outputs measured here "
+                              "differ from the model's QDQ graph; rebuild on this CPU or with `pair_limit: true`"}
 
 
 def _accuracy(task, logits: bool, base_out, model_out, labels, agreement: bool = False) -> dict:

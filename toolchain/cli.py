@@ -526,6 +526,8 @@ def check_cmd(model_onnx, baseline, eval_data, image_size, mean, std, target, th
                        f"{t['accuracy']['model']:.4f}")
         for note in (result.get("mobile_usability") or {}).get("notes", []):
             click.echo(f"  mobile    {note}")
+        if (result.get("host_int8") or {}).get("pairs"):
+            click.echo(f"  warning   {result['host_int8']['note']}")
         _print_checks(result["checks"])
     if not result["passed"]:
         raise ToolError("gate failed", 1)

@@ -131,3 +131,43 @@ def test_check_for_the_mobile_target_reports_nnapi_and_coreml_coverage(run_cli, 
     assert use["recommended_provider"]["android"] in ("NNAPI", "CPU")
     text = run_cli([*args, "--target", "mobile"]).output
     assert "  mobile    NNAPI takes" in text
+
+
+def _full_range_model(tmp_path):
+    """A tiny QDQ MatMul whose int8 weights have same-sign adjacent pairs above 128 (and one below)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.array([[100, 0], [100, 5], [-60, -70], [-60, 70]], np.int8)  # (K=4, N=2): column 0 pairs (100, 100)
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.float32(0.01), "w_s"),
+             numpy_helper.from_array(np.int8(0), "w_z")]
+    graph = helper.make_graph([helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"]),
+                               helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "full.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_saturating_pairs_counts_the_weight_pairs_avx2_kernels_cannot_add(tmp_path):
+    from sqexport.runtime_check.saturation import saturating_pairs
+
+    # K pairs (rows 0,1) and (rows 2,3): column 0 (100, 100) same sign 200 > 128; (-60, -60) 120 fits;
+    # column 1 (0, 5) fits; (-70, 70) opposite signs never saturate
+    assert saturating_pairs(onnx.load(str(_full_range_model(tmp_path)))) == {"pairs": 1, "layers": 1}
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_check_warns_when_this_cpus_kernels_would_saturate_the_model(run_cli, tmp_path, monkeypatch, saturates):
+    import sqexport.runtime_check.check as check
+
+    monkeypatch.setattr(check, "int8_saturates", lambda: saturates)
+    path = _full_range_model(tmp_path)
+    result = run_cli(["check", path, "--threads", 1])
+    assert result.exit_code == 0, result.output
+    assert ("weight pairs in 1 layer(s) exceed" in result.output) is saturates
+    as_json = json.loads(run_cli(["check", path, "--threads", 1, "--json"]).output)
+    assert (as_json.get("host_int8") or {}).get("pairs", 0) == (1 if saturates else 0)
