@@ -180,3 +180,22 @@ def test_patches_at_sampled_positions_reproduce_the_conv(conv):
     pos = geometry.positions(out, 20, torch.Generator().manual_seed(0))
     got = geometry.apply(conv.weight.detach().reshape(conv.out_channels, -1), geometry.gather_input(x, pos))
     torch.testing.assert_close(got + conv.bias.detach(), geometry.gather_output(out, pos), rtol=0, atol=1e-5)
+
+
+def test_on_the_pair_limited_grid_the_learned_integers_keep_the_limit():
+    from sqexport.contracts.weight_grid import WeightGrid, pair_violations, reduction_pairs
+
+    grid = WeightGrid(127, pair_limit=128)
+    model, batches = _Net().eval(), _batches()
+    with torch.no_grad():  # large same-sign neighbours in every input-channel pair of the conv: channels
+        # take qmax near 64, where learned up-rounding could cross the limit (enforce_grid moves it back)
+        model.conv.weight[:, :2] = model.conv.weight[:, :2].abs() + 0.5
+    ins, outs, _ = calibrate(model, ANCHORS, batches, _run)
+    params = quantize_weights(model, ANCHORS, ins, grid)
+    params.outputs = outs
+    rounded = adaround_weights(model, params, batches, _run, grid, SHORT)
+    for name in ("conv", "fc"):
+        q, w = rounded[name].q, getattr(model, name).weight.detach().numpy()
+        assert not pair_violations(reduction_pairs(q)).any()
+        assert np.all(q[w == 0] == 0)
+        np.testing.assert_array_equal(rounded[name].scale, params.weights[name].scale)
