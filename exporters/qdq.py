@@ -243,6 +243,55 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
     del graph.initializer[:]
     graph.initializer.extend(kept)
     all_nodes = list(graph.node) + ed.new_nodes
+    all_nodes += _float_layers_stay_float(all_nodes, graph)
     del graph.node[:]
     graph.node.extend(toposort(all_nodes, graph))
     return out
+
+
+FLOAT_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _float_layers_stay_float(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Layers left in FP32 (fallback, or never quantized) between int8 ones keep their FP32 weights
+    in onnxruntime too.
+
+    onnxruntime's WeightBiasQuantization rewrites a Conv / ConvTranspose / Gemm whose input comes from
+    a DequantizeLinear with a *scalar* scale and whose output reaches a QuantizeLinear: it quantizes
+    the float weight to int8 *per tensor*, far coarser than per-channel for depthwise or BN-folded
+    weights (mobilenet-v2 with its first depthwise conv kept FP32: KL to FP32 0.005 as the graph
+    says, 0.055 as onnxruntime ran it). Each such layer reads its input through a DequantizeLinear
+    of its own whose scale and zero point are the same values as a per-channel vector (axis 1):
+    the same arithmetic, and the rewrite no longer applies. Returns the new nodes; rewires in place."""
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in nodes for o in n.output}
+    added: list[onnx.NodeProto] = []
+    for node in nodes:
+        if node.op_type not in FLOAT_WEIGHT_OPS or len(node.input) < 2:
+            continue
+        weight = inits.get(node.input[1])
+        dq = producers.get(node.input[0])
+        if weight is None or weight.data_type != onnx.TensorProto.FLOAT or dq is None \
+                or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if scale.ndim != 0:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            channels, axis = weight.dims[1] * int(attrs.get("group", 1)), 1
+        elif node.op_type == "ConvTranspose":
+            channels, axis = weight.dims[0], 1
+        else:  # Gemm: A is (M, K), or (K, M) with transA
+            channels = weight.dims[1] if attrs.get("transB", 0) else weight.dims[0]
+            axis = 0 if attrs.get("transA", 0) else 1
+        zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits \
+            else np.zeros((), np.uint8)
+        tag = f"{node.name}_input_per_channel"
+        s_name, z_name = f"{tag}_scale", f"{tag}_zero_point"
+        graph.initializer.extend([numpy_helper.from_array(np.full(channels, scale, np.float32), s_name),
+                                  numpy_helper.from_array(np.full(channels, zero, zero.dtype), z_name)])
+        added.append(helper.make_node("DequantizeLinear", [dq.input[0], s_name, z_name], [f"{tag}_dequantized"],
+                                      name=f"{tag}_DQ", axis=axis))
+        node.input[0] = f"{tag}_dequantized"
+    return added
