@@ -13,7 +13,7 @@ import numpy as np
 from sqexport.contracts.weight_grid import WeightGrid, as_grid, pair_limited_per_channel
 
 __all__ = [
-    "INT8_MAX", "RELU", "LINEAR", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "ObservedRanges",
+    "INT8_MAX", "RELU", "LINEAR", "UNIT_RANGE", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "ObservedRanges",
     "act_params_from_range",
     "quantize_weight_per_channel", "quantize_per_tensor_symmetric", "quantize_bias",
 ]
@@ -23,6 +23,7 @@ INT8_MAX = 127  # symmetric weights use [-127, 127] so that -w quantizes to -q e
 # LINEAR for a Conv whose plain output is quantized
 RELU = (0.0, math.inf)
 LINEAR = (-math.inf, math.inf)
+UNIT_RANGE = (0.0, 1.0)  # the outputs of sigmoid and hard sigmoid: bounded, whatever the input
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class QuantParams:
     # outputs of weightless modules (a residual add's FloatFunctional.activation_post_process),
     # quantized so that onnxruntime runs the add as QLinearAdd and its readers stay int8
     tensors: dict[str, ActQuant] = field(default_factory=dict)
+    # SiLU modules (x * sigmoid(x)) whose inner sigmoid output is quantized too, with these params
+    # (its whole range [0, 1], UNIT_RANGE): onnxruntime then runs QLinearSigmoid + QLinearMul
+    gates: dict[str, ActQuant] = field(default_factory=dict)
     dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
     weight_grid: WeightGrid | None = None  # the grid the weights were quantized on
 

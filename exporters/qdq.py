@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sqexport.contracts.quant import LINEAR, RELU, ActQuant, Anchor, QuantParams
+from sqexport.exporters.elementwise import pool_qdq_targets
 from sqexport.exporters.graph import consumers, ensure_node_names, toposort
 from sqexport.exporters.weight_index import WeightIndex, initializer_array
 
@@ -136,6 +137,26 @@ def find_embedding_sites(model: onnx.ModelProto, tables: dict[str, np.ndarray]) 
     return sites
 
 
+def _quantize_pool_outputs(graph: onnx.GraphProto, ed: "_GraphEditor") -> None:
+    """A GlobalAveragePool whose output reaches a quantized tensor through shape ops only takes
+    that tensor's Q/DQ pair on its own output (elementwise.pool_qdq_targets): onnxruntime then runs
+    it as QLinearGlobalAveragePool. The torch model needs no change: the same params twice in a
+    row quantize once."""
+    params: dict[str, set] = {}
+    for tensor, scale, zero_point in ed.act_cache:
+        params.setdefault(tensor, set()).add((scale, zero_point))
+    quantized = {t for t, ps in params.items() if len(ps) == 1}
+    nodes = list(graph.node) + ed.new_nodes
+    targets = pool_qdq_targets(nodes, {o.name for o in graph.output}, quantized)
+    for pooled, target in targets.items():
+        scale, zero_point = next(iter(params[target]))
+        dq = ed.qdq_activation(pooled, ActQuant(scale, zero_point))
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == pooled:
+                    node.input[i] = dq
+
+
 class _GraphEditor:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
@@ -171,8 +192,11 @@ class _GraphEditor:
 
 def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams,
                embedding_sites: dict[str, tuple[str, str]] | None = None,
-               tensor_sites: dict[str, str] | None = None, inplace: bool = False) -> onnx.ModelProto:
-    """`tensor_sites` maps a torch module whose output is quantized (params.tensors) to its tensor.
+               tensor_sites: dict[str, str] | None = None, inplace: bool = False,
+               gate_sites: dict[str, str] | None = None) -> onnx.ModelProto:
+    """`tensor_sites` maps a torch module whose output is quantized (params.tensors) to its tensor;
+    `gate_sites` a SiLU module to the Sigmoid output inside it (params.gates: quantized too, so
+    onnxruntime runs the SiLU as QLinearSigmoid + QLinearMul).
     `inplace` rewrites `model` itself (a caller done with the FP32 graph saves a copy of it:
     440 MB for a BERT-base)."""
     out = model if inplace else onnx.ModelProto()
@@ -204,6 +228,9 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
     for module, tensor in (tensor_sites or {}).items():
         if module in params.tensors:  # e.g. residual adds: every reader reads the Q/DQ'd sum
             rewire[tensor] = ed.qdq_activation(tensor, params.tensors[module])
+    for module, tensor in ({} if params.dynamic else (gate_sites or {})).items():
+        if module in params.gates:
+            rewire[tensor] = ed.qdq_activation(tensor, params.gates[module])
     for module, (node_name, table) in (embedding_sites or {}).items():
         if module not in params.embeddings:
             continue
@@ -236,6 +263,7 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
                 node.input[i] = rewire[name]
             elif node.op_type == "Add" and name in sum_rewire:
                 node.input[i] = sum_rewire[name]
+    _quantize_pool_outputs(graph, ed)
     # an exporter stores equal constants once (zero biases, say): a replaced initializer that
     # another node still reads stays
     still_read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}

@@ -26,6 +26,12 @@ _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.co
 _LINEAR = {aten.linear.default}
 _NATIVE_BN = aten._native_batch_norm_legit_no_training.default
 _BATCH_NORMS = {aten.batch_norm.default, _NATIVE_BN}
+# activations that become modules again (nn.SiLU, ...), so quantization can place its points by
+# module (toolchain.quantization.activation_sites); the in-place variants as in-place modules
+_ACTIVATIONS = {getattr(aten, op).default: (cls, op.endswith("_"))
+                for op, cls in (("silu", nn.SiLU), ("silu_", nn.SiLU), ("sigmoid", nn.Sigmoid),
+                                ("sigmoid_", nn.Sigmoid), ("hardsigmoid", nn.Hardsigmoid),
+                                ("hardsigmoid_", nn.Hardsigmoid)) if hasattr(aten, op)}
 _TENSOR_INPUTS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 # runtime checks the export recorded on sizes: they compute nothing, and the ONNX exporter cannot
 # take them (aten::_assert_scalar on a traced size tensor)
@@ -164,6 +170,24 @@ class _Builder:
         call.meta = dict(node.meta)
         return call
 
+    def activation(self, node: fx.Node) -> fx.Node | None:
+        """An activation call as its module, named after the module that called it (its own
+        module, `bn1.act`, when the model used one)."""
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return None
+        cls, inplace = _ACTIVATIONS[node.target]
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        owner = str(stack[-1][0]) if stack else ""
+        path, i = owner, 0
+        while not path or path in self.claimed or _lookup(self.root, path) is not None \
+                or any(t == path or t.startswith(path + ".") for t in self.tensors):
+            path = f"{owner + '.' if owner else ''}act{i}"
+            i += 1
+        call = self._install(path, cls(inplace=True) if inplace else cls(), [])
+        call.args = (self.env[node.args[0]],)
+        call.meta = dict(node.meta)
+        return call
+
     def copy(self, node: fx.Node) -> fx.Node:
         return self.graph.node_copy(node, lambda n: self.env[n])
 
@@ -225,6 +249,8 @@ def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
                 new = b.linear(node)
             elif node.target == aten.addmm.default:
                 new = b.addmm(node)
+            elif node.target in _ACTIVATIONS:
+                new = b.activation(node)
             elif node.target in _BATCH_NORMS:
                 new = b.batch_norm(node)
                 if new is not None and node.target == _NATIVE_BN:

@@ -16,10 +16,11 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from sqexport.contracts.errors import DataError, ExportError, first_line
 from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
-from sqexport.contracts.quant import Anchor, ObservedRanges, QuantParams
+from sqexport.contracts.quant import UNIT_RANGE, Anchor, ObservedRanges, QuantParams, act_params_from_range
 from sqexport.contracts.tasks import LABELS_KEY, get_task
 from sqexport.exporters.coverage import weight_layer_coverage
 from sqexport.exporters.dynamic import insert_dynamic
+from sqexport.exporters.elementwise import pools_from_means
 from sqexport.exporters.graph import merge_duplicate_nodes, own_weights, set_metadata
 from sqexport.exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
 from sqexport.exporters.tensor_sites import find_tensor_sites
@@ -31,6 +32,7 @@ from sqexport.runtime_check.verify import fidelity_batches
 from sqexport.toolchain.builtin_methods import lookup
 from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.pruning import prunable_layers
+from sqexport.toolchain.quantization.activation_sites import ActivationSites, activation_modules, match_activation_sites
 from sqexport.toolchain.quantization.static import fake_quantized
 from sqexport.toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
 from sqexport.toolchain.quantization.prediction import (
@@ -63,6 +65,13 @@ class QuantPlan:
     tensor_sites: dict[str, str] = field(default_factory=dict)
     # every weight layer of the graph: int8 or FP32 with the reason (exporters.coverage)
     coverage: dict = field(default_factory=dict)
+    # SiLU module -> its inner Sigmoid's output tensor, quantized too (activation_sites.py)
+    gate_sites: dict[str, str] = field(default_factory=dict)
+    bounded: set[str] = field(default_factory=set)  # tensor-site modules quantized over UNIT_RANGE
+    # tensor-site module -> the anchor that reads its tensor as input: both take the same params
+    # (one Q/DQ pair in the graph, the same rounding in torch)
+    tensor_aliases: dict[str, str] = field(default_factory=dict)
+    pools_from_means: int = 0  # ReduceMean over (H, W) rewritten as GlobalAveragePool
 
     def coverage_after(self, computed: QuantParams, final: QuantParams,
                        public: Callable[[str], str] = str) -> dict:
@@ -78,40 +87,68 @@ class QuantPlan:
         return {**base, "int8": base["int8"] - len(returned), "fp32": base["fp32"] + returned}
 
 
-def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelProto) -> dict[str, str]:
+def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelProto,
+                  sites: dict[str, Site]) -> tuple[dict[str, str], ActivationSites]:
     """Residual adds written with torch's FloatFunctional (its activation_post_process sees the
-    sum): module -> the ONNX Add output holding the same values on the example input. Types are
-    read on the user's model: BN folding (torch.fx) keeps only the observer's path in `work`."""
+    sum), and activation modules worth a quantization point (activation_sites.py): module -> the
+    ONNX tensor holding the same values on the example input. FloatFunctional types are read on
+    the user's model: BN folding (torch.fx) keeps only the observer's path in `work`."""
     original = dict(spec.model.named_modules())
     modules = dict(work.named_modules())
     wanted = [n for n in modules if n.endswith(".activation_post_process")
               and isinstance(original.get(n.rpartition(".")[0]), FloatFunctional)]
-    if not wanted:
-        return {}
+    kinds = activation_modules(work)
+    if not wanted and not kinds:
+        return {}, ActivationSites()
     values: dict[str, np.ndarray] = {}
     handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: values.__setitem__(n, out.detach().numpy()))
-               for n in wanted]
+               for n in [*wanted, *kinds]]
     run_with_hooks(work, handles, [spec.example_inputs], spec.torch_outputs)
-    return find_tensor_sites(prepared, values, spec.example_inputs)
+    adds = find_tensor_sites(prepared, {n: values[n] for n in wanted if n in values}, spec.example_inputs)
+    quantized = set(adds.values()) | {s.activation for s in sites.values()} | {s.output for s in sites.values() if s.output}
+    acts = match_activation_sites(prepared, kinds, {n: values[n] for n in kinds if n in values}, spec.example_inputs,
+                                  quantized)
+    return adds, acts
 
 
 def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: ModelSpec | None = None) -> QuantPlan:
-    """`spec` (optional) lets residual adds of the model be quantized too (_tensor_sites)."""
+    """`spec` (optional) lets residual adds and activation modules of the model be quantized too
+    (_tensor_sites)."""
     merged = merge_duplicate_nodes(prepared)
     own_weights(prepared)
+    pools = pools_from_means(prepared)
     weights = {n: m.weight.detach().numpy() for n, m in prunable_layers(work).items()}
     sites = find_sites(prepared, weights)
     if not sites:
         raise ExportError("no Conv/Linear weights found in the exported graph to quantize")
-    tensors = _tensor_sites(work, spec, prepared) if spec is not None else {}
+    tensors, acts = _tensor_sites(work, spec, prepared, sites) if spec is not None else ({}, ActivationSites())
+    tensors.update(acts.tensors)
     skip_quantized = set(tensors.values())  # already one Q/DQ for every reader (FloatFunctional adds)
     anchors = anchors_for(sites, skip_quantized)
+    readers = {s.activation: m for m, s in sites.items()}
+    aliases = {m: readers[t] for m, t in tensors.items() if t in readers}
     tables = {n: m.weight.detach().numpy() for n, m in work.named_modules() if isinstance(m, torch.nn.Embedding)}
     coverage = weight_layer_coverage(prepared, {m: s.node for m, s in sites.items()})
     unmatched = sorted(set(weights) - set(sites))
     if unmatched:
         coverage["torch_layers_not_in_graph"] = unmatched
-    return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors, coverage)
+    return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors, coverage,
+                     acts.gates, acts.bounded, aliases, pools)
+
+
+def _shared_activation_params(plan: QuantPlan, params: QuantParams) -> QuantParams:
+    """Bounded outputs take their whole range, SiLU gates too, and a tensor an anchor also reads
+    takes that anchor's input params (one Q/DQ pair for every reader)."""
+    if params.dynamic:
+        return params
+    unit = act_params_from_range(*UNIT_RANGE)
+    for m in plan.bounded & set(params.tensors):
+        params.tensors[m] = unit
+    for m, anchor in plan.tensor_aliases.items():
+        if m in params.tensors and anchor in params.inputs:
+            params.tensors[m] = params.inputs[anchor]
+    params.gates = {m: unit for m in plan.gate_sites if m in params.tensors}
+    return params
 
 
 def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan,
@@ -124,7 +161,7 @@ def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Q
     ctx = QuantContext(plan.anchors, spec.calib_batches, spec.torch_outputs,
                        weight_grid=weight_grid(target), progress=progress,
                        tensors=list(plan.tensor_sites), observed_ranges=observed_ranges)
-    return lookup("quantize", stage.name).handler(work, stage.config, ctx)
+    return _shared_activation_params(plan, lookup("quantize", stage.name).handler(work, stage.config, ctx))
 
 
 def _calibration_record(stage: Stage, spec: ModelSpec, observed: ObservedRanges | None) -> dict | None:
@@ -304,7 +341,8 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
                                  inplace=consume)
         model = insert_dynamic(with_tables, plan.sites, params, inplace=True)  # with_tables: ours either way
     else:
-        model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume)
+        model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume,
+                           gate_sites=plan.gate_sites)
     if labels:
         set_metadata(model, {LABELS_KEY: json.dumps([str(x) for x in labels])})
     onnx.save(model, str(out_path))

@@ -168,8 +168,25 @@ def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handle
                 p_out = params.outputs[a.module]
                 handles.append(mod.register_forward_hook(
                     lambda m, args, out, p=p_out, b=a.output_range: fake_quant_act(rectify(out, b), p)))
+        for name, p_g in ([] if params.dynamic else params.gates.items()):
+            _hook_silu_gate(modules[name], p_g, handles)
         for name, p_t in ([] if params.dynamic else params.tensors.items()):
             handles.append(modules[name].register_forward_hook(lambda m, args, out, p=p_t: fake_quant_act(out, p)))
+
+
+def _hook_silu_gate(mod: nn.Module, p: ActQuant, handles: list) -> None:
+    """SiLU as the graph computes it with its Sigmoid quantized: x * fq(sigmoid(x)). The input is
+    kept by a pre-hook (an inplace SiLU overwrites it); the output hook (params.tensors) follows."""
+    kept: list[torch.Tensor] = []
+
+    def keep(m, args):
+        kept.append(args[0].clone() if getattr(m, "inplace", False) else args[0])
+
+    def gate(m, args, out):
+        x = kept.pop()
+        return x * fake_quant_act(torch.sigmoid(x), p)
+    handles.append(mod.register_forward_pre_hook(keep))
+    handles.append(mod.register_forward_hook(gate))
 
 
 @contextmanager

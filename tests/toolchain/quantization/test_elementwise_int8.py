@@ -1,0 +1,137 @@
+"""SiLU, squeeze-excitation and pooling run as int8 kernels in onnxruntime: an EfficientNet-style
+block (BN + SiLU convs, a squeeze-excite with a mean, SiLU and a sigmoid gate, a residual sum, a
+pooled head) leaves no float Sigmoid, Mul or pooling op once onnxruntime has fused the QDQ graph,
+and onnxruntime still computes what the torch fake-quant model does."""
+from __future__ import annotations
+
+import collections
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sqexport.exporters.elementwise import pool_qdq_targets, pools_from_means
+
+pytestmark = pytest.mark.e2e
+
+NET = '''
+import torch
+from torch import nn
+
+
+class SE(nn.Module):
+    def __init__(self, c, r, gate):
+        super().__init__()
+        self.conv_reduce, self.act, self.conv_expand = nn.Conv2d(c, r, 1), nn.SiLU(inplace=True), nn.Conv2d(r, c, 1)
+        self.gate = gate()
+
+    def forward(self, x):
+        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0, self.act0 = nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU(inplace=True)
+        self.dw, self.bn1, self.act1 = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.SiLU()
+        self.se = SE(16, 4, nn.Sigmoid)
+        self.pwl, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.head, self.act2 = nn.Conv2d(16, 32, 1), nn.SiLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.act0(self.bn0(self.stem(x)))
+        x = x + self.bn2(self.pwl(self.se(self.act1(self.bn1(self.dw(x))))))
+        return self.fc(self.pool(self.act2(self.head(x))).flatten(1))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval()
+'''
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from sqexport.toolchain.cli import cli
+
+    root = tmp_path_factory.mktemp("se")
+    (root / "senet.py").write_text(NET)
+    sys.path.insert(0, str(root))
+    try:
+        r = CliRunner().invoke(cli, ["senet:build", "--input-shape", "1x3x16x16", "--prune", "none",
+                                     "--max-accuracy-drop", "100", "--quiet", "-o", str(root / "out")])
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("senet", None)
+    assert r.exit_code == 0, r.output
+    return root / "out"
+
+
+def _optimized_ops(path, tmp_path) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+
+def test_silu_gate_and_pools_become_int8_kernels(exported, tmp_path):
+    ops = _optimized_ops(exported / "model.onnx", tmp_path)
+    assert not {"Sigmoid", "Mul", "ReduceMean", "GlobalAveragePool", "DequantizeLinear"} & set(ops), ops
+    assert ops["QLinearSigmoid"] == 5  # four SiLUs and the gate
+    assert ops["QLinearMul"] == 5  # four SiLUs and the gating multiply
+    assert ops["QLinearGlobalAveragePool"] == 2  # the squeeze (a ReduceMean in torch) and the head's pool
+    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 1
+
+
+def test_onnxruntime_matches_the_torch_fake_quant_model(exported):
+    fid = json.loads((exported / "report.json").read_text())["fidelity"]
+    assert fid["max_abs_deviation"] <= 0.02 * fid["reference_max_abs"], fid
+
+
+def test_sigmoid_outputs_take_their_whole_range(exported):
+    """A sigmoid's output cannot leave [0, 1] whatever the input: its Q/DQ covers exactly that,
+    so inputs beyond the calibration data never clip there."""
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    scales = [(float(inits[q.input[1]]), int(inits[q.input[2]])) for q in graph.node
+              if q.op_type == "QuantizeLinear" and getattr(producers.get(q.input[0]), "op_type", "") == "Sigmoid"]
+    assert len(scales) == 5
+    assert set(scales) == {(float(np.float32(1 / 255)), 0)}
+
+
+def _mean_graph(axes, keepdims: int) -> onnx.ModelProto:
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=axes, keepdims=keepdims)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("axes,keepdims,rewritten", [([2, 3], 1, True), ([-1, -2], 1, True), ([2, 3], 0, False),
+                                                     ([1], 1, False)])
+def test_spatial_means_become_global_pools(axes, keepdims, rewritten):
+    model = _mean_graph(axes, keepdims)
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert pools_from_means(model) == int(rewritten)
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool" if rewritten else "ReduceMean"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_a_pool_takes_the_qdq_of_the_tensor_it_reaches_through_shape_ops():
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("GlobalAveragePool", ["d"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("GlobalAveragePool", ["x"], ["p2"]),  # float input: nothing to fuse
+             helper.make_node("Flatten", ["p2"], ["f2"])]
+    assert pool_qdq_targets(nodes, set(), {"f", "f2"}) == {"p": "f"}
+    assert pool_qdq_targets(nodes, set(), set()) == {}
