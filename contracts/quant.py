@@ -13,7 +13,7 @@ import numpy as np
 from sqexport.contracts.weight_grid import WeightGrid, as_grid, pair_limited_per_channel
 
 __all__ = [
-    "INT8_MAX", "RELU", "LINEAR", "UNIT_RANGE", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "ObservedRanges",
+    "INT8_MAX", "RELU", "LINEAR", "UNIT_RANGE", "HARD_GATE_RANGE", "ActQuant", "WeightQuant", "Anchor", "QuantParams", "ObservedRanges",
     "act_params_from_range",
     "quantize_weight_per_channel", "quantize_per_tensor_symmetric", "quantize_bias",
 ]
@@ -24,6 +24,7 @@ INT8_MAX = 127  # symmetric weights use [-127, 127] so that -w quantizes to -q e
 RELU = (0.0, math.inf)
 LINEAR = (-math.inf, math.inf)
 UNIT_RANGE = (0.0, 1.0)  # the outputs of sigmoid and hard sigmoid: bounded, whatever the input
+HARD_GATE_RANGE = (0.0, 6.0)  # relu6(x + 3): hard sigmoid times 6, quantized on this range
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ class QuantParams:
     # outputs of weightless modules (a residual add's FloatFunctional.activation_post_process),
     # quantized so that onnxruntime runs the add as QLinearAdd and its readers stay int8
     tensors: dict[str, ActQuant] = field(default_factory=dict)
-    # SiLU modules (x * sigmoid(x)) whose inner sigmoid output is quantized too, with these params
-    # (its whole range [0, 1], UNIT_RANGE): onnxruntime then runs QLinearSigmoid + QLinearMul
+    # activation modules computed through an int8 gate, with the gate's params: SiLU (x * sigmoid(x):
+    # the sigmoid output over UNIT_RANGE; onnxruntime runs QLinearSigmoid + QLinearMul), hard swish
+    # and hard sigmoid (relu6(x + 3) on HARD_GATE_RANGE, read back / 6: QLinearAdd (+ QLinearMul))
     gates: dict[str, ActQuant] = field(default_factory=dict)
     dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
     weight_grid: WeightGrid | None = None  # the grid the weights were quantized on

@@ -11,6 +11,10 @@ convolutions saved. So:
   `x.mean((2, 3), keepdim=True)`) becomes the GlobalAveragePool it equals (`pools_from_means`);
 - a SiLU, exported as Mul(x, Sigmoid(x)), gets a Q/DQ pair on its Sigmoid (`silu_gate`) as well as
   on its output, so both become int8 kernels when x is quantized;
+- hard swish and hard sigmoid (HardSwish, HardSigmoid: no int8 kernel) are written as relu6(x + 3)
+  quantized on [0, 6] and read back with scale 1/255 (the division by 6 costs nothing: the same
+  integers, another scale), times x for hard swish (`hard_gate_node`, `write_hard_gate`):
+  QLinearAdd (+ QLinearMul), the clamp done by the QuantizeLinear's saturation;
 - a pooling output that reaches a quantized tensor through shape ops only (GlobalAveragePool ->
   Flatten -> Gemm) takes that tensor's Q/DQ pair (`pool_qdq_targets`): exact, because quantizing
   twice with the same parameters changes nothing, and the pool becomes QLinearGlobalAveragePool.
@@ -21,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-__all__ = ["pools_from_means", "silu_gate", "pool_qdq_targets", "SHAPE_OPS"]
+__all__ = ["pools_from_means", "silu_gate", "hard_gate_node", "write_hard_gate", "pool_qdq_targets", "SHAPE_OPS"]
 
 SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 
@@ -84,6 +88,43 @@ def silu_gate(model: onnx.ModelProto, mul_output: str) -> tuple[str, str] | None
         if sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == x:
             return x, s
     return None
+
+
+def hard_gate_node(nodes, output: str) -> onnx.NodeProto | None:
+    """The HardSwish node, or HardSigmoid node with torch's slope and offset (x / 6 + 1 / 2), among
+    `nodes` that writes `output`, else None."""
+    for node in nodes:
+        if output not in node.output:
+            continue
+        if node.op_type == "HardSwish":
+            return node
+        if node.op_type == "HardSigmoid":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if abs(attrs.get("alpha", 0.2) - 1 / 6) < 1e-6 and abs(attrs.get("beta", 0.5) - 0.5) < 1e-6:
+                return node
+        return None
+    return None
+
+
+def write_hard_gate(node: onnx.NodeProto, three: str, gate_q: tuple[str, str, str], unit_scale: str,
+                    new_nodes: list[onnx.NodeProto]) -> None:
+    """Rewrite, in place, a HardSwish / HardSigmoid node that reads a DequantizeLinear output:
+    Add(x, three) -> QuantizeLinear(gate_q) -> DequantizeLinear(scale unit_scale), times x for
+    HardSwish. `three`: a dequantized constant 3; `gate_q`: (scale, zero point) names for
+    HARD_GATE_RANGE and the tag for new tensor names; the nodes before `node` go to `new_nodes`."""
+    x, y = node.input[0], node.output[0]
+    scale, zero, tag = gate_q
+    new_nodes.append(helper.make_node("Add", [x, three], [f"{tag}_plus3"], name=f"{tag}_Add"))
+    new_nodes.append(helper.make_node("QuantizeLinear", [f"{tag}_plus3", scale, zero], [f"{tag}_quantized"],
+                                      name=f"{tag}_Q"))
+    hard_swish = node.op_type == "HardSwish"
+    gate = f"{tag}_gate" if hard_swish else y
+    read_back = helper.make_node("DequantizeLinear", [f"{tag}_quantized", unit_scale, zero], [gate], name=f"{tag}_DQ")
+    if hard_swish:
+        new_nodes.append(read_back)
+        node.CopyFrom(helper.make_node("Mul", [x, gate], [y], name=node.name))
+    else:
+        node.CopyFrom(read_back)
 
 
 def pool_qdq_targets(nodes: list[onnx.NodeProto], graph_outputs: set[str], quantized: set[str]) -> dict[str, str]:

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sqexport.contracts.quant import LINEAR, RELU, ActQuant, Anchor, QuantParams
-from sqexport.exporters.elementwise import pool_qdq_targets
+from sqexport.contracts.quant import UNIT_RANGE, LINEAR, RELU, ActQuant, Anchor, QuantParams, act_params_from_range
+from sqexport.exporters.elementwise import hard_gate_node, pool_qdq_targets, write_hard_gate
 from sqexport.exporters.graph import consumers, ensure_node_names, toposort
 from sqexport.exporters.weight_index import WeightIndex, initializer_array
 
@@ -137,6 +137,24 @@ def find_embedding_sites(model: onnx.ModelProto, tables: dict[str, np.ndarray]) 
     return sites
 
 
+def _write_hard_gates(graph: onnx.GraphProto, ed: "_GraphEditor", params: QuantParams,
+                      hard_sites: dict[str, str]) -> None:
+    todo = {m: t for m, t in hard_sites.items() if m in params.gates}
+    if not todo:
+        return
+    names = {n.output[0]: i for i, n in enumerate(graph.node) if n.output}
+    three = ed.dq_constant(np.array(3, np.uint8), np.array(1.0, np.float32), 0, "hard_gate_three")
+    unit = ed.add_init(np.array(act_params_from_range(*UNIT_RANGE).scale, np.float32), "hard_gate_unit_scale")
+    for module, tensor in todo.items():
+        if tensor not in names or hard_gate_node([graph.node[names[tensor]]], tensor) is None:
+            continue  # plan_quantization matched it in this very graph: not expected
+        p = params.gates[module]
+        tag = f"{module}.hard_gate"
+        s = ed.add_init(np.array(p.scale, np.float32), f"{tag}_scale")
+        z = ed.add_init(np.array(p.zero_point, np.uint8), f"{tag}_zero_point")
+        write_hard_gate(graph.node[names[tensor]], three, (s, z, tag), unit, ed.new_nodes)
+
+
 def _quantize_pool_outputs(graph: onnx.GraphProto, ed: "_GraphEditor") -> None:
     """A GlobalAveragePool whose output reaches a quantized tensor through shape ops only takes
     that tensor's Q/DQ pair on its own output (elementwise.pool_qdq_targets): onnxruntime then runs
@@ -193,10 +211,13 @@ class _GraphEditor:
 def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantParams,
                embedding_sites: dict[str, tuple[str, str]] | None = None,
                tensor_sites: dict[str, str] | None = None, inplace: bool = False,
-               gate_sites: dict[str, str] | None = None) -> onnx.ModelProto:
+               gate_sites: dict[str, str] | None = None, hard_sites: dict[str, str] | None = None,
+               ) -> onnx.ModelProto:
     """`tensor_sites` maps a torch module whose output is quantized (params.tensors) to its tensor;
     `gate_sites` a SiLU module to the Sigmoid output inside it (params.gates: quantized too, so
-    onnxruntime runs the SiLU as QLinearSigmoid + QLinearMul).
+    onnxruntime runs the SiLU as QLinearSigmoid + QLinearMul); `hard_sites` a hard swish / hard
+    sigmoid module to its node's output, rewritten around its int8 gate (params.gates,
+    elementwise.write_hard_gate).
     `inplace` rewrites `model` itself (a caller done with the FP32 graph saves a copy of it:
     440 MB for a BERT-base)."""
     out = model if inplace else onnx.ModelProto()
@@ -263,6 +284,8 @@ def insert_qdq(model: onnx.ModelProto, sites: dict[str, Site], params: QuantPara
                 node.input[i] = rewire[name]
             elif node.op_type == "Add" and name in sum_rewire:
                 node.input[i] = sum_rewire[name]
+    if not params.dynamic:
+        _write_hard_gates(graph, ed, params, hard_sites or {})
     _quantize_pool_outputs(graph, ed)
     # an exporter stores equal constants once (zero biases, say): a replaced initializer that
     # another node still reads stays

@@ -30,8 +30,9 @@ _BATCH_NORMS = {aten.batch_norm.default, _NATIVE_BN}
 # module (toolchain.quantization.activation_sites); the in-place variants as in-place modules
 _ACTIVATIONS = {getattr(aten, op).default: (cls, op.endswith("_"))
                 for op, cls in (("silu", nn.SiLU), ("silu_", nn.SiLU), ("sigmoid", nn.Sigmoid),
-                                ("sigmoid_", nn.Sigmoid), ("hardsigmoid", nn.Hardsigmoid),
-                                ("hardsigmoid_", nn.Hardsigmoid)) if hasattr(aten, op)}
+                                ("hardsigmoid", nn.Hardsigmoid),
+                                ("hardsigmoid_", nn.Hardsigmoid), ("hardswish", nn.Hardswish),
+                                ("hardswish_", nn.Hardswish)) if hasattr(aten, op)}
 _TENSOR_INPUTS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 # runtime checks the export recorded on sizes: they compute nothing, and the ONNX exporter cannot
 # take them (aten::_assert_scalar on a traced size tensor)

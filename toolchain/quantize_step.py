@@ -16,7 +16,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from sqexport.contracts.errors import DataError, ExportError, first_line
 from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
-from sqexport.contracts.quant import UNIT_RANGE, Anchor, ObservedRanges, QuantParams, act_params_from_range
+from sqexport.contracts.quant import HARD_GATE_RANGE, UNIT_RANGE, Anchor, ObservedRanges, QuantParams, act_params_from_range
 from sqexport.contracts.tasks import LABELS_KEY, get_task
 from sqexport.exporters.coverage import weight_layer_coverage
 from sqexport.exporters.dynamic import insert_dynamic
@@ -68,6 +68,8 @@ class QuantPlan:
     # SiLU module -> its inner Sigmoid's output tensor, quantized too (activation_sites.py)
     gate_sites: dict[str, str] = field(default_factory=dict)
     bounded: set[str] = field(default_factory=set)  # tensor-site modules quantized over UNIT_RANGE
+    # hard swish / hard sigmoid module -> its node's output, written around an int8 gate
+    hard_sites: dict[str, str] = field(default_factory=dict)
     # tensor-site module -> the anchor that reads its tensor as input: both take the same params
     # (one Q/DQ pair in the graph, the same rounding in torch)
     tensor_aliases: dict[str, str] = field(default_factory=dict)
@@ -133,12 +135,12 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: Mo
     if unmatched:
         coverage["torch_layers_not_in_graph"] = unmatched
     return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors, coverage,
-                     acts.gates, acts.bounded, aliases, pools)
+                     acts.gates, acts.bounded, acts.hard, aliases, pools)
 
 
 def _shared_activation_params(plan: QuantPlan, params: QuantParams) -> QuantParams:
-    """Bounded outputs take their whole range, SiLU gates too, and a tensor an anchor also reads
-    takes that anchor's input params (one Q/DQ pair for every reader)."""
+    """Bounded outputs take their whole range, SiLU and hard gates theirs, and a tensor an anchor
+    also reads takes that anchor's input params (one Q/DQ pair for every reader)."""
     if params.dynamic:
         return params
     unit = act_params_from_range(*UNIT_RANGE)
@@ -148,6 +150,8 @@ def _shared_activation_params(plan: QuantPlan, params: QuantParams) -> QuantPara
         if m in params.tensors and anchor in params.inputs:
             params.tensors[m] = params.inputs[anchor]
     params.gates = {m: unit for m in plan.gate_sites if m in params.tensors}
+    hard = act_params_from_range(*HARD_GATE_RANGE)
+    params.gates.update({m: hard for m in plan.hard_sites})
     return params
 
 
@@ -342,7 +346,7 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
         model = insert_dynamic(with_tables, plan.sites, params, inplace=True)  # with_tables: ours either way
     else:
         model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume,
-                           gate_sites=plan.gate_sites)
+                           gate_sites=plan.gate_sites, hard_sites=plan.hard_sites)
     if labels:
         set_metadata(model, {LABELS_KEY: json.dumps([str(x) for x in labels])})
     onnx.save(model, str(out_path))

@@ -6,7 +6,12 @@ and a QuantizeLinear (exporters.elementwise says which ops it fuses):
   function's whole range [0, 1] (UNIT_RANGE), not a calibrated one: it cannot clip on any input,
   and the gating Mul reads two int8 tensors (QLinearMul);
 - SiLU modules whose input is already quantized: Q/DQ on the inner Sigmoid (UNIT_RANGE) and on
-  the output (calibrated), so SiLU runs as QLinearSigmoid + QLinearMul.
+  the output (calibrated), so SiLU runs as QLinearSigmoid + QLinearMul;
+- hard swish and hard sigmoid modules whose input is quantized: written around an int8 gate,
+  relu6(x + 3) on HARD_GATE_RANGE read back on the unit grid (exporters.elementwise.write_hard_gate),
+  so they run as QLinearAdd (+ QLinearMul for hard swish); hard swish's output is quantized
+  (calibrated), hard sigmoid's is that unit grid itself. A hard sigmoid whose input is float is
+  a plain bounded gate (Q/DQ over UNIT_RANGE on its output).
 
 Each module is matched to its ONNX tensor by value (exporters.tensor_sites), as residual adds
 are; a module without exactly one match keeps its float op (slower, still correct).
@@ -19,12 +24,15 @@ import numpy as np
 import onnx
 from torch import nn
 
-from sqexport.exporters.elementwise import silu_gate
+from sqexport.exporters.elementwise import hard_gate_node, silu_gate
 from sqexport.exporters.tensor_sites import find_tensor_sites
 
 __all__ = ["ActivationSites", "activation_modules", "match_activation_sites"]
 
-GATES = ("Sigmoid", "Hardsigmoid", "HardSigmoid")  # class names: torch's and timm's own
+# class names: torch's and timm's own
+GATES = ("Sigmoid",)
+HARD_GATES = ("Hardsigmoid", "HardSigmoid")
+HARD_SWISH = ("Hardswish", "HardSwish")
 SILU = ("SiLU", "Swish")
 
 
@@ -33,18 +41,15 @@ class ActivationSites:
     tensors: dict[str, str] = field(default_factory=dict)  # module -> ONNX tensor of its output
     gates: dict[str, str] = field(default_factory=dict)  # SiLU module -> its Sigmoid's output tensor
     bounded: set[str] = field(default_factory=set)  # modules quantized over UNIT_RANGE
+    hard: dict[str, str] = field(default_factory=dict)  # hard swish / sigmoid module -> its node's output
 
 
 def activation_modules(model: nn.Module) -> dict[str, str]:
-    """module name -> "gate" or "silu", for the activation modules worth a quantization point."""
-    found = {}
-    for name, mod in model.named_modules():
-        kind = type(mod).__name__
-        if kind in GATES:
-            found[name] = "gate"
-        elif kind in SILU:
-            found[name] = "silu"
-    return found
+    """module name -> "gate", "hard_gate", "hard_swish" or "silu", for the activation modules
+    worth a quantization point."""
+    kinds = {**{c: "gate" for c in GATES}, **{c: "hard_gate" for c in HARD_GATES},
+             **{c: "hard_swish" for c in HARD_SWISH}, **{c: "silu" for c in SILU}}
+    return {name: kinds[type(mod).__name__] for name, mod in model.named_modules() if type(mod).__name__ in kinds}
 
 
 def match_activation_sites(prepared: onnx.ModelProto, kinds: dict[str, str], values: dict[str, np.ndarray],
@@ -52,12 +57,25 @@ def match_activation_sites(prepared: onnx.ModelProto, kinds: dict[str, str], val
     """`values`: each module's output on `feed`; `quantized`: tensors that already get Q/DQ (a
     SiLU whose input is float would gain nothing from int8 kernels)."""
     sites = ActivationSites()
-    gates = find_tensor_sites(prepared, {m: v for m, v in values.items() if kinds[m] == "gate"}, feed,
-                              ("Sigmoid", "HardSigmoid"))
+
+    def of(kind: str) -> dict[str, np.ndarray]:
+        return {m: v for m, v in values.items() if kinds[m] == kind}
+    gates = find_tensor_sites(prepared, of("gate"), feed, ("Sigmoid",))
     sites.tensors.update(gates)
     sites.bounded.update(gates)
-    silus = find_tensor_sites(prepared, {m: v for m, v in values.items() if kinds[m] == "silu"}, feed, ("Mul",))
-    for module, tensor in silus.items():
+    for module, tensor in find_tensor_sites(prepared, of("hard_gate"), feed, ("HardSigmoid",)).items():
+        node = hard_gate_node(prepared.graph.node, tensor)
+        if node is not None and node.input[0] in quantized:
+            sites.hard[module] = tensor
+        else:
+            sites.tensors[module] = tensor
+            sites.bounded.add(module)
+    for module, tensor in find_tensor_sites(prepared, of("hard_swish"), feed, ("HardSwish",)).items():
+        node = hard_gate_node(prepared.graph.node, tensor)
+        if node is not None and node.input[0] in quantized:
+            sites.tensors[module] = tensor
+            sites.hard[module] = tensor
+    for module, tensor in find_tensor_sites(prepared, of("silu"), feed, ("Mul",)).items():
         inner = silu_gate(prepared, tensor)
         if inner is not None and inner[0] in quantized:
             sites.tensors[module] = tensor

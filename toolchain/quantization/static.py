@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sqexport.contracts.quant import (
-    ActQuant, Anchor, ObservedRanges, QuantParams, WeightQuant, act_params_from_range, quantize_bias,
+    UNIT_RANGE, ActQuant, Anchor, ObservedRanges, QuantParams, WeightQuant, act_params_from_range, quantize_bias,
     quantize_per_tensor_symmetric, quantize_weight_per_channel,
 )
 from sqexport.contracts.weight_grid import WeightGrid, as_grid
@@ -169,24 +169,36 @@ def _apply_fake_quant(model: nn.Module, params: QuantParams, saved: list, handle
                 handles.append(mod.register_forward_hook(
                     lambda m, args, out, p=p_out, b=a.output_range: fake_quant_act(rectify(out, b), p)))
         for name, p_g in ([] if params.dynamic else params.gates.items()):
-            _hook_silu_gate(modules[name], p_g, handles)
+            _hook_gate(modules[name], p_g, handles)
         for name, p_t in ([] if params.dynamic else params.tensors.items()):
             handles.append(modules[name].register_forward_hook(lambda m, args, out, p=p_t: fake_quant_act(out, p)))
 
 
-def _hook_silu_gate(mod: nn.Module, p: ActQuant, handles: list) -> None:
-    """SiLU as the graph computes it with its Sigmoid quantized: x * fq(sigmoid(x)). The input is
-    kept by a pre-hook (an inplace SiLU overwrites it); the output hook (params.tensors) follows."""
+HARD_SWISH, HARD_SIGMOID = ("Hardswish", "HardSwish"), ("Hardsigmoid", "HardSigmoid")
+
+
+def _gate(mod: nn.Module, x: torch.Tensor, p: ActQuant) -> torch.Tensor:
+    """What the graph computes for the activation's gate (contracts.quant.QuantParams.gates): a
+    hard gate is relu6(x + 3) quantized with `p` (HARD_GATE_RANGE) and read back on the unit grid
+    (the same integers, scale 1/255: the division by 6); a SiLU's is its quantized sigmoid."""
+    kind = type(mod).__name__
+    if kind in HARD_SWISH or kind in HARD_SIGMOID:
+        unit = act_params_from_range(*UNIT_RANGE)
+        g = torch.round(fake_quant_act(x + 3.0, p) / p.scale) * unit.scale
+        return x * g if kind in HARD_SWISH else g
+    return x * fake_quant_act(torch.sigmoid(x), p)
+
+
+def _hook_gate(mod: nn.Module, p: ActQuant, handles: list) -> None:
+    """The activation as the graph computes it with its gate quantized (_gate). The input is kept
+    by a pre-hook (an inplace activation overwrites it); the output hook (params.tensors) follows."""
     kept: list[torch.Tensor] = []
 
     def keep(m, args):
         kept.append(args[0].clone() if getattr(m, "inplace", False) else args[0])
 
-    def gate(m, args, out):
-        x = kept.pop()
-        return x * fake_quant_act(torch.sigmoid(x), p)
     handles.append(mod.register_forward_pre_hook(keep))
-    handles.append(mod.register_forward_hook(gate))
+    handles.append(mod.register_forward_hook(lambda m, args, out: _gate(m, kept.pop(), p)))
 
 
 @contextmanager

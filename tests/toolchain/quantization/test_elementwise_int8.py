@@ -1,7 +1,8 @@
-"""SiLU, squeeze-excitation and pooling run as int8 kernels in onnxruntime: an EfficientNet-style
-block (BN + SiLU convs, a squeeze-excite with a mean, SiLU and a sigmoid gate, a residual sum, a
-pooled head) leaves no float Sigmoid, Mul or pooling op once onnxruntime has fused the QDQ graph,
-and onnxruntime still computes what the torch fake-quant model does."""
+"""SiLU, hard swish, squeeze-excitation and pooling run as int8 kernels in onnxruntime: an
+EfficientNet-style block (BN + SiLU convs, a squeeze-excite with a mean, SiLU and a sigmoid gate, a
+residual sum, a pooled head) and its MobileNetV3 form (hard swish, ReLU and a hard-sigmoid gate)
+leave no float activation, Mul, Add or pooling op once onnxruntime has fused the QDQ graph, and
+onnxruntime still computes what the torch fake-quant model does."""
 from __future__ import annotations
 
 import collections
@@ -24,9 +25,9 @@ from torch import nn
 
 
 class SE(nn.Module):
-    def __init__(self, c, r, gate):
+    def __init__(self, c, r, act, gate):
         super().__init__()
-        self.conv_reduce, self.act, self.conv_expand = nn.Conv2d(c, r, 1), nn.SiLU(inplace=True), nn.Conv2d(r, c, 1)
+        self.conv_reduce, self.act, self.conv_expand = nn.Conv2d(c, r, 1), act(inplace=True), nn.Conv2d(r, c, 1)
         self.gate = gate()
 
     def forward(self, x):
@@ -34,13 +35,13 @@ class SE(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, act=nn.SiLU, se_act=nn.SiLU, gate=nn.Sigmoid):
         super().__init__()
-        self.stem, self.bn0, self.act0 = nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU(inplace=True)
-        self.dw, self.bn1, self.act1 = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.SiLU()
-        self.se = SE(16, 4, nn.Sigmoid)
+        self.stem, self.bn0, self.act0 = nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), act(inplace=True)
+        self.dw, self.bn1, self.act1 = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), act()
+        self.se = SE(16, 4, se_act, gate)
         self.pwl, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
-        self.head, self.act2 = nn.Conv2d(16, 32, 1), nn.SiLU()
+        self.head, self.act2 = nn.Conv2d(16, 32, 1), act()
         self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, 10)
 
     def forward(self, x):
@@ -52,11 +53,15 @@ class Net(nn.Module):
 def build():
     torch.manual_seed(0)
     return Net().eval()
+
+
+def build_hard():
+    torch.manual_seed(0)
+    return Net(nn.Hardswish, nn.ReLU, nn.Hardsigmoid).eval()
 '''
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def _export(tmp_path_factory, factory: str):
     from click.testing import CliRunner
 
     from sqexport.toolchain.cli import cli
@@ -65,13 +70,23 @@ def exported(tmp_path_factory):
     (root / "senet.py").write_text(NET)
     sys.path.insert(0, str(root))
     try:
-        r = CliRunner().invoke(cli, ["senet:build", "--input-shape", "1x3x16x16", "--prune", "none",
+        r = CliRunner().invoke(cli, [f"senet:{factory}", "--input-shape", "1x3x16x16", "--prune", "none",
                                      "--max-accuracy-drop", "100", "--quiet", "-o", str(root / "out")])
     finally:
         sys.path.remove(str(root))
         sys.modules.pop("senet", None)
     assert r.exit_code == 0, r.output
     return root / "out"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return _export(tmp_path_factory, "build")
+
+
+@pytest.fixture(scope="module")
+def exported_hard(tmp_path_factory):
+    return _export(tmp_path_factory, "build_hard")
 
 
 def _optimized_ops(path, tmp_path) -> collections.Counter:
@@ -91,8 +106,19 @@ def test_silu_gate_and_pools_become_int8_kernels(exported, tmp_path):
     assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 1
 
 
-def test_onnxruntime_matches_the_torch_fake_quant_model(exported):
-    fid = json.loads((exported / "report.json").read_text())["fidelity"]
+def test_hard_swish_and_hard_gate_become_int8_kernels(exported_hard, tmp_path):
+    """relu6(x + 3) quantized on [0, 6] and read back with scale 1/255 is hard sigmoid:
+    QLinearAdd, and QLinearMul for hard swish; the squeeze's ReLU folds into its QLinearConv."""
+    ops = _optimized_ops(exported_hard / "model.onnx", tmp_path)
+    assert not {"HardSigmoid", "HardSwish", "Mul", "Add", "Relu", "GlobalAveragePool", "DequantizeLinear"} & set(ops), ops
+    assert ops["QLinearAdd"] == 5  # three hard swishes, the gate and the residual sum
+    assert ops["QLinearMul"] == 4  # three hard swishes and the gating multiply
+    assert ops["QLinearGlobalAveragePool"] == 2
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_hard"])
+def test_onnxruntime_matches_the_torch_fake_quant_model(which, request):
+    fid = json.loads((request.getfixturevalue(which) / "report.json").read_text())["fidelity"]
     assert fid["max_abs_deviation"] <= 0.02 * fid["reference_max_abs"], fid
 
 
