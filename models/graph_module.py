@@ -18,7 +18,26 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from sqexport.contracts.errors import ModelLoadError
 
-__all__ = ["module_from_program"]
+__all__ = ["module_from_program", "AddTensors", "ConcatTensors"]
+
+
+class AddTensors(nn.Module):
+    """`a + b` of two computed tensors, as a module: quantization can place a point on the sum
+    (toolchain.quantization.activation_sites), as torch's FloatFunctional lets a model do."""
+
+    def forward(self, a, b):
+        return a + b
+
+
+class ConcatTensors(nn.Module):
+    """torch.cat(xs, dim) as a module (see AddTensors)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *xs):
+        return torch.cat(xs, self.dim)
 
 aten = torch.ops.aten
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding,
@@ -189,6 +208,40 @@ class _Builder:
         call.meta = dict(node.meta)
         return call
 
+    def _computed(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and self.env.get(arg) is not None and self.target_of(arg) is None \
+            and isinstance(arg.meta.get("val"), torch.Tensor)
+
+    def add(self, node: fx.Node) -> fx.Node | None:
+        """`a + b`; an in-place `a += b` too when nothing else reads `a` (no one sees it change)."""
+        if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1 or not all(map(self._computed, node.args)):
+            return None
+        if node.target == aten.add_.Tensor and len(node.args[0].users) != 1:
+            return None
+        return self._call(node, AddTensors(), "add", [self.env[a] for a in node.args])
+
+    def cat(self, node: fx.Node) -> fx.Node | None:
+        xs = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if node.kwargs.keys() - {"dim"} or not isinstance(xs, (list, tuple)) or not all(map(self._computed, xs)):
+            return None
+        return self._call(node, ConcatTensors(int(dim)), "cat", [self.env[a] for a in xs])
+
+    def _call(self, node: fx.Node, module: nn.Module, kind: str, args: list) -> fx.Node:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        owner = str(stack[-1][0]) if stack else ""
+        i = 0
+        while True:
+            path = f"{owner + '.' if owner else ''}{kind}{i}"
+            if path not in self.claimed and _lookup(self.root, path) is None \
+                    and not any(t == path or t.startswith(path + ".") for t in self.tensors):
+                break
+            i += 1
+        call = self._install(path, module, [])
+        call.args = tuple(args)
+        call.meta = dict(node.meta)
+        return call
+
     def copy(self, node: fx.Node) -> fx.Node:
         return self.graph.node_copy(node, lambda n: self.env[n])
 
@@ -252,6 +305,10 @@ def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
                 new = b.addmm(node)
             elif node.target in _ACTIVATIONS:
                 new = b.activation(node)
+            elif node.target in (aten.add.Tensor, aten.add_.Tensor):
+                new = b.add(node)
+            elif node.target == aten.cat.default:
+                new = b.cat(node)
             elif node.target in _BATCH_NORMS:
                 new = b.batch_norm(node)
                 if new is not None and node.target == _NATIVE_BN:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 __all__ = ["fold_batchnorm", "copy_for_compression"]
@@ -17,8 +18,9 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
         return model, 0
     from torch.fx.experimental.optimization import fuse
 
-    try:
-        fused = fuse(model.eval(), inplace=False)
+    try:  # a GraphModule as it is: tracing it again would inline the modules it calls by design
+        # (models.graph_module's activations, sums and concatenations)
+        fused = fuse(model.eval(), inplace=False, no_trace=isinstance(model, torch.fx.GraphModule))
     except Exception:  # not traceable: keep BN, quantization still works on the unfused conv
         return model, 0
     left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())

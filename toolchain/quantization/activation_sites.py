@@ -34,6 +34,7 @@ GATES = ("Sigmoid",)
 HARD_GATES = ("Hardsigmoid", "HardSigmoid")
 HARD_SWISH = ("Hardswish", "HardSwish")
 SILU = ("SiLU", "Swish")
+SUMS, CONCATS = ("AddTensors",), ("ConcatTensors",)  # models.graph_module's, in rebuilt models
 
 
 @dataclass
@@ -45,10 +46,11 @@ class ActivationSites:
 
 
 def activation_modules(model: nn.Module) -> dict[str, str]:
-    """module name -> "gate", "hard_gate", "hard_swish" or "silu", for the activation modules
-    worth a quantization point."""
+    """module name -> "gate", "hard_gate", "hard_swish", "silu", "sum" or "concat", for the
+    modules worth a quantization point."""
     kinds = {**{c: "gate" for c in GATES}, **{c: "hard_gate" for c in HARD_GATES},
-             **{c: "hard_swish" for c in HARD_SWISH}, **{c: "silu" for c in SILU}}
+             **{c: "hard_swish" for c in HARD_SWISH}, **{c: "silu" for c in SILU},
+             **{c: "sum" for c in SUMS}, **{c: "concat" for c in CONCATS}}
     return {name: kinds[type(mod).__name__] for name, mod in model.named_modules() if type(mod).__name__ in kinds}
 
 
@@ -80,4 +82,18 @@ def match_activation_sites(prepared: onnx.ModelProto, kinds: dict[str, str], val
         if inner is not None and inner[0] in quantized:
             sites.tensors[module] = tensor
             sites.gates[module] = inner[1]
+    _joins(prepared, of, feed, quantized | set(sites.tensors.values()), sites)
     return sites
+
+
+def _joins(prepared: onnx.ModelProto, of, feed: dict, quantized: set[str], sites: ActivationSites) -> None:
+    """Concatenations, then sums, of tensors that are all quantized: their outputs get Q/DQ too, so
+    onnxruntime runs QLinearConcat / QLinearAdd and their readers stay int8 (GhostNet's ghost
+    modules: a concat of two conv outputs added to the block's input)."""
+    producers = {o: n for n in prepared.graph.node for o in n.output}
+    for kind, op in (("concat", "Concat"), ("sum", "Add")):
+        found = find_tensor_sites(prepared, of(kind), feed, (op,))
+        for module, tensor in found.items():
+            if all(i in quantized for i in producers[tensor].input):
+                sites.tensors[module] = tensor
+                quantized.add(tensor)

@@ -55,6 +55,30 @@ def build():
     return Net().eval()
 
 
+class Ghost(nn.Module):
+    """GhostNet's form: a conv and a cheap depthwise conv of its output, concatenated, added in place
+    to the block's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+        self.primary, self.bn1 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.cheap, self.bn2 = nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.head, self.fc = nn.Conv2d(16, 32, 1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x1 = torch.relu(self.bn1(self.primary(x)))
+        out = torch.cat([x1, torch.relu(self.bn2(self.cheap(x1)))], 1)
+        out += x
+        return self.fc(torch.relu(self.head(out)).mean((2, 3)))
+
+
+def build_ghost():
+    torch.manual_seed(0)
+    return Ghost().eval()
+
+
 def build_hard():
     torch.manual_seed(0)
     return Net(nn.Hardswish, nn.ReLU, nn.Hardsigmoid).eval()
@@ -89,6 +113,11 @@ def exported_hard(tmp_path_factory):
     return _export(tmp_path_factory, "build_hard")
 
 
+@pytest.fixture(scope="module")
+def exported_ghost(tmp_path_factory):
+    return _export(tmp_path_factory, "build_ghost")
+
+
 def _optimized_ops(path, tmp_path) -> collections.Counter:
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
@@ -116,7 +145,15 @@ def test_hard_swish_and_hard_gate_become_int8_kernels(exported_hard, tmp_path):
     assert ops["QLinearGlobalAveragePool"] == 2
 
 
-@pytest.mark.parametrize("which", ["exported", "exported_hard"])
+def test_concat_and_sum_of_int8_tensors_stay_int8(exported_ghost, tmp_path):
+    """A factory model's torch.cat and `+=` become modules when it is rebuilt (models.graph_module),
+    so their outputs can take Q/DQ: QLinearConcat and QLinearAdd, no float op between the convs."""
+    ops = _optimized_ops(exported_ghost / "model.onnx", tmp_path)
+    assert not {"Concat", "Add", "Relu"} & set(ops), ops  # (the head's mean without keepdim stays float)
+    assert ops["QLinearConcat"] == 1 and ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 4
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_hard", "exported_ghost"])
 def test_onnxruntime_matches_the_torch_fake_quant_model(which, request):
     fid = json.loads((request.getfixturevalue(which) / "report.json").read_text())["fidelity"]
     assert fid["max_abs_deviation"] <= 0.02 * fid["reference_max_abs"], fid
