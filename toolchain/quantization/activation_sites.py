@@ -35,6 +35,7 @@ HARD_GATES = ("Hardsigmoid", "HardSigmoid")
 HARD_SWISH = ("Hardswish", "HardSwish")
 SILU = ("SiLU", "Swish")
 SUMS, CONCATS = ("AddTensors",), ("ConcatTensors",)  # models.graph_module's, in rebuilt models
+RECTIFIERS = ("Relu", "Clip", "LeakyRelu")
 
 
 @dataclass
@@ -87,13 +88,30 @@ def match_activation_sites(prepared: onnx.ModelProto, kinds: dict[str, str], val
 
 
 def _joins(prepared: onnx.ModelProto, of, feed: dict, quantized: set[str], sites: ActivationSites) -> None:
-    """Concatenations, then sums, of tensors that are all quantized: their outputs get Q/DQ too, so
-    onnxruntime runs QLinearConcat / QLinearAdd and their readers stay int8 (GhostNet's ghost
-    modules: a concat of two conv outputs added to the block's input)."""
-    producers = {o: n for n in prepared.graph.node for o in n.output}
+    """Concatenations and sums whose inputs are all quantized, and whose readers take int8 too: their
+    outputs get Q/DQ, so onnxruntime runs QLinearConcat / QLinearAdd and the readers stay int8
+    (GhostNet's ghost modules: a concat of two conv outputs added to the block's input). Not where
+    a rectifier reads the output (a ResNet sum before its ReLU: the QuantizeLinear after the ReLU
+    already makes it QLinearAdd, a point before it would only add a requantization), nor where a
+    sum or concat left in float does (RepVGG's conv branches summed, then added to a float
+    BatchNorm branch: a point there costs error and buys no kernel). Found as a fixpoint: a join
+    dropped can leave another without int8 inputs or readers."""
+    joins: dict[str, str] = {}
     for kind, op in (("concat", "Concat"), ("sum", "Add")):
-        found = find_tensor_sites(prepared, of(kind), feed, (op,))
-        for module, tensor in found.items():
-            if all(i in quantized for i in producers[tensor].input):
-                sites.tensors[module] = tensor
-                quantized.add(tensor)
+        joins.update(find_tensor_sites(prepared, of(kind), feed, (op,)))
+    producers = {o: n for n in prepared.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in prepared.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    chosen = dict(joins)
+    while True:
+        ints = quantized | set(chosen.values())
+        keep = {m: t for m, t in chosen.items()
+                if all(i in ints for i in producers[t].input)
+                and all(r.op_type not in RECTIFIERS and (r.op_type not in ("Add", "Concat") or r.output[0] in ints)
+                        for r in readers.get(t, []))}
+        if keep == chosen:
+            break
+        chosen = keep
+    sites.tensors.update(chosen)

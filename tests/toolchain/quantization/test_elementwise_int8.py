@@ -79,6 +79,30 @@ def build_ghost():
     return Ghost().eval()
 
 
+class RepBlock(nn.Module):
+    """RepVGG's training form: 3x3 and 1x1 conv branches summed, plus a BatchNorm identity branch
+    (no conv to fold into: it stays a float op), then ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.a, self.bn_a = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.bn_id, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.bn_a(self.a(x)) + self.bn_b(self.b(x)) + self.bn_id(x))).mean((2, 3))
+
+
+def build_rep():
+    torch.manual_seed(0)
+    m = RepBlock()
+    with torch.no_grad():
+        m.bn_id.weight.uniform_(0.5, 1.5)
+    return m.eval()
+
+
 def build_hard():
     torch.manual_seed(0)
     return Net(nn.Hardswish, nn.ReLU, nn.Hardsigmoid).eval()
@@ -151,6 +175,15 @@ def test_concat_and_sum_of_int8_tensors_stay_int8(exported_ghost, tmp_path):
     ops = _optimized_ops(exported_ghost / "model.onnx", tmp_path)
     assert not {"Concat", "Add", "Relu"} & set(ops), ops  # (the head's mean without keepdim stays float)
     assert ops["QLinearConcat"] == 1 and ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 4
+
+
+def test_a_sum_read_by_a_float_op_keeps_no_quantization_point(tmp_path_factory):
+    """The two conv branches' sum feeds a sum with a float BatchNorm branch: a Q/DQ pair there
+    would cost error and buy no int8 kernel."""
+    graph = onnx.load(str(_export(tmp_path_factory, "build_rep") / "model.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    assert not [q for q in graph.node if q.op_type == "QuantizeLinear"
+                and getattr(producers.get(q.input[0]), "op_type", "") == "Add"]
 
 
 @pytest.mark.parametrize("which", ["exported", "exported_hard", "exported_ghost"])
