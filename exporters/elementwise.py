@@ -65,8 +65,8 @@ def pools_from_means(model: onnx.ModelProto) -> int:
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
             continue
         axes, keepdims = _mean_axes(node, inits)
-        if axes is None or not keepdims:
-            continue
+        if axes is None or not keepdims or len(set(axes)) != 2:
+            continue  # before shape inference: a transformer's many one-axis means cost nothing
         ranks = _rank(model) if ranks is None else ranks
         rank = ranks.get(node.input[0])
         if rank != 4 or sorted(a % 4 for a in axes) != [2, 3]:
