@@ -191,6 +191,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), line(align), *(line(r) for r in rows)])
 
 
+# a Haswell's int8-relevant CPU flags (AVX2, no VNNI): builds "as on a host without VNNI" swap these in
+HASWELL_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma"})
+
+
 def results_header(name: str) -> str:
     """Where and when: the host's CPU and int8 flags, the commit and the date (UTC)."""
     import datetime

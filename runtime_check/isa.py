@@ -18,7 +18,7 @@ from pathlib import Path
 from sqexport.contracts.targets import get_target
 from sqexport.contracts.weight_grid import PAIR_SUM_LIMIT, WeightGrid
 
-__all__ = ["cpu_flags", "int8_saturates", "weight_grid", "weight_qmax", "FULL_QMAX", "REDUCED_QMAX", "describe_cpu"]
+__all__ = ["cpu_flags", "int8_saturates", "weight_grid", "FULL_QMAX", "REDUCED_QMAX", "describe_cpu"]
 
 FULL_QMAX = 127  # symmetric int8 weights in [-127, 127]
 REDUCED_QMAX = 63  # "reduce_range": 7-bit weights, safe for non-VNNI x86 kernels
@@ -54,11 +54,6 @@ def weight_grid(target: str = "cpu") -> WeightGrid:
     if get_target(target).int8_kernels == "arm" or not int8_saturates():
         return WeightGrid(FULL_QMAX)
     return WeightGrid(FULL_QMAX, pair_limit=PAIR_SUM_LIMIT)
-
-
-def weight_qmax(target: str = "cpu") -> int:
-    """Largest |q| for int8 weights on `target`."""
-    return weight_grid(target).qmax
 
 
 def describe_cpu() -> str:

@@ -47,9 +47,9 @@ def saturating_pairs(model: onnx.ModelProto, limit: int = PAIR_SUM_LIMIT) -> dic
     for name, tensor in inits.items():
         uses = [(c, p) for n, _ in readers.get(name, []) if n.op_type == "DequantizeLinear"
                 for c, p in readers.get(n.output[0], [])] + readers.get(name, [])
-        weight = None
+        array, weight = numpy_helper.to_array(tensor), None
         for consumer, position in uses:
-            weight = _torch_layout(numpy_helper.to_array(tensor), consumer, position)
+            weight = _torch_layout(array, consumer, position)
             if weight is not None:
                 break
         if weight is None or weight.ndim < 2:

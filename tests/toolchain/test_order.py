@@ -7,7 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 from sqexport.contracts.errors import ConfigError
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.cli import cli
 from sqexport.toolchain.order import fake_quant_weight, order_errors, quantize_layers_
 from sqexport.toolchain.pruning.magnitude import magnitude_masks
@@ -87,4 +87,4 @@ def test_cli_runs_q_then_s_and_reports_both_errors(tmp_path):
     # both orders measured on the same FP32 weights (which one wins per layer is the study's question:
     # Thm 3.5 does not promise S->Q wins every layer, only that it adds no error beyond S and Q)
     assert all(e["s_then_q"] > 0 and e["q_then_s"] > 0 for e in layers.values())
-    assert rep["order"]["qmax"] == weight_qmax("cpu")
+    assert rep["order"]["qmax"] == weight_grid("cpu").qmax

@@ -10,7 +10,7 @@ from sqexport.contracts.errors import ConfigError
 from sqexport.contracts.quant import Anchor, quantize_weight_per_channel
 from sqexport.exporters.export import export_model
 from sqexport.models.spec import ModelSpec
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
 from sqexport.toolchain.builtin_methods import config_from_dict, config_to_dict
 from sqexport.toolchain.quantization.adaround import AdaRoundConfig, _Geometry, adaround_weights
@@ -158,7 +158,7 @@ def test_qdq_export_matches_torch_fake_quant(tmp_path):
     config = Int8StaticConfig(fallback=False, bias_correction=True, adaround=SHORT)
     reference, info = quantize_to_onnx(work, spec, Stage("quantize", "int8", config), prepared,
                                        tmp_path / "model.onnx", 1.0)
-    assert info["weight_range"]["max_abs_q"] <= weight_qmax("cpu")
+    assert info["weight_range"]["max_abs_q"] <= weight_grid("cpu").qmax
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in spec.eval_batches:
         np.testing.assert_allclose(sess.run(None, batch)[0], reference(batch)[0], atol=2e-3)

@@ -10,7 +10,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from sqexport.exporters.export import export_model
 from sqexport.models.spec import ModelSpec
-from sqexport.runtime_check.isa import weight_qmax
+from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
 from sqexport.toolchain.quantization.int8 import Int8StaticConfig
 from sqexport.toolchain.quantization.equalization import equalize
@@ -63,7 +63,7 @@ def test_onnxruntime_matches_torch_fake_quant_and_fuses(tmp_path, config):
     assert sum(n.op_type == "Clip" for n in prepared.graph.node) == 3  # ReLU6 exports as Clip(0, 6)
     reference, info = quantize_to_onnx(work, spec, Stage("quantize", "int8", config), prepared,
                                        tmp_path / "model.onnx", 1.0)
-    assert info["quantized_layers"] == 5 and info["weight_range"]["max_abs_q"] <= weight_qmax("cpu")
+    assert info["quantized_layers"] == 5 and info["weight_range"]["max_abs_q"] <= weight_grid("cpu").qmax
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in spec.eval_batches:
         got = sess.run(None, batch)[0]
