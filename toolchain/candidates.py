@@ -146,7 +146,7 @@ def finish_level(level: pipeline.RunState) -> tuple[pipeline.RunState, QuantPlan
     pipeline.fold(state)
     pipeline.transform(state)
     pipeline.export_prepared(state)
-    return state, plan_quantization(state.work, state.prepared)
+    return state, plan_quantization(state.work, state.prepared, state.spec)
 
 
 def dynamic_applicable(plan: QuantPlan) -> bool:

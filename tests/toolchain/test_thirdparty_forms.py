@@ -142,3 +142,29 @@ def test_coverage_names_the_ops_dynamic_int8_leaves_out(tmp_path, run_cli):
     assert cov["weight_layers"] == 4 and cov["int8"] == 1  # the classifier's Gemm
     assert [f["op"] for f in cov["fp32"]] == ["Conv"] * 3
     assert all("int8-dynamic" in f["reason"] for f in cov["fp32"])
+
+
+def test_auto_candidates_quantize_the_same_points_as_a_plain_run(forms_project, run_cli):
+    """`--auto` writes its int8 candidates from its own plan: it must see the model's activation
+    modules (SiLU, squeeze-excite gates) as the plain run does, or its models lose their int8 points."""
+    from sqexport.contracts.shapes import parse_input_shapes
+    from sqexport.models.data import apply_user_data
+    from sqexport.models.zoo import load_model
+    from sqexport.toolchain.overrides import Overrides, apply_overrides
+    from sqexport.toolchain.search import AutoConfig, run_auto
+
+    def by_size(baseline, model):  # deterministic stand-in for timing
+        base, m = baseline.stat().st_size, model.stat().st_size
+        return {"threads": 1, "baseline": {"p50": base}, "model": {"p50": m}, "speedup": base / m}
+
+    def ops(path):
+        return sorted(n.op_type for n in onnx.load(str(path)).graph.node)
+
+    plain = forms_project / "plain"
+    _export(run_cli, "zooforms:build", plain)
+    spec = apply_user_data(load_model("zooforms:build", input_shapes=parse_input_shapes([SHAPE])), None, None)
+    recipe = apply_overrides(None, Overrides(seed=0, target="cpu", max_accuracy_drop=100.0))
+    auto = forms_project / "auto"
+    rep = run_auto(recipe, spec, auto, config=AutoConfig(minutes=10, levels=(0.0,), recover=False), latency=by_size)
+    assert rep["auto"]["chosen"] == "s0-int8"
+    assert ops(auto / "model.onnx") == ops(plain / "model.onnx")
