@@ -17,6 +17,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from sqexport.contracts.errors import DataError, ExportError, first_line
 from sqexport.contracts.progress import NULL_PROGRESS, Progress, track
 from sqexport.contracts.quant import HARD_GATE_RANGE, UNIT_RANGE, Anchor, ObservedRanges, QuantParams, act_params_from_range
+from sqexport.contracts.targets import get_target
 from sqexport.contracts.tasks import LABELS_KEY, get_task
 from sqexport.exporters.coverage import weight_layer_coverage
 from sqexport.exporters.dynamic import insert_dynamic
@@ -39,6 +40,7 @@ from sqexport.toolchain.quantization.prediction import (
     EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
 )
 from sqexport.toolchain.quantization.smoothing import SmoothedLinear
+from sqexport.toolchain.quantization.speed_check import SpeedCheck, keep_fp32_where_faster
 from sqexport.toolchain.recipe import Stage
 from sqexport.toolchain.stages import QuantContext
 
@@ -76,11 +78,14 @@ class QuantPlan:
     pools_from_means: int = 0  # ReduceMean over (H, W) rewritten as GlobalAveragePool
 
     def coverage_after(self, computed: QuantParams, final: QuantParams,
-                       public: Callable[[str], str] = str) -> dict:
+                       public: Callable[[str], str] = str, faster_fp32: set[str] = frozenset()) -> dict:
         """The coverage once the params are final: sites the method left out (int8-dynamic takes
-        MatMul/Gemm only) and layers the fallback returned are FP32 too, each with its reason."""
+        MatMul/Gemm only), layers the fallback returned and layers measured faster in FP32
+        (`faster_fp32`, speed_check.py) are FP32 too, each with its reason."""
         taken, kept = {a.module for a in computed.anchors}, {a.module for a in final.anchors}
-        why = {m: "returned to FP32 by the accuracy fallback (lowest local SNR)" for m in taken - kept}
+        why = {m: ("kept FP32 for speed: the whole model measured faster with it in FP32 on this host (speed check)"
+                   if m in faster_fp32 else "returned to FP32 by the accuracy fallback (lowest local SNR)")
+               for m in taken - kept}
         why.update({m: "the quantize method does not take this op (int8-dynamic: MatMul/Gemm only)"
                     for m in set(self.sites) - taken})
         returned = [{"node": s.node, "op": s.op_type, "layer": public(m), "reason": why[m]}
@@ -373,9 +378,32 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
         params, fallback_info = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, progress,
                                                work_is_dense)
         info.update(fallback_info)
-    info["coverage"] = plan.coverage_after(computed, params, public_name(work))
+    faster_fp32: set[str] = set()
+    if getattr(stage.config, "speed_check", False) and not params.dynamic:
+        params, info["speed_check"] = _speed_check(prepared, plan, params, spec, target, progress)
+        faster_fp32 = set(info["speed_check"]["kept_fp32"])
+        info["speed_check"]["kept_fp32"] = [public_name(work)(m) for m in info["speed_check"]["kept_fp32"]]
+        for row in info["speed_check"].get("candidates", []):
+            row["layer"] = public_name(work)(row["layer"])
+    info["coverage"] = plan.coverage_after(computed, params, public_name(work), faster_fp32)
     write_model(prepared, plan, params, out_path, consume=consume_prepared, labels=spec.labels)
     return torch_reference(work, spec, params, progress), info
+
+
+def _speed_check(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, spec: ModelSpec, target: str,
+                 progress: Progress) -> tuple[QuantParams, dict]:
+    """Layers faster in FP32 inside the whole model stay FP32 (speed_check.py), when the model
+    will run on kernels like this host's."""
+    if get_target(target).int8_kernels != "host":
+        return params, {"kept_fp32": [], "skipped": f"target {target} runs other int8 kernels than this host's: "
+                                                   "nothing here can time them"}
+    names = {i.name for i in prepared.graph.input}
+    feed = {k: np.asarray(v) for k, v in spec.example_inputs.items() if k in names}
+    check = SpeedCheck(lambda p, path: write_model(prepared, plan, p, path), feed)
+    with progress.task("speed check (int8 vs FP32 per layer)", 1, "steps") as task:
+        result = keep_fp32_where_faster(prepared, {m: s.node for m, s in plan.sites.items()}, params, check)
+        task.advance()
+    return result
 
 
 def torch_reference(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, progress: Progress) -> Callable:

@@ -17,7 +17,7 @@ import pytest
 
 from sqexport.contracts.progress import NULL_PROGRESS, NullProgress, Progress, track
 from sqexport.toolchain.progress import PlainProgress, make_progress
-from sqexport.toolchain.stage_meter import StageMeter, measured_stage
+from sqexport.toolchain.stage_meter import SAMPLE_S, StageMeter, measured_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -78,6 +78,9 @@ def test_stage_meter_sees_memory_a_stage_allocates():
         pass
     with StageMeter() as meter:
         block = np.ones(200 * 1024 * 1024 // 8)  # 200 MB, every page touched
+        # held past a sampling period: after earlier tests the process's high-water mark may
+        # already exceed this, and then only the sampler sees the block
+        time.sleep(3 * SAMPLE_S)
         del block
     assert meter.seconds > 0
     assert meter.peak_rss_mb >= before.peak_rss_mb + 150

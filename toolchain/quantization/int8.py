@@ -46,6 +46,9 @@ class Int8StaticConfig:
     # learned up/down rounding of the weights (adaround.py); bias correction, if on, runs after it
     # and removes the mean of the error AdaRound leaves
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    # layers whose int8 kernels measured slower than FP32 inside the whole model stay FP32
+    # (speed_check.py); the choice rests on timing this host, false makes it timing-free
+    speed_check: bool = True
     VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage, fallback a policy
     kind: ClassVar[str] = "quantize"
     requires_calibration: ClassVar[bool] = True
@@ -59,6 +62,8 @@ class Int8StaticConfig:
             raise ConfigError(f"unknown observer '{self.observer}'; known: {', '.join(known)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not isinstance(self.speed_check, bool):
+            raise ConfigError(f"speed_check must be true or false, got {self.speed_check!r}")
 
 
 def _grid(config, ctx) -> WeightGrid:
