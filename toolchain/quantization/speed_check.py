@@ -14,8 +14,8 @@ opposite (its whole model in FP32 there: 0.62x).
    CANDIDATE_US (so tiny models, where no node takes that long, are never timed further and keep
    their exact, timing-free result).
 3. The whole model decides: int8 with the worst 1, n/4, n/2 and all n candidates in FP32, each
-   against all int8, interleaved run by run (`time_pair`); the fastest set is kept if it is
-   MIN_GAIN and MIN_SAVED_MS faster, otherwise all stays int8. A slow layer alone may pay where a
+   against all int8, interleaved run by run (`time_pair`); the smallest set within TIE of the
+   fastest is kept if it is MIN_GAIN and MIN_SAVED_MS faster, otherwise all stays int8. A slow layer alone may pay where a
    set does not: each FP32 layer between int8 ones adds Q/DQ and layout changes that its kernel
    time does not show.
 
@@ -46,6 +46,7 @@ CANDIDATE_US = 10.0  # ... and by at least this many microseconds
 # choice would flip between runs
 MIN_GAIN = 1.05
 MIN_SAVED_MS = 0.02
+TIE = 1.02  # sets measured within 2% of each other count as equally fast
 MAX_CHECKS = 4
 PROFILE_S = 0.3  # profiling budget (at least 30 rounds each)
 MAX_WEIGHT_BYTES = 200e6  # larger FP32 graphs are not profiled: two more sessions would cost memory
@@ -154,13 +155,15 @@ def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str]
             mixed.unlink()
             trace.append({"fp32_layers": k, "mixed_ms": record["factored_ms"], "int8_ms": record["dense_ms"],
                           "speedup": record["speedup"], "rounds": record["rounds"]})
-    best = max(trace, key=lambda r: r["speedup"])
+    fastest = max(r["speedup"] for r in trace)
+    # the fewest FP32 layers within TIE of the fastest: near-equal sets would otherwise flip between runs
+    best = next(r for r in trace if r["speedup"] >= fastest / TIE)
     pays = best["speedup"] >= MIN_GAIN and best["int8_ms"] - best["mixed_ms"] >= MIN_SAVED_MS
     kept = order[:best["fp32_layers"]] if pays else []
     info["whole_model"] = trace
     info["kept_fp32"] = kept
-    info["why"] = (f"the fastest measured: {len(kept)} layer(s) in FP32 made the whole model {best['speedup']:.3f}x "
-                   "as fast as all int8" if kept else
+    info["why"] = (f"the fastest measured (the fewest layers within {TIE - 1:.0%}): {len(kept)} layer(s) in FP32 "
+                   f"made the whole model {best['speedup']:.3f}x as fast as all int8" if kept else
                    f"no measured set of candidates made the whole model {MIN_GAIN}x as fast as all int8 "
                    f"and {MIN_SAVED_MS * 1e3:g} us faster")
     return (without(params, set(kept)) if kept else params), info
