@@ -37,6 +37,7 @@ from sqexport.toolchain import signals
 from sqexport.toolchain.bn_recalibration import recalibrate_batchnorm
 from sqexport.toolchain.builtin_methods import lookup
 from sqexport.toolchain.folding import copy_for_compression, fold_batchnorm
+from sqexport.toolchain.reparam import merge_parallel_branches
 from sqexport.toolchain.mobile_step import mobile_step
 from sqexport.toolchain.order import DEFAULT_ORDER, order_errors, quantize_layers_
 from sqexport.toolchain.prepared_graph import BaselineGraph, GraphMismatch, derive_prepared, keep_baseline, recipe_blocker
@@ -283,10 +284,13 @@ def fold(state: RunState) -> None:
     with state.timer.stage("fold_batchnorm") as rec:
         before = state.work
         state.work, rec["params"]["folded"] = fold_batchnorm(state.work)
-    if state.work is not before and state.baseline_graph is not None:
+        # with the norms folded, parallel conv branches are linear in their input: one conv each
+        state.work, rec["params"]["merged_branches"] = merge_parallel_branches(state.work)
+    if (state.work is not before or rec["params"]["merged_branches"]) and state.baseline_graph is not None:
         state.baseline_graph = None  # torch.fx rebuilt the model: only an export shows its graph
         state.derive_skipped = (f"fold_batchnorm rebuilt the model with torch.fx ({rec['params']['folded']} "
-                                "BatchNorm layer(s) folded): it is exported")
+                                f"BatchNorm layer(s) folded, {rec['params']['merged_branches']} branch sum(s) "
+                                "merged): it is exported")
 
 
 def transform(state: RunState) -> None:

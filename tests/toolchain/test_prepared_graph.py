@@ -140,8 +140,8 @@ def test_a_model_rebuilt_by_batchnorm_folding_is_exported(tiny_bert_spec):
     state.baseline_graph = object()  # what export.baseline kept
     pipeline.fold(state)
     assert state.baseline_graph is None
-    assert state.derive_skipped == ("fold_batchnorm rebuilt the model with torch.fx (1 BatchNorm layer(s) folded): "
-                                    "it is exported")
+    assert state.derive_skipped == ("fold_batchnorm rebuilt the model with torch.fx (1 BatchNorm layer(s) folded, "
+                                    "0 branch sum(s) merged): it is exported")
 
 
 def test_a_linear_added_since_the_baseline_is_refused(tiny_bert_spec, tmp_path):
