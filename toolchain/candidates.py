@@ -31,7 +31,7 @@ from sqexport.runtime_check.session import make_session
 from sqexport.toolchain import pipeline
 from sqexport.toolchain.quantization.fallback import FallbackPolicy
 from sqexport.toolchain.quantize_step import (
-    QuantPlan, apply_fallback, compute_params, plan_quantization, public_name, weight_range_info, write_model,
+    QuantPlan, compute_params, plan_quantization, settle_params, weight_range_info, write_model,
 )
 from sqexport.toolchain.recipe import Recipe, Stage
 
@@ -178,11 +178,9 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
     info = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
             "weight_range": weight_range_info(params),
             "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
-    if mode.fallback:
-        params, fallback_info = apply_fallback(state.work, state.spec, params, stage.config.fallback, accuracy_limit,
-                                               state.progress, work_is_dense=base.stage("prune") is None)
-        info.update(fallback_info)
-    info["coverage"] = plan.coverage_after(cache[mode.quant], params, public_name(state.work))
+    params, settled = settle_params(state.work, state.spec, stage, plan, state.prepared, params, accuracy_limit,
+                                    base.target, state.progress, base.stage("prune") is None, mode.fallback)
+    info.update(settled)
     write_model(state.prepared, plan, params, path, labels=state.spec.labels)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)
 

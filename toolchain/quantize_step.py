@@ -44,7 +44,7 @@ from sqexport.toolchain.quantization.speed_check import SpeedCheck, keep_fp32_wh
 from sqexport.toolchain.recipe import Stage
 from sqexport.toolchain.stages import QuantContext
 
-__all__ = ["QuantPlan", "plan_quantization", "public_name", "compute_params", "apply_fallback", "write_model",
+__all__ = ["QuantPlan", "plan_quantization", "public_name", "compute_params", "apply_fallback", "settle_params", "write_model",
            "quantize_to_onnx", "torch_reference", "weight_range_info"]
 
 FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if the data has fewer)
@@ -373,21 +373,35 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                   "weight_range": weight_range_info(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites)),
                   "calibration": _calibration_record(stage, spec, observed_ranges)}
-    computed = params
-    if stage.config.supports_fallback:
+    params, settled = settle_params(work, spec, stage, plan, prepared, params, accuracy_limit, target, progress,
+                                    work_is_dense, stage.config.supports_fallback)
+    info.update(settled)
+    write_model(prepared, plan, params, out_path, consume=consume_prepared, labels=spec.labels)
+    return torch_reference(work, spec, params, progress), info
+
+
+def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan, prepared: onnx.ModelProto,
+                  computed: QuantParams, accuracy_limit: float, target: str, progress: Progress,
+                  work_is_dense: bool, fallback: bool) -> tuple[QuantParams, dict]:
+    """What stays int8 of the method's params: the accuracy fallback (`fallback`: run it at all),
+    then the speed check; returns the final params and the report's fields, coverage included."""
+    info: dict = {}
+    params = computed
+    if fallback:
         params, fallback_info = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, progress,
                                                work_is_dense)
         info.update(fallback_info)
     faster_fp32: set[str] = set()
+    public = public_name(work)
     if getattr(stage.config, "speed_check", False) and not params.dynamic:
-        params, info["speed_check"] = _speed_check(prepared, plan, params, spec, target, progress)
-        faster_fp32 = set(info["speed_check"]["kept_fp32"])
-        info["speed_check"]["kept_fp32"] = [public_name(work)(m) for m in info["speed_check"]["kept_fp32"]]
-        for row in info["speed_check"].get("candidates", []):
-            row["layer"] = public_name(work)(row["layer"])
-    info["coverage"] = plan.coverage_after(computed, params, public_name(work), faster_fp32)
-    write_model(prepared, plan, params, out_path, consume=consume_prepared, labels=spec.labels)
-    return torch_reference(work, spec, params, progress), info
+        params, check = _speed_check(prepared, plan, params, spec, target, progress)
+        faster_fp32 = set(check["kept_fp32"])
+        check["kept_fp32"] = [public(m) for m in check["kept_fp32"]]
+        for row in check.get("candidates", []):
+            row["layer"] = public(row["layer"])
+        info["speed_check"] = check
+    info["coverage"] = plan.coverage_after(computed, params, public, faster_fp32)
+    return params, info
 
 
 def _speed_check(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, spec: ModelSpec, target: str,
