@@ -57,10 +57,10 @@ FUSED_AFTER = {"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu
 @dataclass(frozen=True)
 class SpeedCheck:
     """What the check needs from the pipeline: `write(params, path)` writes the QDQ graph of
-    `params`, `feed` is one input batch, `threads` the timing threads."""
+    `params`, `feed` is one input batch. Timing runs at one thread, as the per-node profile must
+    (the latency gate then measures the chosen model at the run's threads)."""
     write: Callable[[QuantParams, Path], None]
     feed: dict
-    threads: int = 1
 
 
 def _chain(graph: onnx.GraphProto, node_name: str) -> list[onnx.NodeProto]:
