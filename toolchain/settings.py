@@ -11,7 +11,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqexport.contracts.errors import ConfigError
@@ -68,11 +68,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 def check_setting(name: str, value: Any, label: str | None = None) -> Any:
     """`value` checked against SETTINGS[name]; threads also against this machine's core count."""
-    value = SETTINGS[name].check(value, label)
-    if name == "threads" and value > max_threads():
-        raise _error(name if label is None else label, f"must be at most {max_threads()} (4 per core on this machine), "
-                          f"got {value}")
-    return value
+    setting = SETTINGS[name]
+    if name == "threads":  # the bound the docs state: 4 per core of this machine
+        setting = replace(setting, high=max_threads())
+    return setting.check(value, label)
 
 
 def _error(label: str, text: str) -> ConfigError:

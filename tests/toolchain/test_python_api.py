@@ -237,7 +237,7 @@ def test_check_raises_on_a_failed_gate_and_on_bad_input(pair, tmp_path):
     with pytest.raises(GateFailed, match=r"^gate failed: latency_p50_ms") as caught:
         sqexport.check(model, threads=1, max_latency_ms=1e-6)
     assert isinstance(caught.value.report, CheckReport) and not caught.value.report.passed
-    with pytest.raises(ConfigError, match=r"threads must be an integer in \[1, inf\), got 0"):
+    with pytest.raises(ConfigError, match=r"threads must be an integer in \[1, \d+\], got 0"):
         sqexport.check(model, threads=0)
     with pytest.raises(ModelLoadError, match="missing.onnx"):
         sqexport.check(tmp_path / "missing.onnx")
