@@ -27,7 +27,7 @@ def test_timm_architecture_is_fully_quantized(arch, tmp_path, run_cli):
     cov = rep["quantization"]["coverage"]
     # every layer recognized: int8, unless the speed check measured it faster in FP32 on this host
     assert all("speed check" in f["reason"] for f in cov["fp32"]), cov["fp32"]
-    assert [f["layer"] for f in cov["fp32"]] == rep["quantization"]["speed_check"]["kept_fp32"]
+    assert sorted(f["layer"] for f in cov["fp32"]) == sorted(rep["quantization"]["speed_check"]["kept_fp32"])
     assert cov["int8"] + len(cov["fp32"]) == cov["weight_layers"] > 10
     assert rep["source"]["graph_capture"]["rebuilt"] is True
     # random deep networks amplify the odd requantization step that onnxruntime's fixed-point
