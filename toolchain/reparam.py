@@ -81,8 +81,9 @@ def _merged(branches: list[tuple[str, nn.Module | None]]) -> nn.Conv2d | None:
     if not convs:
         return None
     first = convs[0]
-    if any((c.out_channels, c.in_channels, _pair(c.stride), c.groups, _offset(c))
-           != (first.out_channels, first.in_channels, _pair(first.stride), first.groups, _offset(first)) for c in convs):
+    def shape(c: nn.Conv2d) -> tuple:
+        return c.out_channels, c.in_channels, _pair(c.stride), c.groups, _offset(c)
+    if any(shape(c) != shape(first) for c in convs):
         return None
     off = _offset(first)
     identity_like = len(convs) < len(branches)
@@ -105,12 +106,14 @@ def _merged(branches: list[tuple[str, nn.Module | None]]) -> nn.Conv2d | None:
             if m.bias is not None:
                 bias += m.bias.detach().double()
             continue
-        scale, shift = torch.ones(first.out_channels, dtype=torch.float64), torch.zeros(first.out_channels, dtype=torch.float64)
+        scale = torch.ones(first.out_channels, dtype=torch.float64)
+        shift = torch.zeros(first.out_channels, dtype=torch.float64)
         if kind == "bn":
             scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
             shift = -m.running_mean.double() * scale
             if m.affine:
-                scale, shift = scale * m.weight.detach().double(), shift * m.weight.detach().double() + m.bias.detach().double()
+                gamma, beta = m.weight.detach().double(), m.bias.detach().double()
+                scale, shift = scale * gamma, shift * gamma + beta
         weight[channels, channels % per_group, kh // 2, kw // 2] += scale
         bias += shift
     with torch.no_grad():

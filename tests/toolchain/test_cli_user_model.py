@@ -44,7 +44,8 @@ def test_factory_with_image_folder_end_to_end(user_project, images_factory, run_
                              "task_from": "2-D output: classification (top-1)"}
     # every layer int8, unless the speed check measured the whole model faster with it in FP32
     assert all("speed check" in f["reason"] for f in rep["quantization"]["coverage"]["fp32"])
-    assert sorted(f["layer"] for f in rep["quantization"]["coverage"]["fp32"]) == sorted(rep["quantization"]["speed_check"]["kept_fp32"])
+    kept = rep["quantization"]["speed_check"]["kept_fp32"]
+    assert sorted(f["layer"] for f in rep["quantization"]["coverage"]["fp32"]) == sorted(kept)
     calib, evals = rep["data"]["calib"], rep["data"]["eval"]
     # 12 images, every 4th held out; a folder under 64 images gets ceil(64 / 12) = 6 views per image
     assert calib["samples"] == 9 * 6 and evals["samples"] == 3 * 6 and calib["views"] == 6

@@ -91,7 +91,8 @@ def _time_of(node: onnx.NodeProto, times: dict[str, float]) -> float | None:
     return None
 
 
-def layer_kernel_times(graph: onnx.GraphProto, site_nodes: dict[str, str], times: dict[str, float]) -> dict[str, float | None]:
+def layer_kernel_times(graph: onnx.GraphProto, site_nodes: dict[str, str],
+                       times: dict[str, float]) -> dict[str, float | None]:
     """Microseconds per layer: the sum over its node and the activations after it of the times found
     (a fused conv appears once, under one of the names); None when none is in the profile."""
     out = {}
@@ -127,7 +128,8 @@ def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str]
                   "kept_fp32": []}
     weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in prepared.graph.initializer)
     if weight_bytes > MAX_WEIGHT_BYTES:
-        info["skipped"] = f"FP32 weights of {weight_bytes / 1e6:.0f} MB: profiling two more sessions would cost more memory than it saves time"
+        info["skipped"] = (f"FP32 weights of {weight_bytes / 1e6:.0f} MB: profiling two more sessions would cost "
+                           "more memory than it saves time")
         return params, info
     quantized = {a.module: site_nodes[a.module] for a in params.anchors if a.module in site_nodes}
     with tempfile.TemporaryDirectory(prefix="sqexport-speed-") as tmp:
