@@ -359,6 +359,10 @@ def quantize(state: RunState) -> None:
         if info.get("fallback"):
             state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
                                + ", ".join(f["layer"] for f in info["fallback"]))
+        speed = info.get("speed_check") or {}
+        if speed.get("kept_fp32"):
+            state.notes.append(f"speed check: {', '.join(speed['kept_fp32'])} kept in FP32; with them in FP32 the "
+                               f"whole model measured {speed['gain']:.2f}x as fast as all int8 on this host")
         cap = info.get("fallback_cap") or {}
         if cap.get("raised"):
             state.notes.append(f"fallback cap raised from {cap['max_layers']} to {cap['used']} of {cap['layers']} "

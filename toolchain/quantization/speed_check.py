@@ -164,6 +164,8 @@ def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str]
     kept = order[:best["fp32_layers"]] if pays else []
     info["whole_model"] = trace
     info["kept_fp32"] = kept
+    if kept:
+        info["gain"] = best["speedup"]
     info["why"] = (f"the fastest measured (the fewest layers within {TIE - 1:.0%}): {len(kept)} layer(s) in FP32 "
                    f"made the whole model {best['speedup']:.3f}x as fast as all int8" if kept else
                    f"no measured set of candidates made the whole model {MIN_GAIN}x as fast as all int8 "

@@ -96,7 +96,7 @@ def test_whole_model_keeps_the_fastest_set(fake_timing):
     assert [c["layer"] for c in info["candidates"]] == ["body", "stem"]
     # stem alone saves 0.115 ms (1.130x); stem + body 0.17 ms (1.205x): both measured, the faster kept
     assert [r["fp32_layers"] for r in info["whole_model"]] == [1, 2]
-    assert info["kept_fp32"] == ["stem", "body"]
+    assert info["kept_fp32"] == ["stem", "body"] and info["gain"] == pytest.approx(1 / 0.83)
     assert [a.module for a in params.anchors] == ["head"]
     fake_timing["saving_ms"]["body"] = 0.01  # now body's boundaries cost more than its kernel saves
     params, info = sc.keep_fp32_where_faster(_model(), SITES, _params(SITES), fake_timing["check"])
@@ -138,8 +138,11 @@ def test_real_export_reads_every_layer_and_names_fp32_ones(run_cli, tmp_path):
     out = tmp_path / "out"
     r = run_cli(["mnist-resnet", "--prune", "none", "--max-accuracy-drop", "100", "--threads", "1", "--quiet", "-o", out])
     assert r.exit_code == 0, r.output
-    q = json.loads((out / "report.json").read_text())["quantization"]
+    rep = json.loads((out / "report.json").read_text())
+    q = rep["quantization"]
     check = q["speed_check"]
+    # what it kept is said in the notes (report.md and the console's summary read them)
+    assert any(n.startswith("speed check: ") for n in rep["notes"]) == bool(check["kept_fp32"])
     # every weight layer found in both real profiles under onnxruntime's fused names
     assert check["profiled_layers"] == q["coverage"]["weight_layers"] == 16
     speed = [f["layer"] for f in q["coverage"]["fp32"] if "speed check" in f["reason"]]
