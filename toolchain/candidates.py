@@ -179,7 +179,7 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
             "weight_range": weight_range_info(params),
             "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
     params, settled = settle_params(state.work, state.spec, stage, plan, state.prepared, params, accuracy_limit,
-                                    base.target, state.progress, base.stage("prune") is None, mode.fallback)
+                                    base.target, state.progress, base.stage("prune") is None, mode.fallback, out)
     info.update(settled)
     write_model(state.prepared, plan, params, path, labels=state.spec.labels)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)

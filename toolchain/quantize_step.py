@@ -374,7 +374,7 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites)),
                   "calibration": _calibration_record(stage, spec, observed_ranges)}
     params, settled = settle_params(work, spec, stage, plan, prepared, params, accuracy_limit, target, progress,
-                                    work_is_dense, stage.config.supports_fallback)
+                                    work_is_dense, stage.config.supports_fallback, out_path.parent)
     info.update(settled)
     write_model(prepared, plan, params, out_path, consume=consume_prepared, labels=spec.labels)
     return torch_reference(work, spec, params, progress), info
@@ -382,9 +382,10 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
 
 def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan, prepared: onnx.ModelProto,
                   computed: QuantParams, accuracy_limit: float, target: str, progress: Progress,
-                  work_is_dense: bool, fallback: bool) -> tuple[QuantParams, dict]:
+                  work_is_dense: bool, fallback: bool, scratch: Path) -> tuple[QuantParams, dict]:
     """What stays int8 of the method's params: the accuracy fallback (`fallback`: run it at all),
-    then the speed check; returns the final params and the report's fields, coverage included."""
+    then the speed check (its graphs under `scratch`, the run's temporary folder); returns the
+    final params and the report's fields, coverage included."""
     info: dict = {}
     params = computed
     if fallback:
@@ -394,7 +395,7 @@ def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Qu
     faster_fp32: set[str] = set()
     public = public_name(work)
     if getattr(stage.config, "speed_check", False) and not params.dynamic:
-        params, check = _speed_check(prepared, plan, params, spec, target, progress)
+        params, check = _speed_check(prepared, plan, params, spec, target, progress, scratch)
         faster_fp32 = set(check["kept_fp32"])
         check["kept_fp32"] = [public(m) for m in check["kept_fp32"]]
         for row in check.get("candidates", []):
@@ -405,7 +406,7 @@ def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Qu
 
 
 def _speed_check(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams, spec: ModelSpec, target: str,
-                 progress: Progress) -> tuple[QuantParams, dict]:
+                 progress: Progress, scratch: Path) -> tuple[QuantParams, dict]:
     """Layers faster in FP32 inside the whole model stay FP32 (speed_check.py), when the model
     will run on kernels like this host's."""
     if get_target(target).int8_kernels != "host":
@@ -413,7 +414,7 @@ def _speed_check(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams
                                                    "nothing here can time them"}
     names = {i.name for i in prepared.graph.input}
     feed = {k: np.asarray(v) for k, v in spec.example_inputs.items() if k in names}
-    check = SpeedCheck(lambda p, path: write_model(prepared, plan, p, path), feed)
+    check = SpeedCheck(lambda p, path: write_model(prepared, plan, p, path), feed, scratch)
     with progress.task("speed check (int8 vs FP32 per layer)", 1, "steps") as task:
         result = keep_fp32_where_faster(prepared, {m: s.node for m, s in plan.sites.items()}, params, check)
         task.advance()

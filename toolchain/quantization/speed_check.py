@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from sqexport.contracts.errors import first_line
 from sqexport.contracts.quant import QuantParams
 from sqexport.runtime_check.node_timing import node_time, profile_node_times, time_pair
 from sqexport.toolchain.quantization.fallback import without
@@ -57,10 +58,12 @@ FUSED_AFTER = {"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu
 @dataclass(frozen=True)
 class SpeedCheck:
     """What the check needs from the pipeline: `write(params, path)` writes the QDQ graph of
-    `params`, `feed` is one input batch. Timing runs at one thread, as the per-node profile must
-    (the latency gate then measures the chosen model at the run's threads)."""
+    `params`, `feed` is one input batch, `scratch` the run's own temporary folder (the graphs
+    timed live there, and go when the check ends). Timing runs at one thread, as the per-node
+    profile must (the latency gate then measures the chosen model at the run's threads)."""
     write: Callable[[QuantParams, Path], None]
     feed: dict
+    scratch: Path
 
 
 def _chain(graph: onnx.GraphProto, node_name: str) -> list[onnx.NodeProto]:
@@ -119,20 +122,11 @@ def ladder(n: int) -> list[int]:
     return sorted({1, max(1, n // 4), max(1, n // 2), n})[:MAX_CHECKS]
 
 
-def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str], params: QuantParams,
-                           check: SpeedCheck) -> tuple[QuantParams, dict]:
-    """The params with the layers that measured faster in FP32 (in the whole model) taken out,
-    and the report's record of the measurements."""
-    info: dict = {"threads": 1, "candidate_rule": f"int8 kernel >= {CANDIDATE_RATIO}x and >= {CANDIDATE_US:g} us "
-                  "above FP32's, in the whole graph's profile", "min_gain": MIN_GAIN, "min_saved_ms": MIN_SAVED_MS,
-                  "kept_fp32": []}
-    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in prepared.graph.initializer)
-    if weight_bytes > MAX_WEIGHT_BYTES:
-        info["skipped"] = (f"FP32 weights of {weight_bytes / 1e6:.0f} MB: profiling two more sessions would cost "
-                           "more memory than it saves time")
-        return params, info
-    quantized = {a.module: site_nodes[a.module] for a in params.anchors if a.module in site_nodes}
-    with tempfile.TemporaryDirectory(prefix="sqexport-speed-") as tmp:
+def _measure(prepared: onnx.ModelProto, quantized: dict[str, str], params: QuantParams, check: SpeedCheck,
+             info: dict) -> tuple[list[dict], list[str]]:
+    """Steps 1-3 of the module's docstring; fills `info` with the profile's findings. Returns the
+    whole-model measurements (empty without candidates) and the candidates, largest loss first."""
+    with tempfile.TemporaryDirectory(prefix="speed-check-", dir=check.scratch) as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(prepared, str(fp32))
         check.write(params, int8)
@@ -146,7 +140,7 @@ def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str]
         info["candidates"] = candidates
         if not candidates:
             info["why"] = "no layer's int8 kernel is slower than its FP32 one by the rule's margin"
-            return params, info
+            return [], []
 
         order = [c["layer"] for c in reversed(candidates)]  # largest loss first
         trace = []
@@ -157,6 +151,29 @@ def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str]
             mixed.unlink()
             trace.append({"fp32_layers": k, "mixed_ms": record["factored_ms"], "int8_ms": record["dense_ms"],
                           "speedup": record["speedup"], "rounds": record["rounds"]})
+    return trace, order
+
+
+def keep_fp32_where_faster(prepared: onnx.ModelProto, site_nodes: dict[str, str], params: QuantParams,
+                           check: SpeedCheck) -> tuple[QuantParams, dict]:
+    """The params with the layers that measured faster in FP32 (in the whole model) taken out,
+    and the report's record of the measurements."""
+    info: dict = {"threads": 1, "candidate_rule": f"int8 kernel >= {CANDIDATE_RATIO}x and >= {CANDIDATE_US:g} us "
+                  "above FP32's, in the whole graph's profile", "min_gain": MIN_GAIN, "min_saved_ms": MIN_SAVED_MS,
+                  "kept_fp32": []}
+    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in prepared.graph.initializer)
+    if weight_bytes > MAX_WEIGHT_BYTES:
+        info["skipped"] = (f"FP32 weights of {weight_bytes / 1e6:.0f} MB: profiling two more sessions would cost "
+                           "more memory than it saves time")
+        return params, info
+    quantized = {a.module: site_nodes[a.module] for a in params.anchors if a.module in site_nodes}
+    try:
+        trace, order = _measure(prepared, quantized, params, check, info)
+    except Exception as exc:  # an optimization: a graph onnxruntime cannot time here must not fail the export
+        info["skipped"] = f"the graphs could not be timed here: {first_line(exc)}"
+        return params, info
+    if not trace:
+        return params, info
     fastest = max(r["speedup"] for r in trace)
     # the fewest FP32 layers within TIE of the fastest: near-equal sets would otherwise flip between runs
     best = next(r for r in trace if r["speedup"] >= fastest / TIE)

@@ -61,7 +61,7 @@ def _params(names) -> QuantParams:
 
 
 @pytest.fixture
-def fake_timing(monkeypatch):
+def fake_timing(monkeypatch, tmp_path):
     """Profiles from a table; each mixed model's time = all-int8 time minus a per-layer saving,
     plus a boundary cost per FP32 layer (what the whole model sees and kernel times do not)."""
     state = {"fp32": {"c0_nchwc": 100.0, "a1_nchwc": 20.0, "y_nchwc": 7.0},
@@ -82,7 +82,7 @@ def fake_timing(monkeypatch):
         path.write_bytes(b"")
     monkeypatch.setattr(sc, "profile_node_times", profile)
     monkeypatch.setattr(sc, "time_pair", pair)
-    state["check"] = sc.SpeedCheck(write, {"x": np.zeros((1, 4, 8, 8), np.float32)})
+    state["check"] = sc.SpeedCheck(write, {"x": np.zeros((1, 4, 8, 8), np.float32)}, tmp_path)
     return state
 
 
@@ -165,3 +165,13 @@ def test_recipe_can_turn_it_off():
     assert Int8StaticConfig().speed_check is True and Int8StaticConfig(speed_check=False).speed_check is False
     with pytest.raises(ConfigError, match="speed_check must be true or false"):
         Int8StaticConfig(speed_check="no")
+
+
+def test_a_graph_that_cannot_be_timed_skips_the_check(fake_timing, monkeypatch, tmp_path):
+    def broken(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : some kernel\nsecond line")
+    monkeypatch.setattr(sc, "time_pair", broken)
+    params, info = sc.keep_fp32_where_faster(_model(), SITES, _params(SITES), fake_timing["check"])
+    assert info["skipped"] == "the graphs could not be timed here: [ONNXRuntimeError] : 1 : FAIL : some kernel"
+    assert info["kept_fp32"] == [] and len(params.anchors) == 3
+    assert list(tmp_path.iterdir()) == []  # its graphs went with it, inside the run's folder
