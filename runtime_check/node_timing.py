@@ -28,15 +28,16 @@ __all__ = ["profile_node_times", "node_time", "time_pair", "revert_until_faster"
 
 
 def profile_node_times(paths: dict[str, Path], feed: dict, threads: int = 1, budget_s: float = 2.0,
-                       min_rounds: int = 30) -> dict[str, dict[str, float]]:
+                       min_rounds: int = 30, scratch: Path | None = None) -> dict[str, dict[str, float]]:
     """Per graph, median kernel microseconds per node of the optimized graph (onnxruntime's
     profiler). The graphs run interleaved, one run each per round (order alternating), so load
     from other processes hits every graph alike: the per-layer comparison is between graphs
     profiled at the same moments. Fused nodes keep the name of the node they replace, plus a
-    `_token_N` suffix after the NHWC rewrite (`node_time`)."""
+    `_token_N` suffix after the NHWC rewrite (`node_time`). The profiler's files go to a temporary
+    folder under `scratch` (the caller's own; the system's when None) and are removed."""
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="sqexport-profile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sqexport-profile-", dir=scratch) as tmp:
         sessions = {}
         for key, path in paths.items():
             opts = ort.SessionOptions()

@@ -16,7 +16,7 @@ from sqexport.exporters.qdq import find_sites, insert_qdq
 from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.pruning import lowrank_math as L
 from sqexport.toolchain.pruning.lowrank import LowRankPruneConfig, plan_layer, prune_lowrank
-from sqexport.toolchain.pruning.lowrank_model import revert_until_faster
+from sqexport.runtime_check.node_timing import revert_until_faster
 from sqexport.toolchain.pruning.lowrank_modules import HMatrixLinear, channel_conv, separable_conv
 from sqexport.toolchain.pruning.masks import prunable_layers
 from sqexport.toolchain.quantization import fake_quant_model

@@ -33,9 +33,8 @@ from sqexport.contracts.progress import track
 from sqexport.runtime_check.isa import weight_grid
 from sqexport.toolchain.pruning import lowrank_math as L
 from sqexport.toolchain.pruning.lowrank_latency import layer_inputs, time_variants
-from sqexport.toolchain.pruning.lowrank_model import (
-    layer_times, model_int8_graph, profile_node_times, revert_until_faster, time_pair,
-)
+from sqexport.runtime_check.node_timing import profile_node_times, revert_until_faster, time_pair
+from sqexport.toolchain.pruning.lowrank_model import layer_times, model_int8_graph
 from sqexport.toolchain.pruning.lowrank_modules import (
     HMatrixLinear, channel_conv, factored_linear, replace_module, separable_conv,
 )

@@ -23,12 +23,12 @@ from torch import nn
 from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.exporters.graph import merge_duplicate_nodes
 from sqexport.exporters.qdq import anchors_for, find_sites, insert_qdq
-from sqexport.runtime_check.node_timing import node_time, profile_node_times, revert_until_faster, time_pair
+from sqexport.runtime_check.node_timing import node_time
 from sqexport.toolchain.folding import fold_batchnorm
 from sqexport.toolchain.pruning.masks import prunable_layers
 from sqexport.toolchain.quantization.static import calibrate, quantize_weights
 
-__all__ = ["model_int8_graph", "profile_node_times", "layer_times", "time_pair", "revert_until_faster"]  # timing: node_timing.py
+__all__ = ["model_int8_graph", "layer_times"]
 
 
 def model_int8_graph(model: nn.Module, export: Callable, batches: list[dict], run: Callable, path: Path,

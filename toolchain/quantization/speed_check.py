@@ -131,7 +131,8 @@ def _measure(prepared: onnx.ModelProto, quantized: dict[str, str], params: Quant
         onnx.save(prepared, str(fp32))
         check.write(params, int8)
         # per-node medians settle in a few dozen rounds; a longer budget would only slow small models
-        profiles = profile_node_times({"fp32": fp32, "int8": int8}, check.feed, threads=1, budget_s=PROFILE_S)
+        profiles = profile_node_times({"fp32": fp32, "int8": int8}, check.feed, threads=1, budget_s=PROFILE_S,
+                                      scratch=Path(tmp))
         fp32.unlink()
         int8_us = layer_kernel_times(prepared.graph, quantized, profiles["int8"])
         fp32_us = layer_kernel_times(prepared.graph, quantized, profiles["fp32"])

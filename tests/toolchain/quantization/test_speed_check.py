@@ -68,7 +68,8 @@ def fake_timing(monkeypatch, tmp_path):
              "int8": {"stem_token_3": 240.0, "body_token_9": 50.0, "head": 5.0},
              "saving_ms": {"stem": 0.14, "body": 0.03}, "boundary_ms": 0.025, "int8_ms": 1.0, "written": {}}
 
-    def profile(paths, feed, threads=1, budget_s=2.0):
+    def profile(paths, feed, threads=1, budget_s=2.0, scratch=None):
+        assert scratch is not None and scratch.parent == tmp_path  # inside the run's folder
         assert threads == 1 and set(paths) == {"fp32", "int8"}
         return {"fp32": state["fp32"], "int8": state["int8"]}
 
