@@ -174,10 +174,10 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
     stage = Stage("quantize", mode.quant, entry.config_cls(**params_cfg))
     if mode.quant not in cache:
         cache[mode.quant] = compute_params(state.work, state.spec, stage, plan, base.target, state.progress)
-    params = cache[mode.quant]
+    params, decisions = cache[mode.quant]
     info = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
             "weight_range": weight_range_info(params),
-            "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites))}
+            "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites)), **decisions}
     params, settled = settle_params(state.work, state.spec, stage, plan, state.prepared, params, accuracy_limit,
                                     base.target, state.progress, base.stage("prune") is None, mode.fallback, out)
     info.update(settled)

@@ -120,12 +120,12 @@ class _MethodChoice(click.Choice):
     """The registry's method names, looked up when first needed: the registry imports torch, which
     takes seconds, and must not run at import time, before main() installs the signal handlers."""
 
-    def __init__(self, kind: str, with_none: bool = True):
-        self.kind, self.with_none, self.case_sensitive = kind, with_none, True
+    def __init__(self, kind: str, with_none: bool = True, extra: tuple[str, ...] = ()):
+        self.kind, self.with_none, self.extra, self.case_sensitive = kind, with_none, extra, True
 
     @property
     def choices(self) -> tuple[str, ...]:
-        return tuple(_methods(self.kind) if self.with_none else _names(self.kind))
+        return self.extra + tuple(_methods(self.kind) if self.with_none else _names(self.kind))
 
 
 class _VariantChoice(click.Choice):
@@ -222,8 +222,9 @@ def _validate_positive(ctx, param, value):
               help="--prune lowrank: H-matrix Linears with relative Frobenius error <= EPS [off: plain SVD].")
 @click.option("--quant", default="int8", show_default=True, type=_MethodChoice("quantize"),
               help="int8 = static QDQ (per-channel symmetric int8 weights, calibrated activations).")
-@click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False),
-              help="Activation range observer for static int8 [minmax].")
+@click.option("--observer", default=None, type=_MethodChoice("observer", with_none=False, extra=("auto",)),
+              help="Activation range observer for static int8 [auto: min-max, or the 99.99th percentile "
+                   "where that clearly keeps the calibration outputs closer to FP32].")
 @click.option("--task", default=None, type=click.Choice(hf_task_names()),
               help="Override the task detected from a Hugging Face config.")
 @click.option("--trust-remote-code", is_flag=True,
@@ -631,6 +632,9 @@ def methods_cmd():
 
     none = {"prune": "no pruning", "quantize": "FP32 export of the (pruned) model"}
     for kind in STAGE_KINDS + ("observer",):
+        if kind == "observer":
+            click.echo(f"{kind:<9} {'auto':<12} the default: min-max, or percentile where it clearly keeps the "
+                       "calibration outputs closer to FP32")
         for e in [e for e in entries() if e.kind == kind]:
             click.echo(f"{e.kind:<9} {e.name:<12} {e.summary}")
         if kind in none:

@@ -96,7 +96,7 @@ class ExportOptions:
         if self.quant is not None:
             _choice("quant", self.quant, lambda: _method_names("quantize") + ["none"])
         if self.observer is not None:
-            _choice("observer", self.observer, lambda: _method_names("observer"))
+            _choice("observer", self.observer, lambda: ["auto"] + _method_names("observer"))
         if self.variant is not None:
             from sqexport.toolchain.pruning.sensitivity_stage import SENSITIVITY_VARIANTS
 

@@ -359,6 +359,12 @@ def quantize(state: RunState) -> None:
         if info.get("fallback"):
             state.notes.append(f"accuracy-aware fallback: {len(info['fallback'])} layer(s) kept in FP32: "
                                + ", ".join(f["layer"] for f in info["fallback"]))
+        ranges = info.get("range_choice") or {}
+        if ranges.get("chosen") == "percentile":
+            errors = ranges["output_error"]
+            state.notes.append(f"activation ranges: the {ranges['percentile']:g}th percentile, not min-max: its int8 "
+                               f"outputs on {ranges['samples']} calibration samples were "
+                               f"{errors['percentile'] / errors['minmax']:.2f}x as far from FP32 (1 - cosine)")
         speed = info.get("speed_check") or {}
         if speed.get("kept_fp32"):
             state.notes.append(f"speed check: {', '.join(speed['kept_fp32'])} kept in FP32; with them in FP32 the "

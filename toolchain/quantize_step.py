@@ -36,6 +36,7 @@ from sqexport.toolchain.pruning import prunable_layers
 from sqexport.toolchain.quantization.activation_sites import ActivationSites, activation_modules, match_activation_sites
 from sqexport.toolchain.quantization.static import fake_quantized
 from sqexport.toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
+from sqexport.toolchain.quantization.range_choice import CHOICE_SAMPLES, output_error
 from sqexport.toolchain.quantization.prediction import (
     EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
 )
@@ -162,15 +163,43 @@ def _shared_activation_params(plan: QuantPlan, params: QuantParams) -> QuantPara
 
 def compute_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan,
                    target: str = "cpu", progress: Progress = NULL_PROGRESS,
-                   observed_ranges: ObservedRanges | None = None) -> QuantParams:
+                   observed_ranges: ObservedRanges | None = None) -> tuple[QuantParams, dict]:
     """Run the registered quantize method; it reads calibration data only if it says it does.
-    `observed_ranges`: min-max ranges of `work` on the calibration data from a transform's pass."""
+    `observed_ranges`: min-max ranges of `work` on the calibration data from a transform's pass.
+    Returns the params and what the method decided on the way (QuantContext.decisions), for the
+    report."""
     if stage.config.requires_calibration and not spec.calib_batches:
         raise DataError(f"{stage.qualified} needs calibration data; pass --calib-data")
+    scorer = _OutputError(work, spec, plan)
     ctx = QuantContext(plan.anchors, spec.calib_batches, spec.torch_outputs,
                        weight_grid=weight_grid(target), progress=progress,
-                       tensors=list(plan.tensor_sites), observed_ranges=observed_ranges)
-    return _shared_activation_params(plan, lookup("quantize", stage.name).handler(work, stage.config, ctx))
+                       tensors=list(plan.tensor_sites), observed_ranges=observed_ranges,
+                       output_error=scorer if spec.calib_batches else None)
+    params = _shared_activation_params(plan, lookup("quantize", stage.name).handler(work, stage.config, ctx))
+    if "range_choice" in ctx.decisions:
+        ctx.decisions["range_choice"].update(samples=scorer.samples, measure=scorer.measure)
+    return params, ctx.decisions
+
+
+class _OutputError:
+    """range_choice.output_error of a candidate's fake-quantized model against `work` in FP32, on
+    the first CHOICE_SAMPLES calibration samples; the FP32 outputs are computed once, when first
+    needed."""
+
+    def __init__(self, work: torch.nn.Module, spec: ModelSpec, plan: QuantPlan):
+        self.work, self.spec, self.plan = work, spec, plan
+        self.measure = "mean 1 - cosine of the outputs to FP32"
+        self.batches = first_samples(spec.calib_batches, CHOICE_SAMPLES)
+        self.samples = sum(len(next(iter(b.values()))) for b in self.batches)
+        self._fp32: np.ndarray | None = None
+
+    def __call__(self, params: QuantParams) -> float:
+        if self._fp32 is None:
+            with torch.no_grad():
+                self._fp32 = _outputs(self.spec, self.work, self.batches)
+        with fake_quantized(self.work, _shared_activation_params(self.plan, params)):
+            quantized = _outputs(self.spec, self.work, self.batches)
+        return output_error(self._fp32, quantized)
 
 
 def _calibration_record(stage: Stage, spec: ModelSpec, observed: ObservedRanges | None) -> dict | None:
@@ -368,11 +397,11 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
     `consume_prepared`: the FP32 graph is rewritten in place rather than copied (the caller drops it).
     `observed_ranges`: min-max ranges of `work` a transform stage observed (TransformResult.ranges)."""
     plan = plan_quantization(work, prepared, spec)
-    params = compute_params(work, spec, stage, plan, target, progress, observed_ranges)
+    params, decisions = compute_params(work, spec, stage, plan, target, progress, observed_ranges)
     info: dict = {"quantized_layers": len(params.anchors), "merged_duplicate_nodes": plan.merged_duplicate_nodes,
                   "weight_range": weight_range_info(params),
                   "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites)),
-                  "calibration": _calibration_record(stage, spec, observed_ranges)}
+                  "calibration": _calibration_record(stage, spec, observed_ranges), **decisions}
     params, settled = settle_params(work, spec, stage, plan, prepared, params, accuracy_limit, target, progress,
                                     work_is_dense, stage.config.supports_fallback, out_path.parent)
     info.update(settled)

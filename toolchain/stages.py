@@ -154,6 +154,11 @@ class QuantContext:
     # min-max ranges a transform stage observed on the calibration data for this very model
     # (TransformResult.ranges); a min-max calibration that finds all it needs there runs no pass
     observed_ranges: ObservedRanges | None = None
+    # how far a candidate's outputs land from FP32's on calibration data (quantize_step binds it with
+    # the task's measure); a method choosing between settings reads it, None: nothing to score with
+    output_error: Callable[[QuantParams], float] | None = None
+    # what the method decided, for the report (e.g. int8's range choice)
+    decisions: dict = field(default_factory=dict)
 
 
 class QuantizeMethod(Protocol):

@@ -145,6 +145,10 @@ def test_quantization_info(fe, onnx_tools):
     # the default recipe smooths first: its statistics pass gave the min-max ranges (no own pass)
     calib = q["calibration"]
     assert calib["pass"] == "shared with transform.smoothquant"
+    # so the default observer keeps min-max without scoring a percentile clip
+    choice = q["range_choice"]
+    assert choice["chosen"] == "minmax" and choice["output_error"] == {}
+    assert "shared with transform.smoothquant" in choice["why"]
     assert calib["samples"] == q["snr_sample"]["calibration_samples"] > 0  # every calibration sample
     assert q["snr_sample"]["linear_row_fraction"] == 0.5
     model = onnx.load(str(fe.out / "model.onnx"))

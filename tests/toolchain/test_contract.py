@@ -182,6 +182,6 @@ def test_cli_choices_come_from_the_registries():
     choices = {p.name: list(p.type.choices) for p in export_cmd.params if hasattr(p.type, "choices")}
     assert choices["prune"] == names("prune") + ["none"]
     assert choices["quant"] == names("quantize") + ["none"]
-    assert choices["observer"] == names("observer")
+    assert choices["observer"] == ["auto"] + names("observer")
     assert choices["task"] == hf_task_names()
     assert choices["target"] == target_names()

@@ -139,7 +139,7 @@ class MSEObserver(_Observer):
     pass
 
 
-@register("observer", "minmax", MinMaxObserver, "exact min/max of everything observed (the default)")
+@register("observer", "minmax", MinMaxObserver, "exact min/max of everything observed")
 def minmax_range(obs: RangeObserver, config: MinMaxObserver) -> tuple[float, float]:
     return obs.min, obs.max
 

@@ -19,7 +19,7 @@ from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.quantization.observers import RangeObserver, compute_range, observer_config
 from sqexport.toolchain.quantization.params import fake_quant_act, fake_quant_dynamic, rectify
 
-__all__ = ["calibrate", "quantize_weights", "quantize_embeddings", "fake_quant_model", "fake_quantized"]
+__all__ = ["calibrate", "calibrate_each", "shared_minmax_ranges", "quantize_weights", "quantize_embeddings", "fake_quant_model", "fake_quantized"]
 
 
 def _within(p: ActQuant, hi: float) -> ActQuant:
@@ -54,6 +54,17 @@ def _from_observed(anchors: list[Anchor], tensors: list[str], observed: Observed
     return ins, outs, {}
 
 
+def shared_minmax_ranges(anchors: list[Anchor], tensors: Iterable[str], observed: ObservedRanges | None,
+                         ) -> tuple[dict[str, ActQuant], dict[str, ActQuant], dict[str, ActQuant]] | None:
+    """calibrate's min-max result from the ranges another pass observed, with no pass; None when
+    they do not cover every anchor."""
+    return _from_observed(anchors, list(tensors), observed, lambda name: "minmax")
+
+
+def _method_of(observer: str | dict[str, str]) -> Callable[[str], str]:
+    return (lambda name: observer.get(name, "minmax")) if isinstance(observer, dict) else (lambda name: observer)
+
+
 def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
               observer: str | dict[str, str] = "minmax", percentile: float = 99.99,
               tensors: Iterable[str] = (), observed: ObservedRanges | None = None,
@@ -66,17 +77,24 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
     `observed`: min-max ranges of this model on the same batches from another stage's pass; when
     they cover every anchor (all min-max) the model is not run again (observed.used says so).
     """
-    def method(name):
-        return observer.get(name, "minmax") if isinstance(observer, dict) else observer
-
     tensors = list(tensors)
-    reused = _from_observed(anchors, tensors, observed, method)
+    reused = _from_observed(anchors, tensors, observed, _method_of(observer))
     if reused is not None:
         return reused
+    return calibrate_each(model, anchors, batches, run, [observer], percentile, tensors)[0]
+
+
+def calibrate_each(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: Callable,
+                   observers: list[str | dict[str, str]], percentile: float = 99.99, tensors: Iterable[str] = (),
+                   ) -> list[tuple[dict[str, ActQuant], dict[str, ActQuant], dict[str, ActQuant]]]:
+    """calibrate's result for each of `observers`, from one pass over `batches`: the observers
+    keep the samples any of the range methods reads."""
+    tensors = list(tensors)
+    methods = [_method_of(o) for o in observers]
     modules = dict(model.named_modules())
 
     def keeps(name):
-        return observer_config(method(name), percentile=percentile).keeps_samples
+        return any(observer_config(m(name), percentile=percentile).keeps_samples for m in methods)
 
     obs_in = {a.module: RangeObserver(keeps(a.module)) for a in anchors}
     obs_out = {a.module: RangeObserver(keeps(a.module)) for a in anchors if a.quantize_output}
@@ -93,11 +111,14 @@ def calibrate(model: nn.Module, anchors: list[Anchor], batches: Iterable, run: C
                 lambda m, args, out, o=obs_out[a.module], b=a.output_range: o.update(rectify(out, b).detach().numpy())))
     run_with_hooks(model, handles, batches, run)
 
-    ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
-    outs = {n: _within(act_params_from_range(*compute_range(o, method(n), percentile)), bounds[n][1])
-            for n, o in obs_out.items()}
-    done = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_t.items()}
-    return ins, outs, done
+    results = []
+    for method in methods:
+        ins = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_in.items()}
+        outs = {n: _within(act_params_from_range(*compute_range(o, method(n), percentile)), bounds[n][1])
+                for n, o in obs_out.items()}
+        done = {n: act_params_from_range(*compute_range(o, method(n), percentile)) for n, o in obs_t.items()}
+        results.append((ins, outs, done))
+    return results
 
 
 def quantize_weights(model: nn.Module, anchors: list[Anchor], inputs: dict[str, ActQuant],

@@ -79,7 +79,7 @@ def test_fake_quant_model_computes_the_quantized_graph_by_hand():
 
 
 def test_int8_config_validation():
-    with pytest.raises(ConfigError, match="unknown observer 'bogus'; known: entropy, mean-minmax, minmax, mse, percentile"):
+    with pytest.raises(ConfigError, match="unknown observer 'bogus'; known: auto, entropy, mean-minmax, minmax, mse, percentile"):
         Int8StaticConfig(observer="bogus")
     for bad in (50.0, 100.5, 10.0):
         with pytest.raises(ConfigError, match=rf"percentile must be in \(50, 100\], got {bad}"):
