@@ -64,16 +64,17 @@ def bench_arch(arch: str, work: Path, calib: Path, evals: Path, budget: float) -
     cov = rep["quantization"]["coverage"]
     return {"arch": arch, "timm": ARCHITECTURES[arch], "exit": code, "sqexport_seconds": round(seconds, 1),
             "coverage": {"int8": cov["int8"], "weight_layers": cov["weight_layers"], "fp32": cov["fp32"]},
+            "ranges": (rep["quantization"].get("range_choice") or {}).get("chosen", "?"),
             "fidelity": fid, "latency_ms": lat[1], "other_cpu_load_cores": others[1]}
 
 
 def render(rows: list[dict]) -> str:
-    headers = ["arch", "int8 / weight layers", "x FP32", "x ORT static", "ORT static x FP32",
+    headers = ["arch", "int8 / weight layers", "ranges", "x FP32", "x ORT static", "ORT static x FP32",
                "cos sqexport", "cos ORT", "top-1 agree sqexport %", "top-1 agree ORT %", "exit"]
     table = []
     for r in rows:
         lat = r["latency_ms"]
-        table.append([r["arch"], f"{r['coverage']['int8']} / {r['coverage']['weight_layers']}",
+        table.append([r["arch"], f"{r['coverage']['int8']} / {r['coverage']['weight_layers']}", r.get("ranges", "?"),
                       f"{lat['sqexport']['speedup']:.2f}", f"{lat['ort_static']['p50'] / lat['sqexport']['p50']:.2f}",
                       f"{lat['ort_static']['speedup']:.2f}",
                       f"{r['fidelity']['sqexport']['cosine_mean']:.4f}", f"{r['fidelity']['ort_static']['cosine_mean']:.4f}",
