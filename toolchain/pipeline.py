@@ -124,6 +124,9 @@ class RunState:
     model_disposable: bool = False
     # a prune stage (or q_then_s) changed `work`: recovery has something to recover
     pruned: bool = False
+    # re-estimate BatchNorm statistics after pruning; the sparsity search turns it off where keeping
+    # the model's own statistics measured better (sparsity_search.py)
+    recalibrate_batchnorm: bool = True
     # export.model may write prepared.onnx from the baseline graph instead of exporting again
     # (toolchain/prepared_graph.py); run() allows it, a state built elsewhere (--auto levels,
     # which have no baseline graph of their own) exports
@@ -198,7 +201,7 @@ def prune(state: RunState) -> None:
             state.layers = prunable_layers(state.work, spec.prune_prefix)
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
-        state.pruned |= result.changed
+        state.pruned |= result.changed and not _left_unchanged(stage, result)
         state.extra.update(result.extra)
         _merge_masks(state, result.masks)
         for name, why in result.skipped.items():
@@ -206,6 +209,14 @@ def prune(state: RunState) -> None:
             state.notes.append(f"{stage.qualified} skipped {name}: {why}")
     state.sparsity = {"overall": overall_sparsity(state.layers, dense), "layers": layer_sparsity(state.layers, dense),
                       "skipped": skipped}
+
+
+def _left_unchanged(stage: Stage, result) -> bool:
+    """A prune stage that removed nothing (sparsity 0, or masks that keep every weight): the model
+    is the dense one, and nothing after it (BatchNorm re-estimation, recovery) may treat it as pruned."""
+    if getattr(stage.config, "sparsity", None) == 0.0:
+        return True
+    return bool(result.masks) and all(bool(m.all()) for m in result.masks.values())
 
 
 def _choose_sparsity(state: RunState, stage: Stage, context) -> Stage:
@@ -220,6 +231,7 @@ def _choose_sparsity(state: RunState, stage: Stage, context) -> Stage:
     chosen = Stage(stage.kind, stage.name, dataclasses.replace(stage.config, sparsity=choice.sparsity))
     state.recipe = state.recipe.with_stage("prune", chosen)
     state.extra["sparsity_choice"] = choice.to_report(limit, get_task(spec.task).unit)
+    state.recalibrate_batchnorm = choice.recalibrate_batchnorm
     state.notes.append(f"{stage.qualified}: sparsity {choice.sparsity:.2f} chosen on {choice.samples} evaluation "
                        f"sample(s): {choice.why}")
     state.progress.message(f"{stage.qualified}: sparsity {choice.sparsity:.2f} ({choice.why})")
@@ -251,9 +263,15 @@ def _compare_orders(state: RunState, stage, dense: dict, masks_qs: dict, context
                             "weight_error": {"total": total, "layers": errors}}
 
 
-def recalibrate(state: RunState) -> None:
-    """Pruning shifts activation statistics: re-estimate BatchNorm's before folding it."""
-    if state.recipe.stage("prune") is None:
+def recalibrate(state: RunState, after_recovery: bool = False) -> None:
+    """Pruning shifts activation statistics: re-estimate BatchNorm's before folding it, unless
+    nothing was pruned or the sparsity search measured the model's own statistics better (recovery
+    moved the weights: then always)."""
+    if state.recipe.stage("prune") is None or not state.pruned:
+        return
+    if not (state.recalibrate_batchnorm or after_recovery):
+        state.notes.append("BatchNorm statistics kept: on the evaluation split the pruned model dropped less with its "
+                           "own statistics than with statistics re-estimated on the calibration data")
         return
     with state.timer.stage("recalibrate_batchnorm") as rec:
         batches = track(state.progress, state.spec.calib_batches, "BatchNorm statistics", "batches")
@@ -277,7 +295,7 @@ def recover(state: RunState) -> None:
         ctx = RecoverContext(state.spec, state.recipe.seed, state.progress, state.masks)
         state.extra["recovery"] = lookup("recover", stage.name).handler(state.work, stage.config, ctx)
         rec["params"]["steps_run"] = state.extra["recovery"]["steps"]
-    recalibrate(state)
+    recalibrate(state, after_recovery=True)
 
 
 def fold(state: RunState) -> None:
@@ -352,7 +370,7 @@ def quantize(state: RunState) -> None:
         limit = accuracy_limit(state.recipe.gates, spec.task)
         state.reference, info = quantize_to_onnx(work, spec, quant, state.prepared, state.tmp / "model.onnx",
                                                  limit, state.recipe.target, state.progress,
-                                                 work_is_dense=state.recipe.stage("prune") is None,
+                                                 work_is_dense=not state.pruned,
                                                  consume_prepared=True, observed_ranges=state.observed_ranges)
         state.prepared = None  # rewritten into model.onnx: nothing reads the FP32 graph again
         rec["params"]["quantized_layers"] = info["quantized_layers"]
