@@ -233,7 +233,7 @@ def _choose_sparsity(state: RunState, stage: Stage, context) -> Stage:
     state.extra["sparsity_choice"] = choice.to_report(limit, get_task(spec.task).unit)
     state.recalibrate_batchnorm = choice.recalibrate_batchnorm
     state.notes.append(f"{stage.qualified}: sparsity {choice.sparsity:.2f} chosen on {choice.samples} evaluation "
-                       f"sample(s): {choice.why}")
+                       f"and {choice.calibration_samples} calibration sample(s): {choice.why}")
     state.progress.message(f"{stage.qualified}: sparsity {choice.sparsity:.2f} ({choice.why})")
     return chosen
 

@@ -125,6 +125,8 @@ def test_user_cnn_passes_its_gate_with_defaults(trained_cnn, run_cli, monkeypatc
     choice = rep["sparsity_choice"]
     assert 0.0 <= choice["chosen"] <= MAX_SPARSITY and choice["evaluation_samples"] == len(np.load(root / "eval.npz")["x"])
     assert all(t["fits"] == (t["drop"] <= choice["budget"]) for t in choice["tried"])
+    assert choice["calibration_samples"] == len(np.load(root / "calib.npz")["x"])  # both splits score each amount
+    assert all(t["drop"] == max(t["drop_evaluation"], t["drop_calibration"]) for t in choice["tried"])
     assert rep["recipe"]["stages"][0]["params"]["sparsity"] == choice["chosen"]
     assert rep["accuracy"]["drop"] <= 1.0 and abs(rep["accuracy"]["model"] - 100 * top1) <= 2.0
     assert "sparsity" in r.output and "chosen" in " ".join(rep["notes"])
@@ -163,3 +165,63 @@ def test_user_cnn_as_torchscript_passes_its_gate_with_defaults(trained_cnn, run_
     assert rep["source"]["kind"] == "TorchScript" and "sparsity_choice" in rep
     assert rep["quantization"]["coverage"]["fp32"] == []
     assert rep["accuracy"]["drop"] <= 1.0 and abs(rep["accuracy"]["model"] - 100 * top1) <= 2.0
+
+
+class _NormedMlp(torch.nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear whose BatchNorm statistics fit the data N(0, 1) inputs
+    give (a "pretrained" model)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.bn, self.fc2 = torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)
+        self.bn.train()
+        with torch.no_grad():
+            self.bn.momentum = None
+            self.fc1.weight.mul_(3.0)
+            self.bn(self.fc1(torch.randn(4096, 8, generator=torch.Generator().manual_seed(1))))
+        self.bn.momentum = 0.1
+        self.eval()
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _search_normed(calib_shift: float, weight_scale_at):
+    """choose_sparsity on _NormedMlp; its "pruning" scales fc1's weight by weight_scale_at(s) (what
+    removing weights does to the next norm's input statistics); calibration inputs are N(calib_shift, 1)."""
+    g = torch.Generator().manual_seed(2)
+    evals = [{"x": torch.randn(200, 8, generator=g).numpy()}]
+    calib = [{"x": (torch.randn(24, 8, generator=g) + calib_shift).numpy()}]
+    spec = SimpleNamespace(model=_NormedMlp(), task="image-classification", eval_batches=evals, calib_batches=calib,
+                           eval_labels=None, torch_outputs=lambda m, b: [m(torch.from_numpy(b["x"])).detach().numpy()],
+                           postprocess=lambda o, b: o[0])
+
+    def handler(model, config, ctx):
+        with torch.no_grad():
+            model.fc1.weight.mul_(weight_scale_at(config.sparsity))
+    return choose_sparsity(spec, SimpleNamespace(config=_Config(0.5)), lambda layers: None, handler, 4.0)
+
+
+def test_batchnorm_statistics_are_kept_where_re_estimating_them_measures_worse():
+    # pruning changes nothing; the 24 calibration samples come from elsewhere (a few photos)
+    choice = _search_normed(calib_shift=2.0, weight_scale_at=lambda s: 1.0)
+    assert choice.sparsity == MAX_SPARSITY and not choice.recalibrate_batchnorm
+    for t in choice.trace:
+        assert t["batchnorm"] == "kept" and t["drop"] == t["drop_batchnorm_kept"] == t["drop_calibration"] == 0.0
+        assert t["drop_batchnorm_reestimated"] > 1.0
+
+
+def test_batchnorm_statistics_are_re_estimated_where_that_measures_better():
+    # pruning shrinks fc1's outputs (0.2x at 0.5); the calibration data is the evaluation kind, so
+    # re-estimated statistics undo the shrinking
+    choice = _search_normed(calib_shift=0.0, weight_scale_at=lambda s: 1.0 - 1.6 * s)
+    chosen = {t["sparsity"]: t for t in choice.trace}[choice.sparsity]
+    assert choice.recalibrate_batchnorm and chosen["batchnorm"] == "re-estimated"
+    assert chosen["drop_evaluation"] == chosen["drop_batchnorm_reestimated"] < chosen["drop_batchnorm_kept"]
+    for t in choice.trace:  # each amount counts its better variant (on the evaluation split), on both splits
+        better = "re-estimated" if t["drop_batchnorm_reestimated"] < t["drop_batchnorm_kept"] else "kept"
+        assert t["batchnorm"] == better
+        assert t["drop_evaluation"] == min(t["drop_batchnorm_kept"], t["drop_batchnorm_reestimated"])
+        assert t["drop"] == max(t["drop_evaluation"], t["drop_calibration"])
+        assert t["fits"] == (t["drop"] <= choice.budget)
