@@ -10,7 +10,7 @@ import torch
 from sqexport.contracts.pooling import Pooling
 from sqexport.contracts.tasks import first_output, task_names
 
-__all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind", "first_samples"]
+__all__ = ["Batch", "ModelSpec", "TASKS", "TorchModule", "HFFolder", "ModelKind", "first_samples", "leading_samples"]
 
 Batch = dict  # input name -> np.ndarray, one batch
 
@@ -24,6 +24,19 @@ def first_samples(batches: list[Batch], n: int) -> list[Batch]:
         out.append(b)
         seen += len(next(iter(b.values())))
     return out
+
+def leading_samples(batches: list[Batch], n: int) -> list[Batch]:
+    """The first `n` samples (all of them if fewer), the last batch cut to size: every entry of a
+    batch holds one row per sample."""
+    out, seen = [], 0
+    for b in batches:
+        if seen >= n:
+            break
+        size = len(next(iter(b.values())))
+        out.append(b if seen + size <= n else {k: v[:n - seen] for k, v in b.items()})
+        seen += min(size, n - seen)
+    return out
+
 
 TASKS = tuple(task_names())  # the task registry (contracts/tasks.py) owns them
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from sqexport.exporters.elementwise import pools_from_means
 from sqexport.exporters.graph import merge_duplicate_nodes, own_weights, set_metadata
 from sqexport.exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
 from sqexport.exporters.tensor_sites import find_tensor_sites
-from sqexport.models.spec import ModelSpec, first_samples
+from sqexport.models.spec import ModelSpec, first_samples, leading_samples
 from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
 from sqexport.contracts.weight_grid import WeightGrid
 from sqexport.runtime_check.isa import FULL_QMAX, REDUCED_QMAX, weight_grid
@@ -35,7 +36,7 @@ from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.pruning import prunable_layers
 from sqexport.toolchain.quantization.activation_sites import ActivationSites, activation_modules, match_activation_sites
 from sqexport.toolchain.quantization.static import fake_quantized
-from sqexport.toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db
+from sqexport.toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db, output_snr_db
 from sqexport.toolchain.quantization.range_choice import CHOICE_SAMPLES, output_error
 from sqexport.toolchain.quantization.prediction import (
     EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
@@ -54,6 +55,11 @@ FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if
 # FP32 pass 3.9). Half the rows: 6.5 CPU s, every layer within 0.22 dB (RMS 0.06 dB) of all rows
 # and the same 8 worst layers; a quarter saved only 0.25 s more for up to 0.6 dB
 SNR_ROW_FRACTION = 0.5
+# the fallback ranks layers by their output error alone in int8 (fallback.output_snr_db) on this many
+# calibration samples, unless that would take longer than the budget (pretrained MobileNetV2: 53
+# layers x 16 crops, about 21 s on 2 cores); then by local SNR
+RANK_SAMPLES = 16
+RANK_BUDGET_S = 60.0
 
 
 @dataclass
@@ -345,7 +351,21 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
         passes[0] += 1
         first.setdefault("details", predictor.last)
         return value
-    params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard)
+    ranking: dict = {}
+
+    def rank() -> dict[str, float] | None:
+        batches = leading_samples(spec.calib_batches, RANK_SAMPLES)
+        start = time.perf_counter()
+        scores = output_snr_db(work, params, lambda model: _outputs(spec, model, batches), RANK_BUDGET_S, progress)
+        ranking.update(by="output error of each layer alone in int8" if scores else "local SNR",
+                       samples=sum(len(next(iter(b.values()))) for b in batches),
+                       seconds=round(time.perf_counter() - start, 2))
+        if scores is None:
+            ranking["why"] = f"ranking by output error would take over {RANK_BUDGET_S:g} s on this model"
+        return scores
+    params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard, rank)
+    if ranking:
+        info["fallback_ranking"] = ranking
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],
                 predicted_drop_trace=[round(t, 6) for t in trace], quantized_layers=len(params.anchors),
                 fallback_passes=passes[0],

@@ -217,3 +217,55 @@ def test_snr_is_rounded_in_the_record():
     snr = {"a": 12.3456, "b": 99.0}
     _, fallen, _ = fallback_until(_fake_params(), snr, lambda p: 1.0, limit=0.5, max_layers=1)
     assert fallen == [{"layer": "a", "snr_db": 12.35}]
+
+
+# ---------------------------------------------------------------- ranking by output error
+
+def test_a_ranking_orders_the_fallback_and_is_read_only_when_needed():
+    calls = []
+
+    def rank():
+        calls.append(1)
+        return {"a": 5.0, "b": 50.0, "c": 40.0, "d": 30.0}  # by output: a worst, then d
+    _, fallen, _ = fallback_until(_fake_params(), SNR, FakeDrop(), limit=0.5, max_layers=4, rank=rank)
+    assert [f["layer"] for f in fallen] == ["a", "d", "c"] and len(calls) == 1  # 0.95, 0.85, 0.8, 0, then 0.5
+    assert [(f["snr_db"], f["output_snr_db"]) for f in fallen] == [(30.0, 5.0), (40.0, 30.0), (20.0, 40.0)]
+    _, fallen, _ = fallback_until(_fake_params(), SNR, FakeDrop(), limit=1.0, max_layers=4, rank=rank)
+    assert fallen == [] and len(calls) == 1  # the gate held with every layer int8: no ranking pass
+    # a ranking that declined (over its time budget) leaves the SNR order
+    _, fallen, _ = fallback_until(_fake_params(), SNR, FakeDrop(), limit=0.2, max_layers=4, rank=lambda: None)
+    assert [f["layer"] for f in fallen] == ["b", "c"] and "output_snr_db" not in fallen[0]
+
+
+def _two_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval().requires_grad_(False)
+    batches = [{"x": np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)}]
+    params = _params(model, batches, [Anchor("0", quantize_output=True), Anchor("2")])
+    return model, batches, params
+
+
+def test_output_snr_is_each_layer_alone_in_int8_against_fp32():
+    from sqexport.toolchain.quantization import fake_quant_model
+    from sqexport.toolchain.quantization.fallback import output_snr_db, without
+    from sqexport.toolchain.quantization.range_choice import output_error
+
+    model, batches, params = _two_linears()
+    params.inputs["2"] = ActQuant(params.inputs["2"].scale * 40, 0)  # a coarse grid for the second layer's input
+
+    def outputs(m):
+        return np.concatenate([_run(m, b).numpy() for b in batches])
+    scores = output_snr_db(model, params, outputs, budget_s=60.0)
+    fp32 = outputs(model)
+    for name, other in (("0", "2"), ("2", "0")):
+        alone = fake_quant_model(model, without(params, {other}))
+        assert scores[name] == pytest.approx(-10 * math.log10(output_error(fp32, outputs(alone))), rel=1e-6)
+    assert scores["2"] < scores["0"]  # the coarse grid ranks worst
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _two_linears()[0].state_dict().values()))
+
+
+def test_output_snr_declines_beyond_its_time_budget():
+    from sqexport.toolchain.quantization.fallback import output_snr_db
+
+    model, batches, params = _two_linears()
+    assert output_snr_db(model, params, lambda m: _run(m, batches[0]).numpy(), budget_s=0.0) is None
