@@ -277,10 +277,10 @@ def test_fallback_when_the_gate_cannot_hold(strict, onnx_tools):
     assert any("cap raised" in note for note in rep["notes"]) and any("still above" in n for n in rep["notes"])
     assert 2 <= q["fallback_passes"] <= MAX_PASSES and q["predicted_drop_trace"][-1] > 1e-12
     assert q["quantized_layers"] == len(ENCODER_LINEARS) - max_layers
-    # worst local SNR first: the fallen layers are the head of the SNR ranking, in order
-    snrs = [f["snr_db"] for f in q["fallback"]]
-    assert snrs == sorted(snrs)
-    assert [f["layer"] for f in q["fallback"]] == [w["layer"] for w in q["worst_layers_snr_db"][:max_layers]]
+    # worst first by each layer's output error alone in int8 (a tiny encoder: affordable), in order
+    assert q["fallback_ranking"]["by"].startswith("output error") and q["fallback_ranking"]["samples"] > 0
+    scores = [f["output_snr_db"] for f in q["fallback"]]
+    assert scores == sorted(scores) and all("snr_db" in f for f in q["fallback"])
     assert any("fallback" in note for note in rep["notes"])
     model = onnx.load(str(strict.out / "model.onnx"))
     assert len(onnx_tools.quantized_weights(model)) == q["quantized_layers"]
