@@ -1,4 +1,5 @@
 """BN re-estimation sets running stats to the calibration data's statistics."""
+import pytest
 import torch
 from torch import nn
 
@@ -44,3 +45,17 @@ def test_model_without_bn_is_untouched():
     assert recalibrate_batchnorm(lin, BATCHES, _run) == 0
     for k, v in lin.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.e2e
+def test_a_prune_stage_that_removed_nothing_re_estimates_nothing(run_cli, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    r = run_cli(["digits-cnn", "--sparsity", "0", "--quiet", "-o", out])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    names = [s.get("name") or s.get("stage") for s in rep["stages"]]
+    assert "prune.magnitude" in names and "recalibrate_batchnorm" not in names
+    assert rep["sparsity"]["overall"] == 0.0
+    assert rep["quantization"]["predicted_drop_fp32_pruned"] == 0.0  # the model the fallback compares is the dense one
