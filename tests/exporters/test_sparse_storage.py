@@ -193,3 +193,42 @@ def test_a_failed_measurement_meanwhile_is_made_again_when_asked_for(tmp_path, m
         pass
     path.write_bytes(b"x" * 1000)
     assert sparse.file_sizes(path)["raw"] == 1000
+
+
+ROUNDED_TO_ZERO = """
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():  # one large weight per row sets its int8 scale; the rest round to 0
+        model[0].weight.mul_(1e-3)
+        model[0].weight[:, 0] = 1.0
+    return model.eval()
+"""
+
+
+@pytest.mark.e2e
+def test_the_note_calls_zeros_pruned_only_when_pruning_made_them(run_cli, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    def notes(model, *args):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        r = run_cli([model, *args, "--max-accuracy-drop", "100", "--quiet", "-o", out])
+        assert r.exit_code == 0, r.output
+        rep = json.loads((out / "report.json").read_text())
+        return rep["sparse_storage"]["used"], rep["notes"]
+    used, pruned_notes = notes("digits-cnn", "--sparsity", "0.95")
+    assert used and any("pruned initializer(s) stored as ONNX sparse" in n for n in pruned_notes)
+
+    (tmp_path / "rounded_to_zero.py").write_text(ROUNDED_TO_ZERO)
+    np.savez(tmp_path / "x.npz", input=np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
+    used, dense_notes = notes("rounded_to_zero:build", "--input-shape", "1x256", "--prune", "none",
+                              "--calib-data", "x.npz", "--eval-data", "x.npz")
+    sys.modules.pop("rounded_to_zero", None)
+    assert used and not any("pruned initializer(s)" in n for n in dense_notes)
+    assert any("initializer(s) with enough zeros stored as ONNX sparse" in n for n in dense_notes)
