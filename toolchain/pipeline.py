@@ -201,7 +201,7 @@ def prune(state: RunState) -> None:
             state.layers = prunable_layers(state.work, spec.prune_prefix)
             rec["params"]["achieved_sparsity"] = round(overall_sparsity(state.layers, dense), 6)
         state.notes.append(result.speed_note)
-        state.pruned |= result.changed and not _left_unchanged(stage, result)
+        state.pruned |= result.changed and not _keeps_every_weight(result)
         state.extra.update(result.extra)
         _merge_masks(state, result.masks)
         for name, why in result.skipped.items():
@@ -211,11 +211,10 @@ def prune(state: RunState) -> None:
                       "skipped": skipped}
 
 
-def _left_unchanged(stage: Stage, result) -> bool:
-    """A prune stage that removed nothing (sparsity 0, or masks that keep every weight): the model
-    is the dense one, and nothing after it (BatchNorm re-estimation, recovery) may treat it as pruned."""
-    if getattr(stage.config, "sparsity", None) == 0.0:
-        return True
+def _keeps_every_weight(result) -> bool:
+    """Masks that keep every weight (a mask method at sparsity 0): the model is the dense one, and
+    nothing after it (BatchNorm re-estimation, recovery) may treat it as pruned. Methods that
+    remove structure say so themselves (PruneResult.changed)."""
     return bool(result.masks) and all(bool(m.all()) for m in result.masks.values())
 
 

@@ -196,7 +196,7 @@ class _OutputError:
     def __init__(self, work: torch.nn.Module, spec: ModelSpec, plan: QuantPlan):
         self.work, self.spec, self.plan = work, spec, plan
         self.measure = "mean 1 - cosine of the outputs to FP32"
-        self.batches = first_samples(spec.calib_batches, CHOICE_SAMPLES)
+        self.batches = leading_samples(spec.calib_batches, CHOICE_SAMPLES)
         self.samples = sum(len(next(iter(b.values()))) for b in self.batches)
         self._fp32: np.ndarray | None = None
 

@@ -113,6 +113,13 @@ def test_stage_exports_and_reloads_in_onnxruntime(tmp_path):
     np.testing.assert_allclose(sess.run(None, BATCHES[0])[0], _run(model, BATCHES[0])[0], rtol=1e-4, atol=1e-5)
 
 
+def test_the_stage_says_whether_it_removed_anything():
+    ctx = PruneContext({}, BATCHES, _run, example_inputs=EXAMPLE, export=lambda m, p: None, threads=1)
+    assert prune_structured(_model(), StructuredPruneConfig(sparsity=0.5, round_to=8), ctx).changed
+    # nothing removed: the pipeline then re-estimates no BatchNorm statistics and recovers nothing
+    assert not prune_structured(_model(), StructuredPruneConfig(sparsity=0.0, round_to=8), ctx).changed
+
+
 def test_activation_importance_uses_data():
     model = _model()
     graph, groups = S.channel_groups(model, EXAMPLE)

@@ -125,7 +125,8 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, ctx: Prune
         removed = _prune_cnn(model, config, ctx)
     removed["importance"] = importance
     macs1 = S.count_macs_params(model, ctx.example_inputs)
-    structure = structure_of(before, _layer_shapes(model), (macs0[0], macs1[0]), (macs0[1], macs1[1]), removed)
+    after = _layer_shapes(model)
+    structure = structure_of(before, after, (macs0[0], macs1[0]), (macs0[1], macs1[1]), removed)
     return PruneResult(masks={}, speed_note="structured pruning removes whole channels/heads/neurons: the "
                        "exported model is smaller and does less work, which is real CPU speed",
-                       extra={"structure": structure})
+                       extra={"structure": structure}, changed=after != before)
