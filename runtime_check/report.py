@@ -77,6 +77,14 @@ def render_markdown(r: dict) -> str:
             lines.append(f"- fallback to FP32: {fallen}; predicted drop on calibration data "
                          f"{' -> '.join(format_value(t, acc['drop_unit']) for t in q.get('predicted_drop_trace', []))} "
                          f"(limit {format_value(q.get('predicted_drop_limit'), acc['drop_unit'])})")
+            confirmation = q.get("fallback_confirmation")
+            if confirmation:
+                measured = " -> ".join(f"{format_value(m['drop'], acc['drop_unit'])} with {m['fp32_layers']} FP32"
+                                       for m in confirmation["measured"])
+                lines.append(f"- measured on the evaluation split ({confirmation['samples']} samples, the exported "
+                             f"graph in onnxruntime): {measured}"
+                             + (f"; {confirmation['added_layers']} more layer(s) returned to FP32, so the gate is "
+                                "not a held-out measurement" if confirmation["added_layers"] else ""))
         elif q.get("fallback_skipped"):
             lines.append(f"- fallback skipped: {q['fallback_skipped']}")
         if q.get("worst_layers_snr_db"):

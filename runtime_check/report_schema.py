@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["SCHEMA_VERSION", "SCHEMA_PATH", "report_schema", "schema_errors", "strict_reports"]
 
 # MAJOR.MINOR: MINOR grows when a section or field is added, MAJOR when one changes or goes away
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 MAX_ERRORS = 5
 

@@ -325,6 +325,10 @@ def _print_summary(report: dict, outdir: Path) -> None:
     if cov:
         click.echo(f"  int8      {cov['int8']} of {cov['weight_layers']} weight layers"
                    + (f" ({len(cov['fp32'])} FP32, reasons in report.md)" if cov["fp32"] else ""))
+    confirmed = (report.get("quantization") or {}).get("fallback_confirmation") or {}
+    if confirmed.get("added_layers"):
+        click.echo(f"  fallback  {confirmed['added_layers']} of the FP32 layers chosen on the evaluation split "
+                   "(the prediction from calibration data missed there): the gate is not held out")
     click.echo(f"  size      {size['baseline']:,} B -> {size['model']:,} B ({size['compressed']:,} B zipped)")
     for entry in [lat] + ([lat["at_1_thread"]] if "at_1_thread" in lat else []):
         click.echo(f"  latency   {entry['threads']} thread(s): p50 {entry['baseline']['p50']:.3f} ms -> "

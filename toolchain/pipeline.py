@@ -386,13 +386,19 @@ def quantize(state: RunState) -> None:
         if speed.get("kept_fp32"):
             state.notes.append(f"speed check: {', '.join(speed['kept_fp32'])} kept in FP32; with them in FP32 the "
                                f"whole model measured {speed['gain']:.2f}x as fast as all int8 on this host")
+        confirmation = info.get("fallback_confirmation") or {}
+        if confirmation.get("added_layers"):
+            state.notes.append(f"accuracy fallback confirmed on the evaluation split: {confirmation['why']}")
         cap = info.get("fallback_cap") or {}
+        drop_kind = "measured (evaluation split)" if confirmation else "predicted"
         if cap.get("raised"):
             state.notes.append(f"fallback cap raised from {cap['max_layers']} to {cap['used']} of {cap['layers']} "
-                               "layers because the predicted drop still exceeded the limit: accuracy traded for speed")
+                               f"layers because the {drop_kind} drop still exceeded the limit: accuracy traded "
+                               "for speed")
         if cap and not cap["holds"]:
-            state.notes.append(f"fallback stopped at its cap ({cap['used']} of {cap['layers']} layers in FP32) with "
-                               f"the predicted drop {info['predicted_drop_trace'][-1]:.4g} still above the limit")
+            last = confirmation["drop"] if confirmation else info["predicted_drop_trace"][-1]
+            state.notes.append(f"fallback stopped at {cap['used']} of {cap['layers']} layers in FP32 with the "
+                               f"{drop_kind} drop {last:.4g} still above the limit")
     state.quant_info = info
     (state.tmp / "prepared.onnx").unlink(missing_ok=True)  # a derived graph was never written
 

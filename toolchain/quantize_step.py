@@ -36,8 +36,11 @@ from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.pruning import prunable_layers
 from sqexport.toolchain.quantization.activation_sites import ActivationSites, activation_modules, match_activation_sites
 from sqexport.toolchain.quantization.static import fake_quantized
-from sqexport.toolchain.quantization.fallback import FallbackPolicy, fallback_until, local_snr_db, output_snr_db
+from sqexport.toolchain.quantization.fallback import (
+    FallbackPolicy, fallback_until, finite_db, local_snr_db, output_snr_db, without,
+)
 from sqexport.toolchain.quantization.range_choice import CHOICE_SAMPLES, output_error
+from sqexport.toolchain.fallback_confirm import confirm_on_eval, exported_outputs
 from sqexport.toolchain.quantization.prediction import (
     EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
 )
@@ -86,13 +89,16 @@ class QuantPlan:
     pools_from_means: int = 0  # ReduceMean over (H, W) rewritten as GlobalAveragePool
 
     def coverage_after(self, computed: QuantParams, final: QuantParams,
-                       public: Callable[[str], str] = str, faster_fp32: set[str] = frozenset()) -> dict:
+                       public: Callable[[str], str] = str, faster_fp32: set[str] = frozenset(),
+                       fallen: list[dict] = ()) -> dict:
         """The coverage once the params are final: sites the method left out (int8-dynamic takes
-        MatMul/Gemm only), layers the fallback returned and layers measured faster in FP32
-        (`faster_fp32`, speed_check.py) are FP32 too, each with its reason."""
+        MatMul/Gemm only), layers the fallback returned (`fallen`: the report's fallback entries)
+        and layers measured faster in FP32 (`faster_fp32`, speed_check.py) are FP32 too, each with
+        its reason."""
         taken, kept = {a.module for a in computed.anchors}, {a.module for a in final.anchors}
+        returned_by = {f["layer"]: _fallback_reason(f) for f in fallen}
         why = {m: ("kept FP32 for speed: the whole model measured faster with it in FP32 on this host (speed check)"
-                   if m in faster_fp32 else "returned to FP32 by the accuracy fallback (lowest local SNR)")
+                   if m in faster_fp32 else returned_by.get(public(m), "returned to FP32 by the accuracy fallback"))
                for m in taken - kept}
         why.update({m: "the quantize method does not take this op (int8-dynamic: MatMul/Gemm only)"
                     for m in set(self.sites) - taken})
@@ -100,6 +106,14 @@ class QuantPlan:
                     for m, s in self.sites.items() if m in why]
         base = self.coverage or {"weight_layers": len(self.sites), "int8": len(self.sites), "fp32": []}
         return {**base, "int8": base["int8"] - len(returned), "fp32": base["fp32"] + returned}
+
+
+def _fallback_reason(fallen: dict) -> str:
+    ranked = "its output error alone in int8" if "output_snr_db" in fallen else "its local SNR"
+    if fallen.get("chosen_by") == "evaluation split":
+        return (f"returned to FP32 by the accuracy fallback: next by {ranked} while the evaluation split "
+                "measured the gate failing")
+    return f"returned to FP32 by the accuracy fallback: among the worst by {ranked}"
 
 
 def _tensor_sites(work: torch.nn.Module, spec: ModelSpec, prepared: onnx.ModelProto,
@@ -294,10 +308,16 @@ class _Predictor:
 
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
                    accuracy_limit: float, progress: Progress = NULL_PROGRESS,
-                   work_is_dense: bool = False) -> tuple[QuantParams, dict]:
+                   work_is_dense: bool = False,
+                   exported: Callable[[QuantParams], np.ndarray] | None = None,
+                   ) -> tuple[QuantParams, dict, Callable | None]:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
     FP32 until the gate's drop predicted for the evaluation data holds (prediction.py).
-    Returns the final params and the report's fallback fields (SNRs, prediction, what fell back).
+    Returns the params, the report's fallback fields (SNRs, prediction, what fell back) and, with
+    `exported` (the evaluation outputs in onnxruntime of the graph a set of params exports) and
+    `policy.confirm`, `confirm(kept_for_speed)`: the choice measured on the evaluation split with
+    the layers the speed check keeps in FP32, extended while the gate fails there
+    (fallback_confirm.py); it returns the final params and the report fields it updates.
 
     One FP32 pass over the calibration data serves the SNR ranking, the calibration-side noise
     statistics and the FP32 outputs; with `work_is_dense` (no pruning: smoothing and folding keep
@@ -324,10 +344,10 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     # SNR and JSON has no infinity, so it is null
     info["layers_snr_db"] = {public(n): (round(v, 2) if math.isfinite(v) else None) for n, v in snr.items()}
     if not policy.enabled:
-        return params, info
+        return params, info, None
     if not spec.calib_batches:
         info["fallback_skipped"] = "no calibration data to predict the gate on; pass --calib-data"
-        return params, info
+        return params, info, None
     work_fp32 = np.concatenate(fp32)
     dense = work_fp32 if work_is_dense else _outputs(spec, spec.model, _fallback_batches(spec), progress,
                                                      "FP32 outputs for fallback")
@@ -341,7 +361,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     # returning layers to FP32 could not make the gate hold, it would only cost speed
     if pruned_drop > 0 and pruned_drop >= accuracy_limit * (1 - 1e-9):
         info["fallback_skipped"] = "the pruned FP32 model alone exceeds the accuracy limit"
-        return params, info
+        return params, info, None
     n, cap, hard = len(params.anchors), policy.max_layers(len(params.anchors)), policy.hard_max_layers(len(params.anchors))
     first: dict = {}
 
@@ -353,17 +373,22 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
         first.setdefault("details", predictor.last)
         return value
     ranking: dict = {}
+    scores: dict[str, float] = {}
 
     def rank() -> dict[str, float] | None:
+        if ranking:  # computed once: the prediction's search and the confirmation share it
+            return scores or None
         batches = leading_samples(spec.calib_batches, RANK_SAMPLES)
         start = time.perf_counter()
-        scores = output_snr_db(work, params, lambda model: _outputs(spec, model, batches), RANK_BUDGET_S, progress)
+        scores.update(output_snr_db(work, params, lambda model: _outputs(spec, model, batches), RANK_BUDGET_S,
+                                    progress) or {})
         ranking.update(by="output error of each layer alone in int8" if scores else "local SNR",
                        samples=sum(len(next(iter(b.values()))) for b in batches),
                        seconds=round(time.perf_counter() - start, 2))
-        if scores is None:
+        if not scores:
             ranking["why"] = f"ranking by output error would take over {RANK_BUDGET_S:g} s on this model"
-        return scores
+        return scores or None
+    computed = params
     params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard, rank)
     if ranking:
         info["fallback_ranking"] = ranking
@@ -375,7 +400,31 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
                                     "FP32 model only (activation statistics, output margins); no evaluation labels"},
                 fallback_cap={"layers": n, "max_layers": cap, "hard_max_layers": hard, "used": len(fallen),
                               "raised": len(fallen) > cap, "holds": trace[-1] <= accuracy_limit})
-    return params, info
+    if not (policy.confirm and exported is not None and spec.eval_batches):
+        return params, info, None
+
+    def confirm(kept_for_speed: set[str]) -> tuple[QuantParams, dict]:
+        """The choice measured on the evaluation split once the speed check has kept its layers in
+        FP32 (the graph the gate will run), extended while the gate fails there."""
+        dense_eval = predictor.view.fp32_outputs if work_is_dense else _outputs(
+            spec, spec.model, spec.eval_batches, progress, "FP32 evaluation outputs (fallback confirmation)")
+        base = without(computed, kept_for_speed)
+        chosen, record = confirm_on_eval(task, spec, base, fallen,
+                                         lambda: [m for m in _ranking(rank() or snr) if m not in kept_for_speed],
+                                         snr, exported, dense_eval, accuracy_limit, max(cap, hard), progress)
+        chosen = [f | ({"output_snr_db": finite_db(scores[f["layer"]])} if scores and "output_snr_db" not in f
+                       else {}) for f in chosen]
+        updates = {"fallback": [{**f, "layer": public(f["layer"])} for f in chosen],
+                   "quantized_layers": n - len(chosen), "fallback_confirmation": record,
+                   # measured now, no longer predicted
+                   "fallback_cap": {**info["fallback_cap"], "used": len(chosen), "raised": len(chosen) > cap,
+                                    "holds": record["holds"]}}
+        return without(base, {f["layer"] for f in chosen}), updates
+    return params, info, confirm
+
+
+def _ranking(scores: dict[str, float]) -> list[str]:
+    return sorted(scores, key=scores.get)  # worst first, as fallback_until orders them
 
 
 def _rounded(d: dict) -> dict:
@@ -434,13 +483,15 @@ def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Qu
                   computed: QuantParams, accuracy_limit: float, target: str, progress: Progress,
                   work_is_dense: bool, fallback: bool, scratch: Path) -> tuple[QuantParams, dict]:
     """What stays int8 of the method's params: the accuracy fallback (`fallback`: run it at all),
-    then the speed check (its graphs under `scratch`, the run's temporary folder); returns the
-    final params and the report's fields, coverage included."""
+    then the speed check, then the fallback's confirmation on the evaluation split (their graphs
+    under `scratch`, the run's temporary folder); returns the final params and the report's
+    fields, coverage included."""
     info: dict = {}
-    params = computed
+    params, confirm = computed, None
     if fallback:
-        params, fallback_info = apply_fallback(work, spec, params, stage.config.fallback, accuracy_limit, progress,
-                                               work_is_dense)
+        params, fallback_info, confirm = apply_fallback(
+            work, spec, params, stage.config.fallback, accuracy_limit, progress, work_is_dense,
+            exported_outputs(lambda p, path: write_model(prepared, plan, p, path), spec, scratch))
         info.update(fallback_info)
     faster_fp32: set[str] = set()
     public = public_name(work)
@@ -451,7 +502,10 @@ def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Qu
         for row in check.get("candidates", []):
             row["layer"] = public(row["layer"])
         info["speed_check"] = check
-    info["coverage"] = plan.coverage_after(computed, params, public, faster_fp32)
+    if confirm is not None:  # after the speed check: the graph measured is the graph written
+        params, confirmed = confirm(faster_fp32)
+        info.update(confirmed)
+    info["coverage"] = plan.coverage_after(computed, params, public, faster_fp32, info.get("fallback", []))
     return params, info
 
 

@@ -18,7 +18,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema():
 
 def test_a_real_report_validates_and_carries_its_version(default_export):
     rep = default_export.report
-    assert rep["schema_version"] == SCHEMA_VERSION == "1.0"
+    assert rep["schema_version"] == SCHEMA_VERSION == "1.1"
     assert schema_errors(rep) == []
 
 
@@ -49,7 +49,7 @@ def test_writing_a_deviating_report_fails_under_strict_mode_and_is_noted_otherwi
     monkeypatch.setenv("SQEXPORT_STRICT_REPORT", "0")
     write_report(rep, tmp_path)
     written = json.loads((tmp_path / "report.json").read_text())
-    assert written["notes"][-1].startswith("report.json deviates from its schema (1.0): (top): Additional properties")
+    assert written["notes"][-1].startswith("report.json deviates from its schema (1.1): (top): Additional properties")
 
 
 def test_a_method_section_never_replaces_a_core_one():

@@ -110,3 +110,36 @@ def test_fallback_brings_the_held_out_drop_under_the_limit(tmp_path, quant):
     assert q["fallback_cap"] == {"layers": 2, "max_layers": 0, "hard_max_layers": 1, "used": 1, "raised": True,
                                  "holds": True}
     assert any("cap raised" in note for note in fixed["notes"])
+    # the prediction held on the evaluation split: confirmed with one measurement, still held out
+    assert q["fallback_confirmation"]["held_out"] is True and q["fallback_confirmation"]["added_layers"] == 0
+    assert [m["fp32_layers"] for m in q["fallback_confirmation"]["measured"]] == [1]
+
+
+@pytest.mark.e2e
+def test_a_prediction_the_evaluation_split_refutes_is_extended_there(tmp_path, monkeypatch):
+    """A prediction that misses (here: one that always says 0) is caught by measuring the exported
+    graph on the evaluation split: the fallback continues down its ranking until the gate holds
+    there, and the report says the gate is no longer held out. With `confirm: false` the miss
+    reaches the gate."""
+    import sqexport.toolchain.quantize_step as quantize_step
+
+    monkeypatch.setattr(quantize_step, "predict_drop", lambda *args, **kwargs: {"predicted": 0.0})
+    confirmed = _run(tmp_path, "int8", FallbackPolicy())
+    q = confirmed["quantization"]
+    assert confirmed["passed"] is True and confirmed["accuracy"]["drop"] <= 1.0
+    assert q["predicted_drop_trace"] == [0.0]  # the prediction returned nothing
+    assert [(f["layer"], f["chosen_by"]) for f in q["fallback"]] == [("fc1", "evaluation split")]
+    c = q["fallback_confirmation"]
+    assert c["samples"] == 600 and c["added_layers"] == 1 and c["held_out"] is False and c["holds"] is True
+    assert c["measured"][0]["fp32_layers"] == 0 and c["measured"][0]["drop"] > 1.0
+    assert c["measured"][-1] == {"fp32_layers": 1, "drop": c["drop"]}
+    assert c["drop"] == pytest.approx(confirmed["accuracy"]["drop"], abs=1e-9)  # what the gate then measured
+    assert q["fallback_cap"]["holds"] is True
+    assert any("confirmed on the evaluation split" in n and "held out" in n
+               for n in confirmed["notes"])
+    fp32 = {f["layer"]: f["reason"] for f in q["coverage"]["fp32"]}
+    assert "evaluation split measured the gate failing" in fp32["fc1"]
+    assert not list(tmp_path.rglob("fallback-confirm.onnx"))  # the measured graphs lived in the run's temp dir
+
+    unconfirmed = _run(tmp_path / "unconfirmed", "int8", FallbackPolicy(confirm=False))
+    assert unconfirmed["passed"] is False and "fallback_confirmation" not in unconfirmed["quantization"]

@@ -27,13 +27,19 @@ def test_pretrained_mobilenet_with_eight_photos_keeps_its_statistics_and_its_bud
     r = run_cli(["sqexport.models.mobilenet_v2:load_pretrained", "--input-shape", "1x3x224x224",
                  "--calib-data", folder, *IMAGENET, "-o", out])
     # 8 photos: 48 calibration crops of 6 photos, 16 evaluation crops of 2. One crop changing its
-    # prediction moves the gate's metric by up to 6.25 points, so the gate may fail on int8 noise
-    # (exit 1, report written); what must not come back is the 16.6-point loss BatchNorm statistics
-    # re-estimated on those 48 crops caused with nothing pruned.
-    assert r.exit_code in (0, 1), r.output
+    # prediction moves the gate's metric by up to 6.25 points, more than a prediction from the
+    # calibration crops can foresee: the fallback's confirmation measures the written graph in
+    # onnxruntime on those 16 crops, and returns layers until the gate holds there. What must not
+    # come back either is the 16.6-point loss BatchNorm statistics re-estimated on those 48 crops
+    # caused with nothing pruned.
+    assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
-    assert (r.exit_code == 0) == (rep["accuracy"]["drop"] <= 1.0)
-    assert rep["accuracy"]["drop"] <= 3.0
+    assert rep["accuracy"]["drop"] <= 1.0
+    confirmation = rep["quantization"]["fallback_confirmation"]
+    assert confirmation["samples"] == 16 and confirmation["holds"] is True
+    assert confirmation["drop"] == pytest.approx(rep["accuracy"]["drop"], abs=1e-6)  # it measured the gate
+    assert confirmation["held_out"] == (confirmation["added_layers"] == 0)
+    assert ("the gate is not held out" in r.output) == (confirmation["added_layers"] > 0)
     choice = rep["sparsity_choice"]
     assert (choice["evaluation_samples"], choice["calibration_samples"]) == (16, 48)
     assert not choice["recalibrate_batchnorm"]

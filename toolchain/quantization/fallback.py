@@ -31,7 +31,8 @@ from sqexport.toolchain.quantization.params import energy, fake_quant_act, fake_
 from sqexport.toolchain.quantization.range_choice import output_error
 from sqexport.toolchain.quantization.static import fake_quantized
 
-__all__ = ["FallbackPolicy", "MAX_PASSES", "local_snr_db", "output_snr_db", "fallback_until"]
+__all__ = ["FallbackPolicy", "MAX_PASSES", "MAX_CONFIRM_PASSES", "local_snr_db", "output_snr_db", "fallback_until",
+           "extend_until", "without", "finite_db"]
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,20 @@ class FallbackPolicy:
     `fallback: {enabled: true, max_fraction: 0.25, hard_max_fraction: 0.5}` (`fallback: false` is
     short for disabled). When the predicted gate still fails with `max_fraction` of the layers in
     FP32, the cap adapts up to `hard_max_fraction` (speed traded for accuracy; the report says so);
-    set both equal for a fixed cap."""
+    set both equal for a fixed cap. `confirm`: the chosen layers are measured on the evaluation
+    split (the gate's metric, fake-quantized in torch) and more of the ranking returns to FP32
+    while it fails there (extend_until); `confirm: false` keeps the evaluation split unseen by
+    every choice, so the gate stays a held-out measurement that may fail."""
 
     enabled: bool = True
     max_fraction: float = 0.25  # at most this share of the quantized layers falls back ...
     hard_max_fraction: float = 0.5  # ... unless the gate still fails: then up to this share
+    confirm: bool = True  # measure the choice on the evaluation split; extend it while that fails
 
     def __post_init__(self):
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"fallback.enabled must be true or false, got {self.enabled!r}")
+        for key in ("enabled", "confirm"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"fallback.{key} must be true or false, got {getattr(self, key)!r}")
         if not 0.0 <= self.max_fraction <= 1.0:
             raise ConfigError(f"fallback.max_fraction must be in [0, 1], got {self.max_fraction}")
         if not 0.0 <= self.hard_max_fraction <= 1.0:
@@ -65,10 +71,10 @@ class FallbackPolicy:
         if isinstance(value, bool):
             return cls(enabled=value)
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"enabled", "max_fraction", "hard_max_fraction"})
+            unknown = sorted(set(value) - {"enabled", "max_fraction", "hard_max_fraction", "confirm"})
             if unknown:
                 raise ConfigError(f"fallback: unknown key(s) {', '.join(map(str, unknown))}; "
-                                  "known: enabled, max_fraction, hard_max_fraction")
+                                  "known: enabled, max_fraction, hard_max_fraction, confirm")
             return cls(**value)
         raise ConfigError(f"fallback must be true, false or {{enabled, max_fraction}}, got {value!r}")
 
@@ -243,10 +249,64 @@ def fallback_until(params: QuantParams, snr: dict[str, float], predicted_drop: C
     if made[-1] != chosen:
         trace.append(predictions[chosen])  # the chosen k's prediction last (no extra pass)
     final = without(params, set(order[:chosen])) if chosen else params
-    fallen = [{"layer": n, "snr_db": round(snr[n], 2)} | ({"output_snr_db": _finite(ranked[n])} if ranked else {})
+    fallen = [{"layer": n, "snr_db": round(snr[n], 2)} | ({"output_snr_db": finite_db(ranked[n])} if ranked else {})
               for n in order[:chosen]]
     return final, fallen, trace
 
 
-def _finite(value: float) -> float | None:
+MAX_CONFIRM_PASSES = 8  # measured passes over the evaluation split one confirmation may run
+
+
+def extend_until(params: QuantParams, fallen: list[str], ranking: Callable[[], list[str]],
+                 measured_drop: Callable[[QuantParams], float], limit: float, cap: int,
+                 progress: Progress = NULL_PROGRESS) -> tuple[list[str], list[tuple[int, float]]]:
+    """The fallback's choice (`fallen` in FP32) measured with `measured_drop` (the gate's metric on
+    the evaluation split); while that exceeds `limit`, more layers return to FP32 in the order of
+    `ranking()` (worst first; called only then): len(fallen) + 1, + 2, + 4, ... up to `cap`, then
+    bisection between the last failing and the first holding count, at most MAX_CONFIRM_PASSES
+    measurements in all.
+
+    Why: the prediction reads calibration data only, and a small evaluation split turns on single
+    samples it cannot foresee (16 crops of 2 photos: one changed prediction of a sample FP32 itself
+    barely decides costs 1.3 points). When no count holds, the one with the lowest measured drop
+    is kept (the fewest layers among equals). Returns the layers in FP32 (worst first) and the
+    (count, drop) pairs measured, in order."""
+    start = len(fallen)
+    order = list(fallen)
+    measured: dict[int, float] = {}
+    trace: list[tuple[int, float]] = []
+
+    with progress.task("fallback confirmation (evaluation split)", MAX_CONFIRM_PASSES, "passes") as task:
+        def measure(k: int) -> float:
+            if k not in measured:
+                measured[k] = measured_drop(without(params, set(order[:k])) if k else params)
+                trace.append((k, measured[k]))
+                task.advance()
+            return measured[k]
+
+        if measure(start) <= limit:
+            return order, trace
+        order += [n for n in ranking() if n not in set(fallen)]
+        cap = min(cap, len(order))
+        failing, holding, step = start, None, 1
+        while failing < cap and len(trace) < MAX_CONFIRM_PASSES:
+            k = min(cap, start + step)
+            step *= 2
+            if measure(k) <= limit:
+                holding = k
+                break
+            failing = k
+        if holding is None:
+            best = min(measured, key=lambda c: (measured[c], c))
+            return order[:best], trace
+        while holding - failing > 1 and len(trace) < MAX_CONFIRM_PASSES:
+            mid = (failing + holding) // 2
+            if measure(mid) <= limit:
+                holding = mid
+            else:
+                failing = mid
+    return order[:holding], trace
+
+
+def finite_db(value: float) -> float | None:
     return round(value, 2) if math.isfinite(value) else None  # JSON has no infinity

@@ -269,3 +269,96 @@ def test_output_snr_declines_beyond_its_time_budget():
 
     model, batches, params = _two_linears()
     assert output_snr_db(model, params, lambda m: _run(m, batches[0]).numpy(), budget_s=0.0) is None
+
+
+# ---------------------------------------------------------------- confirmation on the evaluation split
+
+def _measured(calls):
+    """measured_drop: FakeDrop's sum of the shares still quantized, recording the FP32 count."""
+    def measure(params):
+        calls.append(len(SNR) - len(params.anchors))
+        return sum(CONTRIB[a.module] for a in params.anchors)
+    return measure
+
+
+def test_a_choice_the_evaluation_split_confirms_is_kept_without_ranking():
+    from sqexport.toolchain.quantization.fallback import extend_until
+
+    calls, ranked = [], []
+    names, trace = extend_until(_fake_params(), ["b", "c"], lambda: ranked.append(1) or list(SNR),
+                                _measured(calls), limit=0.2, cap=4)
+    assert names == ["b", "c"] and trace == [(2, pytest.approx(0.15))] and calls == [2] and not ranked
+
+
+def test_a_failing_choice_is_extended_in_ranking_order_by_ladder_then_bisection():
+    from sqexport.toolchain.quantization.fallback import extend_until
+
+    calls = []
+    # the prediction kept b in FP32; the ranking (b listed again: not taken twice) continues with c, a, d.
+    # drops: 1 layer 0.45, 2 layers 0.15, 3 layers 0.05, 4 layers 0: limit 0.1 holds from 3 layers
+    names, trace = extend_until(_fake_params(), ["b"], lambda: ["b", "c", "a", "d"], _measured(calls),
+                                limit=0.1, cap=4)
+    assert names == ["b", "c", "a"]
+    assert calls == [1, 2, 3]  # start, start + 1, start + 2 (holds); nothing left to bisect
+    assert [d for _, d in trace] == pytest.approx([0.45, 0.15, 0.05])
+    calls.clear()
+    names, _ = extend_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], _measured(calls), limit=0.01, cap=4)
+    # the ladder +1, +2, +4 (capped at 4) holds at 4; bisection measures 3 (0.05 fails)
+    assert names == ["b", "c", "a", "d"] and calls == [0, 1, 2, 4, 3]
+    calls.clear()
+    names, _ = extend_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], _measured(calls), limit=0.1, cap=4)
+    assert names == ["b", "c", "a"] and calls == [0, 1, 2, 4, 3]  # 4 holds, 2 fails: bisection tries 3
+
+
+def test_when_no_count_holds_the_lowest_measured_drop_is_kept():
+    from sqexport.toolchain.quantization.fallback import extend_until
+
+    calls = []
+    names, trace = extend_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], _measured(calls), limit=-1.0,
+                                cap=2)
+    assert calls == [0, 1, 2] and names == ["b", "c"]  # the cap: 0.15, the lowest of 0.95, 0.45, 0.15
+    calls.clear()
+    measured = {0: 0.3, 1: 0.2, 2: 0.2}  # equal drops: the fewer FP32 layers
+    names, _ = extend_until(_fake_params(), [], lambda: ["b", "c", "a", "d"],
+                            lambda p: measured[len(SNR) - len(p.anchors)], limit=0.0, cap=2)
+    assert names == ["b"]
+
+
+def test_confirm_is_a_policy_switch():
+    from sqexport.contracts.errors import ConfigError
+    from sqexport.toolchain.quantization.fallback import FallbackPolicy
+
+    assert FallbackPolicy().confirm is True
+    assert FallbackPolicy.coerce({"confirm": False}).confirm is False
+    with pytest.raises(ConfigError, match="fallback.confirm must be true or false"):
+        FallbackPolicy.coerce({"confirm": "no"})
+    with pytest.raises(ConfigError, match="known: enabled, max_fraction, hard_max_fraction, confirm"):
+        FallbackPolicy.coerce({"confirmed": True})
+
+
+def test_the_measured_graph_runs_in_onnxruntime_and_leaves_nothing_behind(tmp_path):
+    import onnx
+    from onnx import helper, TensorProto
+
+    from sqexport.models.spec import ModelSpec
+    from sqexport.toolchain.fallback_confirm import exported_outputs
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    spec = ModelSpec(name="double", model=nn.Identity(), task="image-classification", input_names=["x"],
+                     output_names=["y"], example_inputs={"x": x[:1]}, calib_batches=[], eval_batches=[{"x": x}])
+
+    def write(params, path):  # a graph that doubles its input, standing in for the QDQ export
+        graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    outputs = exported_outputs(write, spec, tmp_path)
+    np.testing.assert_array_equal(outputs(_fake_params()), 2 * x)
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(params, path):
+        path.write_bytes(b"half a graph")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        exported_outputs(broken, spec, tmp_path)(_fake_params())
+    assert list(tmp_path.iterdir()) == []
