@@ -183,6 +183,17 @@ def without(params: QuantParams, modules: set[str]) -> QuantParams:
 MAX_PASSES = 8  # fake-quant predictions one fallback may run, the first (all int8) included
 
 
+def _bisect(failing: int, holding: int, holds: Callable[[int], bool], may_pass: Callable[[], bool]) -> int:
+    """The smallest count found between a failing and a holding one while passes remain."""
+    while holding - failing > 1 and may_pass():
+        mid = (failing + holding) // 2
+        if holds(mid):
+            holding = mid
+        else:
+            failing = mid
+    return holding
+
+
 def _counts(cap: int, soft: int) -> list[int]:
     """How many of the worst layers to return, tried in this order until the limit holds: a
     geometric ladder up to the soft cap, then the hard cap (the ladder leaves passes for bisection)."""
@@ -239,13 +250,7 @@ def fallback_until(params: QuantParams, snr: dict[str, float], predicted_drop: C
             if holding is None:
                 chosen = failing  # the cap: the most the policy allows
             else:
-                while holding - failing > 1 and len(made) < MAX_PASSES:
-                    mid = (failing + holding) // 2
-                    if predict(mid) <= limit:
-                        holding = mid
-                    else:
-                        failing = mid
-                chosen = holding
+                chosen = _bisect(failing, holding, lambda k: predict(k) <= limit, lambda: len(made) < MAX_PASSES)
     if made[-1] != chosen:
         trace.append(predictions[chosen])  # the chosen k's prediction last (no extra pass)
     final = without(params, set(order[:chosen])) if chosen else params
@@ -299,12 +304,7 @@ def extend_until(params: QuantParams, fallen: list[str], ranking: Callable[[], l
         if holding is None:
             best = min(measured, key=lambda c: (measured[c], c))
             return order[:best], trace
-        while holding - failing > 1 and len(trace) < MAX_CONFIRM_PASSES:
-            mid = (failing + holding) // 2
-            if measure(mid) <= limit:
-                holding = mid
-            else:
-                failing = mid
+        holding = _bisect(failing, holding, lambda k: measure(k) <= limit, lambda: len(trace) < MAX_CONFIRM_PASSES)
     return order[:holding], trace
 
 
