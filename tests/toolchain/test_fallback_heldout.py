@@ -121,9 +121,9 @@ def test_a_prediction_the_evaluation_split_refutes_is_extended_there(tmp_path, m
     graph on the evaluation split: the fallback continues down its ranking until the gate holds
     there, and the report says the gate is no longer held out. With `confirm: false` the miss
     reaches the gate."""
-    import sqexport.toolchain.quantize_step as quantize_step
+    import sqexport.toolchain.fallback_step as fallback_step
 
-    monkeypatch.setattr(quantize_step, "predict_drop", lambda *args, **kwargs: {"predicted": 0.0})
+    monkeypatch.setattr(fallback_step, "predict_drop", lambda *args, **kwargs: {"predicted": 0.0})
     confirmed = _run(tmp_path, "int8", FallbackPolicy())
     q = confirmed["quantization"]
     assert confirmed["passed"] is True and confirmed["accuracy"]["drop"] <= 1.0

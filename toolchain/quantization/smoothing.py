@@ -29,7 +29,8 @@ from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.registry import register
 from sqexport.toolchain.stages import TransformContext, TransformResult
 
-__all__ = ["SmoothQuantConfig", "SmoothedLinear", "find_shared_input_groups", "smooth_model", "smoothquant"]
+__all__ = ["SmoothQuantConfig", "SmoothedLinear", "find_shared_input_groups", "smooth_model", "smoothquant",
+           "public_name"]
 
 DEFAULT_ALPHA = 0.85  # all-MiniLM-L6-v2: the best mean cosine of int8 QDQ in a sweep over alpha
 
@@ -191,3 +192,13 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: TransformConte
     groups = smooth_model(model, ctx.calib_batches, ctx.run, config.alpha, ctx.progress, ranges)
     return TransformResult(model, {"groups": len(groups), "layers": sum(len(g["linears"]) for g in groups)},
                            ranges if groups else None)
+
+
+def public_name(work: torch.nn.Module) -> Callable[[str], str]:
+    """Report layers by their model names: a smoothed Linear lives at `<name>.linear`."""
+    modules = dict(work.named_modules())
+
+    def name_of(module: str) -> str:
+        parent = module.rpartition(".")[0]
+        return parent if isinstance(modules.get(parent), SmoothedLinear) else module
+    return name_of
