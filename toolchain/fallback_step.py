@@ -35,11 +35,14 @@ FALLBACK_SAMPLES = 512  # calibration samples scored per fallback step (fewer if
 # and the same 8 worst layers; a quarter saved only 0.25 s more for up to 0.6 dB
 SNR_ROW_FRACTION = 0.5
 # the fallback ranks layers by their output error alone in int8 (fallback.output_snr_db) on this many
-# calibration samples, unless that would take longer than the budget (pretrained MobileNetV2: 53
-# layers x 32 crops, 42 s on 2 cores; 16 crops took 18 s but ranked worse: 14 FP32 layers instead of 4
-# for the same predicted gate); then by local SNR
+# calibration samples (pretrained MobileNetV2: 16 crops ranked worse than 32, 14 FP32 layers instead of 4
+# for the same predicted gate), unless one pass per layer would exceed the budget; then by local SNR.
+# The budget counts multiply-accumulates, so the choice is the same on every run: the MobileNetV2
+# ranking (53 layers x 32 crops x 0.3 GMAC, 5.1e11) took 42 s on 2 cores, ~12 GMAC/s with the
+# fake-quant overhead; 1.5e12 is about two minutes there (EfficientNet-Lite0 6.4e11 and -B0 1.0e12
+# rank by output error; DeiT-Tiny, ResNet-50 and BERT-size encoders by local SNR)
 RANK_SAMPLES = 32
-RANK_BUDGET_S = 60.0
+RANK_BUDGET_MACS = 1.5e12
 
 
 def model_outputs(spec: ModelSpec, model: torch.nn.Module, batches: list[dict], progress: Progress = NULL_PROGRESS,
@@ -159,13 +162,15 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
             return scores or None
         batches = leading_samples(spec.calib_batches, RANK_SAMPLES)
         start = time.perf_counter()
-        scores.update(output_snr_db(work, params, lambda model: model_outputs(spec, model, batches), RANK_BUDGET_S,
-                                    progress) or {})
+        found, macs = output_snr_db(work, params, lambda model: model_outputs(spec, model, batches),
+                                    RANK_BUDGET_MACS, progress)
+        scores.update(found or {})
         ranking.update(by="output error of each layer alone in int8" if scores else "local SNR",
                        samples=sum(len(next(iter(b.values()))) for b in batches),
-                       seconds=round(time.perf_counter() - start, 2))
+                       seconds=round(time.perf_counter() - start, 2), macs_per_pass=macs)
         if not scores:
-            ranking["why"] = f"ranking by output error would take over {RANK_BUDGET_S:g} s on this model"
+            ranking["why"] = (f"one pass per layer ({len(params.anchors)} x {macs:.3g} multiply-accumulates) "
+                              f"would exceed the ranking's budget of {RANK_BUDGET_MACS:.3g}")
         return scores or None
     computed = params
     params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard, rank)

@@ -6,16 +6,16 @@ on a few calibration samples: one fake-quant pass per layer (output_snr_db). It 
 measure cannot, an early layer whose error every later layer carries: on torchvision's pretrained
 MobileNetV2 it ranked the first depthwise conv and the stem worst (the layers NNCF's accuracy
 control reverts), and 4 FP32 layers met the predicted gate where the local ranking needed 14
-(1.94x FP32 instead of 1.38x). Where those passes would take too long (large models), the
-*local* SNR ranks: each anchor's int8 output (fake-quantized input, int8 weight) against its FP32
+(1.94x FP32 instead of 1.38x). Where those passes would cost too much (counted in
+multiply-accumulates, so the same on every run: large models), the *local* SNR ranks: each anchor's int8 output (fake-quantized input, int8 weight) against its FP32
 output on the same FP32 input, so an early layer's error does not make every later layer look bad
 (onnxruntime's qdq_loss_debug compares whole-model activations, which mixes the two). The
-decision runs on calibration data in torch, so the eval split stays held out for the final gate.
+decision runs on calibration data in torch; extend_until then measures it on the evaluation split
+(toolchain/fallback_confirm.py).
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -146,29 +146,48 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
     return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf) for n in signal}
 
 
+def _mac_hooks(model: nn.Module) -> tuple[list[int], list]:
+    """Forward hooks summing the multiply-accumulates of every Conv / Linear module the pass runs
+    (per output element: the weights that feed it)."""
+    total = [0]
+
+    def hook(mod, args, out):
+        if isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+        else:  # convolutions (also transposed): the weights per output channel feed each output element
+            total[0] += out.numel() * mod.weight.numel() // max(1, out.shape[1])
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    return total, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+
+
 @torch.no_grad()
 def output_snr_db(model: nn.Module, params: QuantParams, outputs: Callable[[nn.Module], np.ndarray],
-                  budget_s: float, progress: Progress = NULL_PROGRESS) -> dict[str, float] | None:
+                  budget_macs: float, progress: Progress = NULL_PROGRESS) -> tuple[dict[str, float] | None, int]:
     """-10*log10(1 - cosine) of the model's outputs against FP32's, per anchor, with only that
     anchor in int8 (its weights and its own activation quantizers; shared tensors, gates and
     embedding tables off): lower = worse, as local_snr_db. `outputs(model)` runs the samples the
-    ranking reads. None when the second layer's pass shows the whole ranking would take over
-    `budget_s` seconds."""
-    reference = outputs(model)
+    ranking reads. Returns the scores and the multiply-accumulates of one pass (counted on the FP32
+    reference pass); the scores are None when one pass per anchor would exceed `budget_macs`. A
+    count, not a clock: the same model and data choose the same ranking on any machine and load
+    (a timed estimate flipped between runs of one model)."""
+    macs, handles = _mac_hooks(model)
+    try:
+        reference = outputs(model)
+    finally:
+        for h in handles:
+            h.remove()
     names = [a.module for a in params.anchors]
+    if macs[0] * len(names) > budget_macs:
+        return None, macs[0]
     alone = replace(params, tensors={}, gates={}, embeddings={})
     scores: dict[str, float] = {}
     with progress.task("fallback ranking (output error per layer)", len(names), "layers") as task:
-        for i, name in enumerate(names):
-            start = time.perf_counter()
+        for name in names:
             with fake_quantized(model, without(alone, set(names) - {name})):
                 err = output_error(reference, outputs(model))
             scores[name] = -10 * math.log10(err) if err > 0 else math.inf
             task.advance()
-            # the second layer's time: the first pays one-off costs (allocations, kernel choice)
-            if i == 1 and (time.perf_counter() - start) * len(names) > budget_s:
-                return None
-    return scores
+    return scores, macs[0]
 
 
 def without(params: QuantParams, modules: set[str]) -> QuantParams:

@@ -255,7 +255,8 @@ def test_output_snr_is_each_layer_alone_in_int8_against_fp32():
 
     def outputs(m):
         return np.concatenate([_run(m, b).numpy() for b in batches])
-    scores = output_snr_db(model, params, outputs, budget_s=60.0)
+    scores, macs = output_snr_db(model, params, outputs, budget_macs=1e9)
+    assert macs == 16 * (6 * 8 + 8 * 4)  # one pass: 16 samples through Linear(6, 8) and Linear(8, 4)
     fp32 = outputs(model)
     for name, other in (("0", "2"), ("2", "0")):
         alone = fake_quant_model(model, without(params, {other}))
@@ -264,11 +265,29 @@ def test_output_snr_is_each_layer_alone_in_int8_against_fp32():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _two_linears()[0].state_dict().values()))
 
 
-def test_output_snr_declines_beyond_its_time_budget():
+def test_output_snr_declines_beyond_its_budget_of_multiply_accumulates():
     from sqexport.toolchain.quantization.fallback import output_snr_db
 
     model, batches, params = _two_linears()
-    assert output_snr_db(model, params, lambda m: _run(m, batches[0]).numpy(), budget_s=0.0) is None
+    outputs = lambda m: _run(m, batches[0]).numpy()  # noqa: E731
+    per_pass = 16 * (6 * 8 + 8 * 4)
+    assert output_snr_db(model, params, outputs, budget_macs=2 * per_pass - 1) == (None, per_pass)  # 2 layers
+    scores, _ = output_snr_db(model, params, outputs, budget_macs=2 * per_pass)
+    assert set(scores) == {"0", "2"}
+
+
+def test_multiply_accumulates_of_convolutions_by_hand():
+    from sqexport.toolchain.quantization.fallback import _mac_hooks
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=8, padding=1),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2)).eval()
+    total, handles = _mac_hooks(model)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, 5, 5))
+    for h in handles:
+        h.remove()
+    # conv: 2x8x5x5 outputs x 27 weights; depthwise: 2x8x5x5 x 9; transposed: 2x4x10x10 x (8 x 2 x 2)
+    assert total[0] == 2 * 8 * 25 * 27 + 2 * 8 * 25 * 9 + 2 * 4 * 100 * 32
 
 
 # ---------------------------------------------------------------- confirmation on the evaluation split
