@@ -13,6 +13,7 @@ out; a confirmation that returns more layers does not: the report says so (`held
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,36 +27,51 @@ from sqexport.runtime_check.accuracy import drop_in_unit, run_session, task_metr
 from sqexport.runtime_check.session import make_session
 from sqexport.toolchain.quantization.fallback import extend_until, finite_db
 
-__all__ = ["exported_outputs", "confirm_on_eval"]
+__all__ = ["ExportedGraphs", "confirm_on_eval"]
 
 CONFIRM_GRAPH = "fallback-confirm.onnx"
+BASELINE = "baseline.onnx"
 
 
-def exported_outputs(write: Callable[[QuantParams, Path], None], spec: ModelSpec,
-                     scratch: Path) -> Callable[[QuantParams], np.ndarray]:
-    """params -> the evaluation outputs (postprocessed) of the graph `write` exports for them, run
-    in onnxruntime as the gate runs model.onnx; the graph lives in `scratch` (the run's own
-    temporary folder) only while it runs."""
-    def outputs(params: QuantParams) -> np.ndarray:
-        path = Path(scratch) / CONFIRM_GRAPH
+@dataclass
+class ExportedGraphs:
+    """The graphs the gate will run, run on the evaluation split in onnxruntime as the gate runs
+    them: model.onnx for a set of params (`write` puts it in `scratch`, the run's own temporary
+    folder, only while it runs) and baseline.onnx when the run wrote it there."""
+
+    write: Callable[[QuantParams, Path], None]
+    spec: ModelSpec
+    scratch: Path
+
+    def _run(self, path: Path) -> np.ndarray:
+        return run_session(make_session(path, spinning=False), self.spec.eval_batches, self.spec.postprocess)
+
+    def outputs(self, params: QuantParams) -> np.ndarray:
+        path = Path(self.scratch) / CONFIRM_GRAPH
         try:
-            write(params, path)
-            return run_session(make_session(path, spinning=False), spec.eval_batches, spec.postprocess)
+            self.write(params, path)
+            return self._run(path)
         finally:
             path.unlink(missing_ok=True)
-    return outputs
+
+    def baseline(self) -> np.ndarray | None:
+        """baseline.onnx's evaluation outputs, the gate's reference (None when the run keeps it
+        elsewhere: then the FP32 model in torch stands in). In onnxruntime it is also the fast
+        way: 10,000 MNIST digits took 11 s through the torch model."""
+        path = Path(self.scratch) / BASELINE
+        return self._run(path) if path.is_file() else None
 
 
 def confirm_on_eval(task: Task, spec: ModelSpec, params: QuantParams, fallen: list[dict],
                     ranking: Callable[[], list[str]], snr: dict[str, float],
-                    exported: Callable[[QuantParams], np.ndarray], dense_eval: np.ndarray, limit: float, cap: int,
+                    exported: ExportedGraphs, dense_eval: np.ndarray, limit: float, cap: int,
                     progress: Progress) -> tuple[list[dict], dict]:
     """`fallen` (the prediction's choice, worst first) measured with the gate's metric against
     `dense_eval` (the FP32 model's evaluation outputs) and extended in the order of `ranking()`
     while the drop exceeds `limit` (fallback.extend_until, up to `cap` layers). Returns the fallen
     layers, each marked with what chose it, and the report's record."""
     def measured(p: QuantParams) -> float:
-        return drop_in_unit(task, task_metrics(task, dense_eval, exported(p), spec.eval_labels))
+        return drop_in_unit(task, task_metrics(task, dense_eval, exported.outputs(p), spec.eval_labels))
 
     names, trace = extend_until(params, [f["layer"] for f in fallen], ranking, measured, limit, cap, progress)
     added = [{"layer": n, "snr_db": finite_db(snr[n]), "chosen_by": "evaluation split"}

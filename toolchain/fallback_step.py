@@ -16,7 +16,7 @@ from sqexport.contracts.quant import QuantParams
 from sqexport.contracts.tasks import get_task
 from sqexport.models.spec import ModelSpec, first_samples, leading_samples
 from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
-from sqexport.toolchain.fallback_confirm import confirm_on_eval
+from sqexport.toolchain.fallback_confirm import ExportedGraphs, confirm_on_eval
 from sqexport.toolchain.quantization.fallback import (
     FallbackPolicy, fallback_until, finite_db, local_snr_db, output_snr_db, without,
 )
@@ -91,12 +91,12 @@ class _Predictor:
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
                    accuracy_limit: float, progress: Progress = NULL_PROGRESS,
                    work_is_dense: bool = False,
-                   exported: Callable[[QuantParams], np.ndarray] | None = None,
+                   exported: ExportedGraphs | None = None,
                    ) -> tuple[QuantParams, dict, Callable | None]:
     """Rank layers by local SNR (always reported); with an enabled policy, return the worst to
     FP32 until the gate's drop predicted for the evaluation data holds (prediction.py).
     Returns the params, the report's fallback fields (SNRs, prediction, what fell back) and, with
-    `exported` (the evaluation outputs in onnxruntime of the graph a set of params exports) and
+    `exported` (the graphs the gate will run, on the evaluation split in onnxruntime) and
     `policy.confirm`, `confirm(kept_for_speed)`: the choice measured on the evaluation split with
     the layers the speed check keeps in FP32, extended while the gate fails there
     (fallback_confirm.py); it returns the final params and the report fields it updates.
@@ -190,8 +190,10 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     def confirm(kept_for_speed: set[str]) -> tuple[QuantParams, dict]:
         """The choice measured on the evaluation split once the speed check has kept its layers in
         FP32 (the graph the gate will run), extended while the gate fails there."""
-        dense_eval = predictor.view.fp32_outputs if work_is_dense else model_outputs(
-            spec, spec.model, spec.eval_batches, progress, "FP32 evaluation outputs (fallback confirmation)")
+        dense_eval = exported.baseline()
+        if dense_eval is None:
+            dense_eval = predictor.view.fp32_outputs if work_is_dense else model_outputs(
+                spec, spec.model, spec.eval_batches, progress, "FP32 evaluation outputs (fallback confirmation)")
         base = without(computed, kept_for_speed)
         chosen, record = confirm_on_eval(task, spec, base, fallen,
                                          lambda: [m for m in _ranking(rank() or snr) if m not in kept_for_speed],

@@ -35,7 +35,7 @@ from sqexport.toolchain.pruning import prunable_layers
 from sqexport.toolchain.quantization.activation_sites import ActivationSites, activation_modules, match_activation_sites
 from sqexport.toolchain.quantization.static import fake_quantized
 from sqexport.toolchain.quantization.range_choice import CHOICE_SAMPLES, output_error
-from sqexport.toolchain.fallback_confirm import exported_outputs
+from sqexport.toolchain.fallback_confirm import ExportedGraphs
 from sqexport.toolchain.fallback_step import apply_fallback, model_outputs
 from sqexport.toolchain.quantization.smoothing import public_name
 from sqexport.toolchain.quantization.speed_check import SpeedCheck, keep_fp32_where_faster
@@ -293,7 +293,7 @@ def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: Qu
     if fallback:
         params, fallback_info, confirm = apply_fallback(
             work, spec, params, stage.config.fallback, accuracy_limit, progress, work_is_dense,
-            exported_outputs(lambda p, path: write_model(prepared, plan, p, path), spec, scratch))
+            ExportedGraphs(lambda p, path: write_model(prepared, plan, p, path), spec, scratch))
         info.update(fallback_info)
     faster_fp32: set[str] = set()
     public = public_name(work)

@@ -360,7 +360,7 @@ def test_the_measured_graph_runs_in_onnxruntime_and_leaves_nothing_behind(tmp_pa
     from onnx import helper, TensorProto
 
     from sqexport.models.spec import ModelSpec
-    from sqexport.toolchain.fallback_confirm import exported_outputs
+    from sqexport.toolchain.fallback_confirm import ExportedGraphs
 
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     spec = ModelSpec(name="double", model=nn.Identity(), task="image-classification", input_names=["x"],
@@ -371,13 +371,17 @@ def test_the_measured_graph_runs_in_onnxruntime_and_leaves_nothing_behind(tmp_pa
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    outputs = exported_outputs(write, spec, tmp_path)
-    np.testing.assert_array_equal(outputs(_fake_params()), 2 * x)
+    graphs = ExportedGraphs(write, spec, tmp_path)
+    assert graphs.baseline() is None  # no baseline.onnx in the folder
+    np.testing.assert_array_equal(graphs.outputs(_fake_params()), 2 * x)
     assert list(tmp_path.iterdir()) == []
+    write(None, tmp_path / "baseline.onnx")
+    np.testing.assert_array_equal(graphs.baseline(), 2 * x)
+    (tmp_path / "baseline.onnx").unlink()
 
     def broken(params, path):
         path.write_bytes(b"half a graph")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        exported_outputs(broken, spec, tmp_path)(_fake_params())
+        ExportedGraphs(broken, spec, tmp_path).outputs(_fake_params())
     assert list(tmp_path.iterdir()) == []
