@@ -79,8 +79,8 @@ def render_markdown(r: dict) -> str:
                          f"(limit {format_value(q.get('predicted_drop_limit'), acc['drop_unit'])})")
             confirmation = q.get("fallback_confirmation")
             if confirmation:
-                measured = " -> ".join(f"{format_value(m['drop'], acc['drop_unit'])} with {m['fp32_layers']} FP32"
-                                       for m in confirmation["measured"])
+                measured = " -> ".join(f"{format_value(m['drop'], acc['drop_unit'])} with "
+                                       f"{m['fallback_layers']} fallback layer(s)" for m in confirmation["measured"])
                 lines.append(f"- measured on the evaluation split ({confirmation['samples']} samples, the exported "
                              f"graph in onnxruntime): {measured}"
                              + (f"; {confirmation['added_layers']} more layer(s) returned to FP32, so the gate is "

@@ -80,7 +80,7 @@ def confirm_on_eval(task: Task, spec: ModelSpec, params: QuantParams, fallen: li
     final = dict(trace)[len(names)]
     record = {"by": "the gate's metric on the evaluation split, the exported graph in onnxruntime",
               "samples": int(len(dense_eval)),
-              "measured": [{"fp32_layers": k, "drop": round(d, 6)} for k, d in trace],
+              "measured": [{"fallback_layers": k, "drop": round(d, 6)} for k, d in trace],
               "added_layers": len(added), "drop": round(final, 6), "holds": final <= limit, "held_out": not added}
     if added:
         record["why"] = (f"the prediction from calibration data held, but the exported graph measured "

@@ -112,7 +112,7 @@ def test_fallback_brings_the_held_out_drop_under_the_limit(tmp_path, quant):
     assert any("cap raised" in note for note in fixed["notes"])
     # the prediction held on the evaluation split: confirmed with one measurement, still held out
     assert q["fallback_confirmation"]["held_out"] is True and q["fallback_confirmation"]["added_layers"] == 0
-    assert [m["fp32_layers"] for m in q["fallback_confirmation"]["measured"]] == [1]
+    assert [m["fallback_layers"] for m in q["fallback_confirmation"]["measured"]] == [1]
 
 
 @pytest.mark.e2e
@@ -131,8 +131,8 @@ def test_a_prediction_the_evaluation_split_refutes_is_extended_there(tmp_path, m
     assert [(f["layer"], f["chosen_by"]) for f in q["fallback"]] == [("fc1", "evaluation split")]
     c = q["fallback_confirmation"]
     assert c["samples"] == 600 and c["added_layers"] == 1 and c["held_out"] is False and c["holds"] is True
-    assert c["measured"][0]["fp32_layers"] == 0 and c["measured"][0]["drop"] > 1.0
-    assert c["measured"][-1] == {"fp32_layers": 1, "drop": c["drop"]}
+    assert c["measured"][0]["fallback_layers"] == 0 and c["measured"][0]["drop"] > 1.0
+    assert c["measured"][-1] == {"fallback_layers": 1, "drop": c["drop"]}
     assert c["drop"] == pytest.approx(confirmed["accuracy"]["drop"], abs=1e-9)  # what the gate then measured
     assert q["fallback_cap"]["holds"] is True
     assert any("confirmed on the evaluation split" in n and "held out" in n
