@@ -143,3 +143,25 @@ def test_a_prediction_the_evaluation_split_refutes_is_extended_there(tmp_path, m
 
     unconfirmed = _run(tmp_path / "unconfirmed", "int8", FallbackPolicy(confirm=False))
     assert unconfirmed["passed"] is False and "fallback_confirmation" not in unconfirmed["quantization"]
+
+
+@pytest.mark.e2e
+def test_the_confirmation_measures_the_graph_with_the_speed_checks_fp32_layers(tmp_path, monkeypatch):
+    """The speed check runs between the prediction and the confirmation: the graph measured is the
+    one written, with the layers it kept in FP32 (here fc2, as if its int8 kernel were slower),
+    and the confirmation ranks only the layers still int8."""
+    import sqexport.toolchain.fallback_step as fallback_step
+    import sqexport.toolchain.quantize_step as quantize_step
+    from sqexport.toolchain.quantization.fallback import without
+
+    monkeypatch.setattr(fallback_step, "predict_drop", lambda *args, **kwargs: {"predicted": 0.0})
+    monkeypatch.setattr(quantize_step, "_speed_check", lambda prepared, plan, params, *a: (
+        without(params, {"fc2"}), {"kept_fp32": ["fc2"], "gain": 1.2, "why": "stand-in"}))
+    report = _run(tmp_path, "int8", FallbackPolicy(max_fraction=1.0))
+    q = report["quantization"]
+    assert report["passed"] is True
+    assert [(f["layer"], f["chosen_by"]) for f in q["fallback"]] == [("fc1", "evaluation split")]
+    reasons = {f["layer"]: f["reason"] for f in q["coverage"]["fp32"]}
+    assert reasons["fc2"].startswith("kept FP32 for speed") and "evaluation split" in reasons["fc1"]
+    assert [m["fallback_layers"] for m in q["fallback_confirmation"]["measured"]] == [0, 1]
+    assert q["coverage"]["int8"] == 0 and q["quantized_layers"] == 1  # fc2 left by speed, not by the fallback
