@@ -155,9 +155,10 @@ def dynamic_applicable(plan: QuantPlan) -> bool:
 
 
 def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path, accuracy_limit: float,
-               cache: dict) -> Built:
+               cache: dict, baseline: Path | None = None) -> Built:
     """Write `state`'s level in `mode` to out/model.onnx. `cache` keeps each method's parameters
-    for the level, so the fallback variant reuses the calibration of the plain one."""
+    for the level, so the fallback variant reuses the calibration of the plain one. `baseline`:
+    the search's baseline.onnx (the fallback's confirmation measures against it)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     base = state.recipe
@@ -179,7 +180,8 @@ def write_mode(state: pipeline.RunState, plan: QuantPlan, mode: Mode, out: Path,
             "weight_range": weight_range_info(params),
             "int8_embeddings": sorted(set(params.embeddings) & set(plan.embedding_sites)), **decisions}
     params, settled = settle_params(state.work, state.spec, stage, plan, state.prepared, params, accuracy_limit,
-                                    base.target, state.progress, base.stage("prune") is None, mode.fallback, out)
+                                    base.target, state.progress, base.stage("prune") is None, mode.fallback, out,
+                                    baseline)
     info.update(settled)
     write_model(state.prepared, plan, params, path, labels=state.spec.labels)
     return Built(mode, path, state, base.with_stage("quantize", stage), params, info)

@@ -30,18 +30,18 @@ from sqexport.toolchain.quantization.fallback import extend_until, finite_db
 __all__ = ["ExportedGraphs", "confirm_on_eval"]
 
 CONFIRM_GRAPH = "fallback-confirm.onnx"
-BASELINE = "baseline.onnx"
 
 
 @dataclass
 class ExportedGraphs:
     """The graphs the gate will run, run on the evaluation split in onnxruntime as the gate runs
     them: model.onnx for a set of params (`write` puts it in `scratch`, the run's own temporary
-    folder, only while it runs) and baseline.onnx when the run wrote it there."""
+    folder, only while it runs) and the run's `baseline_path` (baseline.onnx) when it exists."""
 
     write: Callable[[QuantParams, Path], None]
     spec: ModelSpec
     scratch: Path
+    baseline_path: Path | None = None
 
     def _run(self, path: Path) -> np.ndarray:
         return run_session(make_session(path, spinning=False), self.spec.eval_batches, self.spec.postprocess)
@@ -55,11 +55,11 @@ class ExportedGraphs:
             path.unlink(missing_ok=True)
 
     def baseline(self) -> np.ndarray | None:
-        """baseline.onnx's evaluation outputs, the gate's reference (None when the run keeps it
-        elsewhere: then the FP32 model in torch stands in). In onnxruntime it is also the fast
+        """baseline.onnx's evaluation outputs, the gate's reference (None without one: then the
+        FP32 model in torch stands in). In onnxruntime it is also the fast
         way: 10,000 MNIST digits took 11 s through the torch model."""
-        path = Path(self.scratch) / BASELINE
-        return self._run(path) if path.is_file() else None
+        path = self.baseline_path
+        return self._run(path) if path is not None and Path(path).is_file() else None
 
 
 def confirm_on_eval(task: Task, spec: ModelSpec, params: QuantParams, fallen: list[dict],

@@ -283,17 +283,20 @@ def quantize_to_onnx(work: torch.nn.Module, spec: ModelSpec, stage: Stage, prepa
 
 def settle_params(work: torch.nn.Module, spec: ModelSpec, stage: Stage, plan: QuantPlan, prepared: onnx.ModelProto,
                   computed: QuantParams, accuracy_limit: float, target: str, progress: Progress,
-                  work_is_dense: bool, fallback: bool, scratch: Path) -> tuple[QuantParams, dict]:
+                  work_is_dense: bool, fallback: bool, scratch: Path,
+                  baseline: Path | None = None) -> tuple[QuantParams, dict]:
     """What stays int8 of the method's params: the accuracy fallback (`fallback`: run it at all),
     then the speed check, then the fallback's confirmation on the evaluation split (their graphs
     under `scratch`, the run's temporary folder); returns the final params and the report's
-    fields, coverage included."""
+    fields, coverage included. `baseline`: the run's baseline.onnx, the confirmation's reference
+    (default: scratch/baseline.onnx, where a plain run writes it)."""
     info: dict = {}
     params, confirm = computed, None
     if fallback:
         params, fallback_info, confirm = apply_fallback(
             work, spec, params, stage.config.fallback, accuracy_limit, progress, work_is_dense,
-            ExportedGraphs(lambda p, path: write_model(prepared, plan, p, path), spec, scratch))
+            ExportedGraphs(lambda p, path: write_model(prepared, plan, p, path), spec, scratch,
+                           baseline or Path(scratch) / "baseline.onnx"))
         info.update(fallback_info)
     faster_fp32: set[str] = set()
     public = public_name(work)

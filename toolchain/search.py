@@ -134,7 +134,7 @@ class _Search:
             for variant in modes:
                 cid = f"{tag}-{variant.label.replace(' +', '-')}"
                 built, spent = timed(write_mode, state, plan, variant, self.tmp / "candidates" / cid, self.limit,
-                                     cache)
+                                     cache, self.tmp / "baseline.onnx")
                 if variant.fallback and not built.quant_info.get("fallback"):
                     # nothing returned to FP32: the same model as plain int8, not worth measuring again
                     why = built.quant_info.get("fallback_skipped") or "no layer needed to return to FP32"

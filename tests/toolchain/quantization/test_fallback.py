@@ -371,8 +371,8 @@ def test_the_measured_graph_runs_in_onnxruntime_and_leaves_nothing_behind(tmp_pa
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    graphs = ExportedGraphs(write, spec, tmp_path)
-    assert graphs.baseline() is None  # no baseline.onnx in the folder
+    graphs = ExportedGraphs(write, spec, tmp_path, tmp_path / "baseline.onnx")
+    assert graphs.baseline() is None  # no baseline.onnx there yet
     np.testing.assert_array_equal(graphs.outputs(_fake_params()), 2 * x)
     assert list(tmp_path.iterdir()) == []
     write(None, tmp_path / "baseline.onnx")
