@@ -4,8 +4,8 @@ onnxruntime on the evaluation split, and extended while the gate fails there.
 Why onnxruntime and not the fake-quantized model in torch: the two round differently at float
 rounding boundaries (one element in a few thousand after the first layer), and a deep network
 carries those one-step differences on: on torchvision's pretrained MobileNetV2 a third of the
-last blocks' int8 values differ by 1-4 steps, and two of 16 crops changed their top-1 class in
-onnxruntime that torch kept. On an evaluation split of 2 photos such a sample is the whole gate.
+last blocks' int8 values differ (by up to 3-18 steps per tensor), and two of 16 crops changed
+their top-1 class in onnxruntime that torch kept. On an evaluation split of 2 photos such a sample is the whole gate.
 
 The prediction (prediction.py) reads calibration data only and leaves the evaluation split held
 out; a confirmation that returns more layers does not: the report says so (`held_out`) and

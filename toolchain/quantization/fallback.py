@@ -7,8 +7,9 @@ measure cannot, an early layer whose error every later layer carries: on torchvi
 MobileNetV2 it ranked the first depthwise conv and the stem worst (the layers NNCF's accuracy
 control reverts), and 4 FP32 layers met the predicted gate where the local ranking needed 14
 (1.94x FP32 instead of 1.38x). Where those passes would cost too much (counted in
-multiply-accumulates, so the same on every run: large models), the *local* SNR ranks: each anchor's int8 output (fake-quantized input, int8 weight) against its FP32
-output on the same FP32 input, so an early layer's error does not make every later layer look bad
+multiply-accumulates, so the same on every run: large models), the *local* SNR ranks: each
+anchor's int8 output (fake-quantized input, int8 weight) against its FP32 output on the same
+FP32 input, so an early layer's error does not make every later layer look bad
 (onnxruntime's qdq_loss_debug compares whole-model activations, which mixes the two). The
 decision runs on calibration data in torch; extend_until then measures it on the evaluation split
 (toolchain/fallback_confirm.py).
