@@ -5,7 +5,8 @@ Why onnxruntime and not the fake-quantized model in torch: the two round differe
 rounding boundaries (one element in a few thousand after the first layer), and a deep network
 carries those one-step differences on: on torchvision's pretrained MobileNetV2 a third of the
 last blocks' int8 values differ (by up to 3-18 steps per tensor), and two of 16 crops changed
-their top-1 class in onnxruntime that torch kept. On an evaluation split of 2 photos such a sample is the whole gate.
+their top-1 class in onnxruntime that torch kept. On an evaluation split of 2 photos such a
+sample is the whole gate.
 
 The prediction (prediction.py) reads calibration data only and leaves the evaluation split held
 out; a confirmation that returns more layers does not: the report says so (`held_out`) and
@@ -56,8 +57,8 @@ class ExportedGraphs:
 
     def baseline(self) -> np.ndarray | None:
         """baseline.onnx's evaluation outputs, the gate's reference (None without one: then the
-        FP32 model in torch stands in). In onnxruntime it is also the fast
-        way: 10,000 MNIST digits took 11 s through the torch model."""
+        FP32 model in torch stands in). In onnxruntime it is also the fast way: 10,000 MNIST
+        digits took 11 s through the torch model."""
         path = self.baseline_path
         return self._run(path) if path is not None and Path(path).is_file() else None
 

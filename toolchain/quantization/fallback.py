@@ -43,8 +43,8 @@ class FallbackPolicy:
     `fallback: {enabled: true, max_fraction: 0.25, hard_max_fraction: 0.5}` (`fallback: false` is
     short for disabled). When the predicted gate still fails with `max_fraction` of the layers in
     FP32, the cap adapts up to `hard_max_fraction` (speed traded for accuracy; the report says so);
-    set both equal for a fixed cap. `confirm`: the chosen layers are measured on the evaluation
-    split (the gate's metric, fake-quantized in torch) and more of the ranking returns to FP32
+    set both equal for a fixed cap. `confirm`: the graph to be written is measured on the
+    evaluation split (the gate's metric, in onnxruntime) and more of the ranking returns to FP32
     while it fails there (extend_until); `confirm: false` keeps the evaluation split unseen by
     every choice, so the gate stays a held-out measurement that may fail."""
 
