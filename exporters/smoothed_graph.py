@@ -23,7 +23,10 @@ from onnx import helper, numpy_helper
 from sqexport.exporters.graph import consumers
 from sqexport.exporters.qdq import Site
 
-__all__ = ["SmoothedGroup", "GraphMismatch", "without_weights", "with_weights"]
+__all__ = ["SmoothedGroup", "GraphMismatch", "without_weights", "with_weights", "unsmooth_float_readers",
+           "SMOOTHED_INPUT_SUFFIX"]
+
+SMOOTHED_INPUT_SUFFIX = ".smoothed_input"  # the output of a group's Mul: how unsmooth_float_readers finds it
 
 
 class GraphMismatch(Exception):
@@ -109,7 +112,7 @@ def with_weights(skeleton: onnx.ModelProto, sites: dict[str, Site], shapes: dict
         | {t for n in graph.node for t in n.output} | {i.name for i in graph.input}
     names = []
     for group in groups:
-        scale, mul, out = f"{group.leader}.inv_scale", f"{group.leader}/SmoothQuant/Mul", f"{group.leader}.smoothed_input"
+        scale, mul, out = f"{group.leader}.inv_scale", f"{group.leader}/SmoothQuant/Mul", f"{group.leader}{SMOOTHED_INPUT_SUFFIX}"
         if {scale, mul, out} & taken:
             raise GraphMismatch(f"the baseline graph already has a tensor or node named like {scale}")
         taken |= {scale, mul, out}
@@ -132,3 +135,60 @@ def with_weights(skeleton: onnx.ModelProto, sites: dict[str, Site], shapes: dict
         ordered = [m for i, n in enumerate(graph.node) for m in (*before.get(i, ()), n)]
         del graph.node[:]
         graph.node.extend(ordered)
+
+
+def _foldable_weight(node: onnx.NodeProto, tensor: str, inits: dict, readers: dict) -> tuple[onnx.TensorProto, int] | None:
+    """(float weight initializer, axis of its input channels) of a MatMul/Gemm that reads `tensor`
+    as its activation and owns its weight; None otherwise (an int8 layer reads a DequantizeLinear)."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[0] != tensor:
+        return None
+    weight = inits.get(node.input[1])
+    if weight is None or weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) != 2 \
+            or weight.data_location == onnx.TensorProto.EXTERNAL or len(readers.get(weight.name, ())) != 1:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and attrs.get("transA", 0):
+        return None
+    return weight, (1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0)
+
+
+def unsmooth_float_readers(graph: onnx.GraphProto) -> int:
+    """Fold each smoothing Mul whose readers all stayed FP32 back into their weights; returns how many.
+
+    Smoothing only serves an int8 quantizer after the Mul. When every Linear of a group ended in FP32
+    (accuracy fallback, speed check) the Mul is a wasted pass over the activation: CaiT's talking-heads
+    Linears, kept FP32 for speed, paid 15 of 51 ms for their Muls over the attention maps. W' = diag(s) W
+    is the same function up to float32 rounding."""
+    readers = consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    dropped: set[str] = set()
+    for mul in graph.node:
+        if mul.op_type != "Mul" or not mul.output[0].endswith(SMOOTHED_INPUT_SUFFIX) or mul.input[1] not in inits:
+            continue
+        out = mul.output[0]
+        targets = [_foldable_weight(n, out, inits, readers) for n in readers.get(out, ())]
+        if not targets or any(t is None for t in targets) or any(o.name == out for o in graph.output):
+            continue
+        scale = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32)
+        for (weight, axis), node in zip(targets, readers[out]):
+            w = numpy_helper.to_array(weight)
+            if scale.shape != (w.shape[axis],):
+                break
+        else:
+            for (weight, axis), node in zip(targets, readers[out]):
+                w = numpy_helper.to_array(weight)
+                folded = w * (scale[:, None] if axis == 0 else scale[None, :])
+                weight.raw_data = np.ascontiguousarray(folded, np.dtype("<f4")).tobytes()
+                del weight.float_data[:]
+                node.input[0] = mul.input[0]
+            dropped.add(mul.name)
+    if not dropped:
+        return 0
+    kept = [n for n in graph.node if n.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    still_read = {name for node in graph.node for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in still_read and i.name.endswith(".inv_scale")]
+    for init in unused:
+        graph.initializer.remove(init)
+    return len(dropped)

@@ -52,6 +52,9 @@ _ACTIVATIONS = {getattr(aten, op).default: (cls, op.endswith("_"))
                                 ("hardsigmoid", nn.Hardsigmoid),
                                 ("hardsigmoid_", nn.Hardsigmoid), ("hardswish", nn.Hardswish),
                                 ("hardswish_", nn.Hardswish)) if hasattr(aten, op)}
+# tensor factories whose aten schema is the torch function's (size first, then dtype/layout/device
+# keywords): called as torch.<name> on a dynamic size
+_SIZED_FACTORIES = {"zeros", "ones", "empty", "full", "arange", "rand", "randn"}
 _TENSOR_INPUTS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 # runtime checks the export recorded on sizes: they compute nothing, and the ONNX exporter cannot
 # take them (aten::_assert_scalar on a traced size tensor)
@@ -347,24 +350,35 @@ def _uses(node: fx.Node, nodes: set[fx.Node]) -> bool:
 
 def _size_consumer(b: _Builder, node: fx.Node, sizes: set[fx.Node]) -> fx.Node | None:
     """Arithmetic on sizes stays as is (and is a size too); an aten op taking a size becomes the
-    tensor method (`x.view(n, -1)`), which torch.jit.trace records with the size symbolic, where a
-    direct aten call would freeze the traced value into the ONNX graph."""
+    tensor method (`x.view(n, -1)`) or the torch function (`torch.zeros(n, h, w)`), which
+    torch.jit.trace records with the size symbolic, where a direct aten call would freeze the traced
+    value into the ONNX graph."""
     if not isinstance(node.target, torch._ops.OpOverload):
         sizes.add(node)
         return None
     name = node.target._schema.name.split("::")[-1]
-    if not hasattr(torch.Tensor, name):
+    if not hasattr(torch.Tensor, name) and name not in _SIZED_FACTORIES:
         return None
+    _read_lifted(b, node)
     args = fx.map_arg(node.args, lambda n: b.env[n])
     kwargs = fx.map_arg(node.kwargs, lambda n: b.env[n])
-    new = b.graph.call_method(name, args, kwargs)
+    if hasattr(torch.Tensor, name):
+        new = b.graph.call_method(name, args, kwargs)
+    else:  # torch.zeros((n, h, w)) (EdgeNeXt's positional encoding)
+        new = b.graph.call_function(getattr(torch, name), args, kwargs)
     new.meta = dict(node.meta)
     return new
 
 
-def _copy_with_attrs(b: _Builder, node: fx.Node) -> fx.Node:
-    """Copy a node; lifted tensor arguments become get_attr reads of the tensors' own names."""
+def _read_lifted(b: _Builder, node: fx.Node) -> None:
+    """Lifted tensor arguments of `node` (parameters, buffers: a ViT's class token) become get_attr
+    reads of the tensors' own names."""
     for arg in node.all_input_nodes:
         if b.env.get(arg) is None and arg.op == "placeholder":
             b.env[arg] = b.graph.get_attr(b.target_of(arg))
+
+
+def _copy_with_attrs(b: _Builder, node: fx.Node) -> fx.Node:
+    """Copy a node, its lifted tensor arguments read by name (_read_lifted)."""
+    _read_lifted(b, node)
     return b.copy(node)

@@ -24,6 +24,7 @@ from sqexport.exporters.dynamic import insert_dynamic
 from sqexport.exporters.elementwise import pools_from_means
 from sqexport.exporters.graph import merge_duplicate_nodes, own_weights, set_metadata
 from sqexport.exporters.qdq import Site, anchors_for, find_embedding_sites, find_sites, insert_qdq
+from sqexport.exporters.smoothed_graph import unsmooth_float_readers
 from sqexport.exporters.tensor_sites import find_tensor_sites
 from sqexport.models.spec import ModelSpec, leading_samples
 from sqexport.contracts.weight_grid import WeightGrid
@@ -253,6 +254,7 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
     else:
         model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume,
                            gate_sites=plan.gate_sites, hard_sites=plan.hard_sites)
+    unsmooth_float_readers(model.graph)
     if labels:
         set_metadata(model, {LABELS_KEY: json.dumps([str(x) for x in labels])})
     onnx.save(model, str(out_path))

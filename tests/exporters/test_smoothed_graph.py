@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sqexport.exporters.qdq import find_sites
-from sqexport.exporters.smoothed_graph import GraphMismatch, SmoothedGroup, with_weights, without_weights
+from sqexport.exporters.smoothed_graph import (GraphMismatch, SmoothedGroup, unsmooth_float_readers, with_weights,
+                                              without_weights)
 from sqexport.exporters.weight_index import WeightIndex
 
 RNG = np.random.default_rng(0)
@@ -74,6 +75,54 @@ def test_groups_get_one_mul_each_and_the_graph_computes_the_smoothed_model():
     np.testing.assert_allclose(q, x @ W["q"].T, rtol=1e-5, atol=1e-5)  # smoothing keeps the function
     # the new weights sit where the old ones were, in the stored layout: found there by content
     assert {n: s.weight for n, s in find_sites(model, weights).items()} == {"q": "wq", "k": "wk", "fc": "wfc"}
+
+
+def _smoothed_graph() -> tuple[onnx.ModelProto, dict, np.ndarray, np.ndarray]:
+    model = _graph()
+    sites = find_sites(model, W)
+    model, shapes = without_weights(model, sites)
+    inv_qk, inv_fc = np.array([0.5, 2.0, 0.25, 4.0], np.float32), np.array([2.0, 1.0, 0.5, 1.0], np.float32)
+    weights = dict(W)
+    with_weights(model, sites, shapes, weights, [_smooth(weights, ["q", "k"], inv_qk), _smooth(weights, ["fc"], inv_fc)])
+    return model, weights, inv_qk, inv_fc
+
+
+def test_a_group_left_all_fp32_loses_its_mul_and_its_weights_take_the_scale():
+    model, *_ = _smoothed_graph()
+    assert unsmooth_float_readers(model.graph) == 2
+    onnx.checker.check_model(model)
+    assert not [n for n in model.graph.node if n.op_type == "Mul"]
+    assert not [i for i in model.graph.initializer if i.name.endswith(".inv_scale")]
+    readers = {n.name: n.input[0] for n in model.graph.node}
+    assert readers["mm_q"] == readers["mm_k"] == "x" and readers["gemm"] == "x0"
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    # MatMul stores W^T (input channels on rows), Gemm transB=1 stores W (input channels on columns)
+    np.testing.assert_allclose(inits["wq"], W["q"].T, rtol=1e-6)
+    np.testing.assert_allclose(inits["wfc"], W["fc"], rtol=1e-6)
+    x = RNG.normal(size=(2, 6, 4)).astype(np.float32)
+    q, k, fc = _run(model, x)
+    np.testing.assert_allclose(q, x @ W["q"].T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fc, x[0] @ W["fc"].T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_group_with_an_int8_reader_keeps_its_mul():
+    model, weights, inv_qk, _ = _smoothed_graph()
+    mm_k = next(n for n in model.graph.node if n.name == "mm_k")
+    # mm_k as an int8 layer reads its weight through a DequantizeLinear: the Mul is what it quantizes
+    wk_q = np.round(weights["k"].T * 10).astype(np.int8)
+    model.graph.initializer.extend([numpy_helper.from_array(wk_q, "wk_q"),
+                                    numpy_helper.from_array(np.array(0.1, np.float32), "wk_s")])
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["wk_q", "wk_s"], ["wk_dq"], name="dq_k"))
+    mm_k.input[1] = "wk_dq"
+    assert unsmooth_float_readers(model.graph) == 1  # only the Gemm's group
+    muls = [n for n in model.graph.node if n.op_type == "Mul"]
+    assert [m.input[0] for m in muls] == ["x"]
+    assert {n.name: n.input[0] for n in model.graph.node}["mm_q"] == muls[0].output[0]
+    onnx.checker.check_model(model)
+    x = RNG.normal(size=(2, 6, 4)).astype(np.float32)
+    q, _, fc = _run(model, x)
+    np.testing.assert_allclose(q, x @ W["q"].T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fc, x[0] @ W["fc"].T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["missing", "split", "shared_init", "gone", "reshaped"])
