@@ -280,8 +280,39 @@ def _user_outputs(ep: ExportedProgram, node: fx.Node) -> list:
     return [o for o, k in zip(outs, kinds) if k == OutputKind.USER_OUTPUT]
 
 
+# higher-order ops torch.export wraps a region in: `with torch.autocast(..., enabled=False)` (EfficientViT's
+# attention), `with torch.no_grad()`. In an FP32 inference graph they compute what their body does.
+_REGION_WRAPPERS = ("WrapWithAutocast", "WrapWithSetGradEnabled")
+
+
+def _inline_wrapped_regions(ep: ExportedProgram) -> None:
+    """Replace each region wrapper by the nodes of its body, in place, so the rebuild sees plain aten
+    calls (a region's Conv is found like any other). A region that changes precision (autocast to
+    bfloat16) then runs in FP32: the rebuilt model's outputs differ, and the caller keeps the model."""
+    graph = ep.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or type(node.target).__name__ not in _REGION_WRAPPERS:
+            continue
+        body_at = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+        body = getattr(ep.graph_module, node.args[body_at].target)
+        inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            outs = graph.graph_copy(body.graph, dict(zip(inputs, node.args[body_at + 1:])))
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise ModelLoadError("the exported program reads a wrapped region's outputs other than by index")
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        attr = node.args[body_at]
+        graph.erase_node(node)
+        if not attr.users:
+            graph.erase_node(attr)
+
+
 def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
     """A GraphModule computing `ep` (user inputs -> user outputs) with real Conv/Linear/BN modules."""
+    _inline_wrapped_regions(ep)
     b = _Builder(ep)
     native_bn: set[fx.Node] = set()
     sizes: set[fx.Node] = set()  # nodes computing a (possibly dynamic) size

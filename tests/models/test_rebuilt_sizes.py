@@ -1,7 +1,8 @@
-"""A factory model rebuilt from torch.export keeps its batch dimension dynamic in the ONNX export:
-a ViT's class token (a parameter read by `expand(batch, -1, -1)`) and a positional encoding built
-with `torch.zeros(batch, h, w)` (EdgeNeXt) trace with the batch symbolic, and a rebuilt graph whose
-trace would freeze the batch is not used (the model as written is)."""
+"""Factory models rebuilt from torch.export: the batch dimension stays dynamic in the ONNX export (a
+ViT's class token read by `expand(batch, -1, -1)`, a positional encoding built with
+`torch.zeros(batch, h, w)` as EdgeNeXt does), a rebuilt graph whose trace would freeze the batch is
+not used (the model as written is), and a region under `torch.autocast(enabled=False)` (EfficientViT)
+is inlined so its layers are found and its BatchNorm folds."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,3 +68,35 @@ def test_a_rebuilt_graph_whose_trace_freezes_the_batch_is_not_used(monkeypatch):
 @pytest.mark.parametrize("name", sorted(graph_module._SIZED_FACTORIES))
 def test_sized_factories_exist_as_torch_functions(name):
     assert callable(getattr(torch, name)) and hasattr(torch.ops.aten, name)
+
+
+class AutocastOff(nn.Module):
+    """EfficientViT's attention form: a region under `torch.autocast(enabled=False)` (torch.export wraps
+    it in a higher-order op with its own subgraph) holding a conv and a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.autocast(device_type="cpu", enabled=False):
+            y = torch.relu(self.bn(self.conv(x)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_an_autocast_region_is_inlined_and_its_batchnorm_folds():
+    from sqexport.toolchain.folding import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = AutocastOff().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    rebuilt, why = normalized_factory_model(model, SHAPES, {})
+    assert why["rebuilt"] is True, why
+    assert isinstance(rebuilt.conv, nn.Conv2d) and isinstance(rebuilt.bn, nn.BatchNorm2d)
+    folded, n = fold_batchnorm(rebuilt)
+    assert n == 1
+    x = torch.rand(3, 3, 8, 8)
+    np.testing.assert_allclose(folded(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
