@@ -102,6 +102,56 @@ class _Builder:
         spec = self.specs.get(node.name)
         return spec.target if spec is not None and spec.kind in _TENSOR_INPUTS else None
 
+    def weight_of(self, node, layer: fx.Node, ranks: tuple[int, ...]) -> str | None:
+        """The state-dict name of `layer`'s weight argument: a lifted tensor's own, or for a weight
+        computed from the program's tensors alone (weight standardization: NF-ResNet, BiT; weight
+        norm) the name of the tensor it is computed from, now holding the computed value. Computed
+        only when nothing but `layer` reads the computation and its tensors."""
+        name = self.target_of(node)
+        if name is not None or not isinstance(node, fx.Node):
+            return name
+        chain: list[fx.Node] = []
+        leaves: list[fx.Node] = []
+        if not self._parameter_only(node, chain, leaves) or not leaves:
+            return None
+        inside = set(chain) | {layer}
+        if any(u not in inside for n in (*chain, *leaves) for u in n.users):
+            return None
+        with torch.no_grad():
+            value = self._evaluate(node, {})
+        if not isinstance(value, torch.Tensor) or value.ndim not in ranks or not value.is_floating_point():
+            return None
+        targets = [self.target_of(p) for p in leaves]
+        root = next((t for t in targets if self.tensors[t].shape == value.shape), targets[0])
+        for t in targets:
+            self.tensors.pop(t, None)  # read by nothing else: the layer holds the computed weight
+        self.tensors[root] = value.detach().contiguous()
+        return root
+
+    def _parameter_only(self, node: fx.Node, chain: list, leaves: list) -> bool:
+        if node.op == "placeholder":
+            if self.target_of(node) is None:
+                return False  # the user's input
+            if node not in leaves:
+                leaves.append(node)
+            return True
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
+                or node.target._schema.is_mutable or "rand" in node.target._schema.name:
+            return False
+        if node not in chain:
+            chain.append(node)
+        return all(self._parameter_only(n, chain, leaves) for n in node.all_input_nodes)
+
+    def _evaluate(self, node: fx.Node, memo: dict) -> torch.Tensor:
+        if node not in memo:
+            if node.op == "placeholder":
+                memo[node] = self.tensors[self.target_of(node)]
+            else:
+                args = fx.map_arg(node.args, lambda n: self._evaluate(n, memo))
+                kwargs = fx.map_arg(node.kwargs, lambda n: self._evaluate(n, memo))
+                memo[node] = node.target(*args, **kwargs)
+        return memo[node]
+
     def _module_path(self, targets: list[str], kind: str) -> str:
         """The owning module's name when the op owns it alone, else a fresh name beside it."""
         owner = targets[0].rpartition(".")[0]
@@ -111,10 +161,16 @@ class _Builder:
         if owner and owner not in self.claimed and leaves <= own_names and not others \
                 and all(t.rpartition(".")[0] == owner for t in targets):
             return owner
+        if owner in self.claimed:  # a module called again (CoaT's shared positional conv): beside it,
+            # not inside the module installed there
+            parent, _, leaf = owner.rpartition(".")
+            prefix = f"{parent + '.' if parent else ''}{leaf}_"
+        else:
+            prefix = f"{owner + '.' if owner else ''}"
         i = 0
-        while f"{owner + '.' if owner else ''}{kind}{i}" in self.claimed:
+        while f"{prefix}{kind}{i}" in self.claimed:
             i += 1
-        return f"{owner + '.' if owner else ''}{kind}{i}"
+        return f"{prefix}{kind}{i}"
 
     def _install(self, path: str, module: nn.Module, targets: list[str]) -> fx.Node:
         parent = self.root
@@ -129,10 +185,12 @@ class _Builder:
 
     def conv(self, node: fx.Node) -> fx.Node | None:
         a = _arguments(node)
-        w_name, b_name = self.target_of(a["weight"]), self.target_of(a["bias"])
+        b_name = self.target_of(a["bias"])
+        if a.get("transposed") or (a["bias"] is not None and b_name is None):
+            return None
+        w_name = self.weight_of(a["weight"], node, (3, 4))
         weight = self.tensors.get(w_name) if w_name else None
-        if weight is None or weight.ndim not in (3, 4) or a.get("transposed") \
-                or (a["bias"] is not None and b_name is None):
+        if weight is None or weight.ndim not in (3, 4):
             return None
         dims = weight.ndim - 2
         cls = nn.Conv1d if dims == 1 else nn.Conv2d
@@ -144,9 +202,12 @@ class _Builder:
 
     def linear(self, node: fx.Node) -> fx.Node | None:
         a = _arguments(node)
-        w_name, b_name = self.target_of(a["weight"]), self.target_of(a["bias"])
+        b_name = self.target_of(a["bias"])
+        if a["bias"] is not None and b_name is None:
+            return None
+        w_name = self.weight_of(a["weight"], node, (2,))
         weight = self.tensors.get(w_name) if w_name else None
-        if weight is None or weight.ndim != 2 or (a["bias"] is not None and b_name is None):
+        if weight is None or weight.ndim != 2:
             return None
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b_name is not None)
         return self._wrap(lin, node, a["input"], {"weight": w_name, **({"bias": b_name} if b_name else {})}, "linear")
@@ -369,6 +430,9 @@ def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
         if _lookup(b.root, target) is None:  # not already a module's weight under this very name
             spec = next((s for s in b.specs.values() if s.target == target), None)
             _set_tensor(b.root, target, value, spec is not None and spec.kind == InputKind.PARAMETER)
+    for node in reversed(list(b.graph.nodes)):  # first: a computed weight's chain reads tensors no longer kept
+        if node.op in ("call_function", "call_method", "get_attr") and not node.users and not node.is_impure():
+            b.graph.erase_node(node)
     gm = fx.GraphModule(b.root, b.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()

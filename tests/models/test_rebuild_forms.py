@@ -1,8 +1,9 @@
 """Factory models rebuilt from torch.export: the batch dimension stays dynamic in the ONNX export (a
 ViT's class token read by `expand(batch, -1, -1)`, a positional encoding built with
 `torch.zeros(batch, h, w)` as EdgeNeXt does), a rebuilt graph whose trace would freeze the batch is
-not used (the model as written is), and a region under `torch.autocast(enabled=False)` (EfficientViT)
-is inlined so its layers are found and its BatchNorm folds."""
+not used (the model as written is), a region under `torch.autocast(enabled=False)` (EfficientViT)
+is inlined so its layers are found and its BatchNorm folds, a module called twice (CoaT) gets a
+sibling, and a weight computed from parameters (weight standardization) becomes a layer's weight."""
 from __future__ import annotations
 
 import numpy as np
@@ -100,3 +101,70 @@ def test_an_autocast_region_is_inlined_and_its_batchnorm_folds():
     assert n == 1
     x = torch.rand(3, 3, 8, 8)
     np.testing.assert_allclose(folded(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+class SharedConv(nn.Module):
+    """One conv module called at two places (CoaT shares its positional conv between blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.shared(x)
+        x = x + self.shared(torch.relu(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_module_called_twice_gets_a_sibling_not_a_child():
+    torch.manual_seed(0)
+    model = SharedConv().eval()
+    rebuilt, why = normalized_factory_model(model, SHAPES, {})
+    assert why["rebuilt"] is True, why
+    convs = {n: m for n, m in rebuilt.named_modules() if isinstance(m, nn.Conv2d)}
+    assert sorted(convs) == ["shared", "shared_conv0", "stem"]
+    assert all(not list(m.children()) for m in convs.values())  # a layer replaced later takes nothing with it
+    assert convs["shared_conv0"].weight is convs["shared"].weight  # still one set of weights
+    x = torch.rand(3, 3, 8, 8)
+    np.testing.assert_allclose(rebuilt(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardization in forward (timm's ScaledStdConv2d: NF-ResNet; StdConv2d: BiT)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 1.5))
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False).add(1e-5).rsqrt()
+        return torch.nn.functional.conv2d(x, (w - mean) * std * self.gain, self.bias, self.stride, self.padding)
+
+
+class StdNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = StdConv(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
+
+
+def test_a_weight_computed_from_parameters_becomes_the_layers_weight():
+    torch.manual_seed(0)
+    model = StdNet().eval()
+    rebuilt, why = normalized_factory_model(model, SHAPES, {})
+    assert why["rebuilt"] is True, why
+    assert type(rebuilt.stem) is nn.Conv2d  # under the module's own name, holding the computed weight
+    w = model.stem.weight.detach()
+    expected = (w - w.mean((1, 2, 3), keepdim=True)) * (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).rsqrt() * 1.5
+    np.testing.assert_allclose(rebuilt.stem.weight.detach().numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not hasattr(rebuilt.stem, "gain")
+    x = torch.rand(3, 3, 8, 8)
+    np.testing.assert_allclose(rebuilt(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
