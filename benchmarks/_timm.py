@@ -111,3 +111,10 @@ def _factory(arch: str):
 
 for _arch in ARCHITECTURES:
     globals()[_arch] = _factory(_arch)
+
+
+def __getattr__(name: str):
+    """`benchmarks._timm:<any timm model name>` as a factory, for architectures beyond the table."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _factory(name)

@@ -5,6 +5,10 @@ one interleaved run.
 
     .venv/bin/python benchmarks/zoo.py                    # all architectures, ~15-25 min on 2 cores
     .venv/bin/python benchmarks/zoo.py --arch resnet18,deit_tiny --budget 5
+    .venv/bin/python benchmarks/zoo.py --arch edgenext_xx_small,coat_lite_tiny --default-gate --results zoo-sweep
+
+Any timm model name works as an architecture (benchmarks._timm resolves it); `--default-gate` runs
+sqexport with its own accuracy gate, as a user's first run would.
 
 sqexport runs as a user would: `sqexport benchmarks._timm:ARCH --input-shape 1x3x224x224
 --prune none --calib-data calib.npy --eval-data eval.npy` (calibration crops of 10 photos,
@@ -45,12 +49,13 @@ def fidelity(base: np.ndarray, out: np.ndarray) -> dict:
             "top1_agreement": float((base.argmax(1) == out.argmax(1)).mean() * 100)}
 
 
-def bench_arch(arch: str, work: Path, calib: Path, evals: Path, budget: float) -> dict:
+def bench_arch(arch: str, work: Path, calib: Path, evals: Path, budget: float, default_gate: bool = False) -> dict:
     out = work / arch
     t0 = time.perf_counter()
+    gate = [] if default_gate else ["--max-accuracy-drop", "100"]
     code, rep = run_sqexport(f"benchmarks._timm:{arch}", ["--input-shape", "1x3x224x224", "--prune", "none",
                                                           "--calib-data", str(calib), "--eval-data", str(evals),
-                                                          "--max-accuracy-drop", "100", "--quiet"], out)
+                                                          *gate, "--quiet"], out)
     seconds = time.perf_counter() - t0
     paths = {"fp32": out / "baseline.onnx", "sqexport": out / "model.onnx", "ort_static": work / f"{arch}-ort.onnx"}
     x_cal = np.load(calib)
@@ -62,7 +67,7 @@ def bench_arch(arch: str, work: Path, calib: Path, evals: Path, budget: float) -
     feed = {make_session(paths["fp32"], 1).get_inputs()[0].name: x[:1]}
     lat, others = latency_table(paths, feed, [1], max_iters=200, budget_s=budget, log=log)
     cov = rep["quantization"]["coverage"]
-    return {"arch": arch, "timm": ARCHITECTURES[arch], "exit": code, "sqexport_seconds": round(seconds, 1),
+    return {"arch": arch, "timm": ARCHITECTURES.get(arch, arch), "exit": code, "sqexport_seconds": round(seconds, 1),
             "coverage": {"int8": cov["int8"], "weight_layers": cov["weight_layers"], "fp32": cov["fp32"]},
             "ranges": (rep["quantization"].get("range_choice") or {}).get("chosen", "?"),
             "fidelity": fid, "latency_ms": lat[1], "other_cpu_load_cores": others[1]}
@@ -88,6 +93,8 @@ def main() -> None:
     ap.add_argument("--arch", default=",".join(a for a in ARCHITECTURES if a != "tf_efficientnet_lite0"))
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of interleaved timing per architecture")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--default-gate", action="store_true", help="sqexport's own accuracy gate instead of a loose one")
+    ap.add_argument("--results", default="zoo", help="name of the results file in benchmarks/results/")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -98,7 +105,7 @@ def main() -> None:
         rows = []
         for arch in args.arch.split(","):
             log(f"== {arch}")
-            rows.append(bench_arch(arch, work, calib, evals, args.budget))
+            rows.append(bench_arch(arch, work, calib, evals, args.budget, args.default_gate))
             log(render(rows[-1:]))
     md = render(rows)
     print(md)
@@ -107,8 +114,9 @@ def main() -> None:
               f"{', '.join(info['isa'])}; onnxruntime {info['onnxruntime']})\n\n"
               f"revision {project_revision()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 1 thread, batch 1, "
               "p50 of interleaved rounds; speed ratios from the same run. Random weights (seed 0), BatchNorm "
-              "statistics from 40 photo crops; fidelity on 56 crops of 7 held-out photos against FP32.\n\n")
-    write_results("zoo", {"machine": info, "revision": project_revision(), "rows": rows}, header + md)
+              "statistics from 40 photo crops; fidelity on 56 crops of 7 held-out photos against FP32; "
+              f"{'the default accuracy gate' if args.default_gate else 'a loose gate (100 points)'}.\n\n")
+    write_results(args.results, {"machine": info, "revision": project_revision(), "rows": rows}, header + md)
 
 
 if __name__ == "__main__":
