@@ -211,8 +211,6 @@ def _resolve_shapes(names: list[str] | None, given: Shapes, known: dict | None =
 
 def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
     """nn.Module with real layers: TorchScript and ExportedProgram are rebuilt (graph_module)."""
-    from sqexport.models.graph_module import module_from_program
-
     if isinstance(obj, torch.jit.ScriptModule):
         from torch._export.converter import TS2EPConverter
 
