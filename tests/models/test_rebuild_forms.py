@@ -3,7 +3,8 @@ ViT's class token read by `expand(batch, -1, -1)`, a positional encoding built w
 `torch.zeros(batch, h, w)` as EdgeNeXt does), a rebuilt graph whose trace would freeze the batch is
 not used (the model as written is), a region under `torch.autocast(enabled=False)` (EfficientViT)
 is inlined so its layers are found and its BatchNorm folds, a module called twice (CoaT) gets a
-sibling, and a weight computed from parameters (weight standardization) becomes a layer's weight."""
+sibling, and a weight computed from parameters (weight standardization) becomes a layer's weight;
+the same from ExportedProgram and TorchScript files."""
 from __future__ import annotations
 
 import numpy as np
@@ -168,3 +169,27 @@ def test_a_weight_computed_from_parameters_becomes_the_layers_weight():
     assert not hasattr(rebuilt.stem, "gain")
     x = torch.rand(3, 3, 8, 8)
     np.testing.assert_allclose(rebuilt(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["exported-program", "torchscript"])
+@pytest.mark.parametrize("net", [TokenNet, SharedConv, StdNet])
+def test_the_same_forms_rebuild_from_files(tmp_path, net, kind):
+    from sqexport.models.zoo import load_model
+
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.rand(2, 3, 8, 8)
+    if kind == "torchscript":
+        path = tmp_path / "net.pt"
+        torch.jit.save(torch.jit.trace(model, x), str(path))
+        spec = load_model(str(path), input_shapes={None: SHAPES["x"]})
+    else:
+        path = tmp_path / "net.pt2"
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+        spec = load_model(str(path))
+    layers = [m for m in spec.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) + (net is SharedConv)
+    for n in (1, 3):
+        xb = torch.rand(n, 3, 8, 8)
+        got = spec.torch_outputs(spec.model, {spec.input_names[0]: xb.numpy()})[0]
+        np.testing.assert_allclose(got, model(xb).detach().numpy(), rtol=1e-5, atol=1e-5)

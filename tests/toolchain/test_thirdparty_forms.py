@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -168,3 +169,66 @@ def test_auto_candidates_quantize_the_same_points_as_a_plain_run(forms_project, 
     rep = run_auto(recipe, spec, auto, config=AutoConfig(minutes=10, levels=(0.0,), recover=False), latency=by_size)
     assert rep["auto"]["chosen"] == "s0-int8"
     assert ops(auto / "model.onnx") == ops(plain / "model.onnx")
+
+
+MORE_FORMS = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+class StdConv(nn.Conv2d):  # weight standardization in forward (NF-ResNet, BiT)
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) * w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).rsqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = StdConv(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # called twice (CoaT)
+        self.patch = nn.Conv2d(8, 8, 4, stride=4)
+        self.pos = nn.Conv2d(1, 8, 1)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = torch.relu(self.stem(x))
+        with torch.autocast(device_type="cpu", enabled=False):  # EfficientViT's attention
+            x = torch.relu(self.bn(self.conv(x)))
+        x = x + self.shared(x)
+        x = x + self.shared(torch.relu(x))
+        grid = torch.zeros(b, 2, 2).cumsum(1).unsqueeze(1) + 1.0  # EdgeNeXt's positional encoding
+        t = (self.patch(x).flatten(2) + self.pos(grid).reshape(b, 8, -1)).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(b, -1, -1), t], dim=1)  # a ViT's class token
+        return self.head(t[:, 0] + t[:, 1:].mean(1))
+
+def build():
+    torch.manual_seed(0)
+    m = Net()
+    m.bn.running_mean.uniform_(-0.5, 0.5)
+    m.bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+'''
+
+
+def test_more_zoo_forms_are_int8_and_keep_a_dynamic_batch(forms_project, run_cli):
+    """Forms met in a sweep of timm models: each once made a run crash or left layers FP32."""
+    (forms_project / "moreforms.py").write_text(MORE_FORMS)
+    out = forms_project / "o"
+    r = run_cli(["moreforms:build", "--input-shape", "1x3x8x8", "--prune", "none", "--max-accuracy-drop", "100",
+                 "-o", out, "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["source"]["graph_capture"]["rebuilt"] is True
+    cov = rep["quantization"]["coverage"]
+    # stem, conv, shared (twice), patch, pos, head
+    assert cov["fp32"] == [] and cov["int8"] == cov["weight_layers"] == 7
+    assert next(s for s in rep["stages"] if s["name"] == "fold_batchnorm")["params"]["folded"] == 1
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for n in (1, 5):  # exported at batch 1
+        assert session.run(None, {name: np.random.default_rng(n).random((n, 3, 8, 8), np.float32)})[0].shape == (n, 5)
