@@ -137,19 +137,17 @@ def with_weights(skeleton: onnx.ModelProto, sites: dict[str, Site], shapes: dict
         graph.node.extend(ordered)
 
 
-def _foldable_weight(node: onnx.NodeProto, tensor: str, inits: dict, readers: dict) -> tuple[onnx.TensorProto, int] | None:
-    """(float weight initializer, axis of its input channels) of a MatMul/Gemm that reads `tensor`
-    as its activation and owns its weight; None otherwise (an int8 layer reads a DequantizeLinear)."""
-    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[0] != tensor:
+def _foldable_weight(node: onnx.NodeProto, tensor: str, inits: dict, readers: dict) -> onnx.TensorProto | None:
+    """The float (in, out) weight initializer of a MatMul that reads `tensor` and owns its weight;
+    None otherwise (an int8 layer reads a DequantizeLinear). Smoothing only groups Linears over token
+    sequences (rank >= 3), which export as MatMul, never Gemm."""
+    if node.op_type != "MatMul" or node.input[0] != tensor:
         return None
     weight = inits.get(node.input[1])
     if weight is None or weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) != 2 \
             or weight.data_location == onnx.TensorProto.EXTERNAL or len(readers.get(weight.name, ())) != 1:
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Gemm" and attrs.get("transA", 0):
-        return None
-    return weight, (1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0)
+    return weight
 
 
 def unsmooth_float_readers(graph: onnx.GraphProto) -> int:
@@ -161,34 +159,28 @@ def unsmooth_float_readers(graph: onnx.GraphProto) -> int:
     is the same function up to float32 rounding."""
     readers = consumers(graph)
     inits = {i.name: i for i in graph.initializer}
-    dropped: set[str] = set()
+    dropped: dict[str, str] = {}  # Mul node -> its scale initializer
     for mul in graph.node:
-        if mul.op_type != "Mul" or not mul.output[0].endswith(SMOOTHED_INPUT_SUFFIX) or mul.input[1] not in inits:
-            continue
         out = mul.output[0]
-        targets = [_foldable_weight(n, out, inits, readers) for n in readers.get(out, ())]
-        if not targets or any(t is None for t in targets) or any(o.name == out for o in graph.output):
+        if mul.op_type != "Mul" or not out.endswith(SMOOTHED_INPUT_SUFFIX) or mul.input[1] not in inits \
+                or any(o.name == out for o in graph.output):
             continue
+        weights = [_foldable_weight(n, out, inits, readers) for n in readers.get(out, ())]
         scale = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32)
-        for (weight, axis), node in zip(targets, readers[out]):
-            w = numpy_helper.to_array(weight)
-            if scale.shape != (w.shape[axis],):
-                break
-        else:
-            for (weight, axis), node in zip(targets, readers[out]):
-                w = numpy_helper.to_array(weight)
-                folded = w * (scale[:, None] if axis == 0 else scale[None, :])
-                weight.raw_data = np.ascontiguousarray(folded, np.dtype("<f4")).tobytes()
-                del weight.float_data[:]
-                node.input[0] = mul.input[0]
-            dropped.add(mul.name)
+        if not weights or any(w is None or tuple(w.dims[:1]) != scale.shape for w in weights):
+            continue
+        for weight, node in zip(weights, readers[out]):
+            folded = numpy_helper.to_array(weight) * scale[:, None]  # rows are the input channels
+            weight.raw_data = np.ascontiguousarray(folded, np.dtype("<f4")).tobytes()
+            del weight.float_data[:]
+            node.input[0] = mul.input[0]
+        dropped[mul.name] = mul.input[1]
     if not dropped:
         return 0
     kept = [n for n in graph.node if n.name not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     still_read = {name for node in graph.node for name in node.input}
-    unused = [i for i in graph.initializer if i.name not in still_read and i.name.endswith(".inv_scale")]
-    for init in unused:
+    for init in [i for i in graph.initializer if i.name in set(dropped.values()) - still_read]:
         graph.initializer.remove(init)
     return len(dropped)

@@ -280,30 +280,30 @@ def normalized_factory_model(model: nn.Module, shapes: dict[str, tuple],
             ep = torch.export.export(model.eval(), args, dynamic_shapes=tuple({0: batch} for _ in names))
             rebuilt = _rebuilt(ep, shapes)
             with torch.no_grad():
-                same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in
-                           zip(_outputs(model(*args)), _outputs(rebuilt(*args))))
+                expected = _outputs(rebuilt(*args))
+                same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(_outputs(model(*args)), expected))
     except Exception as exc:  # any failure to capture: the model as written still works, less covered
         return model.eval(), {"rebuilt": False, "why": f"torch.export could not capture forward(): "
                                                         f"{type(exc).__name__}: {_first_line(exc)[:300]}"}
     if not same:
         return model.eval(), {"rebuilt": False, "why": "the rebuilt graph's outputs differ from the model's"}
-    frozen = _trace_freezes_batch(rebuilt, args)
+    frozen = _trace_freezes_batch(rebuilt, args, expected)
     if frozen:
         return model.eval(), {"rebuilt": False, "why": f"the rebuilt graph's trace {frozen}"}
     return rebuilt, {"rebuilt": True, "why": "rebuilt from torch.export: Conv/Linear/BatchNorm found by the "
                                              "aten op they call, whatever the module class"}
 
 
-def _trace_freezes_batch(model: nn.Module, pair: tuple[torch.Tensor, ...]) -> str | None:
-    """Why a trace at batch 1 (what the ONNX export records) fails at batch 2, or None.
+def _trace_freezes_batch(model: nn.Module, pair: tuple[torch.Tensor, ...], expected: list[torch.Tensor]) -> str | None:
+    """Why a trace at batch 1 (what the ONNX export records) fails at batch 2, or None; `expected` is
+    `model`'s output on `pair`.
 
     The ONNX exporter traces; a size the rebuilt graph computes with an aten call the tracer cannot
     follow is recorded as a constant, and the ONNX graph then runs at the traced batch size only."""
     try:
         with _torch_quiet(), torch.no_grad():
             traced = torch.jit.trace(model, tuple(a[:1] for a in pair), check_trace=False, strict=False)
-            ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-                     for a, b in zip(_outputs(model(*pair)), _outputs(traced(*pair))))
+            ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(expected, _outputs(traced(*pair))))
     except Exception as exc:
         return f"fails at another batch size ({type(exc).__name__}: {_first_line(exc)[:200]})"
     return None if ok else "computes other outputs at another batch size than the traced one"

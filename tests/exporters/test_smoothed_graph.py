@@ -89,19 +89,22 @@ def _smoothed_graph() -> tuple[onnx.ModelProto, dict, np.ndarray, np.ndarray]:
 
 def test_a_group_left_all_fp32_loses_its_mul_and_its_weights_take_the_scale():
     model, *_ = _smoothed_graph()
-    assert unsmooth_float_readers(model.graph) == 2
+    # q/k (MatMul, FP32) fold; smoothing never groups a Gemm (2-D input), so the fc group is left as is
+    assert unsmooth_float_readers(model.graph) == 1
     onnx.checker.check_model(model)
-    assert not [n for n in model.graph.node if n.op_type == "Mul"]
-    assert not [i for i in model.graph.initializer if i.name.endswith(".inv_scale")]
+    muls = [n for n in model.graph.node if n.op_type == "Mul"]
+    assert [m.input[0] for m in muls] == ["x0"]
+    assert [i.name for i in model.graph.initializer if i.name.endswith(".inv_scale")] == ["fc.inv_scale"]
     readers = {n.name: n.input[0] for n in model.graph.node}
-    assert readers["mm_q"] == readers["mm_k"] == "x" and readers["gemm"] == "x0"
+    assert readers["mm_q"] == readers["mm_k"] == "x" and readers["gemm"] == muls[0].output[0]
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    # MatMul stores W^T (input channels on rows), Gemm transB=1 stores W (input channels on columns)
+    # MatMul stores W^T: input channels on rows, where the scale went back
     np.testing.assert_allclose(inits["wq"], W["q"].T, rtol=1e-6)
-    np.testing.assert_allclose(inits["wfc"], W["fc"], rtol=1e-6)
+    np.testing.assert_allclose(inits["wk"], W["k"].T, rtol=1e-6)
     x = RNG.normal(size=(2, 6, 4)).astype(np.float32)
     q, k, fc = _run(model, x)
     np.testing.assert_allclose(q, x @ W["q"].T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k, x @ W["k"].T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fc, x[0] @ W["fc"].T, rtol=1e-5, atol=1e-5)
 
 
@@ -114,10 +117,10 @@ def test_a_group_with_an_int8_reader_keeps_its_mul():
                                     numpy_helper.from_array(np.array(0.1, np.float32), "wk_s")])
     model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["wk_q", "wk_s"], ["wk_dq"], name="dq_k"))
     mm_k.input[1] = "wk_dq"
-    assert unsmooth_float_readers(model.graph) == 1  # only the Gemm's group
-    muls = [n for n in model.graph.node if n.op_type == "Mul"]
-    assert [m.input[0] for m in muls] == ["x"]
-    assert {n.name: n.input[0] for n in model.graph.node}["mm_q"] == muls[0].output[0]
+    assert unsmooth_float_readers(model.graph) == 0
+    muls = {m.input[0]: m for m in model.graph.node if m.op_type == "Mul"}
+    assert sorted(muls) == ["x", "x0"]
+    assert {n.name: n.input[0] for n in model.graph.node}["mm_q"] == muls["x"].output[0]
     onnx.checker.check_model(model)
     x = RNG.normal(size=(2, 6, 4)).astype(np.float32)
     q, _, fc = _run(model, x)
