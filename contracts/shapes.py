@@ -1,5 +1,6 @@
-"""`--input-shape` values: `1x3x224x224` (the only input) or `NAME=1x128` (repeatable). A user
-model's example input and a mobile model's fixed shapes both come from them."""
+"""`--input-shape` values: `1x3x224x224` (the only input) or `NAME=1x128` (repeatable, or several
+joined by commas: `image=1x3x32x32,meta=1x4`). A user model's example input and a mobile model's
+fixed shapes both come from them."""
 from __future__ import annotations
 
 from sqexport.contracts.errors import ConfigError
@@ -15,7 +16,9 @@ MAX_ELEMENTS = 1 << 28
 def parse_input_shapes(values) -> Shapes:
     """{input name: dims}; the key None stands for the model's only input (no NAME= given)."""
     shapes: Shapes = {}
-    for value in values or ():
+    # "a=1x3,b=1x4" is what users write for several inputs: commas never occur inside one shape
+    pieces = (piece.strip() for given in values or () for piece in str(given).split(","))
+    for value in (piece for piece in pieces if piece):  # a trailing comma adds nothing
         name, sep, dims = value.rpartition("=")
         if sep and not name.strip():
             raise ConfigError(f"--input-shape '{value}': the input name before '=' is empty")

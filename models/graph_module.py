@@ -2,7 +2,7 @@
 and BatchNorm calls are real torch modules again.
 
 Pruning, BatchNorm folding and quantization find their layers by module type; an exported graph
-only holds functional aten calls on lifted tensors. Each aten.conv1d/conv2d/convolution, aten.linear
+only holds functional aten calls on lifted tensors. Each aten.conv1d/2d/3d/convolution, aten.linear
 and eval-mode batch norm whose weight is a parameter becomes a call to an nn.Conv*/nn.Linear/
 nn.BatchNorm* that holds the very same tensors, registered under the name of the module that owned
 them (`features.0`), so reports use the user's layer names. Everything else is copied as is.
@@ -40,8 +40,10 @@ class ConcatTensors(nn.Module):
         return torch.cat(xs, self.dim)
 
 aten = torch.ops.aten
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding,
-          aten.convolution.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+          aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
+_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # by spatial dims
+_NORM_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}  # by input rank
 _LINEAR = {aten.linear.default}
 _NATIVE_BN = aten._native_batch_norm_legit_no_training.default
 _BATCH_NORMS = {aten.batch_norm.default, _NATIVE_BN}
@@ -188,12 +190,12 @@ class _Builder:
         b_name = self.target_of(a["bias"])
         if a.get("transposed") or (a["bias"] is not None and b_name is None):
             return None
-        w_name = self.weight_of(a["weight"], node, (3, 4))
+        w_name = self.weight_of(a["weight"], node, (3, 4, 5))
         weight = self.tensors.get(w_name) if w_name else None
-        if weight is None or weight.ndim not in (3, 4):
+        if weight is None or weight.ndim - 2 not in _CONV_CLASSES:
             return None
         dims = weight.ndim - 2
-        cls = nn.Conv1d if dims == 1 else nn.Conv2d
+        cls = _CONV_CLASSES[dims]
         groups = int(a["groups"])
         conv = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
                    stride=_tuple(a["stride"], dims), padding=_tuple(a["padding"], dims),
@@ -229,9 +231,9 @@ class _Builder:
         a = _arguments(node)
         names = [self.target_of(a[k]) for k in ("weight", "bias", "running_mean", "running_var")]
         rank = getattr(a["input"].meta.get("val"), "ndim", None)
-        if None in names or a.get("training") or rank not in (2, 3, 4):
+        if None in names or a.get("training") or rank not in _NORM_CLASSES:
             return None
-        bn = (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(
+        bn = _NORM_CLASSES[rank](
             self.tensors[names[0]].shape[0], eps=float(a["eps"]), momentum=float(a["momentum"]))
         slots = dict(zip(("weight", "bias", "running_mean", "running_var"), names))
         counter = names[2].rpartition(".")[0] + ".num_batches_tracked"
@@ -433,10 +435,37 @@ def module_from_program(ep: ExportedProgram) -> fx.GraphModule:
     for node in reversed(list(b.graph.nodes)):  # first: a computed weight's chain reads tensors no longer kept
         if node.op in ("call_function", "call_method", "get_attr") and not node.users and not node.is_impure():
             b.graph.erase_node(node)
+    _free_reserved_names(b.root, b.graph)
     gm = fx.GraphModule(b.root, b.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm.eval()
+
+
+def _graph_module_attributes() -> frozenset[str]:
+    probe = fx.GraphModule(nn.Module(), fx.Graph())
+    return frozenset(dir(type(probe))) | frozenset(vars(probe))
+
+
+_GRAPH_MODULE_ATTRIBUTES = _graph_module_attributes()
+
+
+def _free_reserved_names(root: nn.Module, graph: fx.Graph) -> None:
+    """A top-level module or tensor named like an attribute of fx.GraphModule (`meta`, `graph`,
+    `code`: a metadata branch, a GNN's graph module) would clash with it when the GraphModule is
+    built (TypeError: cannot assign 'dict' as child module 'meta'): it moves to `<name>_`, and the
+    report names it so."""
+    for store in (root._modules, root._parameters, root._buffers):
+        for name in [n for n in store if n in _GRAPH_MODULE_ATTRIBUTES]:
+            new = name + "_"
+            while hasattr(root, new) or new in _GRAPH_MODULE_ATTRIBUTES:
+                new += "_"
+            renamed = {(new if k == name else k): v for k, v in store.items()}
+            store.clear()
+            store.update(renamed)
+            for node in graph.nodes:
+                if node.op in ("call_module", "get_attr") and (node.target == name or node.target.startswith(name + ".")):
+                    node.target = new + node.target[len(name):]
 
 
 def _uses(node: fx.Node, nodes: set[fx.Node]) -> bool:

@@ -252,7 +252,7 @@ def _validate_positive(ctx, param, value):
                    "its class subfolders. User models without it: every 4th sample of --calib-data.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="[NAME=]DxDx...",
               help="Example input of a .pt/.pt2/pkg.module:factory model, batch first: 1x3x224x224 for "
-                   "one input, NAME=1x3x224x224 per input (repeatable); the batch dimension is exported dynamic. "
+                   "one input, NAME=1x3x224x224 per input (repeatable, or joined by commas); the batch dimension is exported dynamic. "
                    "With --target mobile it also fixes the mobile model's shapes (any model: NAME=1x128 for "
                    "text) [the model's example input, batch 1].")
 @click.option("--image-size", default=None, metavar="HxW",

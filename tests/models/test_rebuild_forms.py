@@ -193,3 +193,29 @@ def test_the_same_forms_rebuild_from_files(tmp_path, net, kind):
         xb = torch.rand(n, 3, 8, 8)
         got = spec.torch_outputs(spec.model, {spec.input_names[0]: xb.numpy()})[0]
         np.testing.assert_allclose(got, model(xb).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+class ReservedNames(nn.Module):
+    """Children named like fx.GraphModule's own attributes: a metadata branch `meta`, a GNN-style
+    `graph`, a parameter `code`."""
+
+    def __init__(self):
+        super().__init__()
+        self.graph = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.meta = nn.Linear(2, 4)
+        self.code = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, m):
+        return self.graph(x).mean((2, 3)) + self.meta(m) * self.code
+
+
+def test_children_named_like_graph_module_attributes_are_renamed_not_refused():
+    torch.manual_seed(0)
+    model = ReservedNames().eval()
+    model.graph[1].running_var.uniform_(0.5, 2.0)
+    rebuilt, why = normalized_factory_model(model, {"x": (1, 3, 8, 8), "m": (1, 2)}, {})
+    assert why["rebuilt"] is True, why
+    layers = {n: type(m) for n, m in rebuilt.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
+    assert layers == {"graph_.0": nn.Conv2d, "graph_.1": nn.BatchNorm2d, "meta_": nn.Linear}
+    x, m = torch.rand(3, 3, 8, 8), torch.rand(3, 2)
+    torch.testing.assert_close(rebuilt(x, m), model(x, m))

@@ -31,10 +31,11 @@ def _set_bn_stats(model):
 def test_parse_input_shapes():
     assert parse_input_shapes(["1x3x32x32"]) == {None: (1, 3, 32, 32)}
     assert parse_input_shapes(["a=1x3", "b=2X4"]) == {"a": (1, 3), "b": (2, 4)}
+    assert parse_input_shapes(["a=1x3, b=2x4", "c=5,"]) == {"a": (1, 3), "b": (2, 4), "c": (5,)}
     not_dims, twice = "dimensions must be positive integers joined by 'x'", "give one unnamed shape, or one NAME=shape"
     for bad, words in ((["1x0x3"], not_dims), (["1x-3"], not_dims), (["x"], not_dims), (["a=1xb"], not_dims),
-                       (["1x3", "2x3"], twice), (["a=1", "a=2"], twice), (["a=1", "4"], twice), (["1.5x2"], not_dims)):
-        with pytest.raises(ConfigError, match=f"--input-shape '{bad[-1]}': {words}"):
+                       (["1x3", "2x3"], twice), (["1x3,2x3"], twice), (["a=1", "a=2"], twice), (["a=1", "4"], twice), (["1.5x2"], not_dims)):
+        with pytest.raises(ConfigError, match=f"--input-shape '{bad[-1].split(',')[-1]}': {words}"):
             parse_input_shapes(bad)
 
 

@@ -232,3 +232,70 @@ def test_more_zoo_forms_are_int8_and_keep_a_dynamic_batch(forms_project, run_cli
     name = session.get_inputs()[0].name
     for n in (1, 5):  # exported at batch 1
         assert session.run(None, {name: np.random.default_rng(n).random((n, 3, 8, 8), np.float32)})[0].shape == (n, 5)
+
+
+VOLUME_FORMS = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):  # a video / volume model with an upsampling decoder head
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv3d(8, 8, 3, stride=2, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.c2(self.c1(x)).mean(2)  # (b, 8, h/2, w/2)
+        return self.head(torch.relu(self.up(y)).mean((2, 3)))
+
+def build():
+    torch.manual_seed(0)
+    m = Net()
+    for bn in (m.c1[1], m.c2[1]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+'''
+
+
+def test_3d_convs_are_int8_and_a_transposed_conv_is_named(forms_project, run_cli):
+    """Conv3d + BatchNorm3d (video, volumes) rebuild, fold and quantize like 2-D ones; onnxruntime's
+    CPU has no int8 ConvTranspose, so it stays FP32 with that reason."""
+    (forms_project / "volforms.py").write_text(VOLUME_FORMS)
+    out = forms_project / "o"
+    r = run_cli(["volforms:build", "--input-shape", "1x3x4x8x8", "--prune", "none", "--max-accuracy-drop", "100",
+                 "-o", out, "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert next(s for s in rep["stages"] if s["name"] == "fold_batchnorm")["params"]["folded"] == 2
+    assert rep["quantization"]["quantized_layers"] == 3  # c1, c2, head: the 5-D weights found
+    cov = rep["quantization"]["coverage"]
+    transposed = [f for f in cov["fp32"] if f["op"] == "ConvTranspose"]
+    assert len(transposed) == 1 and "no int8 transposed convolution" in transposed[0]["reason"]
+    for_speed = [f for f in cov["fp32"] if f["op"] != "ConvTranspose"]  # the speed check may keep c1 (3 channels)
+    assert all(f["reason"].startswith("kept FP32 for speed") for f in for_speed)
+    assert cov["weight_layers"] == 4 and cov["int8"] == 3 - len(for_speed)
+    model = onnx.load(str(out / "model.onnx"))
+    five_d = {i.name for i in model.graph.initializer if len(i.dims) == 5 and i.data_type == onnx.TensorProto.INT8}
+    assert len(five_d) == 2 - sum(f["op"] == "Conv" for f in for_speed)  # 3-D conv weights stored int8
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).random((5, 3, 4, 8, 8), np.float32)
+    baseline = onnxruntime.InferenceSession(str(out / "baseline.onnx"), providers=["CPUExecutionProvider"])
+    got, ref = session.run(None, {name: x})[0], baseline.run(None, {name: x})[0]
+    assert got.shape == (5, 3)
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.99
+
+
+def test_structured_pruning_removes_channels_of_3d_convs(forms_project, run_cli):
+    (forms_project / "volforms.py").write_text(VOLUME_FORMS)
+    out = forms_project / "o"
+    r = run_cli(["volforms:build", "--input-shape", "1x3x4x8x8", "--prune", "structured", "--sparsity", "0.5",
+                 "--max-accuracy-drop", "100", "-o", out, "--quiet"])
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out / "model.onnx"))
+    channels = [i.dims[0] for i in model.graph.initializer if len(i.dims) == 5]
+    assert len(channels) == 2 and min(channels) < 8  # output channels of a 3-D conv removed (8 before)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["prunable_layers", "apply_masks", "layer_sparsity", "overall_sparsity"]
+__all__ = ["CONV_TYPES", "PRUNABLE_TYPES", "prunable_layers", "apply_masks", "layer_sparsity", "overall_sparsity"]
 
-PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # not transposed: pruned and quantized as weight layers
+PRUNABLE_TYPES = CONV_TYPES + (nn.Linear,)
 
 
 def prunable_layers(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:

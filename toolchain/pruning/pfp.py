@@ -16,6 +16,7 @@ from torch import nn
 from sqexport.contracts.errors import ConfigError
 from sqexport.toolchain.pruning import sensitivity as sens
 from sqexport.toolchain.pruning import structured as S
+from sqexport.toolchain.pruning.masks import CONV_TYPES
 
 __all__ = ["pfp_prune"]
 
@@ -68,7 +69,7 @@ def _param_model(groups, layers: dict[str, nn.Module]):
             f = m.weight.numel()
             if m in out_of:
                 f *= keep[out_of[m]] / groups[out_of[m]].size
-            if m in in_of and not (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1):
+            if m in in_of and not (isinstance(m, CONV_TYPES) and m.groups > 1):
                 f *= keep[in_of[m]] / groups[in_of[m]].size
             total += f
         return total

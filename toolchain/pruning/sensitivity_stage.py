@@ -11,6 +11,7 @@ from torch import nn
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.toolchain.pruning import structured as S
+from sqexport.toolchain.pruning.masks import PRUNABLE_TYPES
 from sqexport.toolchain.pruning.pfp import pfp_prune
 from sqexport.toolchain.pruning.sipp import sipp_prune
 from sqexport.toolchain.pruning.structured_stage import structure_of
@@ -59,7 +60,7 @@ class SensitivityPruneConfig:
 
 def _shapes(model: nn.Module) -> dict[str, tuple]:
     return {n: tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+            if isinstance(m, PRUNABLE_TYPES)}
 
 
 def _pfp(model: nn.Module, config: SensitivityPruneConfig, ctx: PruneContext) -> PruneResult:

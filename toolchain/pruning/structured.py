@@ -29,6 +29,7 @@ from torch import nn
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.toolchain.hooks import run_with_hooks
+from sqexport.toolchain.pruning.masks import CONV_TYPES, PRUNABLE_TYPES
 
 __all__ = ["ChannelGroup", "channel_groups", "activation_rms", "group_importance", "allocate",
            "prune_groups", "count_macs_params", "IMPORTANCES", "ALLOCATIONS"]
@@ -69,7 +70,7 @@ def _output_layers(model: nn.Module, example: dict) -> list[nn.Module]:
         order.append(mod)
         outputs[id(out)] = mod
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
     try:
         with torch.no_grad():
             out = model(**example)
@@ -99,7 +100,7 @@ def channel_groups(model: nn.Module, example: dict, ignored: list[nn.Module] | N
             p.requires_grad_(flag)
     names = {m: n for n, m in model.named_modules()}
     groups = []
-    for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Conv1d, nn.Linear]):
+    for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_TYPES)):
         root = g[0].dep.target.module
         if root in ignored:
             continue
@@ -115,7 +116,7 @@ def activation_rms(model: nn.Module, batches, run: Callable, layers: list[nn.Mod
 
     def hook(mod, inp, _out):
         x = inp[0].detach().float()
-        x = x.movedim(1, -1) if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else x
+        x = x.movedim(1, -1) if isinstance(mod, CONV_TYPES) else x
         x = x.reshape(-1, x.shape[-1])
         sums[mod] = sums.get(mod, 0) + x.pow(2).sum(0)
         counts[mod] = counts.get(mod, 0) + x.shape[0]
@@ -145,7 +146,7 @@ def _consumers(group) -> list[tuple[nn.Module, list[int], list[int]]]:
     out = []
     for item in group:
         dep = item.dep
-        if dep.handler in fns and isinstance(dep.target.module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        if dep.handler in fns and isinstance(dep.target.module, PRUNABLE_TYPES):
             out.append((dep.target.module, list(item.idxs), list(item.root_idxs)))
     return out
 
@@ -231,7 +232,7 @@ def count_macs_params(model: nn.Module, example: dict) -> tuple[int, int]:
         macs[0] += out.numel() * per_out
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+               if isinstance(m, PRUNABLE_TYPES)]
     try:
         model(**_as_tensors(example))
     finally:

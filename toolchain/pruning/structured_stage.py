@@ -10,6 +10,7 @@ from torch import nn
 
 from sqexport.contracts.errors import ConfigError
 from sqexport.toolchain.pruning import structured as S
+from sqexport.toolchain.pruning.masks import PRUNABLE_TYPES
 from sqexport.toolchain.registry import register
 from sqexport.toolchain.stages import PruneContext, PruneResult
 
@@ -60,7 +61,7 @@ def _is_transformer(model: nn.Module) -> bool:
 
 def _layer_shapes(model: nn.Module) -> dict[str, tuple]:
     return {n: tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+            if isinstance(m, PRUNABLE_TYPES)}
 
 
 def structure_of(before: dict, after: dict, macs: tuple, params: tuple, removed: dict) -> dict:
