@@ -14,7 +14,8 @@ from sqexport.exporters.graph import consumers
 
 __all__ = ["WEIGHT_OPS", "weight_layer_coverage"]
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+_RECURRENT = ("LSTM", "GRU", "RNN")
 _PASS_THROUGH = ("Identity", "Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze")
 
 
@@ -35,6 +36,11 @@ def _constant_source(name: str, inits: set[str], producers: dict) -> tuple[str |
 
 
 def _reason(node: onnx.NodeProto, source: str, ops: list[str], readers: dict) -> str:
+    if node.op_type in _RECURRENT:
+        # onnxruntime's int8 LSTM is its contrib DynamicQuantizeLSTM (run-time activation ranges);
+        # no QDQ form of a recurrent op becomes an int8 kernel
+        return (f"{node.op_type}: onnxruntime has no static (QDQ) int8 recurrent kernel; its weights stay FP32 "
+                "(the recurrence runs in float)")
     if node.op_type == "ConvTranspose":
         # measured on onnxruntime 1.32: a QDQ ConvTranspose stays DQ -> float ConvTranspose -> Q
         # after graph optimization (a QDQ Conv, 1-D to 3-D, becomes QLinearConv)
