@@ -18,7 +18,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from sqexport.contracts.errors import ModelLoadError
 
-__all__ = ["module_from_program", "AddTensors", "ConcatTensors"]
+__all__ = ["module_from_program", "AddTensors", "ConcatTensors", "GRAPH_MODULE_ATTRIBUTES"]
 
 
 class AddTensors(nn.Module):
@@ -447,7 +447,7 @@ def _graph_module_attributes() -> frozenset[str]:
     return frozenset(dir(type(probe))) | frozenset(vars(probe))
 
 
-_GRAPH_MODULE_ATTRIBUTES = _graph_module_attributes()
+GRAPH_MODULE_ATTRIBUTES = _graph_module_attributes()
 
 
 def _free_reserved_names(root: nn.Module, graph: fx.Graph) -> None:
@@ -456,9 +456,9 @@ def _free_reserved_names(root: nn.Module, graph: fx.Graph) -> None:
     built (TypeError: cannot assign 'dict' as child module 'meta'): it moves to `<name>_`, and the
     report names it so."""
     for store in (root._modules, root._parameters, root._buffers):
-        for name in [n for n in store if n in _GRAPH_MODULE_ATTRIBUTES]:
+        for name in [n for n in store if n in GRAPH_MODULE_ATTRIBUTES]:
             new = name + "_"
-            while hasattr(root, new) or new in _GRAPH_MODULE_ATTRIBUTES:
+            while hasattr(root, new) or new in GRAPH_MODULE_ATTRIBUTES:
                 new += "_"
             renamed = {(new if k == name else k): v for k, v in store.items()}
             store.clear()

@@ -223,11 +223,24 @@ def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
                 except Exception:  # sizes the traced graph computes as tensors ("same" padding)
                     obj = _batch_dynamic_converter(TS2EPConverter)(obj, args).convert()
         except Exception as exc:
+            hint = ""
+            clash = _graph_module_names(obj)
+            if clash:  # each such name fails in its own way inside torch's converter
+                hint = (f"; torch's TorchScript converter cannot keep top-level attribute(s) named like a GraphModule's "
+                        f"own ({', '.join(clash)}): rename them, or give the model as a pkg.module:factory or a .pt2 "
+                        "(torch.export.save)")
             raise ModelLoadError(f"cannot convert the TorchScript model (with input shape(s) "
-                                 f"{_fmt_shapes(shapes)}): {type(exc).__name__}: {_first_line(exc)}") from None
+                                 f"{_fmt_shapes(shapes)}): {type(exc).__name__}: {_first_line(exc)}{hint}") from None
     if isinstance(obj, torch.export.ExportedProgram):
         return _rebuilt(obj, shapes)
     return obj.eval()
+
+
+def _graph_module_names(module: nn.Module) -> list[str]:
+    from sqexport.models.graph_module import GRAPH_MODULE_ATTRIBUTES
+    names = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)] \
+        + [n for n, _ in module.named_buffers(recurse=False)]
+    return sorted(set(names) & GRAPH_MODULE_ATTRIBUTES)
 
 
 def _batch_dynamic_converter(base):

@@ -219,3 +219,13 @@ def test_children_named_like_graph_module_attributes_are_renamed_not_refused():
     assert layers == {"graph_.0": nn.Conv2d, "graph_.1": nn.BatchNorm2d, "meta_": nn.Linear}
     x, m = torch.rand(3, 3, 8, 8), torch.rand(3, 2)
     torch.testing.assert_close(rebuilt(x, m), model(x, m))
+
+
+def test_torchscript_with_children_named_like_graph_module_attributes_says_what_to_do(tmp_path):
+    from sqexport.contracts.errors import ModelLoadError
+    from sqexport.models.user_model import load_user_model
+    torch.manual_seed(0)
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.trace(ReservedNames().eval(), (torch.rand(1, 3, 8, 8), torch.rand(1, 2))), str(path))
+    with pytest.raises(ModelLoadError, match=r"named like a GraphModule's own \(code, graph, meta\): rename them"):
+        load_user_model(str(path), {"x": (1, 3, 8, 8), "m": (1, 2)})
