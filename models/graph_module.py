@@ -505,4 +505,10 @@ def _read_lifted(b: _Builder, node: fx.Node) -> None:
 def _copy_with_attrs(b: _Builder, node: fx.Node) -> fx.Node:
     """Copy a node, its lifted tensor arguments read by name (_read_lifted)."""
     _read_lifted(b, node)
+    if node.target == aten.lift_fresh_copy.default:
+        # a constant made in forward (`torch.tensor(...)`: Hugging Face models) is copied by an op
+        # the ONNX exporter does not know; torch.clone is the same copy, exported as Identity
+        new = b.graph.call_function(torch.clone, (b.env[node.args[0]],))
+        new.meta = dict(node.meta)
+        return new
     return b.copy(node)

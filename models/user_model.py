@@ -8,6 +8,8 @@ synthetic inputs).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import copy
 import importlib
 import inspect
@@ -153,16 +155,19 @@ def _load_file(path: Path):
 
 # ---------------------------------------------------------------- inputs
 
-def _forward_names(model: nn.Module) -> list[str] | None:
-    """Required positional parameters of forward(); None when it takes *args."""
+def _forward_names(model: nn.Module, given: Shapes | None = None) -> list[str] | None:
+    """Required positional parameters of forward(), and those with a default that `given` (from
+    --input-shape) names (a Hugging Face model's `input_ids=None`), in forward()'s order; None when
+    it takes *args."""
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return None
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return None
+    named = set(given or ())
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.default is p.empty]
+            and (p.default is p.empty or p.name in named)]
 
 
 def _script_names(ts) -> list[str]:
@@ -209,13 +214,54 @@ def _resolve_shapes(names: list[str] | None, given: Shapes, known: dict | None =
 
 # ---------------------------------------------------------------- building the ModelSpec
 
-def _as_module(obj, shapes: dict[str, tuple]) -> nn.Module:
+def _embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the smallest embedding table (nn.Embedding / EmbeddingBag, also inside TorchScript);
+    None without one."""
+    rows = []
+    for m in model.modules():
+        kind = m.original_name if isinstance(m, torch.jit.ScriptModule) else type(m).__name__
+        weight = getattr(m, "weight", None)
+        if kind in ("Embedding", "EmbeddingBag") and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            rows.append(int(weight.shape[0]))
+    return min(rows) if rows else None
+
+
+def _index_inputs(model: nn.Module, shapes: dict[str, tuple]) -> dict[str, torch.dtype]:
+    """Inputs the model reads as indices (token or category ids into an embedding table): int64.
+    --input-shape carries no dtype, so a model with embedding tables whose float example fails is
+    tried with each input, then all of them, as int64 ids (zeros: a valid row of every table); the
+    first combination that runs decides, the others stay float. A model that fails every way is
+    left float: its own error is reported when the example runs."""
+    if _embedding_rows(model) is None:
+        return {}
+
+    def runs(ids: tuple[str, ...]) -> bool:
+        args = [torch.zeros(s, dtype=torch.int64) if n in ids else torch.rand(s) for n, s in shapes.items()]
+        try:
+            with torch.no_grad():
+                model(*args)
+            return True
+        except _PASS_THROUGH:
+            raise
+        except BaseException:  # a failing forward (also sys.exit inside it) is the caller's to report
+            return False
+
+    names = list(shapes)
+    if runs(()):
+        return {}
+    for ids in [(n,) for n in names] + ([tuple(names)] if len(names) > 1 else []):
+        if runs(ids):
+            return {n: torch.int64 for n in ids}
+    return {}
+
+
+def _as_module(obj, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype] | None = None) -> nn.Module:
     """nn.Module with real layers: TorchScript and ExportedProgram are rebuilt (graph_module)."""
     if isinstance(obj, torch.jit.ScriptModule):
         from torch._export.converter import TS2EPConverter
 
         # a batch of 2 keeps the converter from specializing the batch dimension to 1
-        args = tuple(torch.rand((2,) + tuple(s[1:])) for s in shapes.values())
+        args = tuple(torch.rand((2,) + tuple(s[1:])).to((dtypes or {}).get(n, torch.float32)) for n, s in shapes.items())
         try:
             with _torch_quiet():  # the converter warns about unused BN counters
                 try:
@@ -327,6 +373,8 @@ def _fmt_shapes(shapes: dict[str, tuple]) -> str:
 
 
 def _outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, Mapping):  # a Hugging Face ModelOutput or a dict: its tensors in order
+        out = tuple(out.values())
     if isinstance(out, torch.Tensor):
         outs = [out]
     elif isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
@@ -391,9 +439,11 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
     elif isinstance(obj, torch.jit.ScriptModule):
         names = _script_names(obj)
     else:
-        names = _forward_names(obj)
+        names = _forward_names(obj, given)
     shapes = _resolve_shapes(names, given, known)
-    model = _as_module(obj, shapes)
+    if not isinstance(obj, torch.export.ExportedProgram):
+        dtypes = _index_inputs(obj, shapes)
+    model = _as_module(obj, shapes, dtypes)
     capture = None
     if factory and not isinstance(obj, torch.export.ExportedProgram):
         model, capture = normalized_factory_model(model, shapes, dtypes)
@@ -408,7 +458,7 @@ def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, exa
     `example_inputs` (a tensor, a tuple of tensors in forward()'s order, or a dict by name). The run
     works on a copy: the caller's module keeps its weights and its train/eval mode."""
     ref = f"{type(module).__module__}.{type(module).__qualname__}"
-    names = _forward_names(module)
+    names = _forward_names(module, input_shapes)
     if example_inputs is not None and input_shapes:
         raise ConfigError("give input_shape or example_inputs for the nn.Module, not both")
     if example_inputs is not None:
@@ -416,7 +466,8 @@ def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, exa
         shapes = {n: tuple(v.shape) for n, v in example.items()}
         dtypes = {n: torch.from_numpy(v).dtype for n, v in example.items()}
     elif input_shapes:
-        shapes, dtypes, example = _resolve_shapes(names, input_shapes), {}, None
+        shapes, example = _resolve_shapes(names, input_shapes), None
+        dtypes = _index_inputs(module, shapes)
     else:
         raise ConfigError(f"an nn.Module ({type(module).__name__}) needs an example input: pass "
                           "input_shape=(1, 3, 224, 224) (batch first) or example_inputs=<tensor or tuple of tensors>")
