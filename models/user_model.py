@@ -441,6 +441,9 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
     else:
         names = _forward_names(obj, given)
     shapes = _resolve_shapes(names, given, known)
+    precision = None
+    if not isinstance(obj, (torch.export.ExportedProgram, torch.jit.ScriptModule)):
+        obj, precision = _as_float32(obj)
     if not isinstance(obj, torch.export.ExportedProgram):
         dtypes = _index_inputs(obj, shapes)
     model = _as_module(obj, shapes, dtypes)
@@ -449,7 +452,7 @@ def load_user_model(ref: str, input_shapes: Shapes | None = None) -> ModelSpec:
         model, capture = normalized_factory_model(model, shapes, dtypes)
     example = _random_example(shapes, dtypes)
     kind = "factory" if factory else ("ExportedProgram" if Path(ref).suffix == ".pt2" else "TorchScript")
-    return _user_spec(model, ref if factory else Path(ref).stem, example, kind, ref, capture)
+    return _user_spec(model, ref if factory else Path(ref).stem, example, kind, ref, capture, precision)
 
 
 def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, example_inputs=None) -> ModelSpec:
@@ -477,9 +480,13 @@ def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, exa
         raise ModelLoadError(f"cannot copy the {type(module).__name__} module ({type(exc).__name__}: "
                              f"{_first_line(exc)}); sqexport runs on a copy so the caller's module stays "
                              "unchanged") from None
+    own, precision = _as_float32(own)
+    if example is not None:  # a half-precision example for a half-precision module: float32 as the model now is
+        example = {n: v.astype(np.float32) if v.dtype == np.float16 else v for n, v in example.items()}
+        dtypes = {n: torch.from_numpy(v).dtype for n, v in example.items()}
     model, capture = normalized_factory_model(own, shapes, dtypes)
     return _user_spec(model, type(module).__name__, example if example is not None else _random_example(shapes, dtypes),
-                      "nn.Module", ref, capture)
+                      "nn.Module", ref, capture, precision)
 
 
 def _named_example(example_inputs, names: list[str] | None) -> dict[str, np.ndarray]:
@@ -521,8 +528,24 @@ def _random_example(shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) ->
             for n, s in shapes.items()}
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _as_float32(model: nn.Module) -> tuple[nn.Module, dict | None]:
+    """A model held in float16 / bfloat16 (a half-precision checkpoint) in float32, and the
+    report's record of it: calibration, pruning and int8 scales are computed in FP32, and every
+    float16 / bfloat16 value is exact in float32, so the weights are the user's own."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype in _HALF_DTYPES})
+    if not low:
+        return model, None
+    return model.float(), {"from": low, "to": "float32",
+                           "why": "the model's weights were converted exactly to float32, the precision sqexport "
+                                  "calibrates and quantizes in; baseline.onnx is this float32 model"}
+
+
 def _user_spec(model: nn.Module, name: str, example: dict[str, np.ndarray], kind: str, ref: str,
-               capture: dict | None) -> ModelSpec:
+               capture: dict | None, precision: dict | None = None) -> ModelSpec:
     """The spec of a user model (no data yet), after checking it runs on its example at two batch sizes."""
     shapes = {n: tuple(v.shape) for n, v in example.items()}
     if not any(p.numel() for p in model.parameters()):
@@ -545,6 +568,7 @@ def _user_spec(model: nn.Module, name: str, example: dict[str, np.ndarray], kind
                     + (f"{outs[0].shape[1]} classes" if classifier else f"output {tuple(outs[0].shape[1:])}"),
         source={"kind": kind, "ref": ref, "input_shapes": {n: list(s) for n, s in shapes.items()},
                 **({"graph_capture": capture} if capture else {}),
+                **({"precision": precision} if precision else {}),
                 "task_from": "2-D output: classification (top-1)" if classifier
                 else "non-2-D output: cosine of the flattened output vs FP32"},
     )
