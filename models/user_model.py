@@ -234,6 +234,7 @@ def _index_inputs(model: nn.Module, shapes: dict[str, tuple]) -> dict[str, torch
     left float: its own error is reported when the example runs."""
     if _embedding_rows(model) is None:
         return {}
+    model.eval()  # probing in train mode would move BatchNorm statistics (the run uses eval mode anyway)
 
     def runs(ids: tuple[str, ...]) -> bool:
         args = [torch.zeros(s, dtype=torch.int64) if n in ids else torch.rand(s) for n, s in shapes.items()]
@@ -469,8 +470,7 @@ def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, exa
         shapes = {n: tuple(v.shape) for n, v in example.items()}
         dtypes = {n: torch.from_numpy(v).dtype for n, v in example.items()}
     elif input_shapes:
-        shapes, example = _resolve_shapes(names, input_shapes), None
-        dtypes = _index_inputs(module, shapes)
+        shapes, dtypes, example = _resolve_shapes(names, input_shapes), None, None
     else:
         raise ConfigError(f"an nn.Module ({type(module).__name__}) needs an example input: pass "
                           "input_shape=(1, 3, 224, 224) (batch first) or example_inputs=<tensor or tuple of tensors>")
@@ -481,6 +481,8 @@ def load_module_model(module: nn.Module, input_shapes: Shapes | None = None, exa
                              f"{_first_line(exc)}); sqexport runs on a copy so the caller's module stays "
                              "unchanged") from None
     own, precision = _as_float32(own)
+    if dtypes is None:  # found on the copy: probing runs forward, the caller's module stays untouched
+        dtypes = _index_inputs(own, shapes)
     if example is not None:  # a half-precision example for a half-precision module: float32 as the model now is
         example = {n: v.astype(np.float32) if v.dtype == np.float16 else v for n, v in example.items()}
         dtypes = {n: torch.from_numpy(v).dtype for n, v in example.items()}

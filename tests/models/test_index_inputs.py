@@ -112,3 +112,29 @@ def test_a_model_failing_every_way_reports_its_own_error(id_project):
     from sqexport.contracts.errors import ModelLoadError
     with pytest.raises(ModelLoadError, match="fails on the example input"):
         load_user_model("idnets:textcnn", {None: (1, 12, 3)})  # 3-D ids: the embedding's output breaks the conv
+
+
+def test_probing_for_ids_leaves_batchnorm_statistics_and_the_callers_module_alone():
+    from torch import nn
+
+    from sqexport.models.user_model import load_module_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.fc(self.bn(self.emb(ids).mean(1)))
+
+    torch.manual_seed(0)
+    module = Net().train()  # as a user may hand it over
+    before = module.bn.running_mean.clone(), module.bn.num_batches_tracked.clone()
+    spec = load_module_model(module, input_shapes={None: (1, 5)})
+    assert spec.example_inputs["ids"].dtype == np.int64
+    assert module.training and torch.equal(module.bn.running_mean, before[0])
+    assert torch.equal(module.bn.num_batches_tracked, before[1])
+    bn = next(m for m in spec.model.modules() if isinstance(m, nn.BatchNorm1d))
+    assert torch.equal(bn.running_mean, before[0])  # the copy's statistics are the module's own
