@@ -78,6 +78,11 @@ def render_markdown(r: dict) -> str:
             lines.append(f"- weight layers in the graph: {cov['weight_layers']}, int8 {cov['int8']}, "
                          f"FP32 {len(cov['fp32'])}")
             lines += [f"  - FP32 `{f.get('layer') or f['node']}` ({f['op']}): {f['reason']}" for f in cov["fp32"]]
+            products = cov.get("activation_matmuls_fp32") or []
+            if products:  # one reason for all: list the nodes once
+                shown = ", ".join(f"`{p_['node']}`" for p_ in products[:6]) + (", ..." if len(products) > 6 else "")
+                lines.append(f"- activation x activation products (attention) in FP32: {len(products)} ({shown}): "
+                             f"{products[0]['reason']}")
         if q.get("int8_embeddings"):
             lines.append(f"- int8 embedding tables: {', '.join(q['int8_embeddings'])}")
         if "fallback" in q:

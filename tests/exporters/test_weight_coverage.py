@@ -33,3 +33,30 @@ def test_recurrent_layers_are_named_fp32(tmp_path, cell, op):
     assert (cov["weight_layers"], cov["int8"]) == (len(gemms) + 1, len(gemms))
     assert [f["op"] for f in cov["fp32"]] == [op]
     assert cov["fp32"][0]["reason"].startswith(f"{op}: onnxruntime has no static (QDQ) int8 recurrent kernel")
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        a = (q @ k.transpose(1, 2)).softmax(-1) @ v
+        e = torch.einsum("bnc,bmc->bnm", a, a).softmax(-1)
+        return self.out(torch.einsum("bnm,bmc->bnc", e, a).mean(1))
+
+
+def test_activation_products_are_each_named_with_the_reason(tmp_path):
+    path = tmp_path / "a.onnx"
+    torch.onnx.export(Attention().eval(), (torch.rand(1, 5, 8),), str(path), opset_version=17, dynamo=False)
+    model = onnx.load(str(path))
+    weights = {n.name: n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")
+               and any(i.name == n.input[1] for i in model.graph.initializer)}
+    cov = weight_layer_coverage(model, weights)
+    products = cov["activation_matmuls_fp32"]
+    assert cov["activation_matmuls"] == len(products) == 4
+    assert sorted(p["op"] for p in products) == ["Einsum", "Einsum", "MatMul", "MatMul"]
+    assert all(p["reason"].startswith("activation x activation product (attention): kept FP32") for p in products)
+    assert cov["fp32"] == [] and cov["int8"] == cov["weight_layers"] == len(weights)
