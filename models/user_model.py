@@ -198,8 +198,10 @@ def _resolve_shapes(names: list[str] | None, given: Shapes, known: dict | None =
     names = names if names is not None else (list(given) or [DEFAULT_INPUT])
     unknown = [n for n in given if n not in names]
     if unknown:
+        joined = any(ch in n for n in unknown for ch in "=; ")  # several shapes in one value, not joined by commas
         raise ConfigError(f"--input-shape names unknown input(s) {', '.join(unknown)}; "
-                          f"the model's inputs: {', '.join(names)}")
+                          f"the model's inputs: {', '.join(names)}"
+                          + ("; give several as NAME=shape,NAME=shape or repeat --input-shape" if joined else ""))
     shapes = {}
     for name in names:
         if name in given:

@@ -63,6 +63,7 @@ def test_non_2d_output_is_compared_by_cosine(user_project):
     ("mypkg.nets:NOT_CALLABLE", ["1x3x8x8"], ModelLoadError, "not a callable"),
     ("mypkg.nets:tiny_cnn", ["1x1x8x8"], ModelLoadError, "fails on the example input"),
     ("mypkg.nets:tiny_cnn", ["other=1x3x8x8"], ConfigError, "unknown input(s) other; the model's inputs: image"),
+    ("mypkg.nets:two_inputs", ["a=1x3;b=1x3"], ConfigError, "give several as NAME=shape,NAME=shape or repeat"),
     ("mypkg.nets:two_inputs", ["1x3"], ConfigError, "2 inputs (a, b)"),
     ("mypkg.nets:two_inputs", ["a=1x3"], ConfigError, "shape of 'b' is not known"),
     ("mypkg.nets:tiny_cnn", [], ConfigError, "give --input-shape"),
