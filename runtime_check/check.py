@@ -12,6 +12,7 @@ from sqexport.contracts.tasks import LABELS_KEY, mean_pool, task_for_output
 from sqexport.exporters.mobile import PREPROCESSING_KEY
 from sqexport.runtime_check.accuracy import nonfinite_outputs, run_session, task_metrics
 from sqexport.runtime_check.gates import DEFAULT_DROP, Gates, evaluate_gates
+from sqexport.runtime_check.id_inputs import id_bounds
 from sqexport.runtime_check.inspect_model import load_onnx
 from sqexport.runtime_check.latency import measure_interleaved, measure_pair
 from sqexport.runtime_check.fixed_inputs import fit_batches, is_fixed, run_fixed, session_shapes
@@ -47,12 +48,13 @@ def _model_io(path: Path) -> dict:
         except Exception as exc:  # onnxruntime raises its own types for a bad flatbuffer
             raise ModelLoadError(f"{path} is not a valid ORT format model: {first_line(exc)}") from None
     else:
-        load_onnx(path)
+        graph = load_onnx(path)
         session = make_session(path, 1)
     dims = lambda shape: [d if isinstance(d, int) and d > 0 else None for d in shape]  # noqa: E731
     return {"inputs": {i.name: (dims(i.shape), _NP_TYPES.get(i.type, np.float32)) for i in session.get_inputs()},
             "output_ranks": [len(o.shape) for o in session.get_outputs()],
-            "labels": _label_names(session.get_modelmeta().custom_metadata_map)}
+            "labels": _label_names(session.get_modelmeta().custom_metadata_map),
+            "id_bounds": id_bounds(graph) if Path(path).suffix != ".ort" else {}}
 
 
 def _label_names(metadata: dict) -> list[str] | None:
@@ -68,9 +70,13 @@ def _label_names(metadata: dict) -> list[str] | None:
     return None
 
 
+SYNTHETIC_IDS = 1000  # synthetic ids are drawn below this, and below the rows of the table they index
+
+
 def _synthetic_batches(io: dict, n: int = 64, seed: int = 0) -> list[dict]:
     """Seeded random inputs shaped like the graph inputs (dynamic dims: batch 1, others 16)."""
     rng = np.random.default_rng(seed)
+    bounds = io.get("id_bounds", {})
     batches = []
     for _ in range(n):
         feed = {}
@@ -79,7 +85,7 @@ def _synthetic_batches(io: dict, n: int = 64, seed: int = 0) -> list[dict]:
             if np.issubdtype(dtype, np.integer):
                 feed[name] = (np.ones(dims, dtype) if "mask" in name else
                               np.zeros(dims, dtype) if "type" in name else
-                              rng.integers(0, 1000, dims).astype(dtype))
+                              rng.integers(0, min(SYNTHETIC_IDS, bounds.get(name, SYNTHETIC_IDS)), dims).astype(dtype))
             else:
                 feed[name] = rng.random(dims, dtype=np.float32).astype(dtype)
         batches.append(feed)
@@ -163,7 +169,8 @@ def check_model(model_path: Path, baseline_path: Path | None, eval_data: Path | 
     `arch="arm64"`: also run on aarch64 onnxruntime under emulation (runtime_check.arm64_check)."""
     io = _model_io(model_path)
     if baseline_path is not None:
-        _model_io(baseline_path)
+        base_io = _model_io(baseline_path)
+        io["id_bounds"] = io["id_bounds"] or base_io["id_bounds"]  # an .ort model's tables, read from its baseline
     data_info = None
     if prep is not None and prep.given and not (eval_data is not None and Path(eval_data).is_dir()):
         raise ConfigError("--image-size, --mean and --std apply to an image-folder --eval-data")
