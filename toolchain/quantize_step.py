@@ -35,6 +35,7 @@ from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.pruning import prunable_layers
 from sqexport.toolchain.quantization.activation_sites import ActivationSites, activation_modules, match_activation_sites
 from sqexport.toolchain.quantization.static import fake_quantized
+from sqexport.exporters.gelu import fuse_dequantized_gelu, with_ms_domain
 from sqexport.toolchain.quantization.range_choice import CHOICE_SAMPLES, output_error
 from sqexport.toolchain.fallback_confirm import ExportedGraphs
 from sqexport.toolchain.fallback_step import apply_fallback, model_outputs
@@ -255,6 +256,8 @@ def write_model(prepared: onnx.ModelProto, plan: QuantPlan, params: QuantParams,
         model = insert_qdq(prepared, plan.sites, params, plan.embedding_sites, plan.tensor_sites, inplace=consume,
                            gate_sites=plan.gate_sites, hard_sites=plan.hard_sites)
     unsmooth_float_readers(model.graph)
+    if fuse_dequantized_gelu(model.graph):
+        with_ms_domain(model)
     if labels:
         set_metadata(model, {LABELS_KEY: json.dumps([str(x) for x in labels])})
     onnx.save(model, str(out_path))
