@@ -18,7 +18,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from sqexport.contracts.errors import ModelLoadError
 
-__all__ = ["module_from_program", "AddTensors", "ConcatTensors", "GRAPH_MODULE_ATTRIBUTES"]
+__all__ = ["module_from_program", "AddTensors", "ConcatTensors", "clashing_names"]
 
 
 class AddTensors(nn.Module):
@@ -450,13 +450,20 @@ def _graph_module_attributes() -> frozenset[str]:
 GRAPH_MODULE_ATTRIBUTES = _graph_module_attributes()
 
 
+def clashing_names(module: nn.Module) -> list[str]:
+    """Top-level modules and tensors of `module` named like an attribute of fx.GraphModule (`meta`,
+    `graph`, `code`: a metadata branch, a GNN's graph module): a GraphModule cannot hold them
+    under those names (TypeError: cannot assign 'dict' as child module 'meta')."""
+    names = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)] \
+        + [n for n, _ in module.named_buffers(recurse=False)]  # public API: a TorchScript module too
+    return sorted(set(names) & GRAPH_MODULE_ATTRIBUTES)
+
+
 def _free_reserved_names(root: nn.Module, graph: fx.Graph) -> None:
-    """A top-level module or tensor named like an attribute of fx.GraphModule (`meta`, `graph`,
-    `code`: a metadata branch, a GNN's graph module) would clash with it when the GraphModule is
-    built (TypeError: cannot assign 'dict' as child module 'meta'): it moves to `<name>_`, and the
-    report names it so."""
+    """Each of clashing_names(root) moves to `<name>_`, and the report names it so."""
+    clashing = set(clashing_names(root))
     for store in (root._modules, root._parameters, root._buffers):
-        for name in [n for n in store if n in GRAPH_MODULE_ATTRIBUTES]:
+        for name in [n for n in store if n in clashing]:
             new = name + "_"
             while hasattr(root, new) or new in GRAPH_MODULE_ATTRIBUTES:
                 new += "_"

@@ -8,8 +8,6 @@ synthetic inputs).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import copy
 import importlib
 import inspect
@@ -18,6 +16,7 @@ import re
 import sys
 import traceback
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -273,7 +272,9 @@ def _as_module(obj, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype] | N
                     obj = _batch_dynamic_converter(TS2EPConverter)(obj, args).convert()
         except Exception as exc:
             hint = ""
-            clash = _graph_module_names(obj)
+            from sqexport.models.graph_module import clashing_names
+
+            clash = clashing_names(obj)
             if clash:  # each such name fails in its own way inside torch's converter
                 hint = (f"; torch's TorchScript converter cannot keep top-level attribute(s) named like a GraphModule's "
                         f"own ({', '.join(clash)}): rename them, or give the model as a pkg.module:factory or a .pt2 "
@@ -283,13 +284,6 @@ def _as_module(obj, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype] | N
     if isinstance(obj, torch.export.ExportedProgram):
         return _rebuilt(obj, shapes)
     return obj.eval()
-
-
-def _graph_module_names(module: nn.Module) -> list[str]:
-    from sqexport.models.graph_module import GRAPH_MODULE_ATTRIBUTES
-    names = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)] \
-        + [n for n, _ in module.named_buffers(recurse=False)]
-    return sorted(set(names) & GRAPH_MODULE_ATTRIBUTES)
 
 
 def _batch_dynamic_converter(base):

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from sqexport.contracts.units import format_value
+from sqexport.runtime_check.other_outputs import describe
 from sqexport.runtime_check.plots import write_plots
 from sqexport.runtime_check.report_mobile import render_mobile_sections
 from sqexport.runtime_check.report_schema import SCHEMA_VERSION, schema_errors, strict_reports
@@ -47,13 +48,7 @@ def render_markdown(r: dict) -> str:
         if k in acc:
             lines.append(f"- {k}: {format_value(acc[k], k_unit)}")
     for other in acc.get("other_outputs", []):  # the gate reads the first output only
-        if "cosine_mean" in other:
-            what = f"cosine to FP32 {other['cosine_mean']:.4f} mean, {other['cosine_min']:.4f} min"
-        elif "equal_share" in other:
-            what = f"equal to FP32 in {100 * other['equal_share']:.1f} % of samples"
-        else:
-            what = f"not compared ({other['why']})"
-        lines.append(f"- output `{other['name']}` (not gated): {what}")
+        lines.append(f"- output `{other['name']}` (not gated): {describe(other)}")
     if "max_abs_deviation" in r.get("fidelity", {}):
         f = r["fidelity"]
         covered = f" on {f['samples']} of {f['eval_samples']} evaluation samples" if "samples" in f else ""

@@ -12,6 +12,7 @@ from sqexport.models.spec import ModelSpec, first_samples
 from sqexport.contracts.tasks import get_task
 from sqexport.runtime_check.accuracy import run_session, task_metrics
 from sqexport.runtime_check.latency import measure_pair
+from sqexport.runtime_check.other_outputs import keeping_rest, other_outputs
 from sqexport.runtime_check.session import make_session
 
 __all__ = ["FIDELITY_SAMPLES", "accuracy_of", "fidelity_batches", "fidelity_of", "latency_of", "latency_sessions",
@@ -45,9 +46,9 @@ def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
     model_session = sessions.get("model") or make_session(model, threads)
     extra: dict[str, list] = {"baseline": [], "model": []}  # outputs after the first, which the metric does not read
     base_out = run_session(base_session, track(progress, spec.eval_batches, "evaluation baseline.onnx", "batches"),
-                           _keeping_rest(spec.postprocess, extra["baseline"]))
+                           keeping_rest(spec.postprocess, extra["baseline"]))
     model_out = run_session(model_session, track(progress, spec.eval_batches, "evaluation model.onnx", "batches"),
-                            _keeping_rest(spec.postprocess, extra["model"]))
+                            keeping_rest(spec.postprocess, extra["model"]))
     metrics = task_metrics(get_task(spec.task), base_out, model_out, spec.eval_labels)
     views = (getattr(spec, "data_info", None) or {}).get("eval", {}).get("views", 1)
     names = [o.name for o in model_session.get_outputs()]
@@ -55,46 +56,6 @@ def accuracy_of(spec: ModelSpec, baseline: Path, model: Path, threads: int,
     if others:
         metrics["other_outputs"] = others
     return {**metrics, **sample_evidence(metrics, views)}, model_out
-
-
-def _keeping_rest(postprocess: Callable, kept: list) -> Callable:
-    def run(outputs, batch):
-        if len(outputs) > 1:
-            kept.append([np.asarray(o) for o in outputs[1:]])
-        return postprocess(outputs, batch)
-    return run
-
-
-OTHER_OUTPUT_FLOOR = 0.99  # mean cosine below which the console flags an output the gate does not read
-
-
-def other_outputs(names: list[str], base: list[list[np.ndarray]], model: list[list[np.ndarray]]) -> list[dict]:
-    """Outputs after the first (a detector's boxes beside its scores), model.onnx against
-    baseline.onnx: the task metric and the gate read the first output only, so the others are
-    measured here. Float outputs: cosine per sample of the flattened output (mean and minimum);
-    integer outputs (an argmax, indices): the share of samples that are equal."""
-    rows = []
-    for i, name in enumerate(names):
-        try:
-            b = np.concatenate([batch[i] for batch in base])
-            m = np.concatenate([batch[i] for batch in model])
-        except (IndexError, ValueError):  # a batch-dependent shape: nothing comparable per sample
-            rows.append({"name": name, "compared": False, "why": "its shape differs between batches"})
-            continue
-        if b.ndim == 0 or b.shape != m.shape:
-            rows.append({"name": name, "compared": False, "why": "no batch dimension to compare per sample"})
-            continue
-        b2, m2 = b.reshape(len(b), -1), m.reshape(len(m), -1)
-        if b.dtype.kind in "iub":
-            rows.append({"name": name, "equal_share": float((b2 == m2).all(1).mean()), "samples": len(b)})
-            continue
-        b2, m2 = b2.astype(np.float64), m2.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            norms = np.linalg.norm(b2, axis=1) * np.linalg.norm(m2, axis=1)
-            cos = np.where(norms > 0, (b2 * m2).sum(1) / np.where(norms > 0, norms, 1.0), 1.0)
-        rows.append({"name": name, "cosine_mean": float(np.nanmean(cos)), "cosine_min": float(np.nanmin(cos)),
-                     "samples": len(b)})
-    return rows
 
 
 def sample_evidence(metrics: dict, views: int = 1) -> dict:

@@ -320,14 +320,11 @@ def _print_summary(report: dict, outdir: Path) -> None:
                + (f"  ({acc['note'].split(':')[0]})" if acc.get("note") else ""))
     if acc.get("evidence") and "coarse estimate" in acc["evidence"]:  # under 100 samples or images
         click.echo(f"  evidence  {acc['evidence']}")
-    from sqexport.runtime_check.verify import OTHER_OUTPUT_FLOOR
+    from sqexport.runtime_check.other_outputs import describe, flagged
 
     for other in acc.get("other_outputs", []):
-        low = other.get("cosine_mean", 1.0) < OTHER_OUTPUT_FLOOR or other.get("equal_share", 1.0) < 1.0
-        value = (f"cosine to FP32 {other['cosine_mean']:.4f} (min {other['cosine_min']:.4f})" if "cosine_mean" in other
-                 else f"equal to FP32 in {100 * other['equal_share']:.1f} % of samples" if "equal_share" in other
-                 else f"not compared: {other['why']}")
-        click.echo(f"  {'! ' if low else ''}output    {other['name']}: {value} (not gated: the gate reads the first output)")
+        click.echo(f"  {'! ' if flagged(other) else ''}output    {other['name']}: {describe(other)} "
+                   "(not gated: the gate reads the first output)")
     click.echo(f"  sparsity  {report['sparsity']['overall']:.3f} of prunable weights")
     cov = (report.get("quantization") or {}).get("coverage")
     if cov:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from sqexport.runtime_check.verify import other_outputs
+from sqexport.runtime_check.other_outputs import other_outputs
 
 
 def test_cosine_per_sample_and_equal_share_by_hand():
@@ -24,9 +24,10 @@ def test_cosine_per_sample_and_equal_share_by_hand():
     assert labels == {"name": "labels", "equal_share": pytest.approx(2 / 3), "samples": 3}
 
 
-def test_an_all_zero_sample_counts_as_equal_and_a_shape_change_is_named():
+def test_zero_outputs_and_a_shape_change():
     zero = [[np.zeros((2, 3))]]
     assert other_outputs(["z"], zero, zero)[0]["cosine_mean"] == 1.0
+    assert other_outputs(["z"], [[np.ones((2, 3))]], zero)[0]["cosine_mean"] == 0.0  # an output lost to zeros
     ragged = [[np.zeros((1, 3))], [np.zeros((1, 4))]]
     row = other_outputs(["r"], ragged, ragged)[0]
     assert row["compared"] is False and "shape differs between batches" in row["why"]

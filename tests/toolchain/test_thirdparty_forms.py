@@ -215,13 +215,18 @@ def build():
 '''
 
 
+def _run_source(project: Path, run_cli, source: str, module: str, shape: str, *flags: str) -> Path:
+    """`sqexport module:build` on a module written from `source`, a loose gate; returns the output folder."""
+    (project / f"{module}.py").write_text(source)
+    out = project / "o"
+    r = run_cli([f"{module}:build", "--input-shape", shape, *flags, "--max-accuracy-drop", "100", "-o", out, "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def test_more_zoo_forms_are_int8_and_keep_a_dynamic_batch(forms_project, run_cli):
     """Forms met in a sweep of timm models: each once made a run crash or left layers FP32."""
-    (forms_project / "moreforms.py").write_text(MORE_FORMS)
-    out = forms_project / "o"
-    r = run_cli(["moreforms:build", "--input-shape", "1x3x8x8", "--prune", "none", "--max-accuracy-drop", "100",
-                 "-o", out, "--quiet"])
-    assert r.exit_code == 0, r.output
+    out = _run_source(forms_project, run_cli, MORE_FORMS, "moreforms", "1x3x8x8", "--prune", "none")
     rep = json.loads((out / "report.json").read_text())
     assert rep["source"]["graph_capture"]["rebuilt"] is True
     cov = rep["quantization"]["coverage"]
@@ -263,11 +268,7 @@ def build():
 def test_3d_convs_are_int8_and_a_transposed_conv_is_named(forms_project, run_cli):
     """Conv3d + BatchNorm3d (video, volumes) rebuild, fold and quantize like 2-D ones; onnxruntime's
     CPU has no int8 ConvTranspose, so it stays FP32 with that reason."""
-    (forms_project / "volforms.py").write_text(VOLUME_FORMS)
-    out = forms_project / "o"
-    r = run_cli(["volforms:build", "--input-shape", "1x3x4x8x8", "--prune", "none", "--max-accuracy-drop", "100",
-                 "-o", out, "--quiet"])
-    assert r.exit_code == 0, r.output
+    out = _run_source(forms_project, run_cli, VOLUME_FORMS, "volforms", "1x3x4x8x8", "--prune", "none")
     rep = json.loads((out / "report.json").read_text())
     assert next(s for s in rep["stages"] if s["name"] == "fold_batchnorm")["params"]["folded"] == 2
     assert rep["quantization"]["quantized_layers"] == 3  # c1, c2, head: the 5-D weights found
@@ -291,11 +292,8 @@ def test_3d_convs_are_int8_and_a_transposed_conv_is_named(forms_project, run_cli
 
 
 def test_structured_pruning_removes_channels_of_3d_convs(forms_project, run_cli):
-    (forms_project / "volforms.py").write_text(VOLUME_FORMS)
-    out = forms_project / "o"
-    r = run_cli(["volforms:build", "--input-shape", "1x3x4x8x8", "--prune", "structured", "--sparsity", "0.5",
-                 "--max-accuracy-drop", "100", "-o", out, "--quiet"])
-    assert r.exit_code == 0, r.output
+    out = _run_source(forms_project, run_cli, VOLUME_FORMS, "volforms", "1x3x4x8x8", "--prune", "structured",
+                      "--sparsity", "0.5")
     model = onnx.load(str(out / "model.onnx"))
     channels = [i.dims[0] for i in model.graph.initializer if len(i.dims) == 5]
     assert len(channels) == 2 and min(channels) < 8  # output channels of a 3-D conv removed (8 before)
