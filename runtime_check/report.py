@@ -93,6 +93,14 @@ def render_markdown(r: dict) -> str:
                              f"graph in onnxruntime): {measured}"
                              + (f"; {confirmation['added_layers']} more layer(s) returned to FP32, so the gate is "
                                 "not a held-out measurement" if confirmation["added_layers"] else ""))
+            floor = q.get("fidelity_floor")
+            if floor:
+                measured = " -> ".join(f"{m['cosine']:.4f} with {m['fallback_layers']}" for m in floor["measured"])
+                lines.append(f"- fidelity floor (cosine >= {floor['min_cosine']:g} to FP32 on {floor.get('samples', '?')} "
+                             f"calibration samples, at most {floor['max_mac_share']:.0%} of the multiply-accumulates "
+                             f"in FP32): {measured} FP32 layer(s); "
+                             + (f"{floor['added_layers']} layer(s) added for it" if floor["added_layers"] else
+                                "reached with the gate's layers" if floor["reached"] else "not reachable, none added"))
         elif q.get("fallback_skipped"):
             lines.append(f"- fallback skipped: {q['fallback_skipped']}")
         if q.get("worst_layers_snr_db"):

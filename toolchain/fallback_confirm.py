@@ -77,7 +77,7 @@ def confirm_on_eval(task: Task, spec: ModelSpec, params: QuantParams, fallen: li
     names, trace = extend_until(params, [f["layer"] for f in fallen], ranking, measured, limit, cap, progress)
     added = [{"layer": n, "snr_db": finite_db(snr[n]), "chosen_by": "evaluation split"}
              for n in names[len(fallen):]]
-    chosen = [{**f, "chosen_by": "prediction"} for f in fallen] + added
+    chosen = [{**f, "chosen_by": f.get("chosen_by", "prediction")} for f in fallen] + added
     final = dict(trace)[len(names)]
     record = {"by": "the gate's metric on the evaluation split, the exported graph in onnxruntime",
               "samples": int(len(dense_eval)),

@@ -18,8 +18,9 @@ from sqexport.models.spec import ModelSpec, first_samples, leading_samples
 from sqexport.runtime_check.accuracy import drop_in_unit, task_metrics
 from sqexport.toolchain.fallback_confirm import ExportedGraphs, confirm_on_eval
 from sqexport.toolchain.quantization.fallback import (
-    FallbackPolicy, fallback_until, finite_db, local_snr_db, output_snr_db, without,
+    FallbackPolicy, fallback_until, fidelity_until, finite_db, layer_macs, local_snr_db, output_snr_db, without,
 )
+from sqexport.toolchain.quantization.range_choice import output_error
 from sqexport.toolchain.quantization.prediction import (
     EvalView, layer_noise, noise_hooks, predict_drop, shift_factor, weight_noise,
 )
@@ -62,10 +63,14 @@ class _Predictor:
     fake-quantized model (in place, no copy) on the calibration samples only."""
 
     def __init__(self, work, spec: ModelSpec, params: QuantParams, calib_noise: dict, fp32_calib: np.ndarray,
-                 progress: Progress):
+                 progress: Progress, work_fp32: np.ndarray | None = None):
         self.work, self.spec, self.task = work, spec, get_task(spec.task)
         self.batches = _fallback_batches(spec)
         self.dense = fp32_calib
+        # `work` itself in FP32 on the same samples: the fidelity floor measures quantization's own
+        # error, not pruning's
+        self.reference = fp32_calib if work_fp32 is None else work_fp32
+        self.cosine: dict[frozenset, float] = {}
         self.labels = spec.calib_labels[:len(self.dense)] if spec.calib_labels is not None else None
         self.calib_noise = calib_noise
         eval_out: list[np.ndarray] = []
@@ -77,6 +82,7 @@ class _Predictor:
         self.view = EvalView(np.concatenate(eval_out))
         self.weight_noise = weight_noise(work, params)
         self.last: dict = {}
+        self.drops: dict[frozenset, float] = {}
 
     def factor(self, params: QuantParams) -> float:
         return shift_factor(self.calib_noise, self.eval_noise, self.weight_noise, [a.module for a in params.anchors])
@@ -85,7 +91,19 @@ class _Predictor:
         with fake_quantized(self.work, params):
             q = model_outputs(self.spec, self.work, self.batches)
         self.last = predict_drop(self.task, self.dense, q, self.view, self.labels, self.factor(params))
+        self.cosine[_key(params)] = 1.0 - output_error(self.reference[:len(q)], q)
         return self.last["predicted"]
+
+    def with_cosine(self, params: QuantParams) -> tuple[float, float]:
+        """(predicted drop, mean output cosine to FP32) of `params`; a pass only if not yet run."""
+        key = _key(params)
+        if key not in self.cosine or key not in self.drops:
+            self.drops[key] = self(params)
+        return self.drops[key], self.cosine[key]
+
+
+def _key(params: QuantParams) -> frozenset:
+    return frozenset(a.module for a in params.anchors)
 
 
 def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, policy: FallbackPolicy,
@@ -133,7 +151,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     work_fp32 = np.concatenate(fp32)
     dense = work_fp32 if work_is_dense else model_outputs(spec, spec.model, _fallback_batches(spec), progress,
                                                           "FP32 outputs for fallback")
-    predictor = _Predictor(work, spec, params, calib_noise, dense, progress)
+    predictor = _Predictor(work, spec, params, calib_noise, dense, progress, work_fp32)
     # Measured against the dense model, as the gate is; if pruning alone already exceeds the
     # limit, returning layers to FP32 cannot help and would only cost speed.
     task = get_task(spec.task)
@@ -150,7 +168,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     passes = [0]
 
     def predict(p: QuantParams) -> float:
-        value = predictor(p)
+        value = predictor.drops[_key(p)] = predictor(p)
         passes[0] += 1
         first.setdefault("details", predictor.last)
         return value
@@ -174,6 +192,13 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
         return scores or None
     computed = params
     params, fallen, trace = fallback_until(params, snr, predict, accuracy_limit, cap, progress, hard, rank)
+    if policy.min_cosine > 0 and trace[-1] <= accuracy_limit:
+        params, fallen, info["fidelity_floor"] = _fidelity_floor(work, spec, computed, fallen, policy, accuracy_limit,
+                                                                 predictor, lambda: _ranking(rank() or snr), snr,
+                                                                 scores, progress)
+        passes[0] += len(info["fidelity_floor"]["measured"]) - 1
+        if info["fidelity_floor"]["added_layers"]:
+            trace.append(predictor.drops[_key(params)])  # the chosen count's prediction stays last
     if ranking:
         info["fallback_ranking"] = ranking
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],
@@ -183,7 +208,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
                             "uses": "calibration outputs (FP32 and fake-quant); evaluation inputs through the "
                                     "FP32 model only (activation statistics, output margins); no evaluation labels"},
                 fallback_cap={"layers": n, "max_layers": cap, "hard_max_layers": hard, "used": len(fallen),
-                              "raised": len(fallen) > cap, "holds": trace[-1] <= accuracy_limit})
+                              "raised": _for_gate(fallen) > cap, "holds": trace[-1] <= accuracy_limit})
     if not (policy.confirm and exported is not None and spec.eval_batches):
         return params, info, None
 
@@ -203,10 +228,33 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
         updates = {"fallback": [{**f, "layer": public(f["layer"])} for f in chosen],
                    "quantized_layers": n - len(chosen), "fallback_confirmation": record,
                    # measured now, no longer predicted
-                   "fallback_cap": {**info["fallback_cap"], "used": len(chosen), "raised": len(chosen) > cap,
+                   "fallback_cap": {**info["fallback_cap"], "used": len(chosen), "raised": _for_gate(chosen) > cap,
                                     "holds": record["holds"]}}
         return without(base, {f["layer"] for f in chosen}), updates
     return params, info, confirm
+
+
+def _fidelity_floor(work: torch.nn.Module, spec: ModelSpec, computed: QuantParams, fallen: list[dict],
+                    policy: FallbackPolicy, accuracy_limit: float, predictor: _Predictor,
+                    ranking: Callable[[], list[str]], snr: dict[str, float], scores: dict[str, float],
+                    progress: Progress) -> tuple[QuantParams, list[dict], dict]:
+    """fallback.fidelity_until after the gate's choice: the params, the fallen layers (those it
+    adds marked `chosen_by: fidelity floor`) and the report's record."""
+    first = first_samples(spec.calib_batches, 1)
+    macs = layer_macs(work, lambda model: model_outputs(spec, model, first))
+    names, record = fidelity_until(computed, [f["layer"] for f in fallen], ranking, predictor.with_cosine,
+                                   accuracy_limit, policy.min_cosine, macs, policy.fidelity_mac_share, progress)
+    record["samples"] = sum(len(next(iter(b.values()))) for b in predictor.batches)
+    record["measure"] = ("mean cosine of the outputs to the FP32 model's on calibration samples, "
+                         "the fake-quantized model in torch")
+    added = [{"layer": n, "snr_db": round(snr[n], 2), "chosen_by": "fidelity floor"}
+             | ({"output_snr_db": finite_db(scores[n])} if scores else {}) for n in names[len(fallen):]]
+    return without(computed, set(names)), list(fallen) + added, record
+
+
+def _for_gate(fallen: list[dict]) -> int:
+    """How many of the fallen layers the gate needed (the fidelity floor's are not the cap's)."""
+    return sum(f.get("chosen_by") != "fidelity floor" for f in fallen)
 
 
 def _ranking(scores: dict[str, float]) -> list[str]:

@@ -386,6 +386,9 @@ def quantize(state: RunState) -> None:
         if speed.get("kept_fp32"):
             state.notes.append(f"speed check: {', '.join(speed['kept_fp32'])} kept in FP32; with them in FP32 the "
                                f"whole model measured {speed['gain']:.2f}x as fast as all int8 on this host")
+        floor = info.get("fidelity_floor") or {}
+        if floor.get("why"):
+            state.notes.append(f"fidelity floor: {floor['why']}")
         confirmation = info.get("fallback_confirmation") or {}
         if confirmation.get("added_layers"):
             state.notes.append(f"accuracy fallback confirmed on the evaluation split: {confirmation['why']}")

@@ -91,6 +91,9 @@ class QuantPlan:
 
 def _fallback_reason(fallen: dict) -> str:
     ranked = "its output error alone in int8" if "output_snr_db" in fallen else "its local SNR"
+    if fallen.get("chosen_by") == "fidelity floor":
+        return (f"returned to FP32 by the fidelity floor: next by {ranked} while the int8 outputs' cosine to FP32 "
+                "on calibration data was below the floor (fallback.min_cosine)")
     if fallen.get("chosen_by") == "evaluation split":
         return (f"returned to FP32 by the accuracy fallback: next by {ranked} while the evaluation split "
                 "measured the gate failing")

@@ -32,8 +32,8 @@ from sqexport.toolchain.quantization.params import energy, fake_quant_act, fake_
 from sqexport.toolchain.quantization.range_choice import output_error
 from sqexport.toolchain.quantization.static import fake_quantized
 
-__all__ = ["FallbackPolicy", "MAX_PASSES", "MAX_CONFIRM_PASSES", "local_snr_db", "output_snr_db", "fallback_until",
-           "extend_until", "without", "finite_db"]
+__all__ = ["FallbackPolicy", "MAX_PASSES", "MAX_CONFIRM_PASSES", "FIDELITY_PASSES", "local_snr_db", "output_snr_db",
+           "layer_macs", "fallback_until", "fidelity_until", "extend_until", "without", "finite_db"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,20 @@ class FallbackPolicy:
     set both equal for a fixed cap. `confirm`: the graph to be written is measured on the
     evaluation split (the gate's metric, in onnxruntime) and more of the ranking returns to FP32
     while it fails there (extend_until); `confirm: false` keeps the evaluation split unseen by
-    every choice, so the gate stays a held-out measurement that may fail."""
+    every choice, so the gate stays a held-out measurement that may fail.
+
+    `min_cosine`: the fidelity floor (fidelity_until). Once the gate's prediction holds, more of
+    the ranking returns to FP32 while the int8 outputs on calibration data keep a mean cosine to
+    the FP32 model's below it, if the floor is reached with at most `fidelity_mac_share` of the
+    quantized layers' multiply-accumulates in FP32; otherwise nothing is added for it (speed is
+    not spent on a floor it would not reach). 0 turns it off."""
 
     enabled: bool = True
     max_fraction: float = 0.25  # at most this share of the quantized layers falls back ...
     hard_max_fraction: float = 0.5  # ... unless the gate still fails: then up to this share
     confirm: bool = True  # measure the choice on the evaluation split; extend it while that fails
+    min_cosine: float = 0.99
+    fidelity_mac_share: float = 1 / 3
 
     def __post_init__(self):
         for key in ("enabled", "confirm"):
@@ -61,6 +69,10 @@ class FallbackPolicy:
             raise ConfigError(f"fallback.max_fraction must be in [0, 1], got {self.max_fraction}")
         if not 0.0 <= self.hard_max_fraction <= 1.0:
             raise ConfigError(f"fallback.hard_max_fraction must be in [0, 1], got {self.hard_max_fraction}")
+        for key in ("min_cosine", "fidelity_mac_share"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"fallback.{key} must be a number in [0, 1], got {value!r}")
         if self.hard_max_fraction < self.max_fraction:  # a recipe that only lowers max_fraction keeps it fixed
             object.__setattr__(self, "hard_max_fraction", self.max_fraction)
 
@@ -72,10 +84,10 @@ class FallbackPolicy:
         if isinstance(value, bool):
             return cls(enabled=value)
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"enabled", "max_fraction", "hard_max_fraction", "confirm"})
+            known = ("enabled", "max_fraction", "hard_max_fraction", "confirm", "min_cosine", "fidelity_mac_share")
+            unknown = sorted(set(value) - set(known))
             if unknown:
-                raise ConfigError(f"fallback: unknown key(s) {', '.join(map(str, unknown))}; "
-                                  "known: enabled, max_fraction, hard_max_fraction, confirm")
+                raise ConfigError(f"fallback: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(known)}")
             return cls(**value)
         raise ConfigError(f"fallback must be true, false or {{enabled, max_fraction}}, got {value!r}")
 
@@ -147,18 +159,42 @@ def local_snr_db(model: nn.Module, params: QuantParams, batches: Iterable, run: 
     return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf) for n in signal}
 
 
+_MAC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _macs(mod: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates of one call: per output element, the weights that feed it."""
+    if isinstance(mod, nn.Linear):
+        return out.numel() * mod.in_features
+    # convolutions (also transposed): the weights per output channel feed each output element
+    return out.numel() * mod.weight.numel() // max(1, out.shape[1])
+
+
 def _mac_hooks(model: nn.Module) -> tuple[list[int], list]:
-    """Forward hooks summing the multiply-accumulates of every Conv / Linear module the pass runs
-    (per output element: the weights that feed it)."""
+    """Forward hooks summing the multiply-accumulates of every Conv / Linear module the pass runs."""
     total = [0]
 
     def hook(mod, args, out):
-        if isinstance(mod, nn.Linear):
-            total[0] += out.numel() * mod.in_features
-        else:  # convolutions (also transposed): the weights per output channel feed each output element
-            total[0] += out.numel() * mod.weight.numel() // max(1, out.shape[1])
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    return total, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+        total[0] += _macs(mod, out)
+    return total, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _MAC_LAYERS)]
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, run_once: Callable[[nn.Module], object]) -> dict[str, int]:
+    """Multiply-accumulates per Conv / Linear module (by name) of `run_once(model)`."""
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(mod, args, out):
+            counts[name] = counts.get(name, 0) + _macs(mod, out)
+        return fn
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, _MAC_LAYERS)]
+    try:
+        run_once(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 @torch.no_grad()
@@ -277,6 +313,86 @@ def fallback_until(params: QuantParams, snr: dict[str, float], predicted_drop: C
     fallen = [{"layer": n, "snr_db": round(snr[n], 2)} | ({"output_snr_db": finite_db(ranked[n])} if ranked else {})
               for n in order[:chosen]]
     return final, fallen, trace
+
+
+FIDELITY_PASSES = 6  # fake-quant passes the fidelity floor may add
+
+
+def fidelity_until(params: QuantParams, fallen: list[str], ranking: Callable[[], list[str]],
+                   measure: Callable[[QuantParams], tuple[float, float]], limit: float, floor: float,
+                   macs: dict[str, int], max_mac_share: float, progress: Progress = NULL_PROGRESS,
+                   ) -> tuple[list[str], dict]:
+    """The fidelity floor: with `fallen` in FP32 (the gate's choice, which holds), more layers
+    return to FP32 in the order of `ranking()` (worst first; called only if needed) while the
+    outputs' cosine to FP32 stays below `floor`: len(fallen) + 1, + 2, + 4, ... then bisection, at
+    most FIDELITY_PASSES passes. `measure(params)` gives (predicted drop, cosine); a count holds
+    when the cosine reaches the floor and the drop stays within `limit`. Counts are limited to the
+    longest run of the order whose layers hold at most `max_mac_share` of the multiply-accumulates
+    of `params`' layers (`macs`): the floor is worth some speed, not an FP32 model. When no count
+    within that holds, nothing is added: speed is not spent on a floor it would not reach.
+
+    Why a floor at all: the gate reads what a user's data decides (top-1 of a few classes, a
+    threshold), which can hold while the int8 outputs drift from FP32's; randomly initialized
+    networks, whose early layers' rounding every later layer amplifies, are the extreme case
+    (EfficientNet-Lite0: cosine 0.973 with every layer int8, 0.991 with its 16 earliest in FP32).
+
+    Returns the layers in FP32 (worst first) and the report's record."""
+    start = len(fallen)
+    measured: dict[int, tuple[float, float]] = {}
+    order = list(fallen)
+
+    def at(k: int) -> tuple[float, float]:
+        if k not in measured:
+            measured[k] = measure(without(params, set(order[:k])) if k else params)
+        return measured[k]
+
+    def holds(k: int) -> bool:
+        drop, cosine = at(k)
+        return cosine >= floor and drop <= limit
+
+    total = sum(macs.get(a.module, 0) for a in params.anchors) or 1
+    record = {"min_cosine": floor, "max_mac_share": round(max_mac_share, 4), "cosine_before": None}
+    chosen = start
+    with progress.task("fidelity floor (output cosine)", FIDELITY_PASSES, "passes") as task:
+        record["cosine_before"] = round(at(start)[1], 6)
+        if not holds(start):
+            order += [n for n in ranking() if n not in set(fallen)]
+            cap, used = start, sum(macs.get(n, 0) for n in order[:start])
+            while cap < len(order) and used + macs.get(order[cap], 0) <= max_mac_share * total:
+                used += macs.get(order[cap], 0)
+                cap += 1
+            failing, holding, step, passes = start, None, 1, 0
+            while failing < cap and passes < FIDELITY_PASSES:
+                k = min(cap, start + step)
+                step *= 2
+                passes += 1
+                task.advance()
+                if holds(k):
+                    holding = k
+                    break
+                failing = k
+
+            def may_pass() -> bool:
+                nonlocal passes
+                passes += 1
+                task.advance()
+                return passes <= FIDELITY_PASSES
+            if holding is not None:
+                chosen = _bisect(failing, holding, holds, may_pass)
+    share = sum(macs.get(n, 0) for n in order[:chosen]) / total
+    record.update(cosine=round(at(chosen)[1], 6), reached=at(chosen)[1] >= floor, added_layers=chosen - start,
+                  fp32_mac_share=round(share, 4),
+                  measured=[{"fallback_layers": k, "cosine": round(c, 6), "predicted_drop": round(d, 6)}
+                            for k, (d, c) in sorted(measured.items())])
+    if chosen > start:
+        record["why"] = (f"the int8 outputs' cosine to FP32 on calibration data was {record['cosine_before']:.4f} < "
+                         f"{floor:g}: {chosen - start} more layer(s) in FP32 ({share:.0%} of the multiply-accumulates) "
+                         f"bring it to {record['cosine']:.4f}")
+    elif not record["reached"]:
+        record["why"] = (f"the int8 outputs' cosine to FP32 on calibration data is {record['cosine_before']:.4f} < "
+                         f"{floor:g}, and no measured count of FP32 layers within {max_mac_share:.0%} of the "
+                         "multiply-accumulates reached it: none added for it")
+    return order[:chosen], record
 
 
 MAX_CONFIRM_PASSES = 8  # measured passes over the evaluation split one confirmation may run

@@ -351,7 +351,7 @@ def test_confirm_is_a_policy_switch():
     assert FallbackPolicy.coerce({"confirm": False}).confirm is False
     with pytest.raises(ConfigError, match="fallback.confirm must be true or false"):
         FallbackPolicy.coerce({"confirm": "no"})
-    with pytest.raises(ConfigError, match="known: enabled, max_fraction, hard_max_fraction, confirm"):
+    with pytest.raises(ConfigError, match="known: enabled, max_fraction, hard_max_fraction, confirm, min_cosine"):
         FallbackPolicy.coerce({"confirmed": True})
 
 
@@ -385,3 +385,88 @@ def test_the_measured_graph_runs_in_onnxruntime_and_leaves_nothing_behind(tmp_pa
     with pytest.raises(RuntimeError, match="disk full"):
         ExportedGraphs(broken, spec, tmp_path).outputs(_fake_params())
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the fidelity floor
+
+# each quantized layer's share of 1 - cosine, and its multiply-accumulates
+COS_LOSS = {"a": 0.002, "b": 0.02, "c": 0.005, "d": 0.001}
+MACS = {"a": 100, "b": 100, "c": 300, "d": 500}  # 1000 in all
+
+
+class FakeFidelity:
+    """(predicted drop, cosine) from the layers still quantized; records the counts measured."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, params):
+        self.calls.append(len(params.anchors))
+        kept = [a.module for a in params.anchors]
+        return sum(CONTRIB[m] for m in kept), 1.0 - sum(COS_LOSS[m] for m in kept)
+
+
+def test_fidelity_floor_adds_the_fewest_ranked_layers_that_reach_it():
+    from sqexport.toolchain.quantization.fallback import fidelity_until
+
+    measure, asked = FakeFidelity(), []
+    names, record = fidelity_until(_fake_params(), ["b"], lambda: asked.append(1) or ["b", "c", "a", "d"], measure,
+                                   limit=1.0, floor=0.995, macs=MACS, max_mac_share=0.5)
+    # b in FP32: cosine 1 - 0.008 = 0.992; + c: 0.997 >= 0.995 (b + c = 400 of 1000 MACs <= 500)
+    assert names == ["b", "c"] and asked == [1]
+    assert measure.calls == [3, 2]
+    assert record["cosine_before"] == pytest.approx(0.992) and record["cosine"] == pytest.approx(0.997)
+    assert record["reached"] and record["added_layers"] == 1 and record["fp32_mac_share"] == pytest.approx(0.4)
+    assert [m["fallback_layers"] for m in record["measured"]] == [1, 2] and "why" in record
+
+
+def test_fidelity_floor_is_not_paid_for_when_out_of_reach():
+    from sqexport.toolchain.quantization.fallback import fidelity_until
+
+    # 0.999 needs b, c and a (cosine 0.999) = 500 MACs: over a 0.45 share, so nothing is added
+    names, record = fidelity_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], FakeFidelity(),
+                                   limit=1.0, floor=0.999, macs=MACS, max_mac_share=0.45)
+    assert names == [] and not record["reached"] and record["added_layers"] == 0
+    assert record["cosine"] == pytest.approx(1 - 0.028) and "none added" in record["why"]
+    # with a 0.5 share the same floor is reached with exactly those three
+    names, record = fidelity_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], FakeFidelity(),
+                                   limit=1.0, floor=0.999, macs=MACS, max_mac_share=0.5)
+    assert names == ["b", "c", "a"] and record["reached"] and record["fp32_mac_share"] == pytest.approx(0.5)
+
+
+def test_fidelity_floor_holds_already_or_must_keep_the_gate():
+    from sqexport.toolchain.quantization.fallback import fidelity_until
+
+    asked = []
+    measure = FakeFidelity()
+    names, record = fidelity_until(_fake_params(), ["b", "c"], lambda: asked.append(1) or [], measure,
+                                   limit=1.0, floor=0.99, macs=MACS, max_mac_share=0.5)
+    assert names == ["b", "c"] and asked == [] and measure.calls == [2] and "why" not in record  # 0.997 holds
+    # a count whose cosine reaches the floor but whose predicted drop breaks the gate does not hold
+    names, record = fidelity_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], FakeFidelity(),
+                                   limit=0.1, floor=0.99, macs=MACS, max_mac_share=1.0)
+    # b: cosine 0.992 but drop 0.45 > 0.1; b, c: 0.15 > 0.1; all four hold; bisected: b, c, a (drop 0.05)
+    assert names == ["b", "c", "a"] and record["reached"]
+    assert [m["fallback_layers"] for m in record["measured"]] == [0, 1, 2, 3, 4]
+
+
+def test_fidelity_floor_policy_values():
+    from sqexport.contracts.errors import ConfigError
+    from sqexport.toolchain.quantization.fallback import FallbackPolicy
+
+    assert FallbackPolicy().min_cosine == 0.99 and FallbackPolicy().fidelity_mac_share == pytest.approx(1 / 3)
+    assert FallbackPolicy.coerce({"min_cosine": 0}).min_cosine == 0
+    for bad in ({"min_cosine": 1.5}, {"min_cosine": "high"}, {"fidelity_mac_share": -0.1}, {"min_cosine": True}):
+        with pytest.raises(ConfigError, match="must be a number in \\[0, 1\\]"):
+            FallbackPolicy.coerce(bad)
+
+
+def test_layer_macs_by_hand():
+    from sqexport.toolchain.quantization.fallback import layer_macs
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(),
+                          nn.Linear(8 * 5 * 5, 10)).eval()
+    macs = layer_macs(model, lambda m: m(torch.zeros(2, 3, 5, 5)))
+    # batch 2: conv 2*8*25 outputs x 27 weights; depthwise x 9; Linear 2*10 outputs x 200 inputs
+    assert macs == {"0": 2 * 8 * 25 * 27, "1": 2 * 8 * 25 * 9, "3": 2 * 10 * 200}
+    assert not model[0]._forward_hooks  # hooks removed
