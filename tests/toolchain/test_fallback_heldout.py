@@ -165,3 +165,38 @@ def test_the_confirmation_measures_the_graph_with_the_speed_checks_fp32_layers(t
     assert reasons["fc2"].startswith("kept FP32 for speed") and "evaluation split" in reasons["fc1"]
     assert [m["fallback_layers"] for m in q["fallback_confirmation"]["measured"]] == [0, 1]
     assert q["coverage"]["int8"] == 0 and q["quantized_layers"] == 1  # fc2 left by speed, not by the fallback
+
+
+def _run_loose(tmp_path, name: str, fallback) -> dict:
+    """The gate allows anything: whatever falls back here, the fidelity floor chose."""
+    recipe = Recipe(stages=(Stage("quantize", "int8", lookup("quantize", "int8").config_cls(fallback=fallback)),),
+                    gates=Gates(max_accuracy_drop=100.0), threads=1)
+    return run(recipe, _spec(_classifier()), tmp_path / name)
+
+
+@pytest.mark.e2e
+def test_the_fidelity_floor_returns_layers_only_within_its_budget(tmp_path):
+    """Plain int8 keeps this classifier's gate at a loose limit but not its outputs (fc1 reads the
+    nuisance feature): the floor returns fc1 when its budget allows fc1's share of the
+    multiply-accumulates (16 x 48 of 16 x 48 + 48 x 6 = 73 %), and nothing at the default third:
+    the worst-ranked layer, fc1, is over that budget by itself, so no count is even tried."""
+    share = 16 * 48 / (16 * 48 + 48 * 6)
+    allowed = _run_loose(tmp_path, "allowed", FallbackPolicy(fidelity_mac_share=0.8))
+    q = allowed["quantization"]
+    floor = q["fidelity_floor"]
+    assert floor["cosine_before"] < 0.99 <= floor["cosine"] and floor["reached"] is True
+    assert floor["added_layers"] == 1 and floor["fp32_mac_share"] == pytest.approx(share, abs=1e-4)
+    assert [(f["layer"], f["chosen_by"]) for f in q["fallback"]] == [("fc1", "fidelity floor")]
+    assert q["fallback_cap"]["raised"] is False  # the gate needed none: no cap was raised for it
+    reasons = {f["layer"]: f["reason"] for f in q["coverage"]["fp32"]}
+    assert "fidelity floor" in reasons["fc1"] and q["coverage"]["int8"] == 1
+    assert any(n.startswith("fidelity floor:") for n in allowed["notes"])
+
+    default = _run_loose(tmp_path, "default", FallbackPolicy())
+    floor = default["quantization"]["fidelity_floor"]
+    assert floor["reached"] is False and floor["added_layers"] == 0 and default["quantization"]["fallback"] == []
+    assert floor["cosine"] == floor["cosine_before"] and "none added" in floor["why"]
+    assert [m["fallback_layers"] for m in floor["measured"]] == [0]
+
+    off = _run_loose(tmp_path, "off", FallbackPolicy(min_cosine=0.0))
+    assert "fidelity_floor" not in off["quantization"] and off["quantization"]["fallback"] == []
