@@ -324,8 +324,9 @@ def fidelity_until(params: QuantParams, fallen: list[str], ranking: Callable[[],
                    ) -> tuple[list[str], dict]:
     """The fidelity floor: with `fallen` in FP32 (the gate's choice, which holds), more layers
     return to FP32 in the order of `ranking()` (worst first; called only if needed) while the
-    outputs' cosine to FP32 stays below `floor`: len(fallen) + 1, + 2, + 4, ... then bisection, at
-    most FIDELITY_PASSES passes. `measure(params)` gives (predicted drop, cosine); a count holds
+    outputs' cosine to FP32 stays below `floor`: first the most the budget allows (if that misses
+    the floor, nothing more is tried), then len(fallen) + 1, + 2, + 4, ... and bisection, at most
+    FIDELITY_PASSES passes. `measure(params)` gives (predicted drop, cosine); a count holds
     when the cosine reaches the floor and the drop stays within `limit`. Counts are limited to the
     longest run of the order whose layers hold at most `max_mac_share` of the multiply-accumulates
     of `params`' layers (`macs`): the floor is worth some speed, not an FP32 model. When no count
@@ -361,23 +362,27 @@ def fidelity_until(params: QuantParams, fallen: list[str], ranking: Callable[[],
             while cap < len(order) and used + macs.get(order[cap], 0) <= max_mac_share * total:
                 used += macs.get(order[cap], 0)
                 cap += 1
-            failing, holding, step, passes = start, None, 1, 0
-            while failing < cap and passes < FIDELITY_PASSES:
-                k = min(cap, start + step)
-                step *= 2
-                passes += 1
-                task.advance()
-                if holds(k):
-                    holding = k
-                    break
-                failing = k
+            # the most the budget allows first: when even that misses the floor, one pass said so
+            # (the ladder would spend all its passes finding it out)
+            passes = 1 if cap > start else 0
+            task.advance(passes)
+            if passes and holds(cap):
+                failing, holding, step = start, cap, 1
+                while start + step < cap and passes < FIDELITY_PASSES:
+                    k = start + step
+                    step *= 2
+                    passes += 1
+                    task.advance()
+                    if holds(k):
+                        holding = k
+                        break
+                    failing = k
 
-            def may_pass() -> bool:
-                nonlocal passes
-                passes += 1
-                task.advance()
-                return passes <= FIDELITY_PASSES
-            if holding is not None:
+                def may_pass() -> bool:
+                    nonlocal passes
+                    passes += 1
+                    task.advance()
+                    return passes <= FIDELITY_PASSES
                 chosen = _bisect(failing, holding, holds, may_pass)
     share = sum(macs.get(n, 0) for n in order[:chosen]) / total
     record.update(cosine=round(at(chosen)[1], 6), reached=at(chosen)[1] >= floor, added_layers=chosen - start,

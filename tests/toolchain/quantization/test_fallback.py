@@ -414,10 +414,10 @@ def test_fidelity_floor_adds_the_fewest_ranked_layers_that_reach_it():
                                    limit=1.0, floor=0.995, macs=MACS, max_mac_share=0.5)
     # b in FP32: cosine 1 - 0.008 = 0.992; + c: 0.997 >= 0.995 (b + c = 400 of 1000 MACs <= 500)
     assert names == ["b", "c"] and asked == [1]
-    assert measure.calls == [3, 2]
+    assert measure.calls == [3, 1, 2]  # the chosen one, the budget's most (b, c, a), then b + c
     assert record["cosine_before"] == pytest.approx(0.992) and record["cosine"] == pytest.approx(0.997)
     assert record["reached"] and record["added_layers"] == 1 and record["fp32_mac_share"] == pytest.approx(0.4)
-    assert [m["fallback_layers"] for m in record["measured"]] == [1, 2] and "why" in record
+    assert [m["fallback_layers"] for m in record["measured"]] == [1, 2, 3] and "why" in record
 
 
 def test_fidelity_floor_is_not_paid_for_when_out_of_reach():
@@ -428,6 +428,7 @@ def test_fidelity_floor_is_not_paid_for_when_out_of_reach():
                                    limit=1.0, floor=0.999, macs=MACS, max_mac_share=0.45)
     assert names == [] and not record["reached"] and record["added_layers"] == 0
     assert record["cosine"] == pytest.approx(1 - 0.028) and "none added" in record["why"]
+    assert [m["fallback_layers"] for m in record["measured"]] == [0, 2]  # b, c: the most within budget
     # with a 0.5 share the same floor is reached with exactly those three
     names, record = fidelity_until(_fake_params(), [], lambda: ["b", "c", "a", "d"], FakeFidelity(),
                                    limit=1.0, floor=0.999, macs=MACS, max_mac_share=0.5)
