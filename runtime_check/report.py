@@ -95,7 +95,7 @@ def render_markdown(r: dict) -> str:
                                 "not a held-out measurement" if confirmation["added_layers"] else ""))
             floor = q.get("fidelity_floor")
             if floor:
-                measured = " -> ".join(f"{m['cosine']:.4f} with {m['fallback_layers']}" for m in floor["measured"])
+                measured = " -> ".join(f"{m['cosine']:.5f} with {m['fallback_layers']}" for m in floor["measured"])
                 lines.append(f"- fidelity floor (cosine >= {floor['min_cosine']:g} to FP32 on {floor.get('samples', '?')} "
                              f"calibration samples, at most {floor['max_mac_share']:.0%} of the multiply-accumulates "
                              f"in FP32): {measured} FP32 layer(s); "
