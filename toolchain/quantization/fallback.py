@@ -354,9 +354,9 @@ def fidelity_until(params: QuantParams, fallen: list[str], ranking: Callable[[],
     total = sum(macs.get(a.module, 0) for a in params.anchors) or 1
     record = {"min_cosine": floor, "max_mac_share": round(max_mac_share, 4), "cosine_before": None}
     chosen = start
-    with progress.task("fidelity floor (output cosine)", FIDELITY_PASSES, "passes") as task:
-        record["cosine_before"] = round(at(start)[1], 6)
-        if not holds(start):
+    record["cosine_before"] = round(at(start)[1], 6)  # the gate's last prediction: no pass
+    if not holds(start):
+        with progress.task("fidelity floor (output cosine)", FIDELITY_PASSES, "passes") as task:
             order += [n for n in ranking() if n not in set(fallen)]
             cap, used = start, sum(macs.get(n, 0) for n in order[:start])
             while cap < len(order) and used + macs.get(order[cap], 0) <= max_mac_share * total:
