@@ -70,7 +70,7 @@ class _Predictor:
         # `work` itself in FP32 on the same samples: the fidelity floor measures quantization's own
         # error, not pruning's
         self.reference = fp32_calib if work_fp32 is None else work_fp32
-        self.cosine: dict[frozenset, float] = {}
+        self.measured: dict[frozenset, tuple[float, float]] = {}  # int8 layers -> (predicted drop, cosine)
         self.labels = spec.calib_labels[:len(self.dense)] if spec.calib_labels is not None else None
         self.calib_noise = calib_noise
         eval_out: list[np.ndarray] = []
@@ -82,7 +82,6 @@ class _Predictor:
         self.view = EvalView(np.concatenate(eval_out))
         self.weight_noise = weight_noise(work, params)
         self.last: dict = {}
-        self.drops: dict[frozenset, float] = {}
 
     def factor(self, params: QuantParams) -> float:
         return shift_factor(self.calib_noise, self.eval_noise, self.weight_noise, [a.module for a in params.anchors])
@@ -91,15 +90,15 @@ class _Predictor:
         with fake_quantized(self.work, params):
             q = model_outputs(self.spec, self.work, self.batches)
         self.last = predict_drop(self.task, self.dense, q, self.view, self.labels, self.factor(params))
-        self.cosine[_key(params)] = 1.0 - output_error(self.reference[:len(q)], q)
+        self.measured[_key(params)] = (self.last["predicted"], 1.0 - output_error(self.reference[:len(q)], q))
         return self.last["predicted"]
 
     def with_cosine(self, params: QuantParams) -> tuple[float, float]:
         """(predicted drop, mean output cosine to FP32) of `params`; a pass only if not yet run."""
         key = _key(params)
-        if key not in self.cosine or key not in self.drops:
-            self.drops[key] = self(params)
-        return self.drops[key], self.cosine[key]
+        if key not in self.measured:
+            self(params)
+        return self.measured[key]
 
 
 def _key(params: QuantParams) -> frozenset:
@@ -168,7 +167,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
     passes = [0]
 
     def predict(p: QuantParams) -> float:
-        value = predictor.drops[_key(p)] = predictor(p)
+        value = predictor(p)
         passes[0] += 1
         first.setdefault("details", predictor.last)
         return value
@@ -198,7 +197,7 @@ def apply_fallback(work: torch.nn.Module, spec: ModelSpec, params: QuantParams, 
                                                                  scores, progress)
         passes[0] += len(info["fidelity_floor"]["measured"]) - 1
         if info["fidelity_floor"]["added_layers"]:
-            trace.append(predictor.drops[_key(params)])  # the chosen count's prediction stays last
+            trace.append(predictor.measured[_key(params)][0])  # the chosen count's prediction stays last
     if ranking:
         info["fallback_ranking"] = ranking
     info.update(fallback=[{**f, "layer": public(f["layer"])} for f in fallen],

@@ -352,9 +352,9 @@ def fidelity_until(params: QuantParams, fallen: list[str], ranking: Callable[[],
         return cosine >= floor and drop <= limit
 
     total = sum(macs.get(a.module, 0) for a in params.anchors) or 1
-    record = {"min_cosine": floor, "max_mac_share": round(max_mac_share, 4), "cosine_before": None}
+    # the gate's chosen count was predicted already: no pass
+    record = {"min_cosine": floor, "max_mac_share": round(max_mac_share, 4), "cosine_before": round(at(start)[1], 6)}
     chosen = start
-    record["cosine_before"] = round(at(start)[1], 6)  # the gate's last prediction: no pass
     if not holds(start):
         with progress.task("fidelity floor (output cosine)", FIDELITY_PASSES, "passes") as task:
             order += [n for n in ranking() if n not in set(fallen)]
