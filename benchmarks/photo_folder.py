@@ -51,13 +51,13 @@ def write_folder(names: tuple[str, ...], folder: Path) -> None:
         Image.fromarray(load_photo(name)).save(folder / f"{name}.png")
 
 
-def held_out_crops(names: tuple[str, ...], per_photo: int, seed: int, size: int) -> np.ndarray:
+def held_out_crops(names: tuple[str, ...], per_photo: int, seed: int, size: int, mean: tuple, std: tuple) -> np.ndarray:
     from sqexport.models.photos import normalize, photo_crops
 
-    return normalize(photo_crops(names, per_photo, seed, size=size), IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(photo_crops(names, per_photo, seed, size=size), mean, std)
 
 
-def calibration_crops(model: str, shape: str, folder: Path) -> tuple[str, np.ndarray]:
+def calibration_crops(model: str, shape: str, folder: Path, mean: tuple, std: tuple) -> tuple[str, np.ndarray]:
     """The input name and the calibration crops sqexport used (its own split of the folder)."""
     from sqexport.contracts.shapes import parse_input_shapes
     from sqexport.models.data import apply_user_data
@@ -66,7 +66,7 @@ def calibration_crops(model: str, shape: str, folder: Path) -> tuple[str, np.nda
 
     spec = load_model(model, None, parse_input_shapes((shape,)))
     size = tuple(int(d) for d in shape.split("x")[-2:])
-    spec = apply_user_data(spec, str(folder), None, ImagePrep(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    spec = apply_user_data(spec, str(folder), None, ImagePrep(size=size, mean=mean, std=std))
     name = spec.input_names[0]
     return name, np.concatenate([np.asarray(b[name]) for b in spec.calib_batches])
 
@@ -97,6 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sqexport.models.mobilenet_v2:load_pretrained")
     ap.add_argument("--input-shape", default="1x3x224x224")
+    ap.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), help="the model's input mean (sqexport --mean)")
+    ap.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), help="the model's input std (sqexport --std)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sqexport-photo-folder"))
     ap.add_argument("--per-photo", type=int, default=16, help="held-out crops per photo")
     ap.add_argument("--repeats", type=int, default=5)
@@ -110,12 +112,13 @@ def main() -> None:
     work = args.workdir
     folder = work / "photos"
     write_folder(FOLDER, folder)
-    flags = ["--input-shape", args.input_shape, "--calib-data", str(folder), "--mean", ",".join(map(str, IMAGENET_MEAN)),
-             "--std", ",".join(map(str, IMAGENET_STD)), "--image-size", "x".join(args.input_shape.split("x")[-2:])]
+    mean, std = (tuple(float(v) for v in a.split(",")) for a in (args.mean, args.std))
+    flags = ["--input-shape", args.input_shape, "--calib-data", str(folder), "--mean", args.mean,
+             "--std", args.std, "--image-size", "x".join(args.input_shape.split("x")[-2:])]
     log(f"sqexport {args.model} {' '.join(flags)}")
     with locked(args.lock, "sqexport run"):
         code, report = run_sqexport(args.model, flags, work / "sqexport")
-    name, calib = calibration_crops(args.model, args.input_shape, folder)
+    name, calib = calibration_crops(args.model, args.input_shape, folder, mean, std)
     fp32 = work / "sqexport" / "baseline.onnx"
     paths = {"fp32": fp32, "sqexport": work / "sqexport" / "model.onnx",
              "ort-static": work / "ort-static.onnx", "ort-static-pc": work / "ort-static-pc.onnx"}
@@ -125,7 +128,7 @@ def main() -> None:
     others = tuple(n for n in ("chelsea", "coffee", "flower", "retina", "gravel", "clock", "moon", "immunohistochemistry",
                                "hubble_deep_field", "camera", "brick", "grass", "coins") if n not in FOLDER)
     size = int(args.input_shape.split("x")[-1])
-    held = held_out_crops(others, args.per_photo, seed=1234, size=size)
+    held = held_out_crops(others, args.per_photo, seed=1234, size=size, mean=mean, std=std)
     log(f"fidelity on {len(held)} crops of {len(others)} photos outside the folder")
     fid = fidelity(paths, held, name)
     with locked(args.lock, "timing"):
@@ -137,7 +140,7 @@ def main() -> None:
              for k in paths}
     q = report["quantization"]
     result = {"host": machine_info(), "revision": project_revision(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "model": args.model, "folder": FOLDER, "held_out_photos": others, "held_out_crops": int(len(held)),
+              "model": args.model, "mean": mean, "std": std, "folder": FOLDER, "held_out_photos": others, "held_out_crops": int(len(held)),
               "calibration_crops": int(len(calib)), "exit_code": code,
               "gate": {"drop": report["accuracy"]["drop"], "samples": report["accuracy"]["samples"],
                        "passed": report["passed"]},

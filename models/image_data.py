@@ -7,7 +7,7 @@ of the class subfolder in sorted name order. Every choice is recorded for the re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -177,12 +177,20 @@ def _render(pixels: np.ndarray, size: tuple[int, int], mean, std) -> np.ndarray:
     return out
 
 
-def _check_prep(prep: ImagePrep, channels: int) -> None:
+def _per_channel(prep: ImagePrep, channels: int) -> ImagePrep:
+    """`prep` with --mean / --std given per channel: one value stands for every channel (`--mean 0.5`,
+    as timm's TensorFlow ports are usually described); otherwise one value per channel."""
     if channels not in MODES:
         raise DataError(f"an image folder gives 1 (grayscale) or 3 (RGB) channels; the model's input has {channels}")
-    for option, values in (("--mean", prep.mean), ("--std", prep.std)):
-        if values is not None and len(values) != channels:
-            raise ConfigError(f"{option} has {len(values)} value(s); the model's input has {channels} channel(s)")
+    given = {}
+    for option, key in (("--mean", "mean"), ("--std", "std")):
+        values = getattr(prep, key)
+        if values is not None and len(values) == 1:
+            given[key] = tuple(values) * channels
+        elif values is not None and len(values) != channels:
+            raise ConfigError(f"{option} has {len(values)} values; the model's input has {channels} channel(s): "
+                              "give one value per channel, or one for all")
+    return replace(prep, **given)
 
 
 def load_image_folder(root: Path, input_shape: tuple,
@@ -196,7 +204,7 @@ def load_image_folder(root: Path, input_shape: tuple,
     channels, h, w = input_shape
     if channels is None:
         raise DataError("the model's channel dimension is dynamic: an image folder cannot tell 1 from 3 channels")
-    _check_prep(prep, channels)
+    prep = _per_channel(prep, channels)
     size = prep.size or (h, w)
     if None in size:
         raise ConfigError("the model's height/width are dynamic: give --image-size HxW")

@@ -35,7 +35,8 @@ def render_markdown(r: dict) -> str:
     sc = r.get("sparsity_choice")
     if sc:
         lines.append(f"- sparsity {sc['chosen']:.2f} chosen: {sc['why']} (tried "
-                     + ", ".join(f"{t['sparsity']:.2f}: {t['drop']:.4g}" for t in sc["tried"]) + ")")
+                     + ", ".join(f"{t['sparsity']:.2f}: {t['drop']:.4g}"
+                                 + (f" / cosine {t['cosine']:.4f}" if "cosine" in t else "") for t in sc["tried"]) + ")")
     if acc.get("pooling"):
         pl = acc["pooling"]
         lines.append(f"- pooling: {' + '.join(pl['modes'])}{', L2-normalized' if pl['normalize'] else ''} "

@@ -258,7 +258,7 @@ def _validate_positive(ctx, param, value):
 @click.option("--image-size", default=None, metavar="HxW",
               help="Resize image-folder images to HxW (bilinear) [the model input's H x W].")
 @click.option("--mean", default=None, metavar="M1,M2,...",
-              help="Normalize image-folder pixels (in [0, 1]): (x - mean) / std, one value per channel [none].")
+              help="Normalize image-folder pixels (in [0, 1]): (x - mean) / std, one value per channel or one for all [none].")
 @click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
 @click.option("--views", type=click.IntRange(1, 64), default=None,
               help="Image folders: N deterministic views per image (the whole image, then seeded crops and "
@@ -491,7 +491,7 @@ def sweep_cmd(sweep_file, root, workers, ray, quiet):
                    "model's input; without it, seeded synthetic inputs.")
 @click.option("--image-size", default=None, metavar="HxW",
               help="Resize image-folder images to HxW [the model input's H x W].")
-@click.option("--mean", default=None, metavar="M1,M2,...", help="Image-folder normalization (x - mean) / std [none].")
+@click.option("--mean", default=None, metavar="M1,M2,...", help="Image-folder normalization (x - mean) / std, one value per channel or one for all [none].")
 @click.option("--std", default=None, metavar="S1,S2,...", help="See --mean; every value > 0 [none].")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(target_names()),
               help="mobile also reports which nodes NNAPI and CoreML would take (onnxruntime's usability "

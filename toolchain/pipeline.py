@@ -46,6 +46,7 @@ from sqexport.toolchain.output_folder import atomic_output
 from sqexport.toolchain.pruning import layer_sparsity, overall_sparsity, prunable_layers
 from sqexport.toolchain.quantize_step import quantize_to_onnx
 from sqexport.toolchain.recipe import Recipe, Stage
+from sqexport.toolchain.quantization.fallback import FallbackPolicy
 from sqexport.toolchain.sparsity_search import choose_sparsity
 from sqexport.toolchain.recover_step import make_fine_tune
 from sqexport.toolchain.stage_meter import measured_stage
@@ -225,7 +226,7 @@ def _choose_sparsity(state: RunState, stage: Stage, context) -> Stage:
     limit = accuracy_limit(state.recipe.gates, spec.task)
     with state.timer.stage("choose_sparsity") as rec:
         choice = choose_sparsity(spec, stage, context, lookup("prune", stage.name).handler, limit,
-                                 spec.prune_prefix, state.progress)
+                                 spec.prune_prefix, state.progress, _fidelity_floor(state.recipe))
         rec["params"].update(chosen=choice.sparsity, tried=len(choice.trace))
     chosen = Stage(stage.kind, stage.name, dataclasses.replace(stage.config, sparsity=choice.sparsity))
     state.recipe = state.recipe.with_stage("prune", chosen)
@@ -235,6 +236,14 @@ def _choose_sparsity(state: RunState, stage: Stage, context) -> Stage:
                        f"and {choice.calibration_samples} calibration sample(s): {choice.why}")
     state.progress.message(f"{stage.qualified}: sparsity {choice.sparsity:.2f} ({choice.why})")
     return chosen
+
+
+def _fidelity_floor(recipe) -> float:
+    """The int8 stage's fidelity floor (fallback.min_cosine), whose share the chosen pruning amount
+    may use; the default floor when nothing quantizes or the method has no fallback."""
+    quant = recipe.stage("quantize")
+    policy = getattr(quant.config, "fallback", None) if quant is not None else None
+    return policy.min_cosine if isinstance(policy, FallbackPolicy) else FallbackPolicy().min_cosine
 
 
 def _quantize_first(state: RunState) -> dict:

@@ -53,6 +53,17 @@ def test_class_subfolders_give_sorted_labels_and_names(tmp_path, images_factory)
     assert info["mean"] == "none" and info["std"] == "none" and "bilinear" in info["resize"]
 
 
+def test_one_mean_and_std_value_stands_for_every_channel(tmp_path, images_factory):
+    # `--mean 0.5 --std 0.5`: how TensorFlow ports ([-1, 1] inputs) are described
+    root = images_factory(tmp_path / "imgs", None, 2)
+    one, _, info = load_image_folder(root, (3, 8, 8), ImagePrep(mean=(0.5,), std=(0.5,), views=1))
+    each, _, _ = load_image_folder(root, (3, 8, 8), ImagePrep(mean=(0.5,) * 3, std=(0.5,) * 3, views=1))
+    plain, _, _ = load_image_folder(root, (3, 8, 8), ImagePrep(views=1))
+    np.testing.assert_array_equal(one, each)
+    np.testing.assert_allclose(one, (plain - 0.5) / 0.5, atol=1e-6)
+    assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.5, 0.5, 0.5]
+
+
 def test_flat_folder_has_no_labels_and_image_size_option(tmp_path, images_factory):
     root = images_factory(tmp_path / "flat", None, 3, mode="L")
     x, labels, info = load_image_folder(root, (1, None, None), ImagePrep(size=(5, 7), views=1))
@@ -66,7 +77,7 @@ def test_flat_folder_has_no_labels_and_image_size_option(tmp_path, images_factor
     ("empty-class", DataError, "class folder holds no images"),
     ("corrupt", DataError, "bad.png"),
     ("channels", DataError, "1 (grayscale) or 3 (RGB)"),
-    ("mean", ConfigError, "--mean has 2 value(s)"),
+    ("mean", ConfigError, "--mean has 2 values"),
     ("size", ConfigError, "differs from the model's input 8x8"),
     ("dynamic", ConfigError, "give --image-size"),
 ])

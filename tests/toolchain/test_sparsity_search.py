@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from sqexport.toolchain.sparsity_search import GRID, MAX_SPARSITY, PRUNE_SHARE, choose_sparsity
+from sqexport.toolchain.sparsity_search import GRID, MAX_SPARSITY, PRUNE_SHARE, choose_sparsity, cosine_floor
 
 
-def _search(drop_of_sparsity, limit=1.0):
+def _search(drop_of_sparsity, limit=1.0, fidelity_floor=0.0):
     """choose_sparsity with a fake model whose pruned drop is `drop_of_sparsity(s)` points."""
     model = torch.nn.Linear(4, 3)
     state = {"s": 0.0}
@@ -31,7 +31,7 @@ def _search(drop_of_sparsity, limit=1.0):
 
     def handler(m, config, ctx):
         state["s"] = config.sparsity
-    return choose_sparsity(spec, stage, lambda layers: None, handler, limit)
+    return choose_sparsity(spec, stage, lambda layers: None, handler, limit, fidelity_floor=fidelity_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,21 @@ def test_bisection_finds_the_largest_amount_within_the_budget():
     tried = {t["sparsity"]: t for t in choice.trace}
     assert tried[0.1]["fits"] and not tried[0.15]["fits"]
     assert len(choice.trace) <= 5  # bisection over 10 grid points
+
+
+def test_the_fidelity_floors_share_bounds_the_pruned_outputs_cosine():
+    # one flipped sample of 100: 1 point of drop (within 0.25 x 8 = 2) and its one-hot output
+    # orthogonal to the dense one: mean cosine 0.99 < 1 - 0.25 x (1 - 0.99) = 0.9975
+    flip_past_02 = lambda s: 1.0 if s > 0.2 else 0.0  # noqa: E731
+    assert cosine_floor(0.99) == pytest.approx(0.9975) and cosine_floor(0.0) == 0.0
+    assert _search(flip_past_02, limit=8.0).sparsity == MAX_SPARSITY  # no floor: the drop alone decides
+    choice = _search(flip_past_02, limit=8.0, fidelity_floor=0.99)
+    assert choice.sparsity == pytest.approx(0.2) and choice.min_cosine == pytest.approx(0.9975)
+    tried = {t["sparsity"]: t for t in choice.trace}
+    assert tried[0.25]["cosine"] == pytest.approx(0.99) and 0 < tried[0.25]["drop"] <= 2.0  # within the budget
+    assert not tried[0.25]["fits"] and tried[0.2]["fits"] and tried[0.2]["cosine"] == pytest.approx(1.0)
+    assert "cosine to the dense model's at 0.9975 or more" in choice.why
+    assert choice.to_report(8.0, "points")["min_cosine"] == pytest.approx(0.9975)
 
 
 def test_nothing_fits_means_nothing_pruned_and_everything_fits_means_the_cap():

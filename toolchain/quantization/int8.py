@@ -47,15 +47,18 @@ class Int8StaticConfig:
     # for x86 CPUs without it), False lifts it
     reduce_range: bool | None = None
     pair_limit: bool | None = None
-    # subtract the expected quantization error E[(W_q - W) x] from each bias (bias_correction.py)
-    bias_correction: bool = False
+    # subtract the expected quantization error E[(W_q - W) x] from each bias (bias_correction.py).
+    # On by default: per-channel scales do not stop a few rounded weights (a 3x3 depthwise kernel
+    # has 9) from shifting a channel's mean; pretrained EfficientNet-Lite0, 8 photos, KL to FP32 on
+    # photos outside the folder 0.073 -> 0.016 (one calibration pass, ~3 s)
+    bias_correction: bool = True
     # learned up/down rounding of the weights (adaround.py); bias correction, if on, runs after it
     # and removes the mean of the error AdaRound leaves
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     # layers whose int8 kernels measured slower than FP32 inside the whole model stay FP32
     # (speed_check.py); the choice rests on timing this host, false makes it timing-free
     speed_check: bool = True
-    VERSION: ClassVar[int] = 2  # 2: smoothquant became its own stage, fallback a policy
+    VERSION: ClassVar[int] = 3  # 2: smoothquant became its own stage, fallback a policy; 3: bias correction on
     kind: ClassVar[str] = "quantize"
     requires_calibration: ClassVar[bool] = True
     supports_fallback: ClassVar[bool] = True
