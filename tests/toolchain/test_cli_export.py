@@ -54,6 +54,7 @@ def test_report_json_has_the_design_fields(default_export):
     chosen = rep["sparsity_choice"]["chosen"]
     assert prune["sparsity"] == chosen > 0 and prune["scope"] == "global"
     assert rep["sparsity_choice"]["min_cosine"] == pytest.approx(0.9975)
+    assert rep["stages"][names.index("quantize.int8")]["params"]["bias_correction"] is True  # the default
     assert all(t["cosine"] >= 0.9975 for t in rep["sparsity_choice"]["tried"] if t["sparsity"] <= chosen)
 
     sp = rep["sparsity"]
