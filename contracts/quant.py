@@ -87,6 +87,9 @@ class QuantParams:
     # the sigmoid output over UNIT_RANGE; onnxruntime runs QLinearSigmoid + QLinearMul), hard swish
     # and hard sigmoid (relu6(x + 3) on HARD_GATE_RANGE, read back / 6: QLinearAdd (+ QLinearMul))
     gates: dict[str, ActQuant] = field(default_factory=dict)
+    # tensor / gate site -> the weight layers next to it in the graph: a site keeps its Q/DQ only
+    # while one of them is int8 (toolchain/quantization/site_neighbors.py)
+    site_layers: dict[str, frozenset[str]] = field(default_factory=dict)
     dynamic: bool = False  # activations quantized at run time (per tensor, min/max of each input)
     weight_grid: WeightGrid | None = None  # the grid the weights were quantized on
 

@@ -40,6 +40,7 @@ from sqexport.toolchain.quantization.range_choice import CHOICE_SAMPLES, output_
 from sqexport.toolchain.fallback_confirm import ExportedGraphs
 from sqexport.toolchain.fallback_step import apply_fallback, model_outputs
 from sqexport.toolchain.quantization.smoothing import public_name
+from sqexport.toolchain.quantization.site_neighbors import site_neighbors, without_orphan_sites
 from sqexport.toolchain.quantization.speed_check import SpeedCheck, keep_fp32_where_faster
 from sqexport.toolchain.recipe import Stage
 from sqexport.toolchain.stages import QuantContext
@@ -68,6 +69,8 @@ class QuantPlan:
     # (one Q/DQ pair in the graph, the same rounding in torch)
     tensor_aliases: dict[str, str] = field(default_factory=dict)
     pools_from_means: int = 0  # ReduceMean over (H, W) rewritten as GlobalAveragePool
+    # tensor / gate / hard-gate site -> the weight layers next to it (site_neighbors.py)
+    site_layers: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def coverage_after(self, computed: QuantParams, final: QuantParams,
                        public: Callable[[str], str] = str, faster_fp32: set[str] = frozenset(),
@@ -145,8 +148,10 @@ def plan_quantization(work: torch.nn.Module, prepared: onnx.ModelProto, spec: Mo
     unmatched = sorted(set(weights) - set(sites))
     if unmatched:
         coverage["torch_layers_not_in_graph"] = unmatched
+    layer_nodes = {s.node: m for m, s in sites.items()}
+    neighbors = site_neighbors(prepared.graph, {**tensors, **acts.gates, **acts.hard}, layer_nodes)
     return QuantPlan(sites, anchors, find_embedding_sites(prepared, tables), merged, tensors, coverage,
-                     acts.gates, acts.bounded, acts.hard, aliases, pools)
+                     acts.gates, acts.bounded, acts.hard, aliases, pools, neighbors)
 
 
 def _shared_activation_params(plan: QuantPlan, params: QuantParams) -> QuantParams:
@@ -163,6 +168,10 @@ def _shared_activation_params(plan: QuantPlan, params: QuantParams) -> QuantPara
     params.gates = {m: unit for m in plan.gate_sites if m in params.tensors}
     hard = act_params_from_range(*HARD_GATE_RANGE)
     params.gates.update({m: hard for m in plan.hard_sites})
+    params.site_layers = plan.site_layers
+    # sites between layers the method left FP32 (a ConvTranspose, a dynamic method's convs) round for nothing
+    params.tensors, params.gates = without_orphan_sites(params.tensors, params.gates, plan.site_layers,
+                                                        {a.module for a in params.anchors})
     return params
 
 

@@ -30,6 +30,7 @@ from sqexport.contracts.progress import NULL_PROGRESS, Progress
 from sqexport.toolchain.hooks import run_with_hooks
 from sqexport.toolchain.quantization.params import energy, fake_quant_act, fake_quant_dynamic, rectify
 from sqexport.toolchain.quantization.range_choice import output_error
+from sqexport.toolchain.quantization.site_neighbors import without_orphan_sites
 from sqexport.toolchain.quantization.static import fake_quantized
 
 __all__ = ["FallbackPolicy", "MAX_PASSES", "MAX_CONFIRM_PASSES", "FIDELITY_PASSES", "local_snr_db", "output_snr_db",
@@ -228,12 +229,17 @@ def output_snr_db(model: nn.Module, params: QuantParams, outputs: Callable[[nn.M
 
 
 def without(params: QuantParams, modules: set[str]) -> QuantParams:
+    """`params` with the layers `modules` in FP32, and the activation sites left with no int8
+    layer next to them too (site_neighbors.py)."""
     keep = [a for a in params.anchors if a.module not in modules]
+    tensors, gates = without_orphan_sites(params.tensors, params.gates, params.site_layers,
+                                          {a.module for a in keep})
     return replace(params, anchors=keep,
                    inputs={k: v for k, v in params.inputs.items() if k not in modules},
                    outputs={k: v for k, v in params.outputs.items() if k not in modules},
                    weights={k: v for k, v in params.weights.items() if k not in modules},
-                   biases={k: v for k, v in params.biases.items() if k not in modules})
+                   biases={k: v for k, v in params.biases.items() if k not in modules},
+                   tensors=tensors, gates=gates)
 
 
 MAX_PASSES = 8  # fake-quant predictions one fallback may run, the first (all int8) included
