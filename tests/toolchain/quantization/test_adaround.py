@@ -1,5 +1,7 @@
 """AdaRound (Nagel et al. 2020): learned rounding stays within one step of nearest, keeps zeros and
 the weight range, lowers the layer output error on the calibration data, and exports unchanged."""
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -114,6 +116,20 @@ def test_deterministic_with_the_seed():
         np.testing.assert_array_equal(a[name].q, b[name].q)
 
 
+def test_default_is_one_pass_per_layer():
+    """passes 0 (the default) rounds each layer on inputs collected after the ones before it were
+    rounded: for this two-layer net, the same integers as two explicit passes; one pass (both
+    layers' inputs collected at nearest rounding) fits the second layer to other inputs."""
+    model, batches = _Net().eval(), _batches()
+    assert AdaRoundConfig().passes == 0
+    sequential = _rounded(model, batches, dataclasses.replace(SHORT, passes=0))
+    two = _rounded(model, batches, dataclasses.replace(SHORT, passes=2))
+    one = _rounded(model, batches, dataclasses.replace(SHORT, passes=1))
+    for name in ("conv", "fc"):
+        np.testing.assert_array_equal(sequential[name].q, two[name].q)
+    np.testing.assert_array_equal(sequential["conv"].q, one["conv"].q)  # the first layer's inputs are the same
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"iterations": 0}, "adaround.iterations must be an integer >= 1, got 0"),
     ({"samples": -1}, "adaround.samples must be an integer >= 1, got -1"),
@@ -121,6 +137,7 @@ def test_deterministic_with_the_seed():
     ({"batch": 1.5}, "adaround.batch must be an integer >= 1, got 1.5"),
     ({"enabled": "yes"}, "adaround.enabled must be true or false, got 'yes'"),
     ({"unknown": 1}, r"adaround: unknown key\(s\) unknown"),
+    ({"passes": -1}, "adaround.passes must be an integer >= 0, got -1"),
 ])
 def test_bad_config_is_a_config_error(bad, words):
     with pytest.raises(ConfigError, match=words):
