@@ -54,19 +54,6 @@ def test_pretrained_mobilenet_with_eight_photos_keeps_its_statistics_and_its_bud
     assert any(n.startswith("BatchNorm statistics kept") for n in rep["notes"]) == (choice["chosen"] > 0)
 
 
-def _held_out(names, per_photo, mean, std):
-    from sqexport.models.photos import normalize, photo_crops
-    return normalize(photo_crops(names, per_photo, 1234, size=224), mean, std).astype(np.float32)
-
-
-def _softmax_kl(base: np.ndarray, other: np.ndarray) -> float:
-    p = np.exp(base - base.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    log_q = other - other.max(1, keepdims=True)
-    log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
-    return float((p * (np.log(np.maximum(p, 1e-30)) - log_q)).sum(1).mean())
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_pretrained_efficientnet_lite0_with_eight_photos_beats_quantize_static(run_cli, tmp_path):
@@ -81,7 +68,8 @@ def test_pretrained_efficientnet_lite0_with_eight_photos_beats_quantize_static(r
     from benchmarks.pretrained import lite0_weights_available
     if not (timm_available() and lite0_weights_available()):
         pytest.skip("timm or the EfficientNet-Lite0 weights package not installed (make venv installs them)")
-    from benchmarks.photo_folder import build_ort_static, calibration_crops
+    from benchmarks.photo_folder import build_ort_static, calibration_crops, held_out_crops
+    from sqexport.runtime_check.accuracy import classification_metrics
     from sqexport.runtime_check.session import make_session
 
     folder = tmp_path / "photos"
@@ -98,12 +86,13 @@ def test_pretrained_efficientnet_lite0_with_eight_photos_beats_quantize_static(r
     assert all(f["reason"] for f in cov["fp32"])
     name, calib = calibration_crops(model, "1x3x224x224", folder, (0.5,) * 3, (0.5,) * 3)
     build_ort_static(out / "baseline.onnx", calib, name, False, tmp_path / "ort-static.onnx")
-    held = _held_out(("gravel", "clock", "moon", "immunohistochemistry", "hubble_deep_field", "camera", "brick",
-                      "grass", "coins"), 4, (0.5,) * 3, (0.5,) * 3)
+    held = held_out_crops(("gravel", "clock", "moon", "immunohistochemistry", "hubble_deep_field", "camera", "brick",
+                           "grass", "coins"), 4, 1234, 224, (0.5,) * 3, (0.5,) * 3).astype(np.float32)
     logits = {k: make_session(p, 2).run(None, {name: held})[0]
               for k, p in (("fp32", out / "baseline.onnx"), ("ours", out / "model.onnx"),
                            ("ort", tmp_path / "ort-static.onnx"))}
-    kl = {k: _softmax_kl(logits["fp32"], logits[k]) for k in ("ours", "ort")}
-    agree = {k: float((logits[k].argmax(1) == logits["fp32"].argmax(1)).mean()) for k in ("ours", "ort")}
+    metrics = {k: classification_metrics(logits["fp32"], logits[k], None) for k in ("ours", "ort")}
+    kl = {k: m["kl_to_baseline"] for k, m in metrics.items()}
+    agree = {k: m["agreement_with_baseline"] for k, m in metrics.items()}
     assert kl["ours"] <= 0.5 * kl["ort"], (kl, agree)
     assert agree["ours"] > agree["ort"], (kl, agree)

@@ -14,9 +14,9 @@ neighbors: while one of them is int8, the site keeps its Q/DQ.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import onnx
+
+from sqexport.exporters.graph import consumers
 
 __all__ = ["site_neighbors", "without_orphan_sites"]
 
@@ -28,10 +28,7 @@ def site_neighbors(graph: onnx.GraphProto, site_tensors: dict[str, str],
     """site module -> the weight-layer modules next to its tensor (`site_tensors`: module -> ONNX
     tensor; `layer_nodes`: ONNX node name -> weight-layer module)."""
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            readers[i].append(n)
+    readers = consumers(graph)
     consts = {i.name for i in graph.initializer}
 
     def walk(tensor: str) -> frozenset[str]:
